@@ -1,0 +1,57 @@
+"""nbtoolkit: enrich pandas DataFrames with chat-completion calls, from a notebook cell.
+
+Importing it registers the ``df.chat`` and ``series.chat`` accessors::
+
+    import nbtoolkit
+    out = df.chat.complete("review", model="gpt-4o-mini", max_parallel=32)
+    nbtoolkit.last_run().errors      # why each None is None
+"""
+
+from nbtoolkit import accessor as _accessor  # noqa: F401  (registers df.chat / series.chat)
+from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts, configure, get_config
+from nbtoolkit.engine import ChatRequest, ChatRun, RowError, RowResult
+from nbtoolkit.errors import (
+    APIError,
+    AuthError,
+    BadRequestError,
+    ConfigError,
+    MalformedResponse,
+    NbToolkitError,
+    NotFoundError,
+    RateLimitError,
+    RequestTimeout,
+    RunAborted,
+    RunInterrupted,
+    ServerError,
+    TransportError,
+)
+from nbtoolkit.report import RunReport, last_run
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIError",
+    "AuthError",
+    "BadRequestError",
+    "ChatConfig",
+    "ChatRequest",
+    "ChatRun",
+    "ConfigError",
+    "MalformedResponse",
+    "NbToolkitError",
+    "NotFoundError",
+    "RateLimitError",
+    "RequestTimeout",
+    "RetryPolicy",
+    "RowError",
+    "RowResult",
+    "RunAborted",
+    "RunInterrupted",
+    "RunReport",
+    "ServerError",
+    "Timeouts",
+    "TransportError",
+    "configure",
+    "get_config",
+    "last_run",
+]

@@ -1,0 +1,142 @@
+"""One chat-completion request -> one parsed completion, or one of our exceptions.
+
+This is the only module that speaks HTTP. It maps every reply onto the exception tree in
+`nbtoolkit.errors`, so that nothing above it sees an aiohttp type or a status code rule.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from nbtoolkit.errors import (
+    APIError,
+    AuthError,
+    BadRequestError,
+    MalformedResponse,
+    NotFoundError,
+    RateLimitError,
+    RequestTimeout,
+    ServerError,
+    TransportError,
+)
+from nbtoolkit.retry import retry_after_seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A parsed reply: the text, why generation stopped, and the token usage if reported."""
+
+    text: str
+    finish_reason: str | None
+    usage: Mapping[str, Any] | None
+
+
+async def post_chat(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: Mapping[str, Any],
+    *,
+    headers: Mapping[str, str],
+    timeout: aiohttp.ClientTimeout,
+) -> Completion:
+    """Send one request and parse its reply.
+
+    Raises:
+        APIError: (a subclass per status) the server answered with an error status.
+        TransportError: no complete HTTP reply (refused, reset, timed out).
+        MalformedResponse: a 2xx whose body is not a chat completion.
+    """
+    payload = json.dumps(body, ensure_ascii=False)
+    try:
+        async with session.post(url, data=payload, headers=headers, timeout=timeout) as reply:
+            raw = await reply.read()
+            status = reply.status
+            reply_headers = reply.headers
+    except TimeoutError as exc:  # aiohttp raises asyncio.TimeoutError (= TimeoutError on 3.11)
+        raise RequestTimeout(
+            f"no complete reply within the timeout ({_describe(timeout)})"
+        ) from exc
+    except aiohttp.ClientError as exc:
+        # str(exc) names the host and the OS error, never the request headers.
+        raise TransportError(f"{type(exc).__name__}: {exc}") from exc
+    text = raw.decode("utf-8", errors="replace")
+    if status >= 300:
+        # Some proxies echo the Authorization header in error bodies: never let it reach a
+        # message, a traceback or the run report.
+        raise error_for_status(status, _redact(text, headers), reply_headers)
+    return parse_completion(text)
+
+
+def parse_completion(text: str) -> Completion:
+    """Parse a chat.completion body; raise MalformedResponse when it is not one."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise MalformedResponse(f"reply is not JSON: {text[:200]!r}") from exc
+    try:
+        choice = data["choices"][0]
+        content = choice["message"]["content"]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise MalformedResponse(f"reply has no choices[0].message.content: {text[:200]!r}") from exc
+    if not isinstance(content, str):
+        raise MalformedResponse(f"choices[0].message.content is not text: {content!r}"[:300])
+    usage = data.get("usage") if isinstance(data, dict) else None
+    return Completion(
+        text=content,
+        finish_reason=choice.get("finish_reason"),
+        usage=usage if isinstance(usage, dict) else None,
+    )
+
+
+def error_for_status(status: int, text: str, headers: Mapping[str, str]) -> APIError:
+    """The exception for an HTTP error reply, with the server's own message when it gave one."""
+    message = f"HTTP {status}: {_server_message(text)}"
+    if status == 429:
+        return RateLimitError(message, body=text, retry_after=retry_after_seconds(headers))
+    if status in (408, 409) or status >= 500:
+        return ServerError(
+            message, status=status, body=text, retry_after=retry_after_seconds(headers)
+        )
+    if status in (401, 403):
+        return AuthError(message, status=status, body=text)
+    if status == 404:
+        return NotFoundError(message, status=status, body=text)
+    return BadRequestError(message, status=status, body=text)
+
+
+def error_code(exc: APIError) -> str | None:
+    """The ``error.code`` (or ``error.type``) an OpenAI-style error body names, if any."""
+    try:
+        error = json.loads(exc.body)["error"]
+        return str(error.get("code") or error.get("type") or "") or None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _redact(text: str, headers: Mapping[str, str]) -> str:
+    auth = headers.get("Authorization", "")
+    secret = auth.removeprefix("Bearer ").strip()
+    return text.replace(secret, "***") if len(secret) >= 4 else text
+
+
+def _server_message(text: str) -> str:
+    try:
+        error = json.loads(text)["error"]
+        message = error["message"] if isinstance(error, dict) else error
+        return str(message)[:500]
+    except (ValueError, KeyError, TypeError):
+        return text[:500] or "(empty body)"
+
+
+def _describe(timeout: aiohttp.ClientTimeout) -> str:
+    parts = [
+        f"{name}={value:g}s"
+        for name in ("total", "connect", "sock_read")
+        if (value := getattr(timeout, name)) is not None
+    ]
+    return ", ".join(parts) or "no limit"

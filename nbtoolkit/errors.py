@@ -1,0 +1,116 @@
+"""The exceptions nbtoolkit raises.
+
+::
+
+    NbToolkitError
+    ├── ConfigError(NbToolkitError, ValueError)   bad arguments, missing column, model or URL
+    ├── APIError                .status, .body (never the key)
+    │   ├── RateLimitError      429; .retry_after in seconds, when the server said
+    │   ├── ServerError         5xx, 408, 409
+    │   ├── AuthError           401 / 403: a bad or missing key; stops the run
+    │   ├── NotFoundError       404: wrong base URL or model; stops the run
+    │   └── BadRequestError     other 4xx, never retried
+    ├── TransportError          connection refused/reset, timeouts (raised from the aiohttp error)
+    │   └── RequestTimeout      the connect or total timeout ran out
+    ├── MalformedResponse       a 200 whose body is not a chat completion
+    └── RunAborted              a systemic failure stopped the run; .partial keeps what finished
+
+    RunInterrupted(KeyboardInterrupt)   Ctrl-C or the stop button; .partial keeps what finished
+
+Row-level failures (everything but the last two) never escape a run: the row comes back as
+None and the exception is summarised in the run report. Only `RunAborted` and
+`RunInterrupted` reach the caller, and both carry the partial result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class NbToolkitError(Exception):
+    """Base class of every nbtoolkit error."""
+
+
+class ConfigError(NbToolkitError, ValueError):
+    """Bad arguments: a missing column, an unknown template field, a missing model, ..."""
+
+
+class APIError(NbToolkitError):
+    """The server answered with an HTTP error status."""
+
+    def __init__(self, message: str, *, status: int, body: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        # The response body, cut short: servers echo the request, never the Authorization header.
+        self.body = body[:2000]
+
+
+class RateLimitError(APIError):
+    """429 Too Many Requests."""
+
+    def __init__(
+        self, message: str, *, status: int = 429, body: str = "", retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status=status, body=body)
+        self.retry_after = retry_after
+
+
+class ServerError(APIError):
+    """5xx, 408 or 409: the server's trouble, worth another try."""
+
+    def __init__(
+        self, message: str, *, status: int, body: str = "", retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status=status, body=body)
+        self.retry_after = retry_after
+
+
+class AuthError(APIError):
+    """401 or 403: the key is missing, wrong, or not allowed this model."""
+
+
+class NotFoundError(APIError):
+    """404: the base URL or the model name is wrong."""
+
+
+class BadRequestError(APIError):
+    """Any other 4xx: this request is wrong and will stay wrong; never retried."""
+
+
+class TransportError(NbToolkitError):
+    """The request never got a complete HTTP answer: refused, reset, or cut."""
+
+
+class RequestTimeout(TransportError):
+    """The connect or total timeout ran out."""
+
+
+class MalformedResponse(NbToolkitError):
+    """A 200 reply whose body is not a chat completion (bad JSON, no choices, no content)."""
+
+
+class RunAborted(NbToolkitError):
+    """A systemic failure (bad key, wrong URL or model) stopped the whole run.
+
+    Attributes:
+        partial: what finished before the stop: for the DataFrame accessor the output frame
+            with None in every row that did not finish; for the engine the list of results.
+        cause: the row error that showed the failure is systemic.
+    """
+
+    def __init__(self, message: str, *, partial: Any = None, cause: BaseException | None = None):
+        super().__init__(message)
+        self.partial = partial
+        self.cause = cause
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or the notebook's stop button ended a run early.
+
+    A KeyboardInterrupt, so it stops a script and a cell as an interrupt should; it carries
+    what had finished in ``partial`` (the same value ``nbtoolkit.last_run().output`` holds).
+    """
+
+    def __init__(self, message: str, *, partial: Any = None) -> None:
+        super().__init__(message)
+        self.partial = partial

@@ -1,0 +1,73 @@
+"""The progress bar: a tqdm widget in Jupyter, text in a terminal. The engine only calls it.
+
+`tqdm.auto` picks the widget when it runs in a kernel; ipywidgets is a dependency, so the
+"IProgress not found" fallback never shows. The bar advances once per finished row (not per
+batch), so it never jumps from 0 to 100%.
+"""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+
+from tqdm.auto import tqdm
+
+from nbtoolkit.engine import RowResult
+
+# Re-format the ok/failed/retried counts at most this often: formatting them on every row
+# would cost more CPU than the request itself on a fast server.
+_POSTFIX_INTERVAL = 0.2
+
+
+class ProgressBar:
+    """Counts finished rows and shows ok / failed / retried; a no-op when disabled."""
+
+    def __init__(self, total: int | None, *, enabled: bool = True, desc: str = "nbtoolkit") -> None:
+        self.ok = 0
+        self.failed = 0
+        self.skipped = 0
+        self.retried = 0
+        self._enabled = enabled
+        self._last_postfix = 0.0
+        self._bar = tqdm(
+            total=total, desc=desc, unit="row", disable=not enabled, dynamic_ncols=True
+        )
+
+    def row_done(self, result: RowResult) -> None:
+        if result.error is None:
+            self.ok += 1
+        elif result.error.kind == "skipped":
+            self.skipped += 1
+        else:
+            self.failed += 1
+        if not self._enabled:
+            return
+        now = time.monotonic()
+        if now - self._last_postfix >= _POSTFIX_INTERVAL:
+            self._last_postfix = now
+            self._bar.postfix = self._counts()
+        self._bar.update(1)
+
+    def row_retried(self) -> None:
+        self.retried += 1
+
+    def close(self) -> None:
+        if self._enabled:
+            self._bar.postfix = self._counts()
+            self._bar.refresh()
+        self._bar.close()
+
+    def _counts(self) -> str:
+        text = f"ok={self.ok}, failed={self.failed}, retried={self.retried}"
+        return text + (f", skipped={self.skipped}" if self.skipped else "")
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,112 @@
+"""What a run leaves behind: per-row outcomes aligned to the caller's index, and a summary.
+
+`last_run()` returns the report of the most recent run in this process, finished, aborted or
+interrupted, so the reason a row failed is one line away without re-running anything.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from nbtoolkit.engine import RowResult, RunStats
+
+ROW_COLUMNS = [
+    "status",  # "ok", "failed", "skipped", "not_run" or "cancelled"
+    "error_kind",  # exception class name, e.g. "RateLimitError"; None when ok
+    "http_status",  # the last HTTP status of a failed row, when there was one
+    "attempts",  # requests sent for this row
+    "message",  # what went wrong, in the server's words when it gave some
+    "prompt_tokens",
+    "completion_tokens",
+]
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """The outcome of one run.
+
+    Attributes:
+        output: the result (a DataFrame or Series); after an abort or interrupt, the partial
+            result with None in rows that did not finish.
+        rows: one row per input row, same index and order, columns ``ROW_COLUMNS``.
+        stats: requests sent, retries, statuses seen, wall time.
+        outcome: "finished", "aborted" or "interrupted".
+    """
+
+    output: Any
+    rows: pd.DataFrame
+    stats: RunStats
+    outcome: str
+
+    @property
+    def errors(self) -> pd.DataFrame:
+        """The rows that have no answer (failed, skipped or never run), with their reasons."""
+        return self.rows[self.rows["status"] != "ok"]
+
+    def summary(self) -> str:
+        """One line: rows ok / failed, requests, retries, wall time."""
+        counts = self.rows["status"].value_counts()
+        parts = [f"{counts.get(name, 0)} {name}" for name in ("ok", "failed", "skipped")]
+        for name in ("not_run", "cancelled"):
+            if counts.get(name, 0):
+                parts.append(f"{counts[name]} {name}")
+        statuses = ", ".join(f"{key}: {n}" for key, n in sorted(self.stats.statuses.items()))
+        return (
+            f"{self.outcome}: {', '.join(parts)}; {self.stats.requests_sent} requests, "
+            f"{self.stats.retries} retries ({statuses or 'none'}); "
+            f"{self.stats.wall_seconds:.1f} s"
+        )
+
+    def __repr__(self) -> str:
+        return f"<RunReport {self.summary()}>"
+
+
+# Row error kinds that mean "never got an answer" rather than "the request failed".
+_NO_TRY = frozenset({"skipped", "not_run", "cancelled"})
+
+
+def rows_frame(results: Sequence[RowResult], index: pd.Index) -> pd.DataFrame:
+    """Per-row outcomes as a frame with the caller's index (duplicates and MultiIndex kept)."""
+    records = [
+        (
+            "ok" if r.error is None else (r.error.kind if r.error.kind in _NO_TRY else "failed"),
+            None if r.error is None else r.error.kind,
+            None if r.error is None else r.error.status,
+            r.attempts,
+            None if r.error is None else r.error.message,
+            r.prompt_tokens,
+            r.completion_tokens,
+        )
+        for r in results
+    ]
+    frame = pd.DataFrame.from_records(records, columns=ROW_COLUMNS, index=index)
+    for column in ("http_status", "prompt_tokens", "completion_tokens"):
+        frame[column] = frame[column].astype("Int64")
+    return frame
+
+
+_lock = threading.Lock()
+_last: RunReport | None = None
+
+
+def remember(report: RunReport) -> RunReport:
+    global _last
+    with _lock:
+        _last = report
+    return report
+
+
+def last_run() -> RunReport | None:
+    """The report of this process's most recent run (None before the first).
+
+    Example:
+        >>> out = df.chat.complete("review", model="gpt-4o-mini")  # doctest: +SKIP
+        >>> nbtoolkit.last_run().errors  # why each None row is None
+    """
+    with _lock:
+        return _last

@@ -1,0 +1,118 @@
+"""What is worth another try, and how long to wait before it.
+
+One function, `is_retryable`, decides; one function, `is_systemic`, says which failures
+mean every other row will fail the same way (so the run stops instead of sending 10,000
+doomed requests). The wait is tenacity's exponential backoff with jitter, except that a
+server that says how long to wait (``Retry-After``, ``retry-after-ms``) is believed.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from collections.abc import Mapping
+
+from tenacity import RetryCallState, wait_exponential_jitter
+
+from nbtoolkit.config import RetryPolicy
+from nbtoolkit.errors import (
+    APIError,
+    AuthError,
+    MalformedResponse,
+    NotFoundError,
+    RateLimitError,
+    ServerError,
+    TransportError,
+)
+
+# Error codes in a 429's body that no amount of waiting fixes.
+_QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "billing_not_active"})
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True for 408/409/429/5xx, timeouts, resets and unparsable 200s; False for other 4xx."""
+    if isinstance(exc, RateLimitError):
+        return not is_quota_exhausted(exc)
+    return isinstance(exc, ServerError | TransportError | MalformedResponse)
+
+
+def is_systemic(exc: BaseException) -> bool:
+    """True when this error will hit every row alike: a bad key, a wrong URL or model, no quota."""
+    if isinstance(exc, AuthError | NotFoundError):
+        return True
+    return isinstance(exc, RateLimitError) and is_quota_exhausted(exc)
+
+
+def is_quota_exhausted(exc: APIError) -> bool:
+    """A 429 whose body says the account is out of credit, not merely going too fast."""
+    try:
+        error = json.loads(exc.body)["error"]
+        codes = {str(error.get("code")), str(error.get("type"))}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return bool(codes & _QUOTA_CODES)
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """The wait a reply asks for: ``retry-after-ms`` first (finer), then ``Retry-After``.
+
+    ``Retry-After`` may be seconds (``"2"``, ``"0.5"``) or an HTTP date. Unparsable or
+    negative values count as "not said".
+    """
+    millis = headers.get("retry-after-ms")
+    if millis is not None:
+        try:
+            value = float(millis) / 1000.0
+            if value >= 0:
+                return value
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+        return value if value >= 0 else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def server_wait(exc: BaseException | None) -> float | None:
+    """The wait the server asked for with this error, if it asked."""
+    return getattr(exc, "retry_after", None)
+
+
+class RetryAfterOrBackoff:
+    """A tenacity wait: the server's Retry-After when given, else exponential backoff + jitter."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self._backoff = wait_exponential_jitter(
+            initial=policy.wait_initial, max=policy.wait_max, jitter=policy.jitter
+        )
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        outcome = retry_state.outcome
+        asked = server_wait(outcome.exception() if outcome is not None else None)
+        if asked is not None:
+            return asked
+        return float(self._backoff(retry_state))
+
+
+class GiveUp:
+    """A tenacity stop: out of attempts, or the server asks for a longer wait than we allow."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self._policy = policy
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        if retry_state.attempt_number >= self._policy.attempts:
+            return True
+        outcome = retry_state.outcome
+        asked = server_wait(outcome.exception() if outcome is not None else None)
+        return asked is not None and asked > self._policy.retry_after_max
