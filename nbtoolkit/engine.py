@@ -30,6 +30,7 @@ from nbtoolkit.errors import (
     NbToolkitError,
     NotFoundError,
     RunAborted,
+    TransportError,
 )
 from nbtoolkit.retry import GiveUp, RetryAfterOrBackoff, is_retryable, is_systemic
 
@@ -95,6 +96,7 @@ class RunStats:
         return max(0.0, (self.finished or time.monotonic()) - self.started)
 
 
+_TRANSPORT_KINDS = frozenset({"TransportError", "RequestTimeout"})
 SKIPPED = RowResult(None, RowError("skipped", "no prompt: the value was missing or empty"))
 
 
@@ -132,6 +134,11 @@ class ChatRun:
         )
         self._headers = config.headers()
         self._base_body: dict[str, Any] = {"model": config.model, **config.params}
+        # Rows that failed to reach the server before any row succeeded: past a pool's worth,
+        # the server is unreachable (wrong port, host down) and every other row would spend
+        # all its retries finding that out again.
+        self._unreachable_streak = 0
+        self._any_success = False
 
     async def execute(self, requests: Iterable[ChatRequest | None]) -> list[RowResult]:
         """Send every request, at most ``max_parallel`` at once, and return results in order.
@@ -193,7 +200,19 @@ class ChatRun:
     ) -> None:
         while (item := await queue.get()) is not None:
             index, request = item
-            self._finish(index, await self._complete(session, request))
+            result = await self._complete(session, request)
+            self._finish(index, result)
+            self._check_reachable(result)
+
+    def _check_reachable(self, result: RowResult) -> None:
+        if result.error is None:
+            self._any_success = True
+        elif not self._any_success and result.error.kind in _TRANSPORT_KINDS:
+            self._unreachable_streak += 1
+            if self._unreachable_streak >= self.config.max_parallel:
+                raise _Systemic(
+                    TransportError(f"the server could not be reached: {result.error.message}")
+                )
 
     async def _complete(self, session: aiohttp.ClientSession, request: ChatRequest) -> RowResult:
         policy = self.config.retry
@@ -273,6 +292,8 @@ def _abort_message(error: NbToolkitError) -> str:
         advice = "check the API key (OPENAI_API_KEY or api_key=) and that it may use this model"
     elif isinstance(error, NotFoundError):
         advice = "check base_url (it usually ends in /v1) and the model name"
+    elif isinstance(error, TransportError):
+        advice = "check base_url and that the server is running"
     else:
         advice = "the account is out of quota or credit; add credit or use another key"
     return f"run stopped, every row would fail the same way: {error}. What to do: {advice}."

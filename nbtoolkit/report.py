@@ -72,22 +72,29 @@ _NO_TRY = frozenset({"skipped", "not_run", "cancelled"})
 
 def rows_frame(results: Sequence[RowResult], index: pd.Index) -> pd.DataFrame:
     """Per-row outcomes as a frame with the caller's index (duplicates and MultiIndex kept)."""
-    records = [
-        (
-            "ok" if r.error is None else (r.error.kind if r.error.kind in _NO_TRY else "failed"),
-            None if r.error is None else r.error.kind,
-            None if r.error is None else r.error.status,
-            r.attempts,
-            None if r.error is None else r.error.message,
-            r.prompt_tokens,
-            r.completion_tokens,
-        )
-        for r in results
-    ]
-    frame = pd.DataFrame.from_records(records, columns=ROW_COLUMNS, index=index)
-    for column in ("http_status", "prompt_tokens", "completion_tokens"):
-        frame[column] = frame[column].astype("Int64")
-    return frame
+    errors = [r.error for r in results]
+    columns: dict[str, pd.Series] = {
+        "status": _objects(
+            ["ok" if e is None else (e.kind if e.kind in _NO_TRY else "failed") for e in errors],
+            index,
+        ),
+        "error_kind": _objects([None if e is None else e.kind for e in errors], index),
+        "http_status": pd.Series(
+            [None if e is None else e.status for e in errors], index=index, dtype="Int64"
+        ),
+        "attempts": pd.Series([r.attempts for r in results], index=index, dtype="int64"),
+        "message": _objects([None if e is None else e.message for e in errors], index),
+        "prompt_tokens": pd.Series([r.prompt_tokens for r in results], index=index, dtype="Int64"),
+        "completion_tokens": pd.Series(
+            [r.completion_tokens for r in results], index=index, dtype="Int64"
+        ),
+    }
+    return pd.DataFrame(columns, index=index)
+
+
+def _objects(values: list[Any], index: pd.Index) -> pd.Series:
+    # object dtype keeps None as None: pandas 3 would infer a string dtype and turn it into NaN.
+    return pd.Series(values, index=index, dtype=object)
 
 
 _lock = threading.Lock()

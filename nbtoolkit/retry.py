@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import Mapping
 
-from tenacity import RetryCallState, wait_exponential_jitter
+from tenacity import RetryCallState, wait_exponential, wait_random
 
 from nbtoolkit.config import RetryPolicy
 from nbtoolkit.errors import (
@@ -92,9 +92,10 @@ class RetryAfterOrBackoff:
     """A tenacity wait: the server's Retry-After when given, else exponential backoff + jitter."""
 
     def __init__(self, policy: RetryPolicy) -> None:
-        self._backoff = wait_exponential_jitter(
-            initial=policy.wait_initial, max=policy.wait_max, jitter=policy.jitter
-        )
+        # Jitter on top of the cap too: workers that all hit the cap must still spread out.
+        self._backoff = wait_exponential(
+            multiplier=policy.wait_initial, max=policy.wait_max
+        ) + wait_random(0, policy.jitter)
 
     def __call__(self, retry_state: RetryCallState) -> float:
         outcome = retry_state.outcome

@@ -1,0 +1,49 @@
+"""Shared fixtures: a real OpenAI-compatible server on 127.0.0.1, and fast retry settings."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+import nbtoolkit
+import nbtoolkit.config as config_module
+from nbtoolkit.testing import ChatServer
+
+# Tiny waits through config, never by patching sleep: retries stay real but fast.
+FAST_RETRY = nbtoolkit.RetryPolicy(attempts=4, wait_initial=0.01, wait_max=0.05, jitter=0.01)
+MODEL = "test-model"
+
+
+@pytest.fixture
+def server() -> Iterator[ChatServer]:
+    """A test server on its own thread, so sync entry points can call it without deadlock."""
+    with ChatServer().run_in_thread() as running:
+        yield running
+
+
+@pytest.fixture
+async def aserver() -> AsyncIterator[ChatServer]:
+    """A test server on the test's own loop, for async entry points."""
+    async with ChatServer() as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may reach a real API or see another test's configure(): start from defaults."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setattr(config_module, "_global_config", nbtoolkit.ChatConfig())
+
+
+def settings(server: ChatServer, **overrides: object) -> dict[str, object]:
+    """The keyword arguments that point a call at ``server`` with fast retries, no bar."""
+    base: dict[str, object] = {
+        "model": MODEL,
+        "base_url": server.base_url,
+        "retry": FAST_RETRY,
+        "progress": False,
+    }
+    base.update(overrides)
+    return base

@@ -1,0 +1,361 @@
+"""The test server: wire format, scripted behaviours, faults, records and thread mode.
+
+Every test talks to the server through a real aiohttp client, as the code under test would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import aiohttp
+import pytest
+
+from nbtoolkit.testing import (
+    ChatServer,
+    FaultRates,
+    Malformed,
+    Reply,
+    Reset,
+    Stall,
+    Status,
+)
+
+
+def _body(prompt: str, model: str = "test-model") -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": prompt},
+        ],
+    }
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+        yield s
+
+
+async def _post(
+    session: aiohttp.ClientSession,
+    server: ChatServer,
+    prompt: str,
+    **kwargs: Any,
+) -> tuple[int, str, Mapping[str, str]]:
+    url = server.base_url + "/chat/completions"
+    async with session.post(url, json=kwargs.pop("json", _body(prompt)), **kwargs) as resp:
+        return resp.status, await resp.text(), resp.headers
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met within 5 s")
+
+
+async def test_success_reply_has_the_openai_chat_completion_shape(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A plain request gets a chat.completion echoing the last user message, with usage."""
+    async with ChatServer() as server:
+        assert server.base_url == f"http://127.0.0.1:{server.port}/v1"
+        status, text, _ = await _post(session, server, "hello")
+    assert status == 200
+    body = json.loads(text)
+    assert body["id"].startswith("chatcmpl-")
+    assert body["object"] == "chat.completion"
+    assert isinstance(body["created"], int)
+    assert body["model"] == "test-model"
+    assert body["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "echo: hello"},
+            "finish_reason": "stop",
+        }
+    ]
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+
+
+async def test_records_what_the_server_saw(session: aiohttp.ClientSession) -> None:
+    """Each request is recorded with its body, headers, prompt, times, status and outcome."""
+    async with ChatServer() as server:
+        await _post(session, server, "a", headers={"X-Trace": "1"})
+        await _post(session, server, "a")
+    first, second = server.requests
+    assert first.body == _body("a")
+    assert first.headers["X-Trace"] == "1"
+    assert (first.prompt, first.status, first.outcome, first.attempt) == ("a", 200, "ok", 0)
+    assert second.attempt == 1
+    assert first.started <= first.finished <= second.started
+    assert server.request_count == 2
+    assert server.answered == {"a": 2}
+    assert server.statuses == {"ok": 2}
+    server.reset_records()
+    assert (server.requests, server.request_count, server.answered) == ([], 0, {})
+
+
+async def test_record_false_keeps_counters_but_no_list(session: aiohttp.ClientSession) -> None:
+    """record=False keeps no per-request list; the counters still count."""
+    async with ChatServer(record=False) as server:
+        await _post(session, server, "a")
+    assert server.requests == []
+    assert (server.request_count, server.answered["a"]) == (1, 1)
+
+
+async def test_custom_responder_gets_messages_and_body(session: aiohttp.ClientSession) -> None:
+    """A responder builds the reply text from the messages and the whole request body."""
+
+    def responder(messages: list[dict[str, Any]], body: dict[str, Any]) -> str:
+        return f"{len(messages)} messages for {body['model']}"
+
+    async with ChatServer(responder=responder) as server:
+        _, text, _ = await _post(session, server, "x", json=_body("x", model="m1"))
+    assert json.loads(text)["choices"][0]["message"]["content"] == "2 messages for m1"
+
+
+async def test_wrong_api_key_gets_401_without_echoing_the_key(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A wrong or missing key gets an OpenAI 401 body that never contains the sent key."""
+    async with ChatServer(api_key="sk-right") as server:
+        bad = {"Authorization": "Bearer sk-wrong-secret"}
+        status, text, _ = await _post(session, server, "a", headers=bad)
+        missing_status, _, _ = await _post(session, server, "a")
+        ok_status, _, _ = await _post(
+            session, server, "a", headers={"Authorization": "Bearer sk-right"}
+        )
+    assert (status, missing_status, ok_status) == (401, 401, 200)
+    assert "sk-wrong-secret" not in text
+    assert json.loads(text)["error"]["code"] == "invalid_api_key"
+    assert server.statuses == {"401": 2, "ok": 1}
+
+
+async def test_body_that_is_not_json_gets_400(session: aiohttp.ClientSession) -> None:
+    """A request body that is not JSON gets a 400 and consumes no scripted action."""
+    async with ChatServer() as server:
+        server.script(Reply("kept"))
+        async with session.post(server.base_url + "/chat/completions", data=b"{oops") as resp:
+            status = resp.status
+        _, text, _ = await _post(session, server, "a")
+    assert status == 400
+    assert json.loads(text)["choices"][0]["message"]["content"] == "kept"
+
+
+async def test_unknown_model_gets_404_and_models_are_listed(
+    session: aiohttp.ClientSession,
+) -> None:
+    """With model_names, another model gets a 404 model_not_found; GET /models lists them."""
+    async with ChatServer(model_names=["m1"]) as server:
+        status, text, _ = await _post(session, server, "a", json=_body("a", model="nope"))
+        async with session.get(server.base_url + "/models") as resp:
+            models = await resp.json()
+    assert status == 404
+    error = json.loads(text)["error"]
+    assert (error["code"], error["message"]) == (
+        "model_not_found",
+        "The model `nope` does not exist",
+    )
+    assert [m["id"] for m in models["data"]] == ["m1"]
+
+
+async def test_status_sends_error_body_and_retry_headers(session: aiohttp.ClientSession) -> None:
+    """Status(429, retry_after, retry_after_ms) sends both headers and an OpenAI error body."""
+    async with ChatServer() as server:
+        server.script(
+            Status(429, retry_after=2, retry_after_ms=500, error_code="rate_limit_exceeded"),
+            Status(503, retry_after=0.5, headers={"X-Extra": "y"}),
+        )
+        status, text, headers = await _post(session, server, "a")
+        status2, _, headers2 = await _post(session, server, "a")
+        status3, _, _ = await _post(session, server, "a")
+    assert (status, status2, status3) == (429, 503, 200)
+    assert (headers["Retry-After"], headers["retry-after-ms"]) == ("2", "500")
+    assert (headers2["Retry-After"], headers2["X-Extra"]) == ("0.5", "y")
+    error = json.loads(text)["error"]
+    assert (error["code"], error["type"]) == ("rate_limit_exceeded", "requests")
+    assert server.statuses == {"429": 1, "503": 1, "ok": 1}
+    assert server.answered == {"a": 1}
+
+
+async def test_reset_is_a_connection_error_for_the_client(
+    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reset drops the connection: the client sees a connection error, the server logs none."""
+    caplog.set_level(logging.WARNING)
+    async with ChatServer() as server:
+        server.script(Reset())
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await _post(session, server, "a")
+        status, _, _ = await _post(session, server, "a")
+    assert status == 200
+    assert [(r.status, r.outcome) for r in server.requests] == [(None, "reset"), (200, "ok")]
+    assert server.in_flight == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_stall_is_cut_by_client_timeout_and_shutdown_is_prompt(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A Stall outlasts a client timeout, ends when the client leaves, and never slows stop."""
+    server = ChatServer()
+    async with server:
+        server.script(Stall(30), Stall(30))
+        with pytest.raises(asyncio.TimeoutError):
+            await _post(session, server, "a", timeout=aiohttp.ClientTimeout(total=0.2))
+        await _until(lambda: server.in_flight == 0)  # the hang-up ended the stalled handler
+        pending = asyncio.ensure_future(_post(session, server, "b"))
+        await _until(lambda: server.in_flight == 1)
+        stop_started = time.monotonic()
+    assert time.monotonic() - stop_started < 0.5
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await pending
+    assert [(r.status, r.outcome) for r in server.requests] == [(None, "stall"), (None, "stall")]
+
+
+async def test_short_stall_then_replies_normally(session: aiohttp.ClientSession) -> None:
+    """A Stall shorter than the client timeout delays a normal reply by its length."""
+    async with ChatServer() as server:
+        server.script(Stall(0.2))
+        started = time.monotonic()
+        status, _, _ = await _post(session, server, "a")
+    assert status == 200
+    assert time.monotonic() - started >= 0.2
+    assert server.answered == {"a": 1}
+
+
+async def test_malformed_sends_a_body_that_is_not_a_completion(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Malformed sends a 200 whose body is not JSON; it does not count as answered."""
+    async with ChatServer() as server:
+        server.script(Malformed(), Malformed('{"choices": []}'))
+        status, text, headers = await _post(session, server, "a")
+        _, text2, _ = await _post(session, server, "a")
+    assert (status, text) == (200, "this is not json")
+    assert headers["Content-Type"].startswith("application/json")
+    assert text2 == '{"choices": []}'
+    assert server.statuses == {"malformed": 2}
+    assert server.answered == {}
+
+
+async def test_prompt_scripts_come_before_global_scripts(session: aiohttp.ClientSession) -> None:
+    """Prompt-specific actions go to that prompt first; global ones go to any prompt in order."""
+    async with ChatServer() as server:
+        server.script(Reply("g1"), Reply("g2"))
+        server.script(Reply("for b"), prompt="b")
+        texts = []
+        for prompt in ["a", "b", "b", "c"]:
+            _, text, _ = await _post(session, server, prompt)
+            texts.append(json.loads(text)["choices"][0]["message"]["content"])
+    assert texts == ["g1", "for b", "g2", "echo: c"]
+
+
+async def test_faults_are_the_same_per_prompt_and_attempt_whatever_the_order(
+    session: aiohttp.ClientSession,
+) -> None:
+    """The same seed gives each prompt's Nth attempt the same fate, in any arrival order."""
+    faults = FaultRates(server_error=0.3, reset=0.2, malformed=0.2, seed=7)
+    prompts = [f"p{i}" for i in range(12)]
+
+    async def fates(order: list[str], *, concurrent: bool) -> dict[tuple[str, int], str]:
+        async with ChatServer(faults=faults) as server:
+
+            async def attempt(prompt: str) -> None:
+                with contextlib.suppress(aiohttp.ClientError):
+                    await _post(session, server, prompt)
+
+            for _ in range(3):
+                if concurrent:
+                    await asyncio.gather(*(attempt(p) for p in order))
+                else:
+                    for p in order:
+                        await attempt(p)
+        return {(r.prompt, r.attempt): r.outcome for r in server.requests}
+
+    forward = await fates(prompts, concurrent=False)
+    backward = await fates(prompts[::-1], concurrent=True)
+    assert forward == backward
+    assert {"ok", "500", "reset", "malformed"} <= set(forward.values())
+    assert len(forward) == 36
+
+
+def test_fault_rates_are_checked() -> None:
+    """Rates outside [0, 1], or adding up to more than 1, are rejected."""
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        FaultRates(server_error=0.6, reset=0.6)
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        FaultRates(stall=-0.1)
+
+
+async def test_peak_in_flight_counts_concurrent_requests(session: aiohttp.ClientSession) -> None:
+    """N concurrent requests under latency are all in flight at once, and none after."""
+    async with ChatServer(latency=0.2) as server:
+        started = time.monotonic()
+        results = await asyncio.gather(*(_post(session, server, f"p{i}") for i in range(8)))
+        elapsed = time.monotonic() - started
+    assert [status for status, _, _ in results] == [200] * 8
+    assert server.peak_in_flight == 8
+    assert server.in_flight == 0
+    assert 0.2 <= elapsed < 1.0  # concurrent, not serialised
+    assert all(n == 1 for n in server.answered.values())
+
+
+def test_thread_mode_serves_a_plain_sync_caller() -> None:
+    """run_in_thread serves sync code; scripts and counters work across threads."""
+    with ChatServer(latency=0.01).run_in_thread() as server:
+        server.script(Reply("scripted"), prompt="hi")
+        request = urllib.request.Request(
+            server.base_url + "/chat/completions",
+            data=json.dumps(_body("hi")).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            body = json.load(resp)
+
+        async def two_more() -> list[int]:
+            async with aiohttp.ClientSession() as s:
+                return [(await _post(s, server, p))[0] for p in ["hi", "there"]]
+
+        statuses = asyncio.run(two_more())
+    assert body["choices"][0]["message"]["content"] == "scripted"
+    assert statuses == [200, 200]
+    assert server.answered == {"hi": 2, "there": 1}
+    assert server.request_count == 3
+
+
+def test_thread_mode_stops_promptly_with_a_stalled_request() -> None:
+    """Leaving run_in_thread cuts a stalled request instead of waiting for it."""
+    errors: list[BaseException] = []
+
+    def call(url: str) -> None:
+        request = urllib.request.Request(url, data=json.dumps(_body("a")).encode())
+        try:
+            urllib.request.urlopen(request, timeout=10)
+        except Exception as exc:
+            errors.append(exc)
+
+    with ChatServer().run_in_thread() as server:
+        server.script(Stall(30))
+        caller = threading.Thread(target=call, args=(server.base_url + "/chat/completions",))
+        caller.start()
+        for _ in range(500):
+            if server.in_flight:
+                break
+            time.sleep(0.01)
+        stop_started = time.monotonic()
+    assert time.monotonic() - stop_started < 1.0
+    caller.join(5)
+    assert len(errors) == 1  # the caller saw the connection drop, not a reply
+    assert server.statuses == {"stall": 1}
