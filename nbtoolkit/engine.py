@@ -209,7 +209,7 @@ class ChatRun:
             self._any_success = True
         elif not self._any_success and result.error.kind in _TRANSPORT_KINDS:
             self._unreachable_streak += 1
-            if self._unreachable_streak >= self.config.max_parallel:
+            if self._unreachable_streak >= max(3, self.config.max_parallel):
                 raise _Systemic(
                     TransportError(f"the server could not be reached: {result.error.message}")
                 )

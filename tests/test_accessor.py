@@ -79,7 +79,9 @@ async def test_acomplete_in_a_running_loop(aserver: ChatServer) -> None:
 
 def test_missing_column_lists_the_columns(server: ChatServer) -> None:
     """A wrong column name raises ConfigError naming the columns; nothing is sent."""
-    with pytest.raises(nbtoolkit.ConfigError, match=r"'reveiw' not found; columns are \['review', 'stars'\]"):
+    with pytest.raises(
+        nbtoolkit.ConfigError, match=r"'reveiw' not found; columns are \['review', 'stars'\]"
+    ):
         reviews(3).chat.complete("reveiw", **settings(server))
     assert server.request_count == 0
 
@@ -209,7 +211,11 @@ def test_config_object_and_configure(server: ChatServer) -> None:
     config = nbtoolkit.ChatConfig(base_url=server.base_url, model="from-object", progress=False)
     reviews(1).chat.complete("review", config=config)
     reviews(1).chat.complete("review", config=config, model="from-call")
-    assert [r.body["model"] for r in server.requests] == ["from-configure", "from-object", "from-call"]
+    assert [r.body["model"] for r in server.requests] == [
+        "from-configure",
+        "from-object",
+        "from-call",
+    ]
 
 
 def test_environment_variables_give_url_and_key(monkeypatch: pytest.MonkeyPatch) -> None:

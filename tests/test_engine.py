@@ -1,0 +1,219 @@
+"""The engine without pandas: concurrency, retries, timeouts, fail-fast, bounded memory."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import nbtoolkit
+from nbtoolkit import ChatConfig, ChatRequest, ChatRun, RetryPolicy, Timeouts
+from nbtoolkit.testing import ChatServer, FaultRates, Malformed, Reset, Stall, Status
+from tests.conftest import FAST_RETRY, MODEL
+
+
+def config(server: ChatServer, **overrides: object) -> ChatConfig:
+    values: dict[str, object] = {
+        "base_url": server.base_url,
+        "model": MODEL,
+        "retry": FAST_RETRY,
+        "progress": False,
+    }
+    values.update(overrides)
+    return ChatConfig(**values)  # type: ignore[arg-type]
+
+
+def requests(n: int, prefix: str = "p") -> list[ChatRequest]:
+    return [ChatRequest(({"role": "user", "content": f"{prefix}{i}"},)) for i in range(n)]
+
+
+async def test_never_more_than_max_parallel_in_flight() -> None:
+    """The server never sees more than max_parallel requests at once, and sees that many."""
+    async with ChatServer(latency=0.02) as server:
+        results = await ChatRun(config(server, max_parallel=7)).execute(requests(100))
+    assert server.peak_in_flight == 7
+    assert [r.text for r in results] == [f"echo: p{i}" for i in range(100)]
+
+
+async def test_requests_are_pulled_lazily() -> None:
+    """The producer stays a bounded queue ahead of the workers: memory follows max_parallel."""
+    pulled = 0
+    ahead: list[int] = []
+
+    def generate() -> Iterator[ChatRequest]:
+        nonlocal pulled
+        for request in requests(300):
+            ahead.append(pulled - server.request_count)
+            pulled += 1
+            yield request
+
+    async with ChatServer(latency=0.005) as server:
+        await ChatRun(config(server, max_parallel=4)).execute(generate())
+    # 2 * max_parallel queued + max_parallel in the workers' hands + the one being put.
+    assert max(ahead) <= 3 * 4 + 1
+
+
+async def test_retry_after_is_honoured() -> None:
+    """A 429 with Retry-After: 0.3 is retried no sooner than 0.3 s later."""
+    async with ChatServer() as server:
+        server.script(Status(429, retry_after=0.3), prompt="p0")
+        results = await ChatRun(config(server)).execute(requests(1))
+    first, second = server.requests
+    assert second.started - first.finished >= 0.3
+    assert results[0].text == "echo: p0" and results[0].attempts == 2
+
+
+async def test_retry_after_ms_wins_over_backoff() -> None:
+    """retry-after-ms is read, and beats a long computed backoff."""
+    slow_backoff = RetryPolicy(attempts=3, wait_initial=5.0, jitter=0)
+    async with ChatServer() as server:
+        server.script(Status(503, retry_after_ms=150), prompt="p0")
+        started = time.monotonic()
+        results = await ChatRun(config(server, retry=slow_backoff)).execute(requests(1))
+    first, second = server.requests
+    assert second.started - first.finished >= 0.15
+    assert time.monotonic() - started < 4.0  # the 5 s backoff was not used
+    assert results[0].ok
+
+
+async def test_a_wait_longer_than_the_ceiling_fails_the_row() -> None:
+    """A Retry-After past retry_after_max fails the row now, with the server's words kept."""
+    policy = RetryPolicy(attempts=5, retry_after_max=1.0)
+    async with ChatServer() as server:
+        server.script(Status(429, retry_after=3600), prompt="p0")
+        results = await ChatRun(config(server, retry=policy)).execute(requests(2))
+    assert results[0].error is not None and results[0].error.kind == "RateLimitError"
+    assert results[0].attempts == 1
+    assert results[1].ok
+
+
+@pytest.mark.parametrize(
+    ("action", "kind"),
+    [
+        (Status(500), "ServerError"),
+        (Status(502), "ServerError"),
+        (Status(408), "ServerError"),
+        (Status(409), "ServerError"),
+        (Status(429), "RateLimitError"),
+        (Reset(), "TransportError"),
+        (Malformed(), "MalformedResponse"),
+        (Malformed('{"choices": []}'), "MalformedResponse"),
+    ],
+)
+async def test_passing_failures_are_retried(action: object, kind: str) -> None:
+    """408/409/429/5xx, resets and malformed 200s are retried until they succeed or run out."""
+    async with ChatServer() as server:
+        server.script(action, action, prompt="p0")  # type: ignore[arg-type]
+        server.script(*[action] * 10, prompt="p1")  # type: ignore[arg-type]
+        ok, failed = await ChatRun(config(server)).execute(requests(2))
+    assert ok.text == "echo: p0" and ok.attempts == 3
+    assert failed.text is None and failed.error is not None
+    assert failed.error.kind == kind and failed.attempts == FAST_RETRY.attempts
+    assert server.answered["p1"] == 0
+
+
+@pytest.mark.parametrize("code", [400, 413, 422])
+async def test_other_4xx_are_not_retried(code: int) -> None:
+    """A 400-class error other than 401/403/404/408/409/429 fails its row after one try."""
+    async with ChatServer() as server:
+        server.script(Status(code), prompt="p1")
+        results = await ChatRun(config(server)).execute(requests(3))
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].error is not None and results[1].error.status == code
+    assert sum(1 for r in server.requests if r.prompt == "p1") == 1
+
+
+async def test_a_stalled_connection_is_cut_and_retried() -> None:
+    """A reply that never comes is cut at the total timeout and tried again."""
+    async with ChatServer() as server:
+        server.script(Stall(30), prompt="p0")
+        started = time.monotonic()
+        run = ChatRun(config(server, timeouts=Timeouts(total=0.3)))
+        results = await run.execute(requests(2))
+    assert time.monotonic() - started < 5
+    assert results[0].ok and results[0].attempts == 2
+    assert run.stats.statuses["RequestTimeout"] == 1
+
+
+async def test_bad_key_stops_the_run_within_one_pool() -> None:
+    """A 401 stops the run with RunAborted after at most max_parallel requests."""
+    async with ChatServer(api_key="sk-right-0000", latency=0.01) as server:
+        run = ChatRun(config(server, api_key="sk-wrong-1111", max_parallel=4))
+        with pytest.raises(nbtoolkit.RunAborted, match="check the API key") as caught:
+            await run.execute(requests(500))
+    assert server.request_count <= 4
+    assert isinstance(caught.value.cause, nbtoolkit.AuthError)
+    partial = caught.value.partial
+    assert all(r is not None and r.text is None for r in partial)
+
+
+async def test_wrong_model_stops_the_run() -> None:
+    """A 404 for the model stops the run and says to check base_url and model."""
+    async with ChatServer(model_names=["real-model"]) as server:
+        with pytest.raises(nbtoolkit.RunAborted, match="check base_url .* and the model name"):
+            await ChatRun(config(server, max_parallel=3)).execute(requests(100))
+    assert server.request_count <= 3
+
+
+async def test_insufficient_quota_stops_the_run() -> None:
+    """A 429 whose body says insufficient_quota stops the run at once, without retrying."""
+    async with ChatServer(latency=0.01) as server:
+        server.script(Status(429, error_code="insufficient_quota"))
+        with pytest.raises(nbtoolkit.RunAborted, match="quota") as caught:
+            await ChatRun(config(server, max_parallel=2)).execute(requests(50))
+    assert server.request_count <= 3
+    assert caught.value.partial is not None
+
+
+async def test_rows_that_finished_before_an_abort_are_kept() -> None:
+    """Rows answered before the systemic failure keep their answers in .partial."""
+    async with ChatServer() as server:
+        run = ChatRun(config(server, max_parallel=1))
+        server.script(*[nbtoolkit.testing.Reply()] * 3, Status(401))  # type: ignore[attr-defined]
+        with pytest.raises(nbtoolkit.RunAborted) as caught:
+            await run.execute(requests(10))
+    texts = [r.text for r in caught.value.partial]
+    assert texts[:3] == ["echo: p0", "echo: p1", "echo: p2"]
+    assert set(texts[3:]) == {None}
+    assert caught.value.partial[5].error.kind == "not_run"
+
+
+async def test_an_unreachable_server_stops_the_run() -> None:
+    """Connection refused on every row stops the run after a pool's worth, not 1,000 rows."""
+    async with ChatServer() as server:
+        dead_url = server.base_url
+    dead = ChatConfig(base_url=dead_url, model=MODEL, max_parallel=4, retry=FAST_RETRY)
+    started = time.monotonic()
+    with pytest.raises(nbtoolkit.RunAborted, match="could not be reached"):
+        await ChatRun(dead).execute(requests(1000))
+    assert time.monotonic() - started < 10
+
+
+async def test_faults_mix_every_row_correct_once() -> None:
+    """With random 5xx, resets and malformed bodies, every row ends right and answered once."""
+    faults = FaultRates(server_error=0.1, reset=0.05, malformed=0.05, seed=3)
+    policy = RetryPolicy(attempts=8, wait_initial=0.001, wait_max=0.01, jitter=0.001)
+    async with ChatServer(faults=faults) as server:
+        results = await ChatRun(config(server, retry=policy, max_parallel=16)).execute(
+            requests(300)
+        )
+    assert [r.text for r in results] == [f"echo: p{i}" for i in range(300)]
+    assert max(server.answered.values()) == 1
+    assert sum(r.attempts for r in results) == server.request_count
+
+
+async def test_no_request_is_sent_for_none() -> None:
+    """None in the request stream is a skipped row, with no request."""
+    async with ChatServer() as server:
+        results = await ChatRun(config(server)).execute([None, *requests(1), None])
+    assert [r.error.kind if r.error else "ok" for r in results] == ["skipped", "ok", "skipped"]
+    assert server.request_count == 1
+
+
+async def test_usage_is_recorded_per_row() -> None:
+    """Token usage from the reply is kept on each row's result."""
+    async with ChatServer() as server:
+        (result,) = await ChatRun(config(server)).execute(requests(1))
+    assert result.prompt_tokens is not None and result.prompt_tokens > 0
+    assert result.completion_tokens is not None and result.completion_tokens > 0
