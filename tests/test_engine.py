@@ -151,7 +151,7 @@ async def test_bad_key_stops_the_run_within_one_pool() -> None:
 async def test_wrong_model_stops_the_run() -> None:
     """A 404 for the model stops the run and says to check base_url and model."""
     async with ChatServer(model_names=["real-model"]) as server:
-        with pytest.raises(nbtoolkit.RunAborted, match="check base_url .* and the model name"):
+        with pytest.raises(nbtoolkit.RunAborted, match=r"check base_url .* and the model name"):
             await ChatRun(config(server, max_parallel=3)).execute(requests(100))
     assert server.request_count <= 3
 
