@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -29,8 +31,31 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     except RuntimeError:
         return asyncio.run(coro)
     if _patch(loop):
-        return asyncio.run(coro)
+        with _ctrl_c_raises():
+            return asyncio.run(coro)
     return run_on_private_thread(coro)
+
+
+@contextlib.contextmanager
+def _ctrl_c_raises() -> Iterator[None]:
+    """Let Ctrl-C raise KeyboardInterrupt for the length of a nested run.
+
+    An outer ``asyncio.run`` answers SIGINT by cancelling its own task, which is blocked in
+    our nested run and would only see it once the whole job is done. A kernel already has
+    Python's default handler in place, in which case this changes nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # a handler installed outside Python: leave it alone
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _patch(loop: asyncio.AbstractEventLoop) -> bool:

@@ -12,6 +12,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.blocking.client import BlockingKernelClient
@@ -153,16 +154,25 @@ class Kernel:
 
 
 @contextlib.contextmanager
-def running_kernel(env: Mapping[str, str]) -> Iterator[Kernel]:
-    """A python3 kernel whose environment is ours plus ``env``; shut down on the way out."""
-    manager, client = start_new_kernel(
-        startup_timeout=60, kernel_name="python3", env={**os.environ, **env}
-    )
-    try:
-        yield Kernel(manager, client)
-    finally:
-        client.stop_channels()
-        manager.shutdown_kernel(now=True)
+def running_kernel(env: Mapping[str, str], log: Path) -> Iterator[Kernel]:
+    """A python3 kernel whose environment is ours plus ``env``; shut down on the way out.
+
+    The kernel process's own stdout and stderr (its log, anything written past ipykernel's
+    capture) go to the file ``log``, so tests can search them too.
+    """
+    with log.open("wb") as sink:
+        manager, client = start_new_kernel(
+            startup_timeout=60,
+            kernel_name="python3",
+            env={**os.environ, **env},
+            stdout=sink,
+            stderr=sink,
+        )
+        try:
+            yield Kernel(manager, client)
+        finally:
+            client.stop_channels()
+            manager.shutdown_kernel(now=True)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:

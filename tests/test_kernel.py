@@ -1,0 +1,202 @@
+"""What only a live kernel shows: the stop button during a run, and cells queued behind it.
+
+Each test starts a real IPython kernel (jupyter_client), points it at a `ChatServer` on a
+thread, starts a run long enough to interrupt (200 rows, 4 at a time, 0.2 s each: 10 s),
+presses "stop" with ``interrupt_kernel()`` as the notebook does, and checks both what the
+kernel said and what the server saw afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nbtoolkit.testing import ChatServer
+from tests.kernel_helpers import LEAK_MARKERS, CellRun, Kernel, running_kernel, wait_for
+
+ROWS = 200
+PARALLEL = 4
+LATENCY = 0.2
+WHOLE_RUN = ROWS / PARALLEL * LATENCY  # seconds the long run takes if nothing stops it
+PROMPT_STOP = 3.0  # seconds an interrupted cell may take to end; a fraction of WHOLE_RUN
+
+SETUP = f"""
+import json, sys
+import pandas as pd
+import nbtoolkit
+df = pd.DataFrame({{"q": [f"row {{i}}" for i in range({ROWS})]}})
+"""
+SYNC_RUN = f'out = df.chat.complete("q", model="test-model", max_parallel={PARALLEL})'
+ASYNC_RUN = f'out = await df.chat.acomplete("q", model="test-model", max_parallel={PARALLEL})'
+# What the kernel kept of the interrupted run, as JSON on stdout.
+REPORT = """
+report = nbtoolkit.last_run()
+answers = report.output["response"]
+last_error = getattr(sys, "last_value", None)
+print(json.dumps({
+    "outcome": report.outcome,
+    "rows": len(report.output),
+    "answered": int(answers.notna().sum()),
+    "in_order": all(a is None or a == f"echo: row {i}" for i, a in enumerate(answers)),
+    "partial_is_output": getattr(last_error, "partial", None) is report.output,
+}))
+"""
+RUN_AGAIN = """
+again = df.head(8).chat.complete("q", model="test-model", max_parallel=4)
+print(again["response"].tolist())
+"""
+# ipykernel turns the stop button into a cancellation of a top-level-await cell.
+INTERRUPT_NAMES = {"RunInterrupted", "KeyboardInterrupt", "CancelledError"}
+
+
+@pytest.fixture
+def server() -> Iterator[ChatServer]:
+    """A slow server on its own thread, so a run lasts long enough to interrupt."""
+    with ChatServer(latency=LATENCY).run_in_thread() as running:
+        yield running
+
+
+@pytest.fixture
+def kernel(server: ChatServer, tmp_path: Path) -> Iterator[Kernel]:
+    """A kernel aimed at ``server``, with nbtoolkit imported and a 200-row frame ready."""
+    with running_kernel({"OPENAI_BASE_URL": server.base_url}, tmp_path / "kernel.log") as k:
+        setup = k.run(SETUP, timeout=60)
+        assert setup.status == "ok", setup.text()
+        yield k
+
+
+def _interrupt_mid_run(kernel: Kernel, server: ChatServer) -> float:
+    """Once some rows have finished, press stop; return when (time.monotonic())."""
+    # 3 * PARALLEL requests seen means at least 2 * PARALLEL rows are done.
+    kernel.pump_until(lambda: server.request_count >= 3 * PARALLEL, 20, "the run to get going")
+    pressed = time.monotonic()
+    kernel.manager.interrupt_kernel()
+    return pressed
+
+
+def _assert_requests_stopped(server: ChatServer) -> None:
+    wait_for(lambda: server.in_flight == 0, 2.0, "the server's in-flight requests to end")
+    seen = server.request_count
+    time.sleep(1.0)
+    assert server.request_count == seen, "requests were still being sent after the interrupt"
+    assert server.in_flight == 0
+
+
+def _report(kernel: Kernel) -> dict[str, Any]:
+    cell = kernel.run(REPORT, timeout=20)
+    assert cell.status == "ok", cell.text()
+    report: dict[str, Any] = json.loads(cell.stdout)
+    return report
+
+
+def _assert_usable_and_clean(kernel: Kernel, server: ChatServer, log: Path) -> None:
+    before = server.request_count
+    again = kernel.run(RUN_AGAIN, timeout=20)
+    assert again.status == "ok", again.text()
+    assert again.stdout.strip() == str([f"echo: row {i}" for i in range(8)])
+    assert server.request_count == before + 8
+    # Collect garbage so an unclosed session or a pending task would complain now.
+    assert kernel.run("import gc; gc.collect()", timeout=20).status == "ok"
+    said = kernel.all_text() + log.read_text(errors="replace")
+    for marker in LEAK_MARKERS:
+        assert marker not in said
+
+
+def _assert_stopped_promptly(cell: CellRun, pressed: float, names: set[str]) -> None:
+    assert cell.status == "error", cell.text()
+    assert cell.error is not None
+    assert cell.error["ename"] in names, cell.text()
+    assert cell.replied_at is not None
+    assert cell.replied_at - pressed < PROMPT_STOP, (
+        f"the interrupted cell ended {cell.replied_at - pressed:.1f} s after the stop button"
+    )
+
+
+@pytest.mark.timeout(120)
+def test_stop_button_ends_sync_run_and_keeps_finished_rows(
+    kernel: Kernel, server: ChatServer, tmp_path: Path
+) -> None:
+    """The stop button ends df.chat.complete at once with RunInterrupted; done rows are kept."""
+    started = kernel.execute(SYNC_RUN)
+    pressed = _interrupt_mid_run(kernel, server)
+    cell = kernel.wait(started, timeout=WHOLE_RUN + 10)
+
+    _assert_stopped_promptly(cell, pressed, {"RunInterrupted"})
+    assert "nbtoolkit.last_run().output" in cell.error["evalue"]  # type: ignore[index]
+    _assert_requests_stopped(server)
+
+    report = _report(kernel)
+    assert report["outcome"] == "interrupted"
+    assert report["rows"] == ROWS
+    assert report["in_order"]
+    assert report["partial_is_output"], "RunInterrupted.partial is not last_run().output"
+    # Every answer kept was one the server sent; at most the requests in flight were lost.
+    answered_by_server = server.statuses["ok"]
+    assert 0 < report["answered"] <= answered_by_server
+    assert report["answered"] >= answered_by_server - PARALLEL
+    _assert_usable_and_clean(kernel, server, tmp_path / "kernel.log")
+
+
+@pytest.mark.timeout(120)
+def test_stop_button_ends_top_level_await_run(
+    kernel: Kernel, server: ChatServer, tmp_path: Path
+) -> None:
+    """The stop button ends `await df.chat.acomplete` at once; requests stop, rows are kept."""
+    started = kernel.execute(ASYNC_RUN)
+    pressed = _interrupt_mid_run(kernel, server)
+    cell = kernel.wait(started, timeout=WHOLE_RUN + 10)
+
+    _assert_stopped_promptly(cell, pressed, INTERRUPT_NAMES)
+    _assert_requests_stopped(server)
+
+    report = _report(kernel)
+    assert report["outcome"] == "interrupted"
+    assert report["rows"] == ROWS
+    assert report["in_order"]
+    assert 0 < report["answered"] <= server.statuses["ok"]
+    _assert_usable_and_clean(kernel, server, tmp_path / "kernel.log")
+
+
+@pytest.mark.timeout(120)
+def test_cell_queued_behind_an_interrupted_run_still_runs(
+    kernel: Kernel, server: ChatServer, tmp_path: Path
+) -> None:
+    """A cell queued behind an interrupted run (stop_on_error off) runs and replies ok."""
+    started = kernel.execute(SYNC_RUN, stop_on_error=False)
+    queued = kernel.execute('print("the queued cell ran")')
+    pressed = _interrupt_mid_run(kernel, server)
+
+    cell = kernel.wait(started, timeout=WHOLE_RUN + 10)
+    _assert_stopped_promptly(cell, pressed, {"RunInterrupted"})
+    after = kernel.wait(queued, timeout=10)
+    assert after.status == "ok", after.text()
+    assert after.stdout == "the queued cell ran\n"
+    assert after.replied_at is not None
+    assert after.replied_at - pressed < PROMPT_STOP
+    _assert_requests_stopped(server)
+    _assert_usable_and_clean(kernel, server, tmp_path / "kernel.log")
+
+
+@pytest.mark.timeout(120)
+def test_cell_queued_behind_an_interrupted_run_is_aborted_by_stop_on_error(
+    kernel: Kernel, server: ChatServer, tmp_path: Path
+) -> None:
+    """With stop_on_error (Jupyter's default) the queued cell is answered "aborted" at once."""
+    started = kernel.execute(SYNC_RUN)
+    queued = kernel.execute('print("the queued cell ran")')
+    pressed = _interrupt_mid_run(kernel, server)
+
+    cell = kernel.wait(started, timeout=WHOLE_RUN + 10)
+    _assert_stopped_promptly(cell, pressed, {"RunInterrupted"})
+    after = kernel.wait(queued, timeout=10)
+    assert after.status == "aborted"
+    assert after.stdout == ""
+    assert after.replied_at is not None
+    assert after.replied_at - pressed < PROMPT_STOP
+    _assert_requests_stopped(server)
+    _assert_usable_and_clean(kernel, server, tmp_path / "kernel.log")
