@@ -96,6 +96,8 @@ class _ChatAccessorBase:
         api_key: str | None = None,
         timeout: float | Timeouts | None = None,
         retry: int | RetryPolicy | None = None,
+        rpm: float | None = None,
+        tpm: float | None = None,
         config: ChatConfig | None = None,
         **params: Any,
     ) -> Any:
@@ -115,6 +117,8 @@ class _ChatAccessorBase:
             base_url, api_key: default ``$OPENAI_BASE_URL`` / ``$OPENAI_API_KEY``.
             timeout: total seconds per request, or a `Timeouts`.
             retry: attempts per row, or a `RetryPolicy`.
+            rpm, tpm: client-side budgets in requests / tokens per minute. Without them
+                the run still follows the server's x-ratelimit-* headers and 429s.
             config: a `ChatConfig` to start from instead of the process-wide one.
             **params: extra request-body fields: temperature, max_tokens, seed, ...
 
@@ -156,6 +160,8 @@ class _ChatAccessorBase:
         api_key: str | None = None,
         timeout: float | Timeouts | None = None,
         retry: int | RetryPolicy | None = None,
+        rpm: float | None = None,
+        tpm: float | None = None,
         config: ChatConfig | None = None,
         **params: Any,
     ) -> Any:
@@ -220,7 +226,17 @@ class SeriesChatAccessor(_ChatAccessorBase):
         return "value"
 
 
-_SETTING_NAMES = ("model", "max_parallel", "progress", "base_url", "api_key", "timeout", "retry")
+_SETTING_NAMES = (
+    "model",
+    "max_parallel",
+    "progress",
+    "base_url",
+    "api_key",
+    "timeout",
+    "retry",
+    "rpm",
+    "tpm",
+)
 
 
 def _collect(arguments: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:

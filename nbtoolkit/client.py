@@ -24,6 +24,7 @@ from nbtoolkit.errors import (
     ServerError,
     TransportError,
 )
+from nbtoolkit.limits import ServerLimits
 from nbtoolkit.retry import retry_after_seconds
 
 
@@ -34,6 +35,7 @@ class Completion:
     text: str
     finish_reason: str | None
     usage: Mapping[str, Any] | None
+    limits: ServerLimits | None = None  # the reply's x-ratelimit-* headers
 
 
 async def post_chat(
@@ -68,11 +70,13 @@ async def post_chat(
     if status >= 300:
         # Some proxies echo the Authorization header in error bodies: never let it reach a
         # message, a traceback or the run report.
-        raise error_for_status(status, _redact(text, headers), reply_headers)
-    return parse_completion(text)
+        error = error_for_status(status, _redact(text, headers), reply_headers)
+        error.limits = ServerLimits.from_headers(reply_headers)
+        raise error
+    return parse_completion(text, limits=ServerLimits.from_headers(reply_headers))
 
 
-def parse_completion(text: str) -> Completion:
+def parse_completion(text: str, *, limits: ServerLimits | None = None) -> Completion:
     """Parse a chat.completion body; raise MalformedResponse when it is not one."""
     try:
         data = json.loads(text)
@@ -90,6 +94,7 @@ def parse_completion(text: str) -> Completion:
         text=content,
         finish_reason=choice.get("finish_reason"),
         usage=usage if isinstance(usage, dict) else None,
+        limits=limits,
     )
 
 

@@ -69,12 +69,19 @@ class ChatConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     progress: bool = True
+    rpm: float | None = None  # client-side budget, requests per minute; None: the server's
+    tpm: float | None = None  # client-side budget, tokens per minute (estimated, then settled)
+    adaptive: bool = True  # halve concurrency on 429s/timeouts, grow it back on success
     # Extra request-body fields sent with every request (temperature, seed, ...).
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_parallel, int) or self.max_parallel < 1:
             raise ConfigError(f"max_parallel must be an integer >= 1, got {self.max_parallel!r}")
+        for name in ("rpm", "tpm"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be > 0, got {value!r}")
 
     def resolved(self) -> ChatConfig:
         """Fill base_url and api_key from the environment where they were left unset."""

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from nbtoolkit.client import post_chat
+from nbtoolkit.client import Completion, post_chat
 from nbtoolkit.config import ChatConfig
 from nbtoolkit.errors import (
     APIError,
@@ -29,9 +29,12 @@ from nbtoolkit.errors import (
     ConfigError,
     NbToolkitError,
     NotFoundError,
+    RateLimitError,
+    RequestTimeout,
     RunAborted,
     TransportError,
 )
+from nbtoolkit.limits import RateGovernor, ServerLimits, estimate_tokens
 from nbtoolkit.retry import GiveUp, RetryAfterOrBackoff, is_retryable, is_systemic
 
 
@@ -79,6 +82,8 @@ class ProgressListener(Protocol):
     def row_done(self, result: RowResult) -> None: ...
 
     def row_retried(self) -> None: ...
+
+    def row_waiting(self, seconds: float, reason: str) -> None: ...
 
 
 @dataclass(slots=True)
@@ -131,6 +136,13 @@ class ChatRun:
             total=config.timeouts.total,
             sock_connect=config.timeouts.connect,
             sock_read=config.timeouts.read,
+        )
+        self.governor = RateGovernor(
+            max_parallel=config.max_parallel,
+            rpm=config.rpm,
+            tpm=config.tpm,
+            adaptive=config.adaptive,
+            on_wait=listener.row_waiting if listener is not None else None,
         )
         self._headers = config.headers()
         self._base_body: dict[str, Any] = {"model": config.model, **config.params}
@@ -225,19 +237,12 @@ class ChatRun:
             before_sleep=self._on_retry,
             reraise=True,
         )
+        tokens = estimate_tokens(request.messages, body.get("max_tokens"))
         try:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
-                    self.stats.requests_sent += 1
-                    completion = await post_chat(
-                        session,
-                        self.config.endpoint,
-                        body,
-                        headers=self._headers,
-                        timeout=self._timeout,
-                    )
-                    self.stats.statuses["200"] += 1
+                    completion = await self._send_once(session, body, tokens)
         except NbToolkitError as exc:
             self.stats.statuses[_status_key(exc)] += 1
             if is_systemic(exc):
@@ -254,6 +259,54 @@ class ChatRun:
             prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
             completion_tokens=_int_or_none(usage.get("completion_tokens")),
         )
+
+    async def _send_once(
+        self, session: aiohttp.ClientSession, body: Mapping[str, Any], tokens: float
+    ) -> Completion:
+        """One attempt, admitted by the governor and reported back to it however it ends."""
+        started = await self.governor.admit(tokens)
+        self.stats.requests_sent += 1
+        limits: ServerLimits | None = None
+        used: float | None = None
+        congested = False
+        pause: float | None = None
+        try:
+            completion = await post_chat(
+                session, self.config.endpoint, body, headers=self._headers, timeout=self._timeout
+            )
+        except RateLimitError as exc:
+            limits, congested = exc.limits, True
+            pause = self._shared_pause(exc)
+            raise
+        except RequestTimeout:
+            congested = True
+            raise
+        except APIError as exc:
+            limits = exc.limits
+            raise
+        else:
+            self.stats.statuses["200"] += 1
+            limits = completion.limits
+            used = _total_tokens(completion.usage)
+            return completion
+        finally:
+            self.governor.settle(
+                started,
+                reserved_tokens=tokens,
+                used_tokens=used,
+                limits=limits,
+                congested=congested,
+                pause=pause,
+            )
+
+    def _shared_pause(self, exc: RateLimitError) -> float | None:
+        """How long a 429 pauses every worker: the server's word, unless past our ceiling."""
+        wait = exc.retry_after
+        if wait is None and exc.limits is not None:
+            wait = exc.limits.reset_requests
+        if wait is None or wait > self.config.retry.retry_after_max:
+            return None  # no word from the server (AIMD and backoff handle it), or too long
+        return wait
 
     def _on_retry(self, retry_state: RetryCallState) -> None:
         self.stats.retries += 1
@@ -281,6 +334,16 @@ def _row_error(exc: Exception, attempts: int) -> RowError:
 
 def _status_key(exc: BaseException) -> str:
     return str(exc.status) if isinstance(exc, APIError) else type(exc).__name__
+
+
+def _total_tokens(usage: Mapping[str, Any] | None) -> float | None:
+    if not usage:
+        return None
+    total = usage.get("total_tokens")
+    if isinstance(total, int | float):
+        return float(total)
+    parts = [usage.get("prompt_tokens"), usage.get("completion_tokens")]
+    return float(sum(p for p in parts if isinstance(p, int | float)))
 
 
 def _int_or_none(value: object) -> int | None:

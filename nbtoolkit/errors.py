@@ -41,8 +41,9 @@ class APIError(NbToolkitError):
     def __init__(self, message: str, *, status: int, body: str = "") -> None:
         super().__init__(message)
         self.status = status
-        # The response body, cut short: servers echo the request, never the Authorization header.
+        # The response body, cut short; the client has scrubbed the key from it.
         self.body = body[:2000]
+        self.limits: Any = None  # the reply's x-ratelimit-* headers (a limits.ServerLimits)
 
 
 class RateLimitError(APIError):

@@ -29,6 +29,10 @@ class ProgressBar:
         self.retried = 0
         self._enabled = enabled
         self._last_postfix = 0.0
+        self._waiting = ""
+        self._waiting_until = 0.0
+        self.tokens = 0
+        self._started = time.monotonic()
         self._bar = tqdm(
             total=total, desc=desc, unit="row", disable=not enabled, dynamic_ncols=True
         )
@@ -36,6 +40,7 @@ class ProgressBar:
     def row_done(self, result: RowResult) -> None:
         if result.error is None:
             self.ok += 1
+            self.tokens += (result.prompt_tokens or 0) + (result.completion_tokens or 0)
         elif result.error.kind == "skipped":
             self.skipped += 1
         else:
@@ -51,6 +56,14 @@ class ProgressBar:
     def row_retried(self) -> None:
         self.retried += 1
 
+    def row_waiting(self, seconds: float, reason: str) -> None:
+        """Show that the run is held by a limit, so a still bar does not look like a hang."""
+        if self._enabled:
+            self._waiting = f"waiting {seconds:.1f}s: {reason}"
+            self._waiting_until = time.monotonic() + seconds
+            self._bar.postfix = self._counts()
+            self._bar.refresh()
+
     def close(self) -> None:
         if self._enabled:
             self._bar.postfix = self._counts()
@@ -59,7 +72,14 @@ class ProgressBar:
 
     def _counts(self) -> str:
         text = f"ok={self.ok}, failed={self.failed}, retried={self.retried}"
-        return text + (f", skipped={self.skipped}" if self.skipped else "")
+        if self.skipped:
+            text += f", skipped={self.skipped}"
+        if self.tokens:
+            elapsed = max(1e-9, time.monotonic() - self._started)
+            text += f", {self.tokens / elapsed:,.0f} tok/s"
+        if self._waiting and time.monotonic() < self._waiting_until:
+            text += f", {self._waiting}"
+        return text
 
     def __enter__(self) -> ProgressBar:
         return self

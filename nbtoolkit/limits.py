@@ -1,0 +1,286 @@
+"""Run at the provider's limit, not past it: budgets, the server's headers, a shared pause, AIMD.
+
+Every request of a run passes `RateGovernor.admit()` before it is sent and reports back
+with `settle()` when its reply (or error) is in. Four things can hold it back:
+
+1. a shared pause: one 429 pauses every worker until the server's Retry-After or reset
+   time, so the run does not retry into the same wall max_parallel times over;
+2. the request and token buckets (``rpm=``/``tpm=``, or learned from the server's
+   ``x-ratelimit-*`` headers, which also pull the buckets down to the server's count);
+3. the adaptive concurrency limit: halved on a 429 or a timeout, grown back by one per
+   round trip of successes (AIMD), never above max_parallel;
+4. before the first reply, one request goes alone for a moment (``probe_seconds``) so that
+   its headers size the run before a whole pool hits the limit at once.
+
+Why not aiolimiter: its buckets cannot be refunded (a request that used fewer tokens than
+it reserved gives them back here) or pulled down to the count a server reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+# Stay this far under a rate the server announced, so clock skew between the two
+# buckets does not turn into a trickle of 429s.
+_SAFETY = 0.97
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float | None:
+    """OpenAI's reset durations (``1s``, ``6m0s``, ``120ms``, ``1h2m3.5s``) in seconds."""
+    text = text.strip()
+    try:
+        return float(text)  # some servers send plain seconds
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """What one reply's ``x-ratelimit-*`` headers said; None where a header was absent."""
+
+    limit_requests: float | None = None  # per minute
+    remaining_requests: float | None = None
+    reset_requests: float | None = None  # seconds until the request budget is full again
+    limit_tokens: float | None = None
+    remaining_tokens: float | None = None
+    reset_tokens: float | None = None
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> ServerLimits | None:
+        values: dict[str, float | None] = {}
+        for kind in ("requests", "tokens"):
+            for field, parse in (
+                ("limit", _number),
+                ("remaining", _number),
+                ("reset", parse_duration),
+            ):
+                raw = headers.get(f"x-ratelimit-{field}-{kind}")
+                values[f"{field}_{kind}"] = parse(raw) if raw is not None else None
+        if all(value is None for value in values.values()):
+            return None
+        return cls(**values)
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+class TokenBucket:
+    """A bucket refilled continuously at ``rate`` per second, up to ``capacity``.
+
+    It may go into debt: a request larger than the whole bucket waits for a full bucket and
+    then takes what it needs, rather than waiting forever.
+    """
+
+    def __init__(self, rate: float, capacity: float, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, capacity)
+        self._clock = clock
+        self._level = self.capacity
+        self._stamp = clock()
+
+    def level(self) -> float:
+        now = self._clock()
+        self._level = min(self.capacity, self._level + (now - self._stamp) * self.rate)
+        self._stamp = now
+        return self._level
+
+    def wait_for(self, amount: float) -> float:
+        """Seconds until ``amount`` (or a full bucket, if larger) is available; 0 if now."""
+        missing = min(amount, self.capacity) - self.level()
+        return 0.0 if missing <= 0 else missing / self.rate
+
+    def take(self, amount: float) -> None:
+        self.level()
+        self._level -= amount
+
+    def give_back(self, amount: float) -> None:
+        self._level = min(self.capacity, self.level() + amount)
+
+    def lower_to(self, level: float) -> None:
+        """Believe a server that says fewer remain than we think (other clients share it)."""
+        if level < self.level():
+            self._level = level
+
+    def retune(self, rate: float, capacity: float) -> None:
+        self.level()
+        self.rate = rate
+        self.capacity = max(1.0, capacity)
+        self._level = min(self._level, self.capacity)
+
+
+class RateGovernor:
+    """Decides when each request of one run may go. Lives on one event loop, one run.
+
+    Args:
+        max_parallel: the ceiling for the adaptive concurrency limit.
+        rpm, tpm: client-side budgets; None: only what the server announces.
+        adaptive: cut concurrency on 429s and timeouts, grow it back on success.
+        probe_seconds: how long the others wait for the first reply's headers.
+        clock: a monotonic clock (tests may pass a fake one).
+        on_wait: told (seconds, reason) when the run starts waiting on a limit.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_parallel: int,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        adaptive: bool = True,
+        probe_seconds: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+        on_wait: Callable[[float, str], None] | None = None,
+    ) -> None:
+        self.max_parallel = max_parallel
+        self.limit = float(max_parallel)  # the adaptive concurrency limit
+        self.in_flight = 0
+        self.paused_until = 0.0
+        self._clock = clock
+        self._on_wait = on_wait
+        self._adaptive = adaptive
+        self._user_rpm = rpm
+        self._user_tpm = tpm
+        self.requests = TokenBucket(rpm / 60.0, rpm / 60.0, clock) if rpm else None
+        self.tokens = TokenBucket(tpm / 60.0, tpm / 60.0, clock) if tpm else None
+        self._probe_deadline: float | None = None
+        self._probe_seconds = probe_seconds
+        self._last_cut = -math.inf
+        self._round_trip = 1.0  # smoothed seconds per request; paces the AIMD cuts
+        self._changed = asyncio.Event()
+
+    async def admit(self, tokens: float) -> float:
+        """Wait until a request of ``tokens`` estimated tokens may go; returns its start time."""
+        while True:
+            wait, reason = self._wait_needed(tokens)
+            if wait <= 0:
+                break
+            if self._on_wait is not None and wait >= 0.5:
+                self._on_wait(wait, reason)
+            self._changed.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
+            # lands as the event fires, and the cancelled worker would carry on sending.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(None if math.isinf(wait) else wait):
+                    await self._changed.wait()
+        if self.requests is not None:
+            self.requests.take(1)
+        if self.tokens is not None:
+            self.tokens.take(tokens)
+        self.in_flight += 1
+        if self._probe_deadline is None:
+            self._probe_deadline = self._clock() + self._probe_seconds
+        return self._clock()
+
+    def _wait_needed(self, tokens: float) -> tuple[float, str]:
+        now = self._clock()
+        if self.paused_until > now:
+            return self.paused_until - now, "rate limited by the server"
+        if self._probe_deadline is not None and self.in_flight and now < self._probe_deadline:
+            return self._probe_deadline - now, "first request"
+        if self.in_flight >= max(1, int(self.limit)):
+            return math.inf, "concurrency"  # woken by settle()
+        if self.requests is not None and (wait := self.requests.wait_for(1)) > 0:
+            return wait, "requests per minute"
+        if self.tokens is not None and (wait := self.tokens.wait_for(tokens)) > 0:
+            return wait, "tokens per minute"
+        return 0.0, ""
+
+    def settle(
+        self,
+        started: float,
+        *,
+        reserved_tokens: float,
+        used_tokens: float | None,
+        limits: ServerLimits | None,
+        congested: bool,
+        pause: float | None = None,
+    ) -> None:
+        """Report one finished request: its usage, the server's headers, and how it went.
+
+        Args:
+            congested: a 429 or a timeout: cut the concurrency limit (once per round trip).
+            pause: seconds every worker should wait (a 429's Retry-After), if any.
+        """
+        now = self._clock()
+        self.in_flight -= 1
+        self._probe_deadline = now  # a reply is in: no more waiting for the first one
+        self._round_trip = 0.8 * self._round_trip + 0.2 * (now - started)
+        if self.tokens is not None and used_tokens is not None:
+            self.tokens.give_back(reserved_tokens - used_tokens)
+        if limits is not None:
+            self._follow(limits)
+        if pause is not None and pause > 0:
+            self.paused_until = max(self.paused_until, now + pause)
+        if self._adaptive:
+            if congested:
+                if now - self._last_cut >= self._round_trip:
+                    self.limit = max(1.0, self.limit / 2)
+                    self._last_cut = now
+            else:
+                self.limit = min(float(self.max_parallel), self.limit + 1.0 / max(1.0, self.limit))
+        self._changed.set()
+
+    def _follow(self, limits: ServerLimits) -> None:
+        """Take the server's announced budgets as ours (a user's own budget stays if lower)."""
+        if limits.limit_requests:
+            rate = _SAFETY * limits.limit_requests / 60.0
+            if self._user_rpm:
+                rate = min(rate, self._user_rpm / 60.0)
+            capacity = max(limits.remaining_requests or 1.0, rate)
+            if self.requests is None:
+                self.requests = TokenBucket(rate, capacity, self._clock)
+                self.requests.lower_to(limits.remaining_requests or 0.0)
+            else:
+                self.requests.retune(rate, max(capacity, self.requests.capacity))
+        if self.requests is not None and limits.remaining_requests is not None:
+            # Requests still on their way count against the server's number too.
+            self.requests.lower_to(limits.remaining_requests - self.in_flight)
+        if limits.limit_tokens:
+            rate = _SAFETY * limits.limit_tokens / 60.0
+            if self._user_tpm:
+                rate = min(rate, self._user_tpm / 60.0)
+            capacity = max(limits.remaining_tokens or 1.0, rate)
+            if self.tokens is None:
+                self.tokens = TokenBucket(rate, capacity, self._clock)
+            else:
+                self.tokens.retune(rate, max(capacity, self.tokens.capacity))
+        if self.tokens is not None and limits.remaining_tokens is not None:
+            self.tokens.lower_to(limits.remaining_tokens)
+        if limits.remaining_requests == 0 and limits.reset_requests:
+            self.paused_until = max(self.paused_until, self._clock() + limits.reset_requests)
+
+    @property
+    def waiting_reason(self) -> str | None:
+        """Why the run is waiting right now, for the progress bar; None when it is not."""
+        if self.paused_until > self._clock():
+            return f"paused {self.paused_until - self._clock():.1f}s (429)"
+        return None
+
+
+def estimate_tokens(messages: object, max_tokens: object) -> float:
+    """Prompt tokens (about 4 characters each, plus framing) plus the completion budget."""
+    characters = 0
+    count = 0
+    if isinstance(messages, list | tuple):
+        for message in messages:
+            count += 1
+            content = message.get("content") if isinstance(message, Mapping) else None
+            characters += len(content) if isinstance(content, str) else 0
+    completion = max_tokens if isinstance(max_tokens, int | float) else 256
+    return characters / 4 + 4 * count + 3 + float(completion)
