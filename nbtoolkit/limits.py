@@ -29,6 +29,7 @@ from dataclasses import dataclass
 # Stay this far under a rate the server announced, so clock skew between the two
 # buckets does not turn into a trickle of 429s.
 _SAFETY = 0.97
+_RECHECK = 0.25
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -163,6 +164,7 @@ class RateGovernor:
         self._last_cut = -math.inf
         self._round_trip = 1.0  # smoothed seconds per request; paces the AIMD cuts
         self._changed = asyncio.Event()
+        self._announced_until = -math.inf
 
     async def admit(self, tokens: float) -> float:
         """Wait until a request of ``tokens`` estimated tokens may go; returns its start time."""
@@ -170,13 +172,13 @@ class RateGovernor:
             wait, reason = self._wait_needed(tokens)
             if wait <= 0:
                 break
-            if self._on_wait is not None and wait >= 0.5:
-                self._on_wait(wait, reason)
+            self._announce(wait, reason)
             self._changed.clear()
             # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
             # lands as the event fires, and the cancelled worker would carry on sending.
+            # Re-check at least every _RECHECK s: budgets refill without anyone settling.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(None if math.isinf(wait) else wait):
+                async with asyncio.timeout(min(wait, _RECHECK)):
                     await self._changed.wait()
         if self.requests is not None:
             self.requests.take(1)
@@ -186,6 +188,15 @@ class RateGovernor:
         if self._probe_deadline is None:
             self._probe_deadline = self._clock() + self._probe_seconds
         return self._clock()
+
+    def _announce(self, wait: float, reason: str) -> None:
+        """Tell the progress display about a long wait, once per wait rather than per worker."""
+        until = self._clock() + wait
+        if self._on_wait is None or wait < 0.5 or math.isinf(wait):
+            return
+        if until > self._announced_until + 0.5:
+            self._announced_until = until
+            self._on_wait(wait, reason)
 
     def _wait_needed(self, tokens: float) -> tuple[float, str]:
         now = self._clock()

@@ -1,0 +1,182 @@
+"""Rate control: header parsing, buckets, the shared pause and AIMD, on a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from nbtoolkit.limits import (
+    RateGovernor,
+    ServerLimits,
+    TokenBucket,
+    estimate_tokens,
+    parse_duration,
+)
+
+
+class FakeClock:
+    """A clock the test moves by hand: the only thing these tests fake."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("1s", 1.0),
+        ("6m0s", 360.0),
+        ("120ms", 0.12),
+        ("1.5s", 1.5),
+        ("1h2m3s", 3723.0),
+        ("2", 2.0),
+        ("soon", None),
+        ("5x", None),
+        ("", None),
+    ],
+)
+def test_openai_durations(text: str, seconds: float | None) -> None:
+    """x-ratelimit-reset-* values in OpenAI's formats become seconds; junk becomes None."""
+    assert parse_duration(text) == (pytest.approx(seconds) if seconds is not None else None)
+
+
+def test_server_limits_from_headers() -> None:
+    """All six x-ratelimit headers are read; a reply without them gives None."""
+    limits = ServerLimits.from_headers(
+        {
+            "x-ratelimit-limit-requests": "3000",
+            "x-ratelimit-remaining-requests": "2999",
+            "x-ratelimit-reset-requests": "20ms",
+            "x-ratelimit-limit-tokens": "150000",
+            "x-ratelimit-remaining-tokens": "149000",
+            "x-ratelimit-reset-tokens": "6m0s",
+        }
+    )
+    assert limits == ServerLimits(3000, 2999, 0.02, 150000, 149000, 360)
+    assert ServerLimits.from_headers({"content-type": "application/json"}) is None
+
+
+def test_bucket_refills_and_goes_into_debt() -> None:
+    """A bucket refills at its rate up to capacity; an oversize request waits for a full one."""
+    clock = FakeClock()
+    bucket = TokenBucket(rate=10, capacity=5, clock=clock)
+    bucket.take(5)
+    assert bucket.wait_for(1) == pytest.approx(0.1)
+    clock.now += 0.3
+    assert bucket.level() == pytest.approx(3)
+    assert bucket.wait_for(50) == pytest.approx(0.2)  # waits for the full 5, not for 50
+    clock.now += 10
+    bucket.take(50)
+    assert bucket.level() == pytest.approx(-45)
+    bucket.give_back(20)
+    assert bucket.level() == pytest.approx(-25)
+
+
+def test_estimate_counts_prompt_and_completion_budget() -> None:
+    """The reservation is the prompt's rough token count plus max_tokens."""
+    messages = [{"role": "user", "content": "x" * 400}]
+    assert estimate_tokens(messages, 50) == pytest.approx(100 + 4 + 3 + 50)
+    assert estimate_tokens(messages, None) == pytest.approx(100 + 4 + 3 + 256)
+
+
+async def test_a_429_pauses_every_worker() -> None:
+    """After one 429 with a 2 s wait, nobody is admitted until 2 s have passed."""
+    clock = FakeClock()
+    governor = RateGovernor(max_parallel=8, probe_seconds=0, clock=clock)
+    started = await governor.admit(10)
+    governor.settle(
+        started, reserved_tokens=10, used_tokens=None, limits=None, congested=True, pause=2.0
+    )
+    waiter = asyncio.ensure_future(governor.admit(10))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    assert governor.waiting_reason is not None
+    clock.now += 2.0
+    await asyncio.wait_for(waiter, 1)  # the governor re-checks its clock within 0.25 s
+    assert governor.in_flight == 1
+
+
+async def test_aimd_halves_on_congestion_and_grows_back() -> None:
+    """A 429 halves the concurrency limit (once per round trip); successes add it back slowly."""
+    clock = FakeClock()
+    governor = RateGovernor(max_parallel=16, probe_seconds=0, clock=clock)
+    starts = [await governor.admit(1) for _ in range(4)]
+    for started in starts[:2]:  # two 429s in the same round trip: one cut
+        governor.settle(started, reserved_tokens=1, used_tokens=None, limits=None, congested=True)
+    assert governor.limit == 8
+    for started in starts[2:]:
+        governor.settle(started, reserved_tokens=1, used_tokens=1, limits=None, congested=False)
+    assert 8 < governor.limit < 8.5
+    clock.now += 100
+    for _ in range(200):
+        started = await governor.admit(1)
+        governor.settle(started, reserved_tokens=1, used_tokens=1, limits=None, congested=False)
+    assert governor.limit == 16  # never above max_parallel
+
+
+async def test_concurrency_limit_holds_extra_requests() -> None:
+    """With the limit cut to 1, a second request waits until the first settles."""
+    clock = FakeClock()
+    governor = RateGovernor(max_parallel=2, probe_seconds=0, clock=clock)
+    governor.limit = 1
+    first = await governor.admit(1)
+    second = asyncio.ensure_future(governor.admit(1))
+    await asyncio.sleep(0.02)
+    assert not second.done()
+    governor.settle(first, reserved_tokens=1, used_tokens=1, limits=None, congested=False)
+    await asyncio.wait_for(second, 1)
+
+
+async def test_rpm_budget_paces_requests() -> None:
+    """rpm=60 admits one request per (fake) second once the first second's worth is spent."""
+    clock = FakeClock()
+    governor = RateGovernor(max_parallel=10, rpm=60, probe_seconds=0, clock=clock)
+    await governor.admit(1)
+    later = asyncio.ensure_future(governor.admit(1))
+    await asyncio.sleep(0.02)
+    assert not later.done()
+    clock.now += 1.0
+    await asyncio.wait_for(later, 1)
+
+
+async def test_server_headers_set_the_pace() -> None:
+    """A reply announcing 120 rpm with 0 remaining pauses until its reset time."""
+    clock = FakeClock()
+    governor = RateGovernor(max_parallel=10, probe_seconds=0, clock=clock)
+    started = await governor.admit(1)
+    limits = ServerLimits(limit_requests=120, remaining_requests=0, reset_requests=0.5)
+    governor.settle(started, reserved_tokens=1, used_tokens=1, limits=limits, congested=False)
+    assert governor.requests is not None
+    assert governor.requests.rate == pytest.approx(0.97 * 2)
+    nxt = asyncio.ensure_future(governor.admit(1))
+    await asyncio.sleep(0.02)
+    assert not nxt.done()
+    clock.now += 0.6
+    await asyncio.wait_for(nxt, 1)
+
+
+async def test_tokens_are_settled_against_actual_usage() -> None:
+    """tpm reserves the estimate and refunds what the reply says was not used."""
+    clock = FakeClock()
+    governor = RateGovernor(max_parallel=10, tpm=6000, probe_seconds=0, clock=clock)
+    assert governor.tokens is not None
+    started = await governor.admit(80)
+    assert governor.tokens.level() == pytest.approx(20)
+    governor.settle(started, reserved_tokens=80, used_tokens=30, limits=None, congested=False)
+    assert governor.tokens.level() == pytest.approx(70)
+
+
+async def test_first_request_goes_alone_briefly() -> None:
+    """Until the first reply (or probe_seconds), only one request is in flight."""
+    clock = FakeClock()
+    governor = RateGovernor(max_parallel=10, probe_seconds=0.05, clock=clock)
+    first = await governor.admit(1)
+    second = asyncio.ensure_future(governor.admit(1))
+    await asyncio.sleep(0.02)
+    assert not second.done()
+    governor.settle(first, reserved_tokens=1, used_tokens=1, limits=None, congested=False)
+    await asyncio.wait_for(second, 1)
