@@ -118,7 +118,8 @@ def test_malformed_bodies_are_rejected(body: str) -> None:
 def test_completion_is_parsed() -> None:
     """Text, finish reason and usage come out of a well-formed body."""
     body = (
-        '{"choices": [{"message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],'
+        '{"choices": [{"message": {"role": "assistant", "content": "hi"},'
+        ' "finish_reason": "stop"}],'
         ' "usage": {"prompt_tokens": 3, "completion_tokens": 1}}'
     )
     completion = parse_completion(body)

@@ -115,6 +115,7 @@ INTERRUPT = """
             grew = server.request_count - sent
             answered_twice = max(server.answered.values()) > 1
             partial = exc.partial
+            done = partial["response"].dropna()
             last = nbtoolkit.last_run()
             again = frame(2).chat.complete("review", model="m", base_url=server.base_url,
                                            progress=False)
@@ -123,8 +124,7 @@ INTERRUPT = """
                    same=last.output["response"].equals(partial["response"]),
                    outcome=last.outcome, answered_twice=answered_twice,
                    again=again["response"].tolist(),
-                   aligned=bool((partial["response"].dropna()
-                                 == "echo: " + partial["review"][partial["response"].notna()]).all()))
+                   aligned=bool((done == "echo: " + partial["review"][done.index]).all()))
 """
 
 SYNC_CALL = (

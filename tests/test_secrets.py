@@ -58,11 +58,13 @@ def test_a_rejected_key_is_not_repeated(caplog: pytest.LogCaptureFixture) -> Non
     """A 401 run's exception, traceback, partial frame and report do not show the key."""
     caplog.set_level(logging.DEBUG)
     df = pd.DataFrame({"review": ["a", "b"]})
-    with ChatServer(api_key=SECRET).run_in_thread() as server:
-        with pytest.raises(nbtoolkit.RunAborted) as caught:
-            df.chat.complete(
-                "review", model=MODEL, base_url=server.base_url, api_key=WRONG, progress=False
-            )
+    with (
+        ChatServer(api_key=SECRET).run_in_thread() as server,
+        pytest.raises(nbtoolkit.RunAborted) as caught,
+    ):
+        df.chat.complete(
+            "review", model=MODEL, base_url=server.base_url, api_key=WRONG, progress=False
+        )
     said = everything_said(caught.value, caplog.text)
     assert "HTTP 401" in said
     assert WRONG not in said
