@@ -8,8 +8,9 @@ Importing it registers the ``df.chat`` and ``series.chat`` accessors::
 """
 
 from nbtoolkit import accessor as _accessor  # noqa: F401  (registers df.chat / series.chat)
+from nbtoolkit.cache import CacheInfo, cache_info, clear_cache
 from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts, configure, get_config
-from nbtoolkit.engine import ChatRequest, ChatRun, RowError, RowResult
+from nbtoolkit.engine import ChatRun
 from nbtoolkit.errors import (
     APIError,
     AuthError,
@@ -26,6 +27,7 @@ from nbtoolkit.errors import (
     TransportError,
 )
 from nbtoolkit.report import RunReport, last_run
+from nbtoolkit.rows import ChatRequest, RowError, RowResult, RunStats
 
 __version__ = "0.1.0"
 
@@ -33,6 +35,7 @@ __all__ = [
     "APIError",
     "AuthError",
     "BadRequestError",
+    "CacheInfo",
     "ChatConfig",
     "ChatRequest",
     "ChatRun",
@@ -48,9 +51,12 @@ __all__ = [
     "RunAborted",
     "RunInterrupted",
     "RunReport",
+    "RunStats",
     "ServerError",
     "Timeouts",
     "TransportError",
+    "cache_info",
+    "clear_cache",
     "configure",
     "get_config",
     "last_run",

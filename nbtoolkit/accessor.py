@@ -8,18 +8,20 @@ of a new frame, in the caller's row order. The caller's frame is never modified.
 from __future__ import annotations
 
 import asyncio
+import os
 import string
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
 from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts, get_config, merge
-from nbtoolkit.engine import ChatRequest, ChatRun, RowError, RowResult
+from nbtoolkit.engine import ChatRun
 from nbtoolkit.errors import ConfigError, RunAborted, RunInterrupted
 from nbtoolkit.progress import ProgressBar
 from nbtoolkit.report import RunReport, remember, rows_frame
+from nbtoolkit.rows import ChatRequest, RowError, RowResult
 from nbtoolkit.runner import run_sync
 
 DEFAULT_OUTPUT = "response"
@@ -98,6 +100,11 @@ class _ChatAccessorBase:
         retry: int | RetryPolicy | None = None,
         rpm: float | None = None,
         tpm: float | None = None,
+        cache: bool | str | os.PathLike[str] | None = None,
+        dedupe: bool | None = None,
+        prices: Mapping[str, tuple[float, float]] | None = None,
+        max_cost: float | None = None,
+        max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
         **params: Any,
     ) -> Any:
@@ -119,6 +126,12 @@ class _ChatAccessorBase:
             retry: attempts per row, or a `RetryPolicy`.
             rpm, tpm: client-side budgets in requests / tokens per minute. Without them
                 the run still follows the server's x-ratelimit-* headers and 429s.
+            cache: True (default: the per-user cache file), a path, or False. Answers are
+                saved as they arrive; a re-run sends only rows with no saved answer.
+            dedupe: send identical requests once and share the answer (default True).
+            prices: ``{model: (input, output)}`` per million tokens, for cost figures.
+            max_cost, max_tokens_total: stop sending once this would be exceeded; rows not
+                sent are None with status ``over_budget``.
             config: a `ChatConfig` to start from instead of the process-wide one.
             **params: extra request-body fields: temperature, max_tokens, seed, ...
 
@@ -162,6 +175,11 @@ class _ChatAccessorBase:
         retry: int | RetryPolicy | None = None,
         rpm: float | None = None,
         tpm: float | None = None,
+        cache: bool | str | os.PathLike[str] | None = None,
+        dedupe: bool | None = None,
+        prices: Mapping[str, tuple[float, float]] | None = None,
+        max_cost: float | None = None,
+        max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
         **params: Any,
     ) -> Any:
@@ -236,6 +254,11 @@ _SETTING_NAMES = (
     "retry",
     "rpm",
     "tpm",
+    "cache",
+    "dedupe",
+    "prices",
+    "max_cost",
+    "max_tokens_total",
 )
 
 

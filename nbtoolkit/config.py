@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from nbtoolkit.errors import ConfigError
@@ -72,13 +74,20 @@ class ChatConfig:
     rpm: float | None = None  # client-side budget, requests per minute; None: the server's
     tpm: float | None = None  # client-side budget, tokens per minute (estimated, then settled)
     adaptive: bool = True  # halve concurrency on 429s/timeouts, grow it back on success
+    # The response cache: True for the per-user default file, a path, or False for none.
+    cache: bool | str | os.PathLike[str] = True
+    dedupe: bool = True  # identical requests in one run are sent once and shared
+    # Per model, (input, output) price per million tokens; turns tokens into money.
+    prices: Mapping[str, tuple[float, float]] | None = None
+    max_cost: float | None = None  # stop sending once this much would be spent (needs prices)
+    max_tokens_total: int | None = None  # stop sending once this many tokens would be used
     # Extra request-body fields sent with every request (temperature, seed, ...).
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_parallel, int) or self.max_parallel < 1:
             raise ConfigError(f"max_parallel must be an integer >= 1, got {self.max_parallel!r}")
-        for name in ("rpm", "tpm"):
+        for name in ("rpm", "tpm", "max_cost", "max_tokens_total"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"{name} must be > 0, got {value!r}")
@@ -90,6 +99,15 @@ class ChatConfig:
         return dataclasses.replace(self, base_url=base_url.rstrip("/"), api_key=api_key or None)
 
     @property
+    def cache_path(self) -> Path | None:
+        """The cache file this config uses, or None when caching is off."""
+        if self.cache is False:
+            return None
+        if self.cache is True:
+            return default_cache_path()
+        return Path(self.cache)
+
+    @property
     def endpoint(self) -> str:
         return f"{(self.base_url or DEFAULT_BASE_URL).rstrip('/')}/chat/completions"
 
@@ -98,6 +116,16 @@ class ChatConfig:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
+
+
+def default_cache_path() -> Path:
+    """The platform's per-user cache folder (via platformdirs), or ``$NBTOOLKIT_CACHE_DIR``."""
+    folder = os.environ.get("NBTOOLKIT_CACHE_DIR")
+    if not folder:
+        import platformdirs  # imported late: only runs that cache need it
+
+        folder = platformdirs.user_cache_dir("nbtoolkit", appauthor=False)
+    return Path(folder) / "responses.sqlite3"
 
 
 _FIELDS = {f.name for f in dataclasses.fields(ChatConfig)}

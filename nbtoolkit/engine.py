@@ -4,23 +4,31 @@ The engine knows nothing of pandas: it takes any iterable of `ChatRequest` (or N
 row with nothing to send) and fills `ChatRun.results` in the same order. A partition of a
 distributed frame can call it as it is.
 
-Memory stays proportional to ``max_parallel``: a producer pulls requests from the iterable
-into a queue of ``2 * max_parallel`` slots, and ``max_parallel`` workers take from it. Only
-the results list grows with the row count.
+The path of one row::
+
+    producer ── cache hit? ──────────────► result (no request)
+       │   └── same request in flight? ──► waits for it, shares its answer
+       ▼
+    queue (2 x max_parallel) ─► worker ─► budget ─► governor ─► client ─► cache.put
+
+Memory stays proportional to ``max_parallel``: the producer pulls requests from the
+iterable only as the queue drains. Only the results list grows with the row count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
+from nbtoolkit.budget import Budget
+from nbtoolkit.cache import CachedAnswer, ResponseCache, request_key
 from nbtoolkit.client import Completion, post_chat
 from nbtoolkit.config import ChatConfig
 from nbtoolkit.errors import (
@@ -36,73 +44,37 @@ from nbtoolkit.errors import (
 )
 from nbtoolkit.limits import RateGovernor, ServerLimits, estimate_tokens
 from nbtoolkit.retry import GiveUp, RetryAfterOrBackoff, is_retryable, is_systemic
+from nbtoolkit.rows import (
+    SKIPPED,
+    ChatRequest,
+    ProgressListener,
+    RowError,
+    RowResult,
+    RunStats,
+)
 
-
-@dataclass(frozen=True, slots=True)
-class ChatRequest:
-    """One row's request: the messages and any per-row body fields."""
-
-    messages: tuple[Mapping[str, str], ...]
-    params: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class RowError:
-    """Why a row has no answer.
-
-    ``kind`` is the exception class name (``RateLimitError``, ``RequestTimeout``, ...) or
-    one of ``skipped`` (nothing to send: empty prompt), ``not_run`` (the run stopped first)
-    and ``cancelled`` (in flight when the run stopped).
-    """
-
-    kind: str
-    message: str
-    status: int | None = None
-    attempts: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class RowResult:
-    """A row's outcome: the text, or None and the error that explains it."""
-
-    text: str | None
-    error: RowError | None = None
-    attempts: int = 0
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-class ProgressListener(Protocol):
-    """What the engine tells a progress display. Called on the event loop's thread."""
-
-    def row_done(self, result: RowResult) -> None: ...
-
-    def row_retried(self) -> None: ...
-
-    def row_waiting(self, seconds: float, reason: str) -> None: ...
+# Requests looked up in the cache with one query: large enough to make a fully cached
+# re-run cheap, small enough not to hold the first requests back.
+_LOOKUP_BATCH = 256
+_DEFAULT_COMPLETION_BUDGET = 256  # tokens counted for a request that sets no max_tokens
 
 
 @dataclass(slots=True)
-class RunStats:
-    """Counts a run keeps as it goes; read them after the run or after it stopped."""
+class _Job:
+    """A request on its way: its row, its body, its cache key, its worst-case tokens."""
 
-    requests_sent: int = 0
-    retries: int = 0
-    statuses: Counter[str] = field(default_factory=Counter)  # "200", "429", "RequestTimeout", ...
-    started: float = 0.0
-    finished: float = 0.0
+    index: int
+    body: dict[str, Any]
+    key: bytes | None
+    prompt_tokens: float
+    completion_tokens: float
 
-    @property
-    def wall_seconds(self) -> float:
-        return max(0.0, (self.finished or time.monotonic()) - self.started)
+
+class _OverBudget(Exception):
+    """A request that would pass max_cost / max_tokens_total; its row is not sent."""
 
 
 _TRANSPORT_KINDS = frozenset({"TransportError", "RequestTimeout"})
-SKIPPED = RowResult(None, RowError("skipped", "no prompt: the value was missing or empty"))
 
 
 class _Systemic(Exception):
@@ -132,10 +104,11 @@ class ChatRun:
         # One slot per request pulled so far; None until that row finishes.
         self.results: list[RowResult | None] = []
         self.stats = RunStats()
-        self._timeout = aiohttp.ClientTimeout(
-            total=config.timeouts.total,
-            sock_connect=config.timeouts.connect,
-            sock_read=config.timeouts.read,
+        self.budget = Budget(
+            model=config.model,
+            prices=config.prices,
+            max_tokens_total=config.max_tokens_total,
+            max_cost=config.max_cost,
         )
         self.governor = RateGovernor(
             max_parallel=config.max_parallel,
@@ -144,8 +117,16 @@ class ChatRun:
             adaptive=config.adaptive,
             on_wait=listener.row_waiting if listener is not None else None,
         )
+        self._timeout = aiohttp.ClientTimeout(
+            total=config.timeouts.total,
+            sock_connect=config.timeouts.connect,
+            sock_read=config.timeouts.read,
+        )
         self._headers = config.headers()
         self._base_body: dict[str, Any] = {"model": config.model, **config.params}
+        self._cache: ResponseCache | None = None
+        # Cache key -> rows waiting for the same request, which is queued or in flight.
+        self._pending: dict[bytes, list[int]] = {}
         # Rows that failed to reach the server before any row succeeded: past a pool's worth,
         # the server is unreachable (wrong port, host down) and every other row would spend
         # all its retries finding that out again.
@@ -161,7 +142,9 @@ class ChatRun:
         """
         self.stats.started = time.monotonic()
         workers = self.config.max_parallel
-        queue: asyncio.Queue[tuple[int, ChatRequest] | None] = asyncio.Queue(maxsize=2 * workers)
+        queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=2 * workers)
+        if self.config.cache_path is not None:
+            self._cache = ResponseCache(self.config.cache_path)
         # Pool sized to the workers: no request ever waits for a connection slot, so the
         # total timeout measures the request alone.
         connector = aiohttp.TCPConnector(limit=workers, limit_per_host=workers)
@@ -188,32 +171,73 @@ class ChatRun:
             raise
         finally:
             self.stats.finished = time.monotonic()
+            self.stats.cost = self.budget.cost if self.budget.price(0, 0) is not None else None
+            if self._cache is not None:
+                self._cache.close()
         return [result if result is not None else SKIPPED for result in self.results]
 
     async def _produce(
         self,
         requests: Iterable[ChatRequest | None],
-        queue: asyncio.Queue[tuple[int, ChatRequest] | None],
+        queue: asyncio.Queue[_Job | None],
         workers: int,
     ) -> None:
+        batch: list[_Job] = []
         for index, request in enumerate(requests):
             self.results.append(None)
             if request is None:
                 self._finish(index, SKIPPED)
                 continue
-            await queue.put((index, request))
+            batch.append(self._job(index, request))
+            if len(batch) >= _LOOKUP_BATCH:
+                await self._dispatch(batch, queue)
+                batch = []
+        await self._dispatch(batch, queue)
         for _ in range(workers):
             await queue.put(None)
 
+    def _job(self, index: int, request: ChatRequest) -> _Job:
+        body = {**self._base_body, **request.params, "messages": list(request.messages)}
+        wants_key = self._cache is not None or self.config.dedupe
+        key = request_key(self.config.endpoint, body) if wants_key else None
+        completion = body.get("max_tokens") or body.get("max_completion_tokens")
+        if not isinstance(completion, int | float):
+            completion = _DEFAULT_COMPLETION_BUDGET
+        prompt = estimate_tokens(request.messages, 0)
+        return _Job(index, body, key, prompt, float(completion))
+
+    async def _dispatch(self, batch: list[_Job], queue: asyncio.Queue[_Job | None]) -> None:
+        """Answer what the cache knows, attach duplicates to their twin, queue the rest."""
+        if not batch:
+            return
+        hits: dict[bytes, CachedAnswer] = {}
+        if self._cache is not None:
+            hits = self._cache.get_many([job.key for job in batch if job.key is not None])
+        for job in batch:
+            if job.key is not None and (answer := hits.get(job.key)) is not None:
+                self.stats.cache_hits += 1
+                self._finish(job.index, _from_cache(answer))
+                continue
+            if job.key is not None and self.config.dedupe:
+                twins = self._pending.get(job.key)
+                if twins is not None:
+                    twins.append(job.index)
+                    continue
+                self._pending[job.key] = []
+            await queue.put(job)
+
     async def _work(
-        self,
-        session: aiohttp.ClientSession,
-        queue: asyncio.Queue[tuple[int, ChatRequest] | None],
+        self, session: aiohttp.ClientSession, queue: asyncio.Queue[_Job | None]
     ) -> None:
-        while (item := await queue.get()) is not None:
-            index, request = item
-            result = await self._complete(session, request)
-            self._finish(index, result)
+        while (job := await queue.get()) is not None:
+            result = await self._complete(session, job)
+            self._finish(job.index, result)
+            if job.key is not None:
+                if result.text is not None and self._cache is not None:
+                    self._cache.put(job.key, _to_cache(result), model=self.config.model)
+                for twin in self._pending.pop(job.key, ()):
+                    self.stats.duplicates += 1
+                    self._finish(twin, _shared(result))
             self._check_reachable(result)
 
     def _check_reachable(self, result: RowResult) -> None:
@@ -226,9 +250,8 @@ class ChatRun:
                     TransportError(f"the server could not be reached: {result.error.message}")
                 )
 
-    async def _complete(self, session: aiohttp.ClientSession, request: ChatRequest) -> RowResult:
+    async def _complete(self, session: aiohttp.ClientSession, job: _Job) -> RowResult:
         policy = self.config.retry
-        body = {**self._base_body, **request.params, "messages": list(request.messages)}
         attempts = 0
         retrying = AsyncRetrying(
             stop=GiveUp(policy),
@@ -237,12 +260,14 @@ class ChatRun:
             before_sleep=self._on_retry,
             reraise=True,
         )
-        tokens = estimate_tokens(request.messages, body.get("max_tokens"))
         try:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
-                    completion = await self._send_once(session, body, tokens)
+                    completion = await self._send_once(session, job)
+        except _OverBudget:
+            error = RowError("over_budget", self.budget.reason(), None, attempts - 1)
+            return RowResult(None, error, attempts - 1)
         except NbToolkitError as exc:
             self.stats.statuses[_status_key(exc)] += 1
             if is_systemic(exc):
@@ -252,19 +277,26 @@ class ChatRun:
             self.stats.statuses[type(exc).__name__] += 1
             return RowResult(None, RowError(type(exc).__name__, str(exc), None, attempts), attempts)
         usage = completion.usage or {}
+        details = usage.get("prompt_tokens_details")
         return RowResult(
             completion.text,
             None,
             attempts,
             prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
             completion_tokens=_int_or_none(usage.get("completion_tokens")),
+            cached_tokens=_int_or_none(details.get("cached_tokens"))
+            if isinstance(details, Mapping)
+            else None,
         )
 
-    async def _send_once(
-        self, session: aiohttp.ClientSession, body: Mapping[str, Any], tokens: float
-    ) -> Completion:
-        """One attempt, admitted by the governor and reported back to it however it ends."""
-        started = await self.governor.admit(tokens)
+    async def _send_once(self, session: aiohttp.ClientSession, job: _Job) -> Completion:
+        """One attempt: within budget, admitted by the governor, reported back to both."""
+        if self.budget.limited and not self.budget.try_reserve(
+            job.prompt_tokens, job.completion_tokens
+        ):
+            raise _OverBudget()
+        reserved = job.prompt_tokens + job.completion_tokens
+        started = await self.governor.admit(reserved)
         self.stats.requests_sent += 1
         limits: ServerLimits | None = None
         used: float | None = None
@@ -272,7 +304,11 @@ class ChatRun:
         pause: float | None = None
         try:
             completion = await post_chat(
-                session, self.config.endpoint, body, headers=self._headers, timeout=self._timeout
+                session,
+                self.config.endpoint,
+                job.body,
+                headers=self._headers,
+                timeout=self._timeout,
             )
         except RateLimitError as exc:
             limits, congested = exc.limits, True
@@ -287,17 +323,33 @@ class ChatRun:
         else:
             self.stats.statuses["200"] += 1
             limits = completion.limits
-            used = _total_tokens(completion.usage)
+            used = self._spend(completion.usage)
             return completion
         finally:
+            if self.budget.limited:
+                self.budget.release(job.prompt_tokens, job.completion_tokens)
             self.governor.settle(
                 started,
-                reserved_tokens=tokens,
+                reserved_tokens=reserved,
                 used_tokens=used,
                 limits=limits,
                 congested=congested,
                 pause=pause,
             )
+
+    def _spend(self, usage: Mapping[str, Any] | None) -> float | None:
+        """Count a reply's billed tokens; returns their total (None if it reported none)."""
+        if not usage:
+            return None
+        prompt = _int_or_none(usage.get("prompt_tokens")) or 0
+        completion = _int_or_none(usage.get("completion_tokens")) or 0
+        self.stats.prompt_tokens += prompt
+        self.stats.completion_tokens += completion
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, Mapping):
+            self.stats.cached_tokens += _int_or_none(details.get("cached_tokens")) or 0
+        self.budget.spend(prompt, completion)
+        return float(prompt + completion)
 
     def _shared_pause(self, exc: RateLimitError) -> float | None:
         """How long a 429 pauses every worker: the server's word, unless past our ceiling."""
@@ -327,6 +379,30 @@ class ChatRun:
                 self.results[index] = RowResult(None, RowError(kind, message))
 
 
+def _from_cache(answer: CachedAnswer) -> RowResult:
+    # Token counts are what the answer cost when it was bought; this run paid nothing.
+    return RowResult(
+        answer.text,
+        None,
+        0,
+        prompt_tokens=answer.prompt_tokens,
+        completion_tokens=answer.completion_tokens,
+        cached_tokens=answer.cached_tokens,
+        source="cache",
+    )
+
+
+def _to_cache(result: RowResult) -> CachedAnswer:
+    assert result.text is not None
+    return CachedAnswer(
+        result.text, result.prompt_tokens, result.completion_tokens, result.cached_tokens
+    )
+
+
+def _shared(result: RowResult) -> RowResult:
+    return dataclasses.replace(result, attempts=0, source="duplicate")
+
+
 def _row_error(exc: Exception, attempts: int) -> RowError:
     status = exc.status if isinstance(exc, APIError) else None
     return RowError(type(exc).__name__, str(exc), status, attempts)
@@ -334,16 +410,6 @@ def _row_error(exc: Exception, attempts: int) -> RowError:
 
 def _status_key(exc: BaseException) -> str:
     return str(exc.status) if isinstance(exc, APIError) else type(exc).__name__
-
-
-def _total_tokens(usage: Mapping[str, Any] | None) -> float | None:
-    if not usage:
-        return None
-    total = usage.get("total_tokens")
-    if isinstance(total, int | float):
-        return float(total)
-    parts = [usage.get("prompt_tokens"), usage.get("completion_tokens")]
-    return float(sum(p for p in parts if isinstance(p, int | float)))
 
 
 def _int_or_none(value: object) -> int | None:

@@ -13,16 +13,18 @@ from typing import Any
 
 import pandas as pd
 
-from nbtoolkit.engine import RowResult, RunStats
+from nbtoolkit.rows import NOT_SENT_KINDS, RowResult, RunStats
 
 ROW_COLUMNS = [
-    "status",  # "ok", "failed", "skipped", "not_run" or "cancelled"
+    "status",  # "ok", "failed", or never sent: "skipped", "not_run", "cancelled", "over_budget"
+    "source",  # where an answer came from: "api", "cache" or "duplicate" (None without one)
     "error_kind",  # exception class name, e.g. "RateLimitError"; None when ok
     "http_status",  # the last HTTP status of a failed row, when there was one
-    "attempts",  # requests sent for this row
+    "attempts",  # requests sent for this row in this run
     "message",  # what went wrong, in the server's words when it gave some
-    "prompt_tokens",
+    "prompt_tokens",  # as the server reported them when the answer was bought
     "completion_tokens",
+    "cached_tokens",  # prompt tokens the server's own prompt cache served
 ]
 
 
@@ -48,26 +50,32 @@ class RunReport:
         """The rows that have no answer (failed, skipped or never run), with their reasons."""
         return self.rows[self.rows["status"] != "ok"]
 
+    @property
+    def usage(self) -> pd.DataFrame:
+        """Token counts per row (same index), with where each answer came from."""
+        return self.rows[["source", "prompt_tokens", "completion_tokens", "cached_tokens"]]
+
     def summary(self) -> str:
-        """One line: rows ok / failed, requests, retries, wall time."""
+        """One line: rows by status; requests, cache hits, retries, 429s; tokens, cost, time."""
+        stats = self.stats
         counts = self.rows["status"].value_counts()
         parts = [f"{counts.get(name, 0)} {name}" for name in ("ok", "failed", "skipped")]
-        for name in ("not_run", "cancelled"):
+        for name in ("not_run", "cancelled", "over_budget"):
             if counts.get(name, 0):
                 parts.append(f"{counts[name]} {name}")
-        statuses = ", ".join(f"{key}: {n}" for key, n in sorted(self.stats.statuses.items()))
+        statuses = ", ".join(f"{key}: {n}" for key, n in sorted(stats.statuses.items()))
+        cost = f", cost {stats.cost:.4f}" if stats.cost is not None else ""
         return (
-            f"{self.outcome}: {', '.join(parts)}; {self.stats.requests_sent} requests, "
-            f"{self.stats.retries} retries ({statuses or 'none'}); "
-            f"{self.stats.wall_seconds:.1f} s"
+            f"{self.outcome}: {', '.join(parts)}; {stats.requests_sent} requests "
+            f"({statuses or 'none'}), {stats.cache_hits} cache hits, "
+            f"{stats.duplicates} duplicates, {stats.retries} retries, "
+            f"{stats.statuses.get('429', 0)} rate-limited; "
+            f"{stats.prompt_tokens + stats.completion_tokens:,} tokens{cost}; "
+            f"{stats.wall_seconds:.1f} s"
         )
 
     def __repr__(self) -> str:
         return f"<RunReport {self.summary()}>"
-
-
-# Row error kinds that mean "never got an answer" rather than "the request failed".
-_NO_TRY = frozenset({"skipped", "not_run", "cancelled"})
 
 
 def rows_frame(results: Sequence[RowResult], index: pd.Index) -> pd.DataFrame:
@@ -75,9 +83,13 @@ def rows_frame(results: Sequence[RowResult], index: pd.Index) -> pd.DataFrame:
     errors = [r.error for r in results]
     columns: dict[str, pd.Series] = {
         "status": _objects(
-            ["ok" if e is None else (e.kind if e.kind in _NO_TRY else "failed") for e in errors],
+            [
+                "ok" if e is None else (e.kind if e.kind in NOT_SENT_KINDS else "failed")
+                for e in errors
+            ],
             index,
         ),
+        "source": _objects([r.source if r.text is not None else None for r in results], index),
         "error_kind": _objects([None if e is None else e.kind for e in errors], index),
         "http_status": pd.Series(
             [None if e is None else e.status for e in errors], index=index, dtype="Int64"
@@ -88,6 +100,7 @@ def rows_frame(results: Sequence[RowResult], index: pd.Index) -> pd.DataFrame:
         "completion_tokens": pd.Series(
             [r.completion_tokens for r in results], index=index, dtype="Int64"
         ),
+        "cached_tokens": pd.Series([r.cached_tokens for r in results], index=index, dtype="Int64"),
     }
     return pd.DataFrame(columns, index=index)
 

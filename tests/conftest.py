@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -30,8 +31,9 @@ async def aserver() -> AsyncIterator[ChatServer]:
 
 
 @pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test may reach a real API or see another test's configure(): start from defaults."""
+def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No real API, no other test's configure(), and a fresh response cache for each test."""
+    monkeypatch.setenv("NBTOOLKIT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.setattr(config_module, "_global_config", nbtoolkit.ChatConfig())

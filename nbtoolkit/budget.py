@@ -1,0 +1,79 @@
+"""Hard spending limits: stop sending once ``max_tokens_total`` or ``max_cost`` would be passed.
+
+A request counts against the budget before it is sent, at its worst case (the prompt
+estimate plus max_tokens), and is settled to what the reply says it used. So the limit
+holds even with many requests in flight: a request goes only if it fits in what is left
+after everything already spent or on its way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from nbtoolkit.errors import ConfigError
+
+# Per million tokens: (input price, output price), in the caller's currency.
+Prices = Mapping[str, tuple[float, float]]
+
+
+class Budget:
+    """Tokens and money spent by one run, and whether the next request still fits."""
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        prices: Prices | None,
+        max_tokens_total: int | None,
+        max_cost: float | None,
+    ) -> None:
+        self._price = (prices or {}).get(model)
+        if max_cost is not None and self._price is None:
+            known = sorted(prices or {})
+            raise ConfigError(
+                f"max_cost needs a price for model {model!r}: pass prices={{{model!r}: "
+                f"(input_per_million, output_per_million)}}; prices are known for {known}"
+            )
+        self.max_tokens_total = max_tokens_total
+        self.max_cost = max_cost
+        self.tokens = 0.0  # settled
+        self.cost = 0.0  # settled
+        self._reserved_tokens = 0.0
+        self._reserved_cost = 0.0
+
+    @property
+    def limited(self) -> bool:
+        return self.max_tokens_total is not None or self.max_cost is not None
+
+    def price(self, prompt_tokens: float, completion_tokens: float) -> float | None:
+        """What these tokens cost, or None without a price for the model."""
+        if self._price is None:
+            return None
+        return (prompt_tokens * self._price[0] + completion_tokens * self._price[1]) / 1e6
+
+    def try_reserve(self, prompt_tokens: float, completion_tokens: float) -> bool:
+        """Count a request's worst case against the budget; False if it does not fit."""
+        tokens = prompt_tokens + completion_tokens
+        cost = self.price(prompt_tokens, completion_tokens) or 0.0
+        if self.max_tokens_total is not None and (
+            self.tokens + self._reserved_tokens + tokens > self.max_tokens_total
+        ):
+            return False
+        if self.max_cost is not None and self.cost + self._reserved_cost + cost > self.max_cost:
+            return False
+        self._reserved_tokens += tokens
+        self._reserved_cost += cost
+        return True
+
+    def release(self, prompt_tokens: float, completion_tokens: float) -> None:
+        self._reserved_tokens -= prompt_tokens + completion_tokens
+        self._reserved_cost -= self.price(prompt_tokens, completion_tokens) or 0.0
+
+    def spend(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.tokens += prompt_tokens + completion_tokens
+        self.cost += self.price(prompt_tokens, completion_tokens) or 0.0
+
+    def reason(self) -> str:
+        if self.max_cost is not None:
+            return f"max_cost={self.max_cost:g} reached (spent {self.cost:.4f})"
+        return f"max_tokens_total={self.max_tokens_total} reached (spent {self.tokens:.0f})"

@@ -1,0 +1,163 @@
+"""A durable response cache that is also the run's checkpoint.
+
+Each successful reply is committed to SQLite (WAL mode) the moment it arrives, so a run cut
+short by Ctrl-C, a dead kernel or ``kill -9`` loses nothing it paid for: running the same
+call again sends requests only for the rows that have no answer yet. Errors are never
+cached, so a re-run also retries exactly the rows that failed.
+
+The key is a SHA-256 of everything that changes the answer: the base URL and the whole
+request body (model, messages, temperature, max_tokens, response_format / schema, every
+other parameter). The API key is not part of it and is never stored.
+
+Several processes may share one file: WAL lets readers and a writer work at once, and a
+writer waits up to ``busy_timeout`` for another's commit instead of failing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nbtoolkit.config import default_cache_path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    key BLOB PRIMARY KEY,          -- sha256 of base URL + canonical request body
+    text TEXT NOT NULL,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    cached_tokens INTEGER,
+    model TEXT,                    -- for people reading the file, not part of the lookup
+    created REAL NOT NULL
+) WITHOUT ROWID
+"""
+# SQLite caps the number of ? in one statement (32,766 since 3.32; 999 before).
+_LOOKUP_CHUNK = 900
+
+
+@dataclass(frozen=True, slots=True)
+class CachedAnswer:
+    text: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cached_tokens: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheInfo:
+    """Where the cache is and how big it is."""
+
+    path: Path
+    entries: int
+    bytes: int  # the database plus its WAL and shared-memory files
+
+    def __str__(self) -> str:
+        return f"{self.entries:,} responses, {self.bytes / 1e6:.1f} MB in {self.path}"
+
+
+def request_key(base_url: str, body: Mapping[str, Any]) -> bytes:
+    """The cache key of one request: SHA-256 of the URL and the canonical JSON body."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(f"{base_url}\n{canonical}".encode()).digest()
+
+
+class ResponseCache:
+    """One SQLite file of answers. Open one per run; it is not shared across threads."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path) if path is not None else default_cache_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _create_private(self.path)
+        # isolation_level=None: autocommit, so each put() is durable on return.
+        self._db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL under WAL: a commit survives a killed process; only power loss can undo
+        # the last few, and it never corrupts the file.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute(_SCHEMA)
+
+    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, CachedAnswer]:
+        """The cached answers among ``keys`` (missing keys are simply absent)."""
+        found: dict[bytes, CachedAnswer] = {}
+        for start in range(0, len(keys), _LOOKUP_CHUNK):
+            chunk = keys[start : start + _LOOKUP_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                "SELECT key, text, prompt_tokens, completion_tokens, cached_tokens"
+                f" FROM responses WHERE key IN ({marks})",
+                chunk,
+            )
+            for key, text, prompt, completion, cached in rows:
+                found[key] = CachedAnswer(text, prompt, completion, cached)
+        return found
+
+    def put(self, key: bytes, answer: CachedAnswer, *, model: str | None = None) -> None:
+        """Store one answer now (committed on return)."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                key,
+                answer.text,
+                answer.prompt_tokens,
+                answer.completion_tokens,
+                answer.cached_tokens,
+                model,
+                time.time(),
+            ),
+        )
+
+    def info(self) -> CacheInfo:
+        (entries,) = self._db.execute("SELECT count(*) FROM responses").fetchone()
+        return CacheInfo(self.path, entries, _size_on_disk(self.path))
+
+    def clear(self) -> None:
+        self._db.execute("DELETE FROM responses")
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._db.execute("VACUUM")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> ResponseCache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _create_private(path: Path) -> None:
+    """Create the file readable by its owner only, before SQLite creates it world-readable."""
+    if not path.exists():
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+        os.close(fd)
+
+
+def _size_on_disk(path: Path) -> int:
+    names: Iterable[Path] = (path, Path(f"{path}-wal"), Path(f"{path}-shm"))
+    return sum(p.stat().st_size for p in names if p.exists())
+
+
+def cache_info(path: str | os.PathLike[str] | None = None) -> CacheInfo:
+    """Where the response cache lives and how much it holds.
+
+    Example:
+        >>> print(nbtoolkit.cache_info())  # doctest: +SKIP
+        12,345 responses, 8.1 MB in /home/me/.cache/nbtoolkit/responses.sqlite3
+    """
+    with ResponseCache(path) as cache:
+        return cache.info()
+
+
+def clear_cache(path: str | os.PathLike[str] | None = None) -> CacheInfo:
+    """Delete every cached response (the next run pays for every row again)."""
+    with ResponseCache(path) as cache:
+        cache.clear()
+        return cache.info()

@@ -1,0 +1,90 @@
+"""The values a run passes around: requests in, one result per row out, and running counts.
+
+Plain data, shared by the engine, the progress bar and the report; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """One row's request: the messages and any per-row body fields."""
+
+    messages: tuple[Mapping[str, str], ...]
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RowError:
+    """Why a row has no answer.
+
+    ``kind`` is the exception class name (``RateLimitError``, ``RequestTimeout``, ...) or
+    one of `NOT_SENT_KINDS`: ``skipped`` (nothing to send: empty prompt), ``not_run`` (the
+    run stopped first), ``cancelled`` (in flight when the run stopped) and ``over_budget``
+    (``max_cost`` / ``max_tokens_total`` was reached first).
+    """
+
+    kind: str
+    message: str
+    status: int | None = None
+    attempts: int = 0
+
+
+NOT_SENT_KINDS = frozenset({"skipped", "not_run", "cancelled", "over_budget"})
+
+
+@dataclass(frozen=True, slots=True)
+class RowResult:
+    """A row's outcome: the text, or None and the error that explains it."""
+
+    text: str | None
+    error: RowError | None = None
+    attempts: int = 0  # requests sent for this row; 0 for a cache hit or a duplicate
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None  # prompt tokens the server served from its prompt cache
+    source: str = "api"  # "api", "cache" (answered from the response cache) or "duplicate"
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+SKIPPED = RowResult(None, RowError("skipped", "no prompt: the value was missing or empty"))
+
+
+class ProgressListener(Protocol):
+    """What the engine tells a progress display. Called on the event loop's thread."""
+
+    def row_done(self, result: RowResult) -> None: ...
+
+    def row_retried(self) -> None: ...
+
+    def row_waiting(self, seconds: float, reason: str) -> None: ...
+
+
+@dataclass(slots=True)
+class RunStats:
+    """Counts a run keeps as it goes; read them after the run or after it stopped."""
+
+    requests_sent: int = 0
+    retries: int = 0
+    cache_hits: int = 0
+    duplicates: int = 0  # rows answered by an identical request of the same run
+    statuses: Counter[str] = field(default_factory=Counter)  # "200", "429", "RequestTimeout"
+    prompt_tokens: int = 0  # as billed: requests actually sent, not cache hits
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost: float | None = None  # in the price table's currency; None without prices
+    started: float = 0.0
+    finished: float = 0.0
+
+    @property
+    def wall_seconds(self) -> float:
+        return max(0.0, (self.finished or time.monotonic()) - self.started)
