@@ -1,0 +1,249 @@
+"""The response cache as a checkpoint: re-runs, resume after kill -9, sharing, dedupe, budgets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import nbtoolkit
+from nbtoolkit.testing import ChatServer, Reply, Status
+from tests.conftest import MODEL, settings
+
+KEY = "sk-cache-SENTINEL-5d41402abc4b2a76"
+
+
+def frame(n: int, prefix: str = "row") -> pd.DataFrame:
+    return pd.DataFrame({"review": [f"{prefix} {i}" for i in range(n)]})
+
+
+def cache_file() -> Path:
+    return Path(os.environ["NBTOOLKIT_CACHE_DIR"]) / "responses.sqlite3"
+
+
+def report() -> nbtoolkit.RunReport:
+    last = nbtoolkit.last_run()
+    assert last is not None
+    return last
+
+
+def test_a_finished_call_reruns_free(server: ChatServer) -> None:
+    """Running the same call again sends nothing and gives the same frame from the cache."""
+    first = frame(30).chat.complete("review", **settings(server))
+    sent = server.request_count
+    again = frame(30).chat.complete("review", **settings(server))
+    pd.testing.assert_frame_equal(first, again)
+    assert server.request_count == sent == 30
+    assert report().stats.cache_hits == 30
+    assert set(report().rows["source"]) == {"cache"}
+    assert report().stats.requests_sent == 0
+
+
+def test_errors_are_never_cached_so_a_rerun_retries_only_failures(server: ChatServer) -> None:
+    """A row that failed is asked again on a re-run; rows that worked are not."""
+    server.script(Status(400), prompt="row 3")
+    first = frame(6).chat.complete("review", **settings(server))
+    assert first["response"].isna().tolist() == [False, False, False, True, False, False]
+    again = frame(6).chat.complete("review", **settings(server))
+    assert again["response"].notna().all()
+    assert [r.prompt for r in server.requests[6:]] == ["row 3"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"temperature": 0.7},
+        {"model": "other-model"},
+        {"system": "Be brief."},
+        {"max_tokens": 5},
+        {"response_format": {"type": "json_object"}},
+    ],
+)
+def test_the_key_covers_what_changes_the_answer(server: ChatServer, change: dict) -> None:
+    """A change of model, system prompt or any body parameter is a different request."""
+    frame(2).chat.complete("review", **settings(server))
+    frame(2).chat.complete("review", **settings(server, **change))
+    assert server.request_count == 4
+
+
+def test_the_key_leaves_out_the_api_key(tmp_path: Path) -> None:
+    """Another API key for the same request still hits the cache; the key is not in the file."""
+    with ChatServer().run_in_thread() as server:
+        frame(3).chat.complete("review", api_key=KEY, **settings(server))
+        frame(3).chat.complete("review", api_key=KEY + "-other", **settings(server))
+        assert server.request_count == 3
+    for path in cache_file().parent.iterdir():
+        assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_cache_file_is_private_and_can_be_placed(server: ChatServer, tmp_path: Path) -> None:
+    """cache=PATH puts the file there, readable by its owner only; cache=False writes none."""
+    path = tmp_path / "mine" / "answers.sqlite3"
+    frame(2).chat.complete("review", cache=path, **settings(server))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert not cache_file().exists()
+    frame(2).chat.complete("review", cache=False, **settings(server))
+    frame(2).chat.complete("review", cache=False, **settings(server))
+    assert server.request_count == 6
+    assert not cache_file().exists()
+
+
+def test_info_and_clear(server: ChatServer) -> None:
+    """cache_info says how many answers and bytes; clear_cache empties it."""
+    frame(12).chat.complete("review", **settings(server))
+    info = nbtoolkit.cache_info()
+    assert info.entries == 12
+    assert info.bytes > 0
+    assert info.path == cache_file()
+    assert nbtoolkit.clear_cache().entries == 0
+    frame(12).chat.complete("review", **settings(server))
+    assert server.request_count == 24
+
+
+def test_identical_requests_in_one_run_are_sent_once(server: ChatServer) -> None:
+    """100 rows with 5 distinct prompts send 5 requests; every row gets its answer."""
+    df = pd.DataFrame({"review": [f"p{i % 5}" for i in range(100)]})
+    out = df.chat.complete("review", cache=False, **settings(server))
+    assert out["response"].tolist() == [f"echo: p{i % 5}" for i in range(100)]
+    assert server.request_count == 5
+    assert report().stats.duplicates == 95
+    assert report().rows["source"].value_counts().to_dict() == {"api": 5, "duplicate": 95}
+
+
+def test_a_failed_request_fails_its_duplicates_too(server: ChatServer) -> None:
+    """Rows sharing a failed request share its reason, not a silent None."""
+    server.script(Status(400, message="nope"), prompt="same")
+    out = pd.DataFrame({"review": ["same"] * 3}).chat.complete("review", **settings(server))
+    assert out["response"].isna().all()
+    assert set(report().rows["error_kind"]) == {"BadRequestError"}
+
+
+CHILD = """
+import os, sys
+import pandas as pd
+import nbtoolkit
+rows = int(sys.argv[1]); prefix = sys.argv[2]
+df = pd.DataFrame({"review": [f"{prefix} {i}" for i in range(rows)]})
+out = df.chat.complete("review", model="test-model", base_url=os.environ["URL"],
+                       max_parallel=int(os.environ.get("PAR", "1")), progress=False)
+print("filled", int(out["response"].notna().sum()), flush=True)
+"""
+
+
+def child(server: ChatServer, rows: int, prefix: str, parallel: int) -> subprocess.Popen[str]:
+    env = {**os.environ, "URL": server.base_url, "PAR": str(parallel)}
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(CHILD), str(rows), prefix],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_resume_after_kill_9_pays_for_nothing_twice() -> None:
+    """A run killed with SIGKILL midway, run again, sends only the rows with no saved answer."""
+    with ChatServer(latency=0.1).run_in_thread() as server:
+        process = child(server, 60, "row", parallel=1)
+        deadline = time.monotonic() + 30
+        while sum(server.answered.values()) < 15 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # Kill while the one request in flight sleeps on the server, so no reply is caught
+        # between the server's write and the client's commit (that one would be paid twice).
+        while time.monotonic() < deadline:
+            last = max((r.finished for r in server.requests if r.finished), default=0.0)
+            if server.in_flight == 1 and time.monotonic() - last > 0.03:
+                break
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        paid_before = sum(server.answered.values())
+        assert 15 <= paid_before < 60
+
+        out = frame(60).chat.complete(
+            "review", model=MODEL, base_url=server.base_url, progress=False
+        )
+    assert out["response"].tolist() == [f"echo: row {i}" for i in range(60)]
+    assert max(server.answered.values()) == 1  # no prompt answered twice
+    assert len(server.answered) == 60
+    assert report().stats.cache_hits == paid_before
+
+
+def test_two_processes_share_one_cache() -> None:
+    """Two runs writing the same cache at once both finish, and the file stays sound."""
+    with ChatServer(latency=0.002).run_in_thread() as server:
+        started = time.monotonic()
+        runs = [child(server, 400, prefix, parallel=16) for prefix in ("a", "b")]
+        outputs = [run.communicate(timeout=60) for run in runs]
+        elapsed = time.monotonic() - started
+    for run, (stdout, stderr) in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, stderr
+        assert "filled 400" in stdout
+        assert "locked" not in stderr
+    assert elapsed < 30
+    with sqlite3.connect(cache_file()) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert db.execute("SELECT count(*) FROM responses").fetchone() == (800,)
+
+
+def test_max_tokens_total_stops_sending(server: ChatServer) -> None:
+    """Once the token budget would be passed, no more requests; the rest say over_budget."""
+    out = frame(40).chat.complete(
+        "review", max_tokens=10, max_tokens_total=100, **settings(server, max_parallel=2)
+    )
+    rows = report().rows
+    sent = server.request_count
+    assert 0 < sent < 40
+    assert (rows["status"] == "over_budget").sum() == 40 - sent
+    assert out["response"].notna().sum() == sent
+    stats = report().stats
+    assert stats.prompt_tokens + stats.completion_tokens <= 100
+    assert (
+        "max_tokens_total=100 reached"
+        in rows.loc[rows["status"] == "over_budget", "message"].iloc[0]
+    )
+
+
+def test_max_cost_with_a_price_table(server: ChatServer) -> None:
+    """Prices turn tokens into money; max_cost stops sending before it is passed."""
+    prices = {MODEL: (1_000.0, 2_000.0)}  # per million tokens: 0.001 / 0.002 per token
+    frame(30).chat.complete(
+        "review", prices=prices, max_cost=0.2, max_tokens=10, **settings(server, max_parallel=1)
+    )
+    stats = report().stats
+    assert stats.cost is not None
+    assert 0 < stats.cost <= 0.2
+    assert stats.cost == pytest.approx(
+        (stats.prompt_tokens * 1_000 + stats.completion_tokens * 2_000) / 1e6
+    )
+    assert "cost" in report().summary()
+    assert 0 < server.request_count < 30
+
+
+def test_max_cost_needs_a_price(server: ChatServer) -> None:
+    """max_cost without a price for the model is a ConfigError naming what to pass."""
+    with pytest.raises(nbtoolkit.ConfigError, match="max_cost needs a price"):
+        frame(2).chat.complete("review", max_cost=1.0, **settings(server))
+    assert server.request_count == 0
+
+
+def test_usage_per_row_and_in_the_summary(server: ChatServer) -> None:
+    """Token usage is kept per row and summed in the run summary; cache hits cost nothing."""
+    server.script(Reply(text="a longer answer than usual"), prompt="row 0")
+    frame(4).chat.complete("review", **settings(server))
+    usage = report().usage
+    assert usage["prompt_tokens"].notna().all()
+    assert int(usage["completion_tokens"].sum()) == report().stats.completion_tokens
+    assert "4 requests" in report().summary()
+    frame(4).chat.complete("review", **settings(server))
+    assert report().stats.prompt_tokens == 0  # nothing billed on a cached re-run
+    assert "4 cache hits" in report().summary()
