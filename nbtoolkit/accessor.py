@@ -198,8 +198,10 @@ class _ChatAccessorBase:
         except KeyboardInterrupt as exc:
             report = _report(plan, run, run.results, "interrupted")
             raise RunInterrupted(_interrupted_message(report), partial=report.output) from exc
-        except asyncio.CancelledError:
-            _report(plan, run, run.results, "interrupted")
+        except asyncio.CancelledError as exc:
+            report = _report(plan, run, run.results, "interrupted")
+            # Cancellation must stay a CancelledError; a note still tells where the rows are.
+            exc.add_note(_interrupted_message(report))
             raise
         return _report(plan, run, results, "finished").output
 
@@ -386,6 +388,6 @@ def _aborted(plan: _Plan, run: ChatRun, exc: RunAborted) -> RunAborted:
 
 def _interrupted_message(report: RunReport) -> str:
     return (
-        f"interrupted: {report.summary()}. The finished rows are in this exception's .partial "
-        "and in nbtoolkit.last_run().output."
+        f"{report.summary()}. The finished rows are in nbtoolkit.last_run().output "
+        "(and in this exception's .partial)."
     )

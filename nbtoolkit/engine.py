@@ -28,7 +28,7 @@ import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from nbtoolkit.budget import Budget
-from nbtoolkit.cache import CachedAnswer, ResponseCache, request_key
+from nbtoolkit.cache import CachedAnswer, RequestKeys, ResponseCache
 from nbtoolkit.client import Completion, post_chat
 from nbtoolkit.config import ChatConfig
 from nbtoolkit.errors import (
@@ -66,8 +66,13 @@ class _Job:
     index: int
     body: dict[str, Any]
     key: bytes | None
-    prompt_tokens: float
-    completion_tokens: float
+
+    def worst_case(self) -> tuple[float, float]:
+        """Estimated prompt tokens, and the completion tokens the request may use at most."""
+        completion = self.body.get("max_tokens") or self.body.get("max_completion_tokens")
+        if not isinstance(completion, int | float):
+            completion = _DEFAULT_COMPLETION_BUDGET
+        return estimate_tokens(self.body["messages"], 0), float(completion)
 
 
 class _OverBudget(Exception):
@@ -125,8 +130,10 @@ class ChatRun:
         self._headers = config.headers()
         self._base_body: dict[str, Any] = {"model": config.model, **config.params}
         self._cache: ResponseCache | None = None
+        self._keys = RequestKeys(config.endpoint, self._base_body)
         # Cache key -> rows waiting for the same request, which is queued or in flight.
         self._pending: dict[bytes, list[int]] = {}
+        self._sending: set[int] = set()  # rows a worker holds right now
         # Rows that failed to reach the server before any row succeeded: past a pool's worth,
         # the server is unreachable (wrong port, host down) and every other row would spend
         # all its retries finding that out again.
@@ -197,14 +204,11 @@ class ChatRun:
             await queue.put(None)
 
     def _job(self, index: int, request: ChatRequest) -> _Job:
-        body = {**self._base_body, **request.params, "messages": list(request.messages)}
+        messages = list(request.messages)
+        body = {**self._base_body, **request.params, "messages": messages}
         wants_key = self._cache is not None or self.config.dedupe
-        key = request_key(self.config.endpoint, body) if wants_key else None
-        completion = body.get("max_tokens") or body.get("max_completion_tokens")
-        if not isinstance(completion, int | float):
-            completion = _DEFAULT_COMPLETION_BUDGET
-        prompt = estimate_tokens(request.messages, 0)
-        return _Job(index, body, key, prompt, float(completion))
+        key = self._keys.key(messages, request.params) if wants_key else None
+        return _Job(index, body, key)
 
     async def _dispatch(self, batch: list[_Job], queue: asyncio.Queue[_Job | None]) -> None:
         """Answer what the cache knows, attach duplicates to their twin, queue the rest."""
@@ -230,7 +234,9 @@ class ChatRun:
         self, session: aiohttp.ClientSession, queue: asyncio.Queue[_Job | None]
     ) -> None:
         while (job := await queue.get()) is not None:
+            self._sending.add(job.index)
             result = await self._complete(session, job)
+            self._sending.discard(job.index)
             self._finish(job.index, result)
             if job.key is not None:
                 if result.text is not None and self._cache is not None:
@@ -291,11 +297,10 @@ class ChatRun:
 
     async def _send_once(self, session: aiohttp.ClientSession, job: _Job) -> Completion:
         """One attempt: within budget, admitted by the governor, reported back to both."""
-        if self.budget.limited and not self.budget.try_reserve(
-            job.prompt_tokens, job.completion_tokens
-        ):
+        prompt_tokens, completion_tokens = job.worst_case()
+        if self.budget.limited and not self.budget.try_reserve(prompt_tokens, completion_tokens):
             raise _OverBudget()
-        reserved = job.prompt_tokens + job.completion_tokens
+        reserved = prompt_tokens + completion_tokens
         started = await self.governor.admit(reserved)
         self.stats.requests_sent += 1
         limits: ServerLimits | None = None
@@ -327,7 +332,7 @@ class ChatRun:
             return completion
         finally:
             if self.budget.limited:
-                self.budget.release(job.prompt_tokens, job.completion_tokens)
+                self.budget.release(prompt_tokens, completion_tokens)
             self.governor.settle(
                 started,
                 reserved_tokens=reserved,
@@ -374,9 +379,13 @@ class ChatRun:
             self.listener.row_done(result)
 
     def _mark_unfinished(self, kind: str, message: str) -> None:
+        """Give every row without a result its reason: ``kind`` if it was in flight, else
+        ``not_run`` (it was still waiting its turn)."""
+        in_flight = RowResult(None, RowError(kind, message))
+        waiting = RowResult(None, RowError("not_run", message))
         for index, result in enumerate(self.results):
             if result is None:
-                self.results[index] = RowResult(None, RowError(kind, message))
+                self.results[index] = in_flight if index in self._sending else waiting
 
 
 def _from_cache(answer: CachedAnswer) -> RowResult:
@@ -385,10 +394,10 @@ def _from_cache(answer: CachedAnswer) -> RowResult:
         answer.text,
         None,
         0,
-        prompt_tokens=answer.prompt_tokens,
-        completion_tokens=answer.completion_tokens,
-        cached_tokens=answer.cached_tokens,
-        source="cache",
+        answer.prompt_tokens,
+        answer.completion_tokens,
+        answer.cached_tokens,
+        "cache",
     )
 
 

@@ -83,9 +83,10 @@ class CellRun:
 class Kernel:
     """A started kernel and its client; routes every message to the request it answers."""
 
-    def __init__(self, manager: KernelManager, client: BlockingKernelClient) -> None:
+    def __init__(self, manager: KernelManager, client: BlockingKernelClient, log: Path) -> None:
         self.manager = manager
         self.client = client
+        self.log = log  # the kernel process's own stdout and stderr
         # Keyed by parent msg_id: several cells may be in flight (one running, some queued).
         self.cells: dict[str, CellRun] = {}
         self.orphans: list[dict[str, Any]] = []  # iopub msgs with no parent we sent
@@ -131,9 +132,10 @@ class Kernel:
                     break
 
     def all_text(self) -> str:
-        """Every output of every cell, plus iopub messages that belonged to none."""
+        """Every output of every cell, iopub messages that belonged to none, and the log."""
         orphan_text = [str(m["content"]) for m in self.orphans]
-        return "\n".join([*(c.text() for c in self.cells.values()), *orphan_text])
+        log_text = self.log.read_text(errors="replace")
+        return "\n".join([*(c.text() for c in self.cells.values()), *orphan_text, log_text])
 
     def _on_shell(self, msg: dict[str, Any]) -> None:
         cell = self.cells.get(msg["parent_header"].get("msg_id", ""))
@@ -169,7 +171,7 @@ def running_kernel(env: Mapping[str, str], log: Path) -> Iterator[Kernel]:
             stderr=sink,
         )
         try:
-            yield Kernel(manager, client)
+            yield Kernel(manager, client, log)
         finally:
             client.stop_channels()
             manager.shutdown_kernel(now=True)
