@@ -250,31 +250,37 @@ class RateGovernor:
     def _follow(self, limits: ServerLimits) -> None:
         """Take the server's announced budgets as ours (a user's own budget stays if lower)."""
         if limits.limit_requests:
-            rate = _SAFETY * limits.limit_requests / 60.0
-            if self._user_rpm:
-                rate = min(rate, self._user_rpm / 60.0)
-            capacity = max(limits.remaining_requests or 1.0, rate)
-            if self.requests is None:
-                self.requests = TokenBucket(rate, capacity, self._clock)
-                self.requests.lower_to(limits.remaining_requests or 0.0)
-            else:
-                self.requests.retune(rate, max(capacity, self.requests.capacity))
+            self.requests = self._learned(
+                self.requests, limits.limit_requests, limits.remaining_requests, self._user_rpm
+            )
         if self.requests is not None and limits.remaining_requests is not None:
             # Requests still on their way count against the server's number too.
             self.requests.lower_to(limits.remaining_requests - self.in_flight)
         if limits.limit_tokens:
-            rate = _SAFETY * limits.limit_tokens / 60.0
-            if self._user_tpm:
-                rate = min(rate, self._user_tpm / 60.0)
-            capacity = max(limits.remaining_tokens or 1.0, rate)
-            if self.tokens is None:
-                self.tokens = TokenBucket(rate, capacity, self._clock)
-            else:
-                self.tokens.retune(rate, max(capacity, self.tokens.capacity))
+            self.tokens = self._learned(
+                self.tokens, limits.limit_tokens, limits.remaining_tokens, self._user_tpm
+            )
         if self.tokens is not None and limits.remaining_tokens is not None:
             self.tokens.lower_to(limits.remaining_tokens)
         if limits.remaining_requests == 0 and limits.reset_requests:
             self.paused_until = max(self.paused_until, self._clock() + limits.reset_requests)
+
+    def _learned(
+        self,
+        bucket: TokenBucket | None,
+        per_minute: float,
+        remaining: float | None,
+        user_per_minute: float | None,
+    ) -> TokenBucket:
+        """A bucket paced just under a limit the server announced (or the user's, if lower)."""
+        rate = _SAFETY * per_minute / 60.0
+        if user_per_minute:
+            rate = min(rate, user_per_minute / 60.0)
+        capacity = max(remaining or 1.0, rate)
+        if bucket is None:
+            return TokenBucket(rate, capacity, self._clock)
+        bucket.retune(rate, max(capacity, bucket.capacity))
+        return bucket
 
     @property
     def waiting_reason(self) -> str | None:
