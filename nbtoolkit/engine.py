@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -150,8 +153,7 @@ class ChatRun:
         self.stats.started = time.monotonic()
         workers = self.config.max_parallel
         queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=2 * workers)
-        if self.config.cache_path is not None:
-            self._cache = ResponseCache(self.config.cache_path)
+        self._cache = _open_cache(self.config.cache_path)
         # Pool sized to the workers: no request ever waits for a connection slot, so the
         # total timeout measures the request alone.
         connector = aiohttp.TCPConnector(limit=workers, limit_per_host=workers)
@@ -240,11 +242,25 @@ class ChatRun:
             self._finish(job.index, result)
             if job.key is not None:
                 if result.text is not None and self._cache is not None:
-                    self._cache.put(job.key, _to_cache(result), model=self.config.model)
+                    self._save(self._cache, job.key, result)
                 for twin in self._pending.pop(job.key, ()):
                     self.stats.duplicates += 1
                     self._finish(twin, _shared(result))
             self._check_reachable(result)
+
+    def _save(self, cache: ResponseCache, key: bytes, result: RowResult) -> None:
+        try:
+            cache.put(key, _to_cache(result), model=self.config.model)
+        except sqlite3.Error as exc:
+            # A full disk or a lock held too long must not cost the answer itself: the row
+            # keeps it, only a re-run would pay for it again. Say so once, then go on.
+            warnings.warn(
+                f"response cache write failed, carrying on without it: {exc}",
+                RuntimeWarning,
+                stacklevel=1,
+            )
+            cache.close()
+            self._cache = None
 
     def _check_reachable(self, result: RowResult) -> None:
         if result.error is None:
@@ -386,6 +402,21 @@ class ChatRun:
         for index, result in enumerate(self.results):
             if result is None:
                 self.results[index] = in_flight if index in self._sending else waiting
+
+
+def _open_cache(path: Path | None) -> ResponseCache | None:
+    if path is None:
+        return None
+    try:
+        return ResponseCache(path)
+    except (OSError, sqlite3.Error) as exc:
+        # An unwritable cache folder should not stop the work; it only loses the checkpoint.
+        warnings.warn(
+            f"response cache {path} unavailable, running without it: {exc}",
+            RuntimeWarning,
+            stacklevel=1,
+        )
+        return None
 
 
 def _from_cache(answer: CachedAnswer) -> RowResult:

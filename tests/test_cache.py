@@ -247,3 +247,12 @@ def test_usage_per_row_and_in_the_summary(server: ChatServer) -> None:
     frame(4).chat.complete("review", **settings(server))
     assert report().stats.prompt_tokens == 0  # nothing billed on a cached re-run
     assert "4 cache hits" in report().summary()
+
+
+def test_an_unusable_cache_location_does_not_stop_the_work(server: ChatServer) -> None:
+    """A cache path that cannot be created warns and runs without a cache."""
+    with pytest.warns(RuntimeWarning, match="running without it"):
+        out = frame(3).chat.complete(
+            "review", cache="/proc/no/such/dir/c.sqlite3", **settings(server)
+        )
+    assert out["response"].notna().all()
