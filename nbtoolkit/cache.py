@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from nbtoolkit.config import default_cache_path
 
@@ -71,13 +72,29 @@ def _canonical(value: Any) -> bytes:
     return _ENCODER.encode(value).encode()
 
 
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def cache_scope(url: str) -> str:
+    """The part of the URL that names the provider: the URL, without the port on loopback.
+
+    A local server (llama.cpp, vLLM, `nbtoolkit.local`) gets a new free port each time it
+    starts; keyed on the port, its answers could never be found again. On loopback the
+    model name and the body identify the answer.
+    """
+    parts = urlsplit(url)
+    if parts.hostname in _LOOPBACK:
+        return f"{parts.scheme}://localhost{parts.path}"
+    return url
+
+
 def request_key(base_url: str, body: Mapping[str, Any]) -> bytes:
-    """The cache key of one request: SHA-256 of the URL and the canonical JSON body.
+    """The cache key of one request: SHA-256 of the URL's scope and the canonical JSON body.
 
     The messages are hashed after the rest of the body, so that `RequestKeys` can hash the
     part every row shares once per run and only the messages per row.
     """
-    digest = hashlib.sha256(base_url.encode() + b"\n")
+    digest = hashlib.sha256(cache_scope(base_url).encode() + b"\n")
     digest.update(_canonical({k: v for k, v in body.items() if k != "messages"}))
     digest.update(b"\n" + _canonical(body.get("messages")))
     return digest.digest()
@@ -89,7 +106,7 @@ class RequestKeys:
     def __init__(self, base_url: str, base_body: Mapping[str, Any]) -> None:
         self._base_url = base_url
         self._base_body = base_body
-        self._prefix = hashlib.sha256(base_url.encode() + b"\n")
+        self._prefix = hashlib.sha256(cache_scope(base_url).encode() + b"\n")
         self._prefix.update(_canonical(base_body))
 
     def key(self, messages: Any, params: Mapping[str, Any]) -> bytes:

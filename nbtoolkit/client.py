@@ -59,6 +59,9 @@ async def post_chat(
             raw = await reply.read()
             status = reply.status
             reply_headers = reply.headers
+    except aiohttp.ConnectionTimeoutError as exc:
+        # Never connected: a host that is down or filtered, not a slow answer.
+        raise TransportError(f"could not connect within {timeout.sock_connect}s: {exc}") from exc
     except TimeoutError as exc:  # aiohttp raises asyncio.TimeoutError (= TimeoutError on 3.11)
         raise RequestTimeout(
             f"no complete reply within the timeout ({_describe(timeout)})"

@@ -82,7 +82,9 @@ class _OverBudget(Exception):
     """A request that would pass max_cost / max_tokens_total; its row is not sent."""
 
 
-_TRANSPORT_KINDS = frozenset({"TransportError", "RequestTimeout"})
+# Failures that say nothing answered at all (refused, reset, no connection in time). A total
+# timeout is left out: a live server that is merely slower than the timeout is reachable.
+_UNREACHABLE_KINDS = frozenset({"TransportError"})
 
 
 class _Systemic(Exception):
@@ -265,7 +267,7 @@ class ChatRun:
     def _check_reachable(self, result: RowResult) -> None:
         if result.error is None:
             self._any_success = True
-        elif not self._any_success and result.error.kind in _TRANSPORT_KINDS:
+        elif not self._any_success and result.error.kind in _UNREACHABLE_KINDS:
             self._unreachable_streak += 1
             if self._unreachable_streak >= max(3, self.config.max_parallel):
                 raise _Systemic(

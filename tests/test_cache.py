@@ -256,3 +256,33 @@ def test_an_unusable_cache_location_does_not_stop_the_work(server: ChatServer) -
             "review", cache="/proc/no/such/dir/c.sqlite3", **settings(server)
         )
     assert out["response"].notna().all()
+
+
+def test_shared_prefix_keys_equal_whole_body_keys() -> None:
+    """The per-run fast key is the same function of the body as request_key."""
+    from nbtoolkit.cache import RequestKeys, request_key
+
+    base = {"model": "m", "temperature": 0}
+    messages = [{"role": "user", "content": "héllo"}]
+    keys = RequestKeys("https://api.example.com/v1/chat/completions", base)
+    url = "https://api.example.com/v1/chat/completions"
+    assert keys.key(messages, {}) == request_key(url, {**base, "messages": messages})
+    with_params = keys.key(messages, {"seed": 3})
+    assert with_params == request_key(url, {**base, "seed": 3, "messages": messages})
+    assert with_params != keys.key(messages, {})
+    other_host = request_key("https://other.example.com/v1/chat/completions", {**base})
+    assert other_host != request_key(url, {**base})
+
+
+def test_a_local_server_on_a_new_port_still_hits_the_cache() -> None:
+    """On loopback the port is not part of the key: a restarted local server finds its answers."""
+    with ChatServer().run_in_thread() as first:
+        first_url = first.base_url
+        frame(3).chat.complete("review", model=MODEL, base_url=first_url, progress=False)
+    with ChatServer().run_in_thread() as second:
+        assert second.base_url != first_url
+        out = frame(3).chat.complete(
+            "review", model=MODEL, base_url=second.base_url, progress=False
+        )
+        assert second.request_count == 0
+    assert out["response"].notna().all()

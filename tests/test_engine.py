@@ -218,3 +218,13 @@ async def test_usage_is_recorded_per_row() -> None:
         (result,) = await ChatRun(config(server)).execute(requests(1))
     assert result.prompt_tokens is not None and result.prompt_tokens > 0
     assert result.completion_tokens is not None and result.completion_tokens > 0
+
+
+async def test_a_slow_live_server_is_not_called_unreachable() -> None:
+    """Total timeouts on every row fail those rows; the run is not stopped as 'unreachable'."""
+    async with ChatServer(latency=1.0) as server:
+        fast_fail = RetryPolicy(attempts=1)
+        run = ChatRun(config(server, max_parallel=2, retry=fast_fail, timeouts=Timeouts(total=0.1)))
+        results = await run.execute(requests(6))
+    assert {r.error.kind for r in results if r.error} == {"RequestTimeout"}
+    assert all(not r.ok for r in results)
