@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from nbtoolkit import ChatConfig, ChatRequest, ChatRun
 from nbtoolkit.limits import (
     RateGovernor,
     ServerLimits,
@@ -13,6 +14,7 @@ from nbtoolkit.limits import (
     estimate_tokens,
     parse_duration,
 )
+from nbtoolkit.testing import ChatServer, RateLimit, Status
 
 
 class FakeClock:
@@ -184,9 +186,6 @@ async def test_first_request_goes_alone_briefly() -> None:
 
 async def test_a_rate_limited_run_stays_under_the_limit() -> None:
     """Against 40 req/s (burst 20), 120 rows finish near the ideal time with few 429s."""
-    from nbtoolkit import ChatConfig, ChatRequest, ChatRun
-    from nbtoolkit.testing import ChatServer, RateLimit
-
     rows = [ChatRequest(({"role": "user", "content": f"p{i}"},)) for i in range(120)]
     async with ChatServer(rate_limit=RateLimit(40, 20)) as server:
         config = ChatConfig(base_url=server.base_url, model="m", max_parallel=50, cache=False)
@@ -200,9 +199,6 @@ async def test_a_rate_limited_run_stays_under_the_limit() -> None:
 
 async def test_a_429_storm_pauses_everyone_once() -> None:
     """With no headers to go on, a wall of 429s makes all workers wait the server's time."""
-    from nbtoolkit import ChatConfig, ChatRequest, ChatRun
-    from nbtoolkit.testing import ChatServer, Status
-
     rows = [ChatRequest(({"role": "user", "content": f"p{i}"},)) for i in range(8)]
     async with ChatServer() as server:
         server.script(Status(429, retry_after_ms=300))
