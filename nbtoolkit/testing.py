@@ -21,6 +21,10 @@ A request takes the first queued action for its prompt (the content of the last 
 message), else the first action queued for any prompt, else ``Reply()``, unless `FaultRates`
 picks a fault for it. Fault picks hash (seed, prompt, attempt number), so the Nth attempt at a
 prompt meets the same fate whatever order concurrent requests arrive in.
+
+With a `RateLimit`, a request first draws from OpenAI-style token buckets as it arrives; one
+that finds them short gets a 429 and takes no action and no attempt number, so faults stay
+reproducible however the limiter interleaves.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import hmac
 import http
 import itertools
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -45,6 +50,7 @@ __all__ = [
     "ChatServer",
     "FaultRates",
     "Malformed",
+    "RateLimit",
     "RecordedRequest",
     "Reply",
     "Reset",
@@ -152,13 +158,44 @@ class FaultRates:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """OpenAI-style rate limits, decided as each request arrives (before any latency).
+
+    Requests draw from a bucket of `burst` that refills at `requests_per_second`. With
+    `tokens_per_minute`, each request also draws its token cost (the prompt estimate plus the
+    body's ``max_tokens``, else 16) from a bucket that size, refilled over a minute. A request
+    that finds either bucket short gets a 429 ``rate_limit_exceeded``; with `retry_after` it
+    says when to come back (``retry-after-ms``, and ``Retry-After`` in whole seconds rounded
+    up). Every reply to a request that got this far carries the ``x-ratelimit-*`` headers.
+
+    Example:
+        ``ChatServer(rate_limit=RateLimit(50, 50))`` allows bursts of 50, then 50 a second.
+    """
+
+    requests_per_second: float
+    burst: int
+    _: KW_ONLY
+    tokens_per_minute: int | None = None
+    retry_after: bool = True  # False: 429s say nothing of when to retry
+
+    def __post_init__(self) -> None:
+        if not self.requests_per_second > 0:
+            raise ValueError(f"requests_per_second must be > 0, got {self.requests_per_second}")
+        if self.burst < 1:
+            raise ValueError(f"burst must be >= 1, got {self.burst}")
+        if self.tokens_per_minute is not None and self.tokens_per_minute < 1:
+            raise ValueError(f"tokens_per_minute must be >= 1, got {self.tokens_per_minute}")
+
+
+@dataclass(frozen=True)
 class RecordedRequest:
     """One chat-completions request as the server saw it, and how it ended.
 
     `outcome` is "ok" (a valid completion was sent), the status as a string for an error
     ("429", "401", ...), "malformed", "reset", "stall" (cut while stalled) or "dropped" (the
     client hung up, or the server stopped, before the reply was written). Times are
-    `time.monotonic()`; `attempt` counts earlier requests with the same prompt.
+    `time.monotonic()`; `attempt` counts earlier requests with the same prompt, leaving out
+    those a `RateLimit` turned away.
     """
 
     body: dict[str, Any]
@@ -180,6 +217,116 @@ class _Exchange:
     attempt: int = 0
     status: int | None = None
     outcome: str = "dropped"
+    headers: dict[str, str] = field(default_factory=dict)  # added to whatever reply is sent
+
+
+@dataclass
+class _Bucket:
+    """A token bucket; `level` is brought up to date by `refill` before each decision."""
+
+    capacity: float
+    rate: float  # refill per second
+    level: float
+    stamp: float  # time.monotonic() of the last refill
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def has(self, amount: float) -> bool:
+        # The slack absorbs float error: a client that waited exactly retry-after-ms gets in.
+        return self.level >= amount - 1e-6
+
+    def wait_for(self, amount: float) -> float:
+        return max(0.0, (amount - self.level) / self.rate)
+
+    def headers(self, name: str, limit: int) -> dict[str, str]:
+        return {
+            f"x-ratelimit-limit-{name}": str(limit),
+            f"x-ratelimit-remaining-{name}": str(max(0, math.floor(self.level + 1e-6))),
+            f"x-ratelimit-reset-{name}": _duration((self.capacity - self.level) / self.rate),
+        }
+
+
+# The completion tokens a request without max_tokens is charged for.
+_DEFAULT_MAX_TOKENS = 16
+
+
+class _Limiter:
+    """The buckets of one `RateLimit`; only touched on the server's loop."""
+
+    def __init__(self, limit: RateLimit) -> None:
+        now = time.monotonic()
+        self.limit = limit
+        self._requests = _Bucket(limit.burst, limit.requests_per_second, limit.burst, now)
+        tpm = limit.tokens_per_minute
+        self._tokens = None if tpm is None else _Bucket(tpm, tpm / 60.0, tpm, now)
+
+    def admit(self, body: dict[str, Any], ex: _Exchange) -> web.Response | None:
+        """Draw from the buckets; None to go ahead, else the 429 to send."""
+        now = time.monotonic()
+        requests, tokens = self._requests, self._tokens
+        requests.refill(now)
+        cost = 0.0
+        if tokens is not None:
+            tokens.refill(now)
+            # A request bigger than the whole bucket could never pass: charge it a full one.
+            cost = min(_token_cost(body), tokens.capacity)
+        rejection: tuple[str, str, float] | None = None
+        if not requests.has(1):
+            limit = self._rpm()
+            what = f"requests per min (RPM): Limit {limit}, Requested 1"
+            rejection = ("requests", what, requests.wait_for(1))
+        elif tokens is not None and not tokens.has(cost):
+            what = f"tokens per min (TPM): Limit {self.limit.tokens_per_minute}, "
+            rejection = ("tokens", what + f"Requested {cost:.0f}", tokens.wait_for(cost))
+        else:
+            requests.level -= 1
+            if tokens is not None:
+                tokens.level -= cost
+        ex.headers.update(requests.headers("requests", self._rpm()))
+        if tokens is not None and self.limit.tokens_per_minute is not None:
+            ex.headers.update(tokens.headers("tokens", self.limit.tokens_per_minute))
+        if rejection is None:
+            return None
+        kind, what, wait = rejection
+        message = f"Rate limit reached for {what}. Please try again in {_duration(wait)}."
+        response = _error(429, message, type_=kind, err_code="rate_limit_exceeded")
+        if self.limit.retry_after:
+            response.headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000 - 1e-6)))
+            response.headers["Retry-After"] = str(max(1, math.ceil(wait - 1e-6)))
+        return response
+
+    def _rpm(self) -> int:
+        return max(1, round(self.limit.requests_per_second * 60))
+
+
+def _token_cost(body: dict[str, Any]) -> float:
+    messages = body.get("messages")
+    prompt = (
+        sum(_tokens(_text(m.get("content"))) for m in messages if isinstance(m, dict))
+        if isinstance(messages, list)
+        else 0
+    )
+    completion = body.get("max_completion_tokens", body.get("max_tokens"))
+    if not isinstance(completion, int) or isinstance(completion, bool) or completion < 0:
+        completion = _DEFAULT_MAX_TOKENS
+    return float(prompt + completion)
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's (Go's) duration format, to the millisecond: ``120ms``, ``1.5s``, ``6m0s``."""
+    ms = max(0, math.ceil(seconds * 1000 - 1e-6))
+    if ms == 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, ms = divmod(ms, 60_000)
+    hours, minutes = divmod(minutes, 60)
+    text = f"{ms / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours or minutes:
+        text = f"{minutes}m{text}"
+    return f"{hours}h{text}" if hours else text
 
 
 def _text(content: Any) -> str:
@@ -227,6 +374,7 @@ class ChatServer:
         faults: Random but reproducible faults for requests without a scripted action.
         record: False keeps no per-request list (for big benchmarks); counters still work.
         model_names: When given, other models get a 404 ``model_not_found``.
+        rate_limit: OpenAI-style request (and token) buckets; see `RateLimit`.
 
     Counters (`request_count`, `in_flight`, `peak_in_flight`, `answered`, `statuses`) are
     only written by the server's loop, so reading them from another thread is safe.
@@ -242,8 +390,10 @@ class ChatServer:
         faults: FaultRates | None = None,
         record: bool = True,
         model_names: Iterable[str] | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> None:
         self.latency = latency
+        self.rate_limit = rate_limit
         self._api_key = api_key
         self._responder = responder or _echo
         self._faults = faults
@@ -261,6 +411,7 @@ class ChatServer:
         self._closing = False
         # Pending waits, woken at shutdown so stalled handlers never hold up runner.cleanup().
         self._sleepers: set[asyncio.Future[None]] = set()
+        self._limiter: _Limiter | None = None
         self.in_flight = 0
         self.reset_records()
 
@@ -316,6 +467,8 @@ class ChatServer:
             await runner.cleanup()
             raise
         self._closing = False
+        # Full buckets on every start: a limit's history never leaks into the next run.
+        self._limiter = None if self.rate_limit is None else _Limiter(self.rate_limit)
         self._runner = runner
         self._port = int(runner.addresses[0][1])
 
@@ -450,6 +603,12 @@ class ChatServer:
             msg = f"The model `{model}` does not exist"
             response = _error(404, msg, type_=_INVALID, err_code="model_not_found")
             return await self._send(request, ex, response)
+        if self._limiter is not None:
+            rejection = self._limiter.admit(body, ex)
+            if rejection is not None:
+                with self._lock:
+                    ex.attempt = self._seen[ex.prompt]
+                return await self._send(request, ex, rejection)
 
         action, ex.attempt = self._next_action(ex.prompt)
         if isinstance(action, Reset):
@@ -486,6 +645,7 @@ class ChatServer:
         *,
         outcome: str | None = None,
     ) -> web.StreamResponse:
+        response.headers.update(ex.headers)
         # Written here, not by aiohttp after we return, so in_flight covers the write.
         try:
             await response.prepare(request)

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import threading
 import time
 import urllib.request
@@ -22,11 +23,13 @@ from nbtoolkit.testing import (
     ChatServer,
     FaultRates,
     Malformed,
+    RateLimit,
     Reply,
     Reset,
     Stall,
     Status,
 )
+from nbtoolkit.testing import _duration as duration
 
 
 def _body(prompt: str, model: str = "test-model") -> dict[str, Any]:
@@ -359,3 +362,126 @@ def test_thread_mode_stops_promptly_with_a_stalled_request() -> None:
     caller.join(5)
     assert len(errors) == 1  # the caller saw the connection drop, not a reply
     assert server.statuses == {"stall": 1}
+
+
+async def test_rate_limit_allows_a_burst_then_sends_openai_429s(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A full bucket admits `burst` requests; the next gets an OpenAI 429 with retry headers."""
+    async with ChatServer(rate_limit=RateLimit(1, 3)) as server:
+        server.script(Reply("scripted"))
+        replies = [await _post(session, server, f"p{i}") for i in range(4)]
+    assert [status for status, _, _ in replies] == [200, 200, 200, 429]
+    assert [h["x-ratelimit-remaining-requests"] for _, _, h in replies] == ["2", "1", "0", "0"]
+    assert {h["x-ratelimit-limit-requests"] for _, _, h in replies} == {"60"}
+    assert "x-ratelimit-limit-tokens" not in replies[0][2]
+    assert "Retry-After" not in replies[0][2]
+    _, text, headers = replies[3]
+    error = json.loads(text)["error"]
+    assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+    assert error["message"].startswith("Rate limit reached for requests")
+    # One token refills in a second, less the moments the three requests took.
+    assert 900 <= int(headers["retry-after-ms"]) <= 1000
+    assert headers["Retry-After"] == "1"
+    assert re.fullmatch(r"(2\.\d{1,3}|3)s", headers["x-ratelimit-reset-requests"])
+    assert server.statuses == {"ok": 3, "429": 1}
+    # The turned-away request took no scripted action and no attempt number.
+    assert json.loads(replies[0][1])["choices"][0]["message"]["content"] == "scripted"
+    assert [r.attempt for r in server.requests] == [0, 0, 0, 0]
+
+
+async def test_rate_limit_refills_at_the_given_rate(session: aiohttp.ClientSession) -> None:
+    """After a 429, waiting retry-after-ms gets the request in; the bucket refills over time."""
+    async with ChatServer(rate_limit=RateLimit(20, 2)) as server:
+        statuses = [(await _post(session, server, "a"))[0] for _ in range(3)]
+        _, _, headers = await _post(session, server, "a")
+        wait_ms = int(headers["retry-after-ms"])
+        assert 1 <= wait_ms <= 50
+        await asyncio.sleep(wait_ms / 1000)
+        after_wait, _, _ = await _post(session, server, "a")
+        await asyncio.sleep(0.15)  # 3 tokens' worth: the bucket is full again, and no fuller
+        _, _, full = await _post(session, server, "a")
+    assert statuses == [200, 200, 429]
+    assert after_wait == 200
+    assert full["x-ratelimit-remaining-requests"] == "1"
+    assert server.statuses == {"ok": 4, "429": 2}
+
+
+async def test_rate_limit_decides_on_arrival_for_concurrent_requests(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Requests still waiting out their latency hold their tokens: 10 at once, burst 4."""
+    async with ChatServer(latency=0.2, rate_limit=RateLimit(0.5, 4)) as server:
+        started = time.monotonic()
+        replies = await asyncio.gather(*(_post(session, server, f"p{i}") for i in range(10)))
+        elapsed = time.monotonic() - started
+    assert sorted(status for status, _, _ in replies) == [200] * 4 + [429] * 6
+    assert server.peak_in_flight >= 4
+    assert elapsed < 1.0  # the 429s did not wait for the latency, nor the 200s for each other
+    assert {h["Retry-After"] for s, _, h in replies if s == 429} == {"2"}
+
+
+async def test_rate_limit_on_tokens_charges_prompt_and_max_tokens(
+    session: aiohttp.ClientSession,
+) -> None:
+    """With tokens_per_minute, a request costs its prompt estimate plus max_tokens."""
+    body = {**_body("a"), "max_tokens": 20}  # "be brief" ~3 tokens + "a" 1 + 20 = 24
+    async with ChatServer(rate_limit=RateLimit(100, 100, tokens_per_minute=60)) as server:
+        replies = [await _post(session, server, "a", json=body) for _ in range(3)]
+    assert [status for status, _, _ in replies] == [200, 200, 429]
+    first = replies[0][2]
+    assert (first["x-ratelimit-limit-tokens"], first["x-ratelimit-remaining-tokens"]) == (
+        "60",
+        "36",
+    )
+    assert first["x-ratelimit-reset-tokens"] in {"24s", "23.999s", "23.998s"}
+    _, text, headers = replies[2]
+    error = json.loads(text)["error"]
+    assert (error["type"], error["code"]) == ("tokens", "rate_limit_exceeded")
+    assert error["message"].startswith("Rate limit reached for tokens")
+    # 12 tokens short at one token a second.
+    assert 11_900 <= int(headers["retry-after-ms"]) <= 12_000
+    assert headers["Retry-After"] == "12"
+    assert headers["x-ratelimit-remaining-requests"] == "98"
+
+
+async def test_rate_limit_without_retry_after_still_sends_limit_headers(
+    session: aiohttp.ClientSession,
+) -> None:
+    """retry_after=False: 429s carry no retry headers, but the x-ratelimit ones stay."""
+    async with ChatServer(rate_limit=RateLimit(1, 1, retry_after=False)) as server:
+        await _post(session, server, "a")
+        status, _, headers = await _post(session, server, "a")
+    assert status == 429
+    assert "retry-after-ms" not in headers
+    assert "Retry-After" not in headers
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_rate_limit_is_checked() -> None:
+    """A rate or burst that could never admit a request is rejected."""
+    with pytest.raises(ValueError, match="requests_per_second"):
+        RateLimit(0, 1)
+    with pytest.raises(ValueError, match="burst"):
+        RateLimit(1, 0)
+    with pytest.raises(ValueError, match="tokens_per_minute"):
+        RateLimit(1, 1, tokens_per_minute=0)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0s"),
+        (0.12, "120ms"),
+        (0.0004, "1ms"),
+        (1, "1s"),
+        (1.5, "1.5s"),
+        (8.64, "8.64s"),
+        (360, "6m0s"),
+        (179.56, "2m59.56s"),
+        (3600, "1h0m0s"),
+    ],
+)
+def test_reset_headers_use_openais_duration_format(seconds: float, text: str) -> None:
+    """x-ratelimit-reset-* values read like OpenAI's: 120ms, 1.5s, 6m0s (rounded up to 1 ms)."""
+    assert duration(seconds) == text

@@ -1,0 +1,111 @@
+"""One client over one workload, in a fresh process: ``python -m benchmarks.child SPEC``.
+
+SPEC is JSON: ``{"client", "url", "rows", "max_parallel", "timeout", "deadline"}``. The
+last stdout line is ``RESULT {json}``: wall and CPU seconds of the run, peak RSS, and how
+many rows came back right, wrong (another row's answer, or garbage) or missing.
+
+Fairness: every child imports the same modules (all clients live in one module) and builds
+the same DataFrame before the clock starts, so imports and the frame weigh the same in
+every client's RSS; ``rss_before_mb`` is the peak up to that point. The clock covers the
+client's run plus putting the answers in a new column of the frame (which
+``df.chat.complete`` does itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import resource
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pandas as pd
+
+from benchmarks.clients import ASYNC_CLIENTS, SYNC_CLIENTS, Job
+
+
+def prompt(index: int) -> str:
+    """Row `index`'s prompt: unique, so an answer in the wrong row is recognisable."""
+    return f"row {index}: what do you think of item {index}?"
+
+
+def expected(index: int) -> str:
+    """What the test server's default responder answers to row `index`."""
+    return "echo: " + prompt(index)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+async def _bounded(run: Callable[[Job], Awaitable[None]], job: Job, deadline: float) -> bool:
+    """Run until done or `deadline` seconds; True when it finished."""
+    try:
+        async with asyncio.timeout(deadline) as scope:
+            await run(job)
+    except TimeoutError:
+        if scope.expired():
+            return False
+        raise
+    return True
+
+
+def _interrupt_after(deadline: float) -> None:
+    # SIGINT, as Ctrl-C would: asyncio.run cancels the run and nbtoolkit keeps the
+    # finished rows in RunInterrupted.partial.
+    signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    signal.setitimer(signal.ITIMER_REAL, deadline)
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run the client the spec names and return its measurements."""
+    url, client, rows = spec["url"], spec["client"], int(spec["rows"])
+    if not url.startswith("http://127.0.0.1:"):
+        raise SystemExit(f"benchmarks only talk to 127.0.0.1, not {url}")
+    frame = pd.DataFrame({"prompt": [prompt(i) for i in range(rows)]})
+    job = Job(url, frame, int(spec["max_parallel"]), spec["timeout"], [None] * rows)
+    gc.collect()
+    rss_before = _peak_rss_mb()
+    wall, cpu = time.perf_counter(), time.process_time()
+    if client in SYNC_CLIENTS:
+        _interrupt_after(spec["deadline"])
+        try:
+            finished = SYNC_CLIENTS[client](job)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    else:
+        finished = asyncio.run(_bounded(ASYNC_CLIENTS[client], job, spec["deadline"]))
+        frame.assign(
+            response=pd.Series(job.results, dtype=object)
+        )  # the new frame df.chat.complete would return
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    ok = sum(answer == expected(i) for i, answer in enumerate(job.results))
+    missing = job.results.count(None)
+    return {
+        "client": client,
+        "finished": finished,
+        "wall": wall,
+        "cpu": cpu,
+        "cpu_ms_per_row": 1000 * cpu / rows,
+        "rss_before_mb": rss_before,
+        "peak_rss_mb": _peak_rss_mb(),
+        "rows": rows,
+        "ok": ok,
+        "misaligned": rows - ok - missing,
+        "missing": missing,
+    }
+
+
+def main() -> None:
+    """Entry point: measure, then print the result line."""
+    result = measure(json.loads(sys.argv[1]))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
