@@ -20,7 +20,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,14 +124,15 @@ class ResponseCache:
         self.path = Path(path) if path is not None else default_cache_path()
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         _create_private(self.path)
-        # isolation_level=None: autocommit, so each put() is durable on return.
+        # isolation_level=None: we say when a transaction begins and ends (see put/commit).
         self._db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._in_transaction = False
+        _retry_while_locked(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
         # NORMAL under WAL: a commit survives a killed process; only power loss can undo
         # the last few, and it never corrupts the file.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.execute(_SCHEMA)
+        _retry_while_locked(lambda: self._db.execute(_SCHEMA))
 
     def get_many(self, keys: Sequence[bytes]) -> dict[bytes, CachedAnswer]:
         """The cached answers among ``keys`` (missing keys are simply absent)."""
@@ -149,7 +150,14 @@ class ResponseCache:
         return found
 
     def put(self, key: bytes, answer: CachedAnswer, *, model: str | None = None) -> None:
-        """Store one answer now (committed on return)."""
+        """Store one answer in the open write transaction; `commit` makes it durable.
+
+        The engine commits at the end of the event-loop turn the answer arrived in, so a
+        burst of replies shares one commit (a commit costs more than a fast request).
+        """
+        if not self._in_transaction:
+            self._db.execute("BEGIN IMMEDIATE")  # take the write lock now, within busy_timeout
+            self._in_transaction = True
         self._db.execute(
             "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
@@ -163,6 +171,12 @@ class ResponseCache:
             ),
         )
 
+    def commit(self) -> None:
+        """Make every answer stored since the last commit durable."""
+        if self._in_transaction:
+            self._in_transaction = False
+            self._db.execute("COMMIT")
+
     def info(self) -> CacheInfo:
         (entries,) = self._db.execute("SELECT count(*) FROM responses").fetchone()
         return CacheInfo(self.path, entries, _size_on_disk(self.path))
@@ -173,13 +187,33 @@ class ResponseCache:
         self._db.execute("VACUUM")
 
     def close(self) -> None:
-        self._db.close()
+        try:
+            self.commit()
+        finally:
+            self._db.close()
 
     def __enter__(self) -> ResponseCache:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _retry_while_locked(statement: Callable[[], object], *, seconds: float = 5.0) -> None:
+    """Run a statement that SQLite may refuse at once while another process sets the file up.
+
+    Switching to WAL, or creating the table, while a second process does the same can fail
+    with "database is locked" without waiting for busy_timeout.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            statement()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _create_private(path: Path) -> None:

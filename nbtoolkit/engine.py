@@ -18,6 +18,7 @@ iterable only as the queue drains. Only the results list grows with the row coun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import sqlite3
 import time
@@ -76,6 +77,15 @@ class _Job:
         if not isinstance(completion, int | float):
             completion = _DEFAULT_COMPLETION_BUDGET
         return estimate_tokens(self.body["messages"], 0), float(completion)
+
+
+class _Attempts(Exception):
+    """A row's last error after tenacity gave up, with how many attempts it took."""
+
+    def __init__(self, error: Exception, attempts: int) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.attempts = attempts
 
 
 class _OverBudget(Exception):
@@ -139,6 +149,7 @@ class ChatRun:
         # Cache key -> rows waiting for the same request, which is queued or in flight.
         self._pending: dict[bytes, list[int]] = {}
         self._sending: set[int] = set()  # rows a worker holds right now
+        self._commit_scheduled = False
         # Rows that failed to reach the server before any row succeeded: past a pool's worth,
         # the server is unreachable (wrong port, host down) and every other row would spend
         # all its retries finding that out again.
@@ -184,7 +195,10 @@ class ChatRun:
             self.stats.finished = time.monotonic()
             self.stats.cost = self.budget.cost if self.budget.price(0, 0) is not None else None
             if self._cache is not None:
-                self._cache.close()
+                try:
+                    self._cache.close()  # commits what the last loop turn stored
+                except sqlite3.Error as exc:
+                    self._cache_failed(exc)
         return [result if result is not None else SKIPPED for result in self.results]
 
     async def _produce(
@@ -253,16 +267,34 @@ class ChatRun:
     def _save(self, cache: ResponseCache, key: bytes, result: RowResult) -> None:
         try:
             cache.put(key, _to_cache(result), model=self.config.model)
+            if not self._commit_scheduled:
+                # Commit once this loop turn's replies are all in: microseconds from now.
+                self._commit_scheduled = True
+                asyncio.get_running_loop().call_soon(self._commit)
         except sqlite3.Error as exc:
-            # A full disk or a lock held too long must not cost the answer itself: the row
-            # keeps it, only a re-run would pay for it again. Say so once, then go on.
-            warnings.warn(
-                f"response cache write failed, carrying on without it: {exc}",
-                RuntimeWarning,
-                stacklevel=1,
-            )
-            cache.close()
-            self._cache = None
+            self._cache_failed(exc)
+
+    def _commit(self) -> None:
+        self._commit_scheduled = False
+        if self._cache is None:
+            return
+        try:
+            self._cache.commit()
+        except sqlite3.Error as exc:
+            self._cache_failed(exc)
+
+    def _cache_failed(self, exc: sqlite3.Error) -> None:
+        # A full disk or a lock held too long must not cost the answers themselves: rows keep
+        # them, only a re-run would pay again. Say so once, then go on without the cache.
+        warnings.warn(
+            f"response cache write failed, carrying on without it: {exc}",
+            RuntimeWarning,
+            stacklevel=1,
+        )
+        if self._cache is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._cache.close()
+        self._cache = None
 
     def _check_reachable(self, result: RowResult) -> None:
         if result.error is None:
@@ -275,31 +307,21 @@ class ChatRun:
                 )
 
     async def _complete(self, session: aiohttp.ClientSession, job: _Job) -> RowResult:
-        policy = self.config.retry
-        attempts = 0
-        retrying = AsyncRetrying(
-            stop=GiveUp(policy),
-            wait=RetryAfterOrBackoff(policy),
-            retry=retry_if_exception(is_retryable),
-            before_sleep=self._on_retry,
-            reraise=True,
-        )
+        attempts = 1
         try:
-            async for attempt in retrying:
-                with attempt:
-                    attempts += 1
-                    completion = await self._send_once(session, job)
+            try:
+                completion = await self._send_once(session, job)
+            except Exception as first_error:
+                if not is_retryable(first_error) or GiveUp(self.config.retry).first(first_error):
+                    raise
+                completion, attempts = await self._retry(session, job, first_error)
         except _OverBudget:
             error = RowError("over_budget", self.budget.reason(), None, attempts - 1)
             return RowResult(None, error, attempts - 1)
-        except NbToolkitError as exc:
-            self.stats.statuses[_status_key(exc)] += 1
-            if is_systemic(exc):
-                raise _Systemic(exc) from exc
-            return RowResult(None, _row_error(exc, attempts), attempts)
+        except _Attempts as failed:
+            return self._failed(failed.error, failed.attempts)
         except Exception as exc:
-            self.stats.statuses[type(exc).__name__] += 1
-            return RowResult(None, RowError(type(exc).__name__, str(exc), None, attempts), attempts)
+            return self._failed(exc, attempts)
         usage = completion.usage or {}
         details = usage.get("prompt_tokens_details")
         return RowResult(
@@ -312,6 +334,44 @@ class ChatRun:
             if isinstance(details, Mapping)
             else None,
         )
+
+    async def _retry(
+        self, session: aiohttp.ClientSession, job: _Job, first_error: Exception
+    ) -> tuple[Completion, int]:
+        """Attempts 2 and on, run by tenacity. The first attempt went outside it, because
+        tenacity's bookkeeping costs more CPU than a whole request to a fast server; tenacity
+        is handed the first failure as its own attempt 1, so its stop and wait rules see
+        exactly what happened."""
+        policy = self.config.retry
+        replay: list[Exception] = [first_error]
+
+        async def attempt() -> Completion:
+            if replay:
+                raise replay.pop()
+            return await self._send_once(session, job)
+
+        retrying = AsyncRetrying(
+            stop=GiveUp(policy),
+            wait=RetryAfterOrBackoff(policy),
+            retry=retry_if_exception(is_retryable),
+            before_sleep=self._on_retry,
+            reraise=True,
+        )
+        try:
+            completion: Completion = await retrying(attempt)
+        except _OverBudget:
+            raise
+        except Exception as exc:
+            raise _Attempts(exc, retrying.statistics.get("attempt_number", 1)) from exc
+        return completion, int(retrying.statistics.get("attempt_number", 1))
+
+    def _failed(self, exc: Exception, attempts: int) -> RowResult:
+        self.stats.statuses[_status_key(exc)] += 1
+        if isinstance(exc, NbToolkitError) and is_systemic(exc):
+            raise _Systemic(exc) from exc
+        if isinstance(exc, NbToolkitError):
+            return RowResult(None, _row_error(exc, attempts), attempts)
+        return RowResult(None, RowError(type(exc).__name__, str(exc), None, attempts), attempts)
 
     async def _send_once(self, session: aiohttp.ClientSession, job: _Job) -> Completion:
         """One attempt: within budget, admitted by the governor, reported back to both."""

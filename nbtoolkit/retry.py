@@ -112,8 +112,16 @@ class GiveUp:
         self._policy = policy
 
     def __call__(self, retry_state: RetryCallState) -> bool:
-        if retry_state.attempt_number >= self._policy.attempts:
-            return True
         outcome = retry_state.outcome
-        asked = server_wait(outcome.exception() if outcome is not None else None)
+        error = outcome.exception() if outcome is not None else None
+        return self._stop(retry_state.attempt_number, error)
+
+    def first(self, error: BaseException) -> bool:
+        """Whether a first attempt that failed with ``error`` is also the last."""
+        return self._stop(1, error)
+
+    def _stop(self, attempt_number: int, error: BaseException | None) -> bool:
+        if attempt_number >= self._policy.attempts:
+            return True
+        asked = server_wait(error)
         return asked is not None and asked > self._policy.retry_after_max
