@@ -254,15 +254,19 @@ class RateGovernor:
                 self.requests, limits.limit_requests, limits.remaining_requests, self._user_rpm
             )
         if self.requests is not None and limits.remaining_requests is not None:
-            # Requests still on their way count against the server's number too.
-            self.requests.lower_to(limits.remaining_requests - self.in_flight)
+            # Believe the server's count (others may share the key). Our requests still on
+            # their way are not subtracted: most have already been counted on arrival, and
+            # counting them twice stalled a run for seconds after one burst.
+            self.requests.lower_to(limits.remaining_requests)
         if limits.limit_tokens:
             self.tokens = self._learned(
                 self.tokens, limits.limit_tokens, limits.remaining_tokens, self._user_tpm
             )
         if self.tokens is not None and limits.remaining_tokens is not None:
             self.tokens.lower_to(limits.remaining_tokens)
-        if limits.remaining_requests == 0 and limits.reset_requests:
+        if limits.remaining_requests == 0 and limits.reset_requests and not limits.limit_requests:
+            # Out of requests and no rate to pace by: wait for the reset. With a known rate,
+            # the emptied bucket already waits just long enough for the next request.
             self.paused_until = max(self.paused_until, self._clock() + limits.reset_requests)
 
     def _learned(

@@ -146,7 +146,7 @@ async def test_rpm_budget_paces_requests() -> None:
 
 
 async def test_server_headers_set_the_pace() -> None:
-    """A reply announcing 120 rpm with 0 remaining pauses until its reset time."""
+    """A reply announcing 120 rpm with 0 remaining holds the next request for one token."""
     clock = FakeClock()
     governor = RateGovernor(max_parallel=10, probe_seconds=0, clock=clock)
     started = await governor.admit(1)
