@@ -7,6 +7,7 @@ This is the only module that speaks HTTP. It maps every reply onto the exception
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,7 @@ async def post_chat(
         MalformedResponse: a 2xx whose body is not a chat completion.
     """
     payload = json.dumps(body, ensure_ascii=False)
+    started = time.monotonic()
     try:
         async with session.post(url, data=payload, headers=headers, timeout=timeout) as reply:
             raw = await reply.read()
@@ -64,11 +66,14 @@ async def post_chat(
         raise TransportError(f"could not connect within {timeout.sock_connect}s: {exc}") from exc
     except TimeoutError as exc:  # aiohttp raises asyncio.TimeoutError (= TimeoutError on 3.11)
         raise RequestTimeout(
-            f"no complete reply within the timeout ({_describe(timeout)})"
+            f"no complete reply within the timeout ({_describe(timeout)})",
+            elapsed=time.monotonic() - started,
         ) from exc
     except aiohttp.ClientError as exc:
         # str(exc) names the host and the OS error, never the request headers.
-        raise TransportError(f"{type(exc).__name__}: {exc}") from exc
+        raise TransportError(
+            f"{type(exc).__name__}: {exc}", elapsed=time.monotonic() - started
+        ) from exc
     text = raw.decode("utf-8", errors="replace")
     if status >= 300:
         # Some proxies echo the Authorization header in error bodies: never let it reach a

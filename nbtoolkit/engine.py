@@ -141,6 +141,9 @@ class ChatRun:
             total=config.timeouts.total,
             sock_connect=config.timeouts.connect,
             sock_read=config.timeouts.read,
+            # aiohttp rounds timeouts of 5 s and more up to whole seconds (cheaper timers);
+            # a 5 s timeout that fires at 5.9 s only delays the retry. Keep them exact.
+            ceil_threshold=float("inf"),
         )
         self._headers = config.headers()
         self._base_body: dict[str, Any] = {"model": config.model, **config.params}

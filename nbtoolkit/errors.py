@@ -81,6 +81,10 @@ class BadRequestError(APIError):
 class TransportError(NbToolkitError):
     """The request never got a complete HTTP answer: refused, reset, or cut."""
 
+    def __init__(self, message: str, *, elapsed: float = 0.0) -> None:
+        super().__init__(message)
+        self.elapsed = elapsed  # seconds the failed attempt took (a timeout: all of it)
+
 
 class RequestTimeout(TransportError):
     """The connect or total timeout ran out."""

@@ -99,10 +99,14 @@ class RetryAfterOrBackoff:
 
     def __call__(self, retry_state: RetryCallState) -> float:
         outcome = retry_state.outcome
-        asked = server_wait(outcome.exception() if outcome is not None else None)
+        error = outcome.exception() if outcome is not None else None
+        asked = server_wait(error)
         if asked is not None:
             return asked
-        return float(self._backoff(retry_state))
+        # Backoff spaces the starts of attempts: an attempt that already spent 5 s timing
+        # out has waited longer than a 0.5 s backoff, and is retried at once.
+        spent = getattr(error, "elapsed", 0.0)
+        return max(0.0, float(self._backoff(retry_state)) - spent)
 
 
 class GiveUp:

@@ -167,3 +167,11 @@ def test_policy_rejects_nonsense(field: str) -> None:
 
     with pytest.raises(ConfigError):
         RetryPolicy(**{field: -1})
+
+
+def test_time_spent_timing_out_counts_toward_the_backoff() -> None:
+    """An attempt that spent 5 s timing out is retried at once; a quick failure waits."""
+    wait = RetryAfterOrBackoff(RetryPolicy(wait_initial=0.5, wait_max=4.0, jitter=0))
+    assert wait(_state_after(RequestTimeout("slow", elapsed=5.0), 1)) == 0.0
+    assert wait(_state_after(TransportError("reset", elapsed=0.2), 1)) == pytest.approx(0.3)
+    assert wait(_state_after(ServerError("x", status=500), 1)) == pytest.approx(0.5)
