@@ -382,7 +382,7 @@ class ChatRun:
         if self.budget.limited and not self.budget.try_reserve(prompt_tokens, completion_tokens):
             raise _OverBudget()
         reserved = prompt_tokens + completion_tokens
-        started = await self.governor.admit(reserved)
+        ticket = await self.governor.admit(reserved)
         self.stats.requests_sent += 1
         limits: ServerLimits | None = None
         used: float | None = None
@@ -415,7 +415,7 @@ class ChatRun:
             if self.budget.limited:
                 self.budget.release(prompt_tokens, completion_tokens)
             self.governor.settle(
-                started,
+                ticket,
                 reserved_tokens=reserved,
                 used_tokens=used,
                 limits=limits,

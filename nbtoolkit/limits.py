@@ -9,8 +9,10 @@ with `settle()` when its reply (or error) is in. Four things can hold it back:
    ``x-ratelimit-*`` headers, which also pull the buckets down to the server's count);
 3. the adaptive concurrency limit: halved on a 429 or a timeout, grown back by one per
    round trip of successes (AIMD), never above max_parallel;
-4. before the first reply, one request goes alone for a moment (``probe_seconds``) so that
-   its headers size the run before a whole pool hits the limit at once.
+4. before the first reply, one request goes alone for a moment (``probe_seconds``), and
+   then at most half the pool, so that a server's headers size the run before a whole
+   pool can hit its limit at once. (Waiting for the first reply in all cases would cost a
+   full round trip on every run; a fast server answers within the probe.)
 
 Why not aiolimiter: its buckets cannot be refunded (a request that used fewer tokens than
 it reserved gives them back here) or pulled down to the count a server reports.
@@ -81,6 +83,14 @@ def _number(text: str) -> float | None:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """A request's admission: when it went, and how many had gone before it and with it."""
+
+    started: float
+    sequence: int
+
+
 class TokenBucket:
     """A bucket refilled continuously at ``rate`` per second, up to ``capacity``.
 
@@ -144,7 +154,7 @@ class RateGovernor:
         rpm: float | None = None,
         tpm: float | None = None,
         adaptive: bool = True,
-        probe_seconds: float = 0.05,
+        probe_seconds: float = 0.02,
         clock: Callable[[], float] = time.monotonic,
         on_wait: Callable[[float, str], None] | None = None,
     ) -> None:
@@ -161,13 +171,15 @@ class RateGovernor:
         self.tokens = TokenBucket(tpm / 60.0, tpm / 60.0, clock) if tpm else None
         self._probe_deadline: float | None = None
         self._probe_seconds = probe_seconds
+        self._heard_back = False  # has any reply (and its headers) come in yet?
+        self._sent = 0  # requests admitted so far; tickets remember their place
         self._last_cut = -math.inf
         self._round_trip = 1.0  # smoothed seconds per request; paces the AIMD cuts
         self._changed = asyncio.Event()
         self._announced_until = -math.inf
 
-    async def admit(self, tokens: float) -> float:
-        """Wait until a request of ``tokens`` estimated tokens may go; returns its start time."""
+    async def admit(self, tokens: float) -> Ticket:
+        """Wait until a request of ``tokens`` estimated tokens may go; hand its ticket to settle."""
         while True:
             wait, reason = self._wait_needed(tokens)
             if wait <= 0:
@@ -185,9 +197,10 @@ class RateGovernor:
         if self.tokens is not None:
             self.tokens.take(tokens)
         self.in_flight += 1
+        self._sent += 1
         if self._probe_deadline is None:
             self._probe_deadline = self._clock() + self._probe_seconds
-        return self._clock()
+        return Ticket(self._clock(), self._sent)
 
     def _announce(self, wait: float, reason: str) -> None:
         """Tell the progress display about a long wait, once per wait rather than per worker."""
@@ -202,8 +215,11 @@ class RateGovernor:
         now = self._clock()
         if self.paused_until > now:
             return self.paused_until - now, "rate limited by the server"
-        if self._probe_deadline is not None and self.in_flight and now < self._probe_deadline:
-            return self._probe_deadline - now, "first request"
+        if not self._heard_back and self._probe_deadline is not None and self.in_flight:
+            if now < self._probe_deadline:
+                return self._probe_deadline - now, "first request"
+            if self.in_flight >= max(1, self.max_parallel // 2):
+                return math.inf, "first replies"  # woken by settle()
         if self.in_flight >= max(1, int(self.limit)):
             return math.inf, "concurrency"  # woken by settle()
         if self.requests is not None and (wait := self.requests.wait_for(1)) > 0:
@@ -214,7 +230,7 @@ class RateGovernor:
 
     def settle(
         self,
-        started: float,
+        ticket: Ticket,
         *,
         reserved_tokens: float,
         used_tokens: float | None,
@@ -230,12 +246,12 @@ class RateGovernor:
         """
         now = self._clock()
         self.in_flight -= 1
-        self._probe_deadline = now  # a reply is in: no more waiting for the first one
-        self._round_trip = 0.8 * self._round_trip + 0.2 * (now - started)
+        self._heard_back = True  # its headers (if any) now size the run
+        self._round_trip = 0.8 * self._round_trip + 0.2 * (now - ticket.started)
         if self.tokens is not None and used_tokens is not None:
             self.tokens.give_back(reserved_tokens - used_tokens)
         if limits is not None:
-            self._follow(limits)
+            self._follow(limits, sent_since=self._sent - ticket.sequence)
         if pause is not None and pause > 0:
             self.paused_until = max(self.paused_until, now + pause)
         if self._adaptive:
@@ -247,17 +263,17 @@ class RateGovernor:
                 self.limit = min(float(self.max_parallel), self.limit + 1.0 / max(1.0, self.limit))
         self._changed.set()
 
-    def _follow(self, limits: ServerLimits) -> None:
+    def _follow(self, limits: ServerLimits, *, sent_since: int) -> None:
         """Take the server's announced budgets as ours (a user's own budget stays if lower)."""
         if limits.limit_requests:
             self.requests = self._learned(
                 self.requests, limits.limit_requests, limits.remaining_requests, self._user_rpm
             )
         if self.requests is not None and limits.remaining_requests is not None:
-            # Believe the server's count (others may share the key). Our requests still on
-            # their way are not subtracted: most have already been counted on arrival, and
-            # counting them twice stalled a run for seconds after one burst.
-            self.requests.lower_to(limits.remaining_requests)
+            # Believe the server's count (others may share the key), less what we sent after
+            # this request, which it had not seen yet. Not below zero: some of those may be
+            # refused and cost nothing, and a deep debt would stall the run for seconds.
+            self.requests.lower_to(max(0.0, limits.remaining_requests - sent_since))
         if limits.limit_tokens:
             self.tokens = self._learned(
                 self.tokens, limits.limit_tokens, limits.remaining_tokens, self._user_tpm

@@ -89,9 +89,9 @@ async def test_a_429_pauses_every_worker() -> None:
     """After one 429 with a 2 s wait, nobody is admitted until 2 s have passed."""
     clock = FakeClock()
     governor = RateGovernor(max_parallel=8, probe_seconds=0, clock=clock)
-    started = await governor.admit(10)
+    ticket = await governor.admit(10)
     governor.settle(
-        started, reserved_tokens=10, used_tokens=None, limits=None, congested=True, pause=2.0
+        ticket, reserved_tokens=10, used_tokens=None, limits=None, congested=True, pause=2.0
     )
     waiter = asyncio.ensure_future(governor.admit(10))
     await asyncio.sleep(0.05)
@@ -107,16 +107,16 @@ async def test_aimd_halves_on_congestion_and_grows_back() -> None:
     clock = FakeClock()
     governor = RateGovernor(max_parallel=16, probe_seconds=0, clock=clock)
     starts = [await governor.admit(1) for _ in range(4)]
-    for started in starts[:2]:  # two 429s in the same round trip: one cut
-        governor.settle(started, reserved_tokens=1, used_tokens=None, limits=None, congested=True)
+    for ticket in starts[:2]:  # two 429s in the same round trip: one cut
+        governor.settle(ticket, reserved_tokens=1, used_tokens=None, limits=None, congested=True)
     assert governor.limit == 8
-    for started in starts[2:]:
-        governor.settle(started, reserved_tokens=1, used_tokens=1, limits=None, congested=False)
+    for ticket in starts[2:]:
+        governor.settle(ticket, reserved_tokens=1, used_tokens=1, limits=None, congested=False)
     assert 8 < governor.limit < 8.5
     clock.now += 100
     for _ in range(200):
-        started = await governor.admit(1)
-        governor.settle(started, reserved_tokens=1, used_tokens=1, limits=None, congested=False)
+        ticket = await governor.admit(1)
+        governor.settle(ticket, reserved_tokens=1, used_tokens=1, limits=None, congested=False)
     assert governor.limit == 16  # never above max_parallel
 
 
@@ -149,9 +149,9 @@ async def test_server_headers_set_the_pace() -> None:
     """A reply announcing 120 rpm with 0 remaining holds the next request for one token."""
     clock = FakeClock()
     governor = RateGovernor(max_parallel=10, probe_seconds=0, clock=clock)
-    started = await governor.admit(1)
+    ticket = await governor.admit(1)
     limits = ServerLimits(limit_requests=120, remaining_requests=0, reset_requests=0.5)
-    governor.settle(started, reserved_tokens=1, used_tokens=1, limits=limits, congested=False)
+    governor.settle(ticket, reserved_tokens=1, used_tokens=1, limits=limits, congested=False)
     assert governor.requests is not None
     assert governor.requests.rate == pytest.approx(0.97 * 2)
     nxt = asyncio.ensure_future(governor.admit(1))
@@ -166,9 +166,9 @@ async def test_tokens_are_settled_against_actual_usage() -> None:
     clock = FakeClock()
     governor = RateGovernor(max_parallel=10, tpm=6000, probe_seconds=0, clock=clock)
     assert governor.tokens is not None
-    started = await governor.admit(80)
+    ticket = await governor.admit(80)
     assert governor.tokens.level() == pytest.approx(20)
-    governor.settle(started, reserved_tokens=80, used_tokens=30, limits=None, congested=False)
+    governor.settle(ticket, reserved_tokens=80, used_tokens=30, limits=None, congested=False)
     assert governor.tokens.level() == pytest.approx(70)
 
 
@@ -208,3 +208,30 @@ async def test_a_429_storm_pauses_everyone_once() -> None:
     after = [r.started for r in server.requests if r.started > first_429.finished]
     # Nobody sent anything in the 0.3 s the server asked for (the pause is shared).
     assert min(after) - first_429.finished >= 0.3
+
+
+async def test_half_the_pool_until_the_server_answers() -> None:
+    """Before any reply, at most half of max_parallel is in flight; the first reply frees it."""
+    governor = RateGovernor(max_parallel=10, probe_seconds=0, clock=FakeClock())
+    tickets = [await governor.admit(1) for _ in range(5)]
+    sixth = asyncio.ensure_future(governor.admit(1))
+    await asyncio.sleep(0.02)
+    assert not sixth.done()
+    governor.settle(tickets[0], reserved_tokens=1, used_tokens=1, limits=None, congested=False)
+    await asyncio.wait_for(sixth, 1)
+    more = [await asyncio.wait_for(governor.admit(1), 1) for _ in range(4)]
+    assert len(more) == 4  # the whole pool is open now
+    assert governor.in_flight == 9
+
+
+async def test_requests_sent_after_a_reply_count_against_its_remaining() -> None:
+    """A reply's remaining count is lowered by what we sent after that request went out."""
+    clock = FakeClock()
+    governor = RateGovernor(max_parallel=100, probe_seconds=0, clock=clock)
+    first = await governor.admit(1)
+    for _ in range(30):
+        await governor.admit(1)
+    limits = ServerLimits(limit_requests=6000, remaining_requests=49)
+    governor.settle(first, reserved_tokens=1, used_tokens=1, limits=limits, congested=False)
+    assert governor.requests is not None
+    assert governor.requests.level() == pytest.approx(49 - 30)
