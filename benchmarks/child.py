@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from benchmarks.clients import ASYNC_CLIENTS, SYNC_CLIENTS, Job
+from benchmarks.clients import ASYNC_CLIENTS, PREPARE, SYNC_CLIENTS, Job
 
 
 def prompt(index: int) -> str:
@@ -69,6 +69,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit(f"benchmarks only talk to 127.0.0.1, not {url}")
     frame = pd.DataFrame({"prompt": [prompt(i) for i in range(rows)]})
     job = Job(url, frame, int(spec["max_parallel"]), spec["timeout"], [None] * rows)
+    if client in PREPARE:
+        PREPARE[client](Job(url, frame, job.max_parallel, job.timeout, [None] * rows))
     gc.collect()
     rss_before = _peak_rss_mb()
     wall, cpu = time.perf_counter(), time.process_time()

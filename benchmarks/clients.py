@@ -157,7 +157,7 @@ async def engine(job: Job) -> None:
             job.results[index] = None if row is None else row.text
 
 
-def accessor(job: Job) -> bool:
+def accessor(job: Job, **options: Any) -> bool:
     """``df.chat.complete`` with the bar on; False when the deadline interrupted it."""
     finished = True
     try:
@@ -168,6 +168,7 @@ def accessor(job: Job) -> bool:
             max_parallel=job.max_parallel,
             timeout=job.timeout,
             progress=True,
+            **options,
         )
     except nbtoolkit.RunInterrupted as exc:
         out, finished = exc.partial, False
@@ -182,4 +183,18 @@ ASYNC_CLIENTS: dict[str, Callable[[Job], Awaitable[None]]] = {
     "pool": pool,
     "engine": engine,
 }
-SYNC_CLIENTS: dict[str, Callable[[Job], bool]] = {"nbtoolkit": accessor}
+
+
+def accessor_without_cache(job: Job) -> bool:
+    """``df.chat.complete(..., cache=False)``: what the response cache costs, by difference."""
+    return accessor(job, cache=False)
+
+
+SYNC_CLIENTS: dict[str, Callable[[Job], bool]] = {
+    "nbtoolkit": accessor,
+    "nbtoolkit_nocache": accessor_without_cache,
+    # The same call a second time: every answer comes from the cache (see PREPARE).
+    "nbtoolkit_cached": accessor,
+}
+# Run before the clock starts, in the same process (and the same fresh cache folder).
+PREPARE: dict[str, Callable[[Job], bool]] = {"nbtoolkit_cached": accessor}

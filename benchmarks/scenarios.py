@@ -72,10 +72,6 @@ def _latency_targets(scenario: Scenario, medians: Medians) -> list[Target]:
     return [_ratio(scenario, medians, "wall_x", 1.05, "wall")]
 
 
-def _overhead_targets(scenario: Scenario, medians: Medians) -> list[Target]:
-    return [_ratio(scenario, medians, "cpu_x", 1.5, "CPU per request")]
-
-
 def _rate_limit_targets(scenario: Scenario, medians: Medians) -> list[Target]:
     ours = medians.get("nbtoolkit", {})
     rate = ours.get("rate_429", float("nan"))
@@ -103,6 +99,33 @@ def _fault_targets(scenario: Scenario, medians: Medians) -> list[Target]:
         Target(scenario.name, "none misaligned (worst run)", f"{wrong:.0f}", wrong == 0),
         Target(scenario.name, "none answered twice (worst run)", f"{twice:.0f}", twice == 0),
         _ratio(scenario, medians, "wall_x", 1.3, "wall"),
+    ]
+
+
+def _cache_cost_targets(scenario: Scenario, medians: Medians) -> list[Target]:
+    ours = medians.get("nbtoolkit", {}).get("cpu_ms_per_row", float("nan"))
+    without = medians.get("nbtoolkit_nocache", {}).get("cpu_ms_per_row", float("nan"))
+    ratio = ours / without
+    return [
+        _ratio(scenario, medians, "cpu_x", 1.5, "CPU per request"),
+        Target(
+            scenario.name,
+            "the cache adds <= 10% CPU per request",
+            f"{ratio:.3f} ({ours:.3f} vs {without:.3f} ms)",
+            ratio <= 1.10,
+        ),
+    ]
+
+
+def _cached_rerun_targets(scenario: Scenario, medians: Medians) -> list[Target]:
+    wall = medians.get("nbtoolkit_cached", {}).get("wall", float("nan"))
+    ok = medians.get("nbtoolkit_cached", {}).get("ok_min", float("nan"))
+    rows = scenario.rows
+    return [
+        Target(
+            scenario.name, f"fully cached re-run of {rows:,} rows < 2 s", f"{wall:.2f} s", wall < 2
+        ),
+        Target(scenario.name, f"{rows:,}/{rows:,} rows right", f"{ok:.0f}", ok == rows),
     ]
 
 
@@ -142,10 +165,10 @@ SCENARIOS: dict[str, Scenario] = {
             rows=5000,
             quick_rows=1000,
             max_parallel=64,
-            clients=(*PEERS, "engine"),
+            clients=(*PEERS, "engine", "nbtoolkit_nocache"),
             server={"latency": 0.0},
             columns=("cpu_ms_per_row", "cpu_x", "wall", "ok"),
-            targets=_overhead_targets,
+            targets=_cache_cost_targets,
         ),
         Scenario(
             name="rate_limit",
@@ -182,6 +205,19 @@ SCENARIOS: dict[str, Scenario] = {
             timeout=5.0,
             columns=("ok", "misaligned", "answered_twice", "requests", "wall", "wall_x"),
             targets=_fault_targets,
+        ),
+        Scenario(
+            name="cached_rerun",
+            summary="{rows:,} rows answered once, then the same call again: all from the cache",
+            rows=100_000,
+            quick_rows=10_000,
+            max_parallel=64,
+            clients=("nbtoolkit_cached",),
+            server={"latency": 0.0, "record": False},
+            deadline=300.0,
+            reference="nbtoolkit_cached",
+            columns=("wall", "cpu_ms_per_row", "ok"),
+            targets=_cached_rerun_targets,
         ),
         Scenario(
             name="memory",

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import platformdirs
+
 from nbtoolkit.errors import ConfigError
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -122,8 +124,6 @@ def default_cache_path() -> Path:
     """The platform's per-user cache folder (via platformdirs), or ``$NBTOOLKIT_CACHE_DIR``."""
     folder = os.environ.get("NBTOOLKIT_CACHE_DIR")
     if not folder:
-        import platformdirs  # imported late: only runs that cache need it
-
         folder = platformdirs.user_cache_dir("nbtoolkit", appauthor=False)
     return Path(folder) / "responses.sqlite3"
 
