@@ -32,15 +32,19 @@ class RetryPolicy:
     attempts: int = 6  # tries per row in all, the first included
     wait_initial: float = 0.5  # seconds before the second try, doubling after each
     wait_max: float = 30.0  # cap on the computed backoff
-    jitter: float = 0.5  # up to this many extra random seconds, so workers do not retry in step
+    # The random share of each backoff, 0 to 1. At 1 ("full jitter") a wait is anywhere from
+    # 0 to the backoff: workers never retry in step, and on average wait half as long.
+    jitter: float = 1.0
     retry_after_max: float = 300.0  # the longest server-requested wait we honour
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ConfigError(f"attempts must be >= 1, got {self.attempts}")
-        for name in ("wait_initial", "wait_max", "jitter", "retry_after_max"):
+        for name in ("wait_initial", "wait_max", "retry_after_max"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
+        if not 0 <= self.jitter <= 1:
+            raise ConfigError(f"jitter is a share of the backoff, 0 to 1; got {self.jitter}")
 
 
 @dataclass(frozen=True, kw_only=True)

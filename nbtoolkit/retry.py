@@ -2,7 +2,7 @@
 
 One function, `is_retryable`, decides; one function, `is_systemic`, says which failures
 mean every other row will fail the same way (so the run stops instead of sending 10,000
-doomed requests). The wait is tenacity's exponential backoff with jitter, except that a
+doomed requests). The wait is tenacity's exponential backoff, jittered, except that a
 server that says how long to wait (``Retry-After``, ``retry-after-ms``) is believed.
 """
 
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import email.utils
 import json
+import random
 import time
 from collections.abc import Mapping
 
-from tenacity import RetryCallState, wait_exponential, wait_random
+from tenacity import RetryCallState, wait_exponential
 
 from nbtoolkit.config import RetryPolicy
 from nbtoolkit.errors import (
@@ -89,13 +90,11 @@ def server_wait(exc: BaseException | None) -> float | None:
 
 
 class RetryAfterOrBackoff:
-    """A tenacity wait: the server's Retry-After when given, else exponential backoff + jitter."""
+    """A tenacity wait: the server's Retry-After when given, else jittered exponential backoff."""
 
     def __init__(self, policy: RetryPolicy) -> None:
-        # Jitter on top of the cap too: workers that all hit the cap must still spread out.
-        self._backoff = wait_exponential(
-            multiplier=policy.wait_initial, max=policy.wait_max
-        ) + wait_random(0, policy.jitter)
+        self._backoff = wait_exponential(multiplier=policy.wait_initial, max=policy.wait_max)
+        self._jitter = policy.jitter
 
     def __call__(self, retry_state: RetryCallState) -> float:
         outcome = retry_state.outcome
@@ -106,7 +105,8 @@ class RetryAfterOrBackoff:
         # Backoff spaces the starts of attempts: an attempt that already spent 5 s timing
         # out has waited longer than a 0.5 s backoff, and is retried at once.
         spent = getattr(error, "elapsed", 0.0)
-        return max(0.0, float(self._backoff(retry_state)) - spent)
+        backoff = float(self._backoff(retry_state)) * (1.0 - self._jitter * random.random())
+        return max(0.0, backoff - spent)
 
 
 class GiveUp:

@@ -142,11 +142,20 @@ def test_wait_prefers_the_servers_word() -> None:
 
 
 def test_backoff_doubles_with_jitter_and_a_cap() -> None:
-    """Without Retry-After: initial * 2^(n-1), capped at wait_max, plus up to `jitter`."""
+    """Without Retry-After: initial * 2^(n-1), capped at wait_max, less a random `jitter` share."""
     wait = RetryAfterOrBackoff(RetryPolicy(wait_initial=0.5, wait_max=4.0, jitter=0.25))
     waits = [wait(_state_after(ServerError("x", status=500), n)) for n in (1, 2, 3, 4, 5)]
     for got, base in zip(waits, [0.5, 1.0, 2.0, 4.0, 4.0], strict=True):
-        assert base <= got <= base + 0.25
+        assert 0.75 * base <= got <= base
+
+
+def test_full_jitter_spreads_waits_over_the_whole_backoff() -> None:
+    """By default a wait is anywhere from 0 to the backoff, so workers never retry in step."""
+    wait = RetryAfterOrBackoff(RetryPolicy(wait_initial=1.0, wait_max=8.0))
+    waits = [wait(_state_after(ServerError("x", status=500), 3)) for _ in range(400)]
+    assert all(0 <= w <= 4.0 for w in waits)
+    assert min(waits) < 0.5
+    assert max(waits) > 3.5
 
 
 def test_give_up_on_attempts_or_too_long_a_wait() -> None:
@@ -162,11 +171,13 @@ def test_give_up_on_attempts_or_too_long_a_wait() -> None:
     "field", ["attempts", "wait_initial", "wait_max", "jitter", "retry_after_max"]
 )
 def test_policy_rejects_nonsense(field: str) -> None:
-    """Negative waits or zero attempts are refused when the policy is made."""
+    """Negative waits, zero attempts or a jitter share outside 0..1 are refused."""
     from nbtoolkit.errors import ConfigError
 
     with pytest.raises(ConfigError):
         RetryPolicy(**{field: -1})
+    with pytest.raises(ConfigError, match="jitter"):
+        RetryPolicy(jitter=1.5)
 
 
 def test_time_spent_timing_out_counts_toward_the_backoff() -> None:
