@@ -66,13 +66,12 @@ class CacheInfo:
 # One encoder for the process: json.dumps would build a new one per call (with these
 # arguments), which costs more than the encoding on a fully cached 100,000-row re-run.
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _canonical(value: Any) -> bytes:
-    return _ENCODER.encode(value).encode()
-
-
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def encode_body(body: Mapping[str, Any]) -> bytes:
+    """The request body as canonical JSON (sorted keys, no spaces): sent, and hashed."""
+    return _ENCODER.encode(body).encode()
 
 
 def cache_scope(url: str) -> str:
@@ -88,32 +87,19 @@ def cache_scope(url: str) -> str:
     return url
 
 
-def request_key(base_url: str, body: Mapping[str, Any]) -> bytes:
-    """The cache key of one request: SHA-256 of the URL's scope and the canonical JSON body.
-
-    The messages are hashed after the rest of the body, so that `RequestKeys` can hash the
-    part every row shares once per run and only the messages per row.
-    """
-    digest = hashlib.sha256(cache_scope(base_url).encode() + b"\n")
-    digest.update(_canonical({k: v for k, v in body.items() if k != "messages"}))
-    digest.update(b"\n" + _canonical(body.get("messages")))
-    return digest.digest()
-
-
 class RequestKeys:
-    """`request_key` for the many requests of one run, sharing the work their bodies share."""
+    """Cache keys for one endpoint: SHA-256 of the URL's scope and the canonical body.
 
-    def __init__(self, base_url: str, base_body: Mapping[str, Any]) -> None:
-        self._base_url = base_url
-        self._base_body = base_body
-        self._prefix = hashlib.sha256(cache_scope(base_url).encode() + b"\n")
-        self._prefix.update(_canonical(base_body))
+    The body is hashed exactly as it is sent (`encode_body`), so a run serializes each
+    request once, for the wire and for its key.
+    """
 
-    def key(self, messages: Any, params: Mapping[str, Any]) -> bytes:
-        if params:  # per-row fields change the shared part: hash the whole body
-            return request_key(self._base_url, {**self._base_body, **params, "messages": messages})
+    def __init__(self, url: str) -> None:
+        self._prefix = hashlib.sha256(cache_scope(url).encode() + b"\n")
+
+    def key(self, payload: bytes) -> bytes:
         digest = self._prefix.copy()
-        digest.update(b"\n" + _canonical(messages))
+        digest.update(payload)
         return digest.digest()
 
 

@@ -42,19 +42,18 @@ class Completion:
 async def post_chat(
     session: aiohttp.ClientSession,
     url: str,
-    body: Mapping[str, Any],
+    payload: bytes,
     *,
     headers: Mapping[str, str],
     timeout: aiohttp.ClientTimeout,
 ) -> Completion:
-    """Send one request and parse its reply.
+    """Send one request (``payload``: the JSON body, encoded) and parse its reply.
 
     Raises:
         APIError: (a subclass per status) the server answered with an error status.
         TransportError: no complete HTTP reply (refused, reset, timed out).
         MalformedResponse: a 2xx whose body is not a chat completion.
     """
-    payload = json.dumps(body, ensure_ascii=False)
     started = time.monotonic()
     try:
         async with session.post(url, data=payload, headers=headers, timeout=timeout) as reply:

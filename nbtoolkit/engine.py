@@ -32,7 +32,7 @@ import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from nbtoolkit.budget import Budget
-from nbtoolkit.cache import CachedAnswer, RequestKeys, ResponseCache
+from nbtoolkit.cache import CachedAnswer, RequestKeys, ResponseCache, encode_body
 from nbtoolkit.client import Completion, post_chat
 from nbtoolkit.config import ChatConfig
 from nbtoolkit.errors import (
@@ -69,6 +69,7 @@ class _Job:
 
     index: int
     body: dict[str, Any]
+    payload: bytes  # the body as sent
     key: bytes | None
 
     def worst_case(self) -> tuple[float, float]:
@@ -148,7 +149,7 @@ class ChatRun:
         self._headers = config.headers()
         self._base_body: dict[str, Any] = {"model": config.model, **config.params}
         self._cache: ResponseCache | None = None
-        self._keys = RequestKeys(config.endpoint, self._base_body)
+        self._keys = RequestKeys(config.endpoint)
         # Cache key -> rows waiting for the same request, which is queued or in flight.
         self._pending: dict[bytes, list[int]] = {}
         self._sending: set[int] = set()  # rows a worker holds right now
@@ -225,11 +226,10 @@ class ChatRun:
             await queue.put(None)
 
     def _job(self, index: int, request: ChatRequest) -> _Job:
-        messages = list(request.messages)
-        body = {**self._base_body, **request.params, "messages": messages}
+        body = {**self._base_body, **request.params, "messages": list(request.messages)}
+        payload = encode_body(body)
         wants_key = self._cache is not None or self.config.dedupe
-        key = self._keys.key(messages, request.params) if wants_key else None
-        return _Job(index, body, key)
+        return _Job(index, body, payload, self._keys.key(payload) if wants_key else None)
 
     async def _dispatch(self, batch: list[_Job], queue: asyncio.Queue[_Job | None]) -> None:
         """Answer what the cache knows, attach duplicates to their twin, queue the rest."""
@@ -392,7 +392,7 @@ class ChatRun:
             completion = await post_chat(
                 session,
                 self.config.endpoint,
-                job.body,
+                job.payload,
                 headers=self._headers,
                 timeout=self._timeout,
             )

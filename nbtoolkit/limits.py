@@ -62,6 +62,10 @@ class ServerLimits:
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> ServerLimits | None:
+        if "x-ratelimit-remaining-requests" not in headers and (
+            "x-ratelimit-remaining-tokens" not in headers
+        ):
+            return None  # most local servers send none: two look-ups, not six
         values: dict[str, float | None] = {}
         for kind in ("requests", "tokens"):
             for field, parse in (
