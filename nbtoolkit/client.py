@@ -121,15 +121,6 @@ def error_for_status(status: int, text: str, headers: Mapping[str, str]) -> APIE
     return BadRequestError(message, status=status, body=text)
 
 
-def error_code(exc: APIError) -> str | None:
-    """The ``error.code`` (or ``error.type``) an OpenAI-style error body names, if any."""
-    try:
-        error = json.loads(exc.body)["error"]
-        return str(error.get("code") or error.get("type") or "") or None
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
 def _redact(text: str, headers: Mapping[str, str]) -> str:
     auth = headers.get("Authorization", "")
     secret = auth.removeprefix("Bearer ").strip()

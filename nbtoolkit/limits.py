@@ -306,13 +306,6 @@ class RateGovernor:
         bucket.retune(rate, max(capacity, bucket.capacity))
         return bucket
 
-    @property
-    def waiting_reason(self) -> str | None:
-        """Why the run is waiting right now, for the progress bar; None when it is not."""
-        if self.paused_until > self._clock():
-            return f"paused {self.paused_until - self._clock():.1f}s (429)"
-        return None
-
 
 def estimate_tokens(messages: object, max_tokens: object) -> float:
     """Prompt tokens (about 4 characters each, plus framing) plus the completion budget."""
