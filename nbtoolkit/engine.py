@@ -318,9 +318,6 @@ class ChatRun:
                 if not is_retryable(first_error) or GiveUp(self.config.retry).first(first_error):
                     raise
                 completion, attempts = await self._retry(session, job, first_error)
-        except _OverBudget:
-            error = RowError("over_budget", self.budget.reason(), None, attempts - 1)
-            return RowResult(None, error, attempts - 1)
         except _Attempts as failed:
             return self._failed(failed.error, failed.attempts)
         except Exception as exc:
@@ -362,19 +359,19 @@ class ChatRun:
         )
         try:
             completion: Completion = await retrying(attempt)
-        except _OverBudget:
-            raise
         except Exception as exc:
             raise _Attempts(exc, retrying.statistics.get("attempt_number", 1)) from exc
         return completion, int(retrying.statistics.get("attempt_number", 1))
 
     def _failed(self, exc: Exception, attempts: int) -> RowResult:
+        """The result of a row whose attempt number ``attempts`` failed with ``exc``."""
+        if isinstance(exc, _OverBudget):  # that attempt was never sent
+            sent = attempts - 1
+            return RowResult(None, RowError("over_budget", self.budget.reason(), None, sent), sent)
         self.stats.statuses[_status_key(exc)] += 1
         if isinstance(exc, NbToolkitError) and is_systemic(exc):
             raise _Systemic(exc) from exc
-        if isinstance(exc, NbToolkitError):
-            return RowResult(None, _row_error(exc, attempts), attempts)
-        return RowResult(None, RowError(type(exc).__name__, str(exc), None, attempts), attempts)
+        return RowResult(None, _row_error(exc, attempts), attempts)
 
     async def _send_once(self, session: aiohttp.ClientSession, job: _Job) -> Completion:
         """One attempt: within budget, admitted by the governor, reported back to both."""
