@@ -286,9 +286,6 @@ def _settings(settings: dict[str, Any]) -> ChatConfig:
     params = settings.pop("params")
     if params:
         settings["params"] = {**base.params, **params}
-    max_parallel = settings.get("max_parallel")
-    if max_parallel is not None and (not isinstance(max_parallel, int) or max_parallel < 1):
-        raise ConfigError(f"max_parallel must be an integer >= 1, got {max_parallel!r}")
     return merge(base, **settings)
 
 
