@@ -11,16 +11,25 @@ other parameter). The API key is not part of it and is never stored.
 
 Several processes may share one file: WAL lets readers and a writer work at once, and a
 writer waits up to ``busy_timeout`` for another's commit instead of failing.
+
+Answers are written twice, on purpose. Each loop turn's answers are appended to ``journal``,
+a table in arrival order: a commit there rewrites the last page or two. Inserting them
+straight into ``responses``, ordered by a random hash, rewrote a whole 4 KB page per answer
+in every commit, and cost the run more CPU than anything else the cache does. Every
+``_MERGE_EVERY`` answers, at close, and when a cache is opened (the journal of a killed
+run), the journal is moved into ``responses`` in key order, in one transaction.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,19 +37,29 @@ from urllib.parse import urlsplit
 
 from nbtoolkit.config import default_cache_path
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS responses (
-    key BLOB PRIMARY KEY,          -- sha256 of base URL + canonical request body
+_COLUMNS = """
+    key BLOB NOT NULL,             -- sha256 of base URL + canonical request body
     text TEXT NOT NULL,
     prompt_tokens INTEGER,
     completion_tokens INTEGER,
     cached_tokens INTEGER,
     model TEXT,                    -- for people reading the file, not part of the lookup
     created REAL NOT NULL
-) WITHOUT ROWID
 """
-# SQLite caps the number of ? in one statement (32,766 since 3.32; 999 before).
-_LOOKUP_CHUNK = 900
+_SCHEMA = (
+    f"CREATE TABLE IF NOT EXISTS responses ({_COLUMNS}, PRIMARY KEY (key)) WITHOUT ROWID",
+    # Arrival order, no index: answers not yet moved into `responses`.
+    f"CREATE TABLE IF NOT EXISTS journal ({_COLUMNS})",
+)
+_ANSWER = "key, text, prompt_tokens, completion_tokens, cached_tokens"
+# Answers a connection journals before it moves them into `responses`. A larger batch
+# touches each page of `responses` for more answers at once; the keys are held in memory
+# until then (about 100 bytes each), and the move holds the write lock for its duration
+# (tens of milliseconds).
+_MERGE_EVERY = 8192
+# SQLite caps the number of ? in one statement (32,766 since 3.32; 999 before); a lookup
+# may name each key twice, once per table.
+_LOOKUP_CHUNK = 450
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +133,9 @@ class ResponseCache:
         self._db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
         # Answers put() but not yet committed, by key (so a lookup sees them too).
         self._unwritten: dict[bytes, tuple[Any, ...]] = {}
+        # Keys this connection journaled since its last merge: only a lookup of one of these
+        # needs to read the journal, which has no index.
+        self._journaled: set[bytes] = set()
         _retry_while_locked(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
         # NORMAL under WAL: a commit survives a killed process; only power loss can undo
         # the last few, and it never corrupts the file.
@@ -122,20 +144,25 @@ class ResponseCache:
         # Checkpoint (copy the WAL into the file, with an fsync) every 40 MB rather than 4:
         # during a run, those fsyncs were most of what the cache cost.
         self._db.execute("PRAGMA wal_autocheckpoint=10000")
-        _retry_while_locked(lambda: self._db.execute(_SCHEMA))
+        for statement in _SCHEMA:
+            _retry_while_locked(functools.partial(self._db.execute, statement))
+        if self._db.execute("SELECT 1 FROM journal LIMIT 1").fetchone() is not None:
+            self.merge()  # a run that was killed, or one still going: either way, safe to move
 
     def get_many(self, keys: Sequence[bytes]) -> dict[bytes, CachedAnswer]:
         """The cached answers among ``keys`` (missing keys are simply absent)."""
         found: dict[bytes, CachedAnswer] = {}
         for start in range(0, len(keys), _LOOKUP_CHUNK):
             chunk = keys[start : start + _LOOKUP_CHUNK]
-            marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(
-                "SELECT key, text, prompt_tokens, completion_tokens, cached_tokens"
-                f" FROM responses WHERE key IN ({marks})",
-                chunk,
-            )
-            for key, *answer in rows.fetchall():
+            sql = f"SELECT {_ANSWER} FROM responses WHERE key IN ({_marks(chunk)})"
+            journaled = [key for key in chunk if key in self._journaled]
+            if journaled:
+                # One statement, one snapshot: an answer another process moves from the
+                # journal into `responses` meanwhile is still found in one or the other.
+                sql += " UNION ALL"
+                sql += f" SELECT {_ANSWER} FROM journal WHERE key IN ({_marks(journaled)})"
+                chunk = [*chunk, *journaled]
+            for key, *answer in self._db.execute(sql, chunk).fetchall():
                 found[key] = CachedAnswer(*answer)
         for key in keys:
             if (row := self._unwritten.get(key)) is not None:
@@ -160,33 +187,58 @@ class ResponseCache:
         )
 
     def commit(self) -> None:
-        """Write every answer held since the last commit, in one transaction."""
+        """Make every answer held since the last commit durable, in one transaction."""
         if not self._unwritten:
             return
         rows = list(self._unwritten.values())
+        with self._write():
+            self._db.executemany("INSERT INTO journal VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        self._journaled.update(self._unwritten)
+        self._unwritten.clear()
+        if len(self._journaled) >= _MERGE_EVERY:
+            self.merge()
+
+    def merge(self) -> None:
+        """Move the whole journal, every process's, into `responses`, in key order.
+
+        In key order, each page of `responses` is rewritten once for all the answers that
+        land on it. One transaction: another process sees each answer in one table or the
+        other, never in neither.
+        """
+        with self._write():
+            self._db.execute("INSERT OR REPLACE INTO responses SELECT * FROM journal ORDER BY key")
+            self._db.execute("DELETE FROM journal")
+        self._journaled.clear()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
         self._db.execute("BEGIN IMMEDIATE")  # the write lock, waiting up to busy_timeout
         try:
-            self._db.executemany(
-                "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?)", rows
-            )
+            yield
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        self._unwritten.clear()
 
     def info(self) -> CacheInfo:
-        (entries,) = self._db.execute("SELECT count(*) FROM responses").fetchone()
+        (entries,) = self._db.execute(
+            "SELECT (SELECT count(*) FROM responses) + (SELECT count(*) FROM journal)"
+        ).fetchone()
         return CacheInfo(self.path, entries, _size_on_disk(self.path))
 
     def clear(self) -> None:
-        self._db.execute("DELETE FROM responses")
+        with self._write():
+            self._db.execute("DELETE FROM responses")
+            self._db.execute("DELETE FROM journal")
+        self._journaled.clear()
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.execute("VACUUM")
 
     def close(self) -> None:
         try:
             self.commit()
+            if self._journaled:
+                self.merge()
         finally:
             self._db.close()
 
@@ -195,6 +247,10 @@ class ResponseCache:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _marks(values: Sequence[object]) -> str:
+    return ",".join("?" * len(values))
 
 
 def _retry_while_locked(statement: Callable[[], object], *, seconds: float = 5.0) -> None:

@@ -119,6 +119,55 @@ def test_identical_requests_in_one_run_are_sent_once(server: ChatServer) -> None
     assert report().rows["source"].value_counts().to_dict() == {"api": 5, "duplicate": 95}
 
 
+def test_an_answer_from_earlier_in_the_run_is_found_before_the_run_ends(
+    server: ChatServer,
+) -> None:
+    """A prompt asked again after its answer arrived is a cache hit, not a second request."""
+    df = frame(600)
+    df.loc[599, "review"] = "row 0"
+    out = df.chat.complete("review", **settings(server, max_parallel=2))
+    assert out["response"].iloc[599] == "echo: row 0"
+    assert server.answered["row 0"] == 1
+    assert server.request_count == 599
+    assert report().rows["source"].iloc[599] == "cache"
+
+
+def test_the_journal_moves_into_the_keyed_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answers are journaled, moved in batches, at close, and when a cache is opened."""
+    from nbtoolkit import cache as cache_module
+    from nbtoolkit.cache import CachedAnswer, ResponseCache
+
+    monkeypatch.setattr(cache_module, "_MERGE_EVERY", 4)
+    path = tmp_path / "c.sqlite3"
+    answers = {bytes([i]) * 32: CachedAnswer(f"a{i}", i, 1, None) for i in range(10)}
+    keys = list(answers)
+
+    def tables() -> tuple[int, int]:
+        with sqlite3.connect(path) as db:
+            (counts,) = db.execute(
+                "SELECT (SELECT count(*) FROM responses), (SELECT count(*) FROM journal)"
+            ).fetchall()
+        return counts
+
+    writer, reader = ResponseCache(path), ResponseCache(path)
+    for key in keys:
+        writer.put(key, answers[key], model="m")
+        writer.commit()
+    assert tables() == (8, 2)  # moved at 4 and at 8
+    assert writer.get_many(keys) == answers  # its own journal included
+    assert list(reader.get_many(keys)) == keys[:8]  # another's journal is not read...
+    ResponseCache(path).close()  # ...until a cache is opened (a killed run's journal)
+    assert tables() == (10, 0)
+    assert reader.get_many(keys) == answers
+    assert writer.get_many(keys) == answers
+    writer.put(b"x" * 32, CachedAnswer("late", None, None, None))
+    writer.close()
+    reader.close()
+    assert tables() == (11, 0)
+
+
 def test_a_failed_request_fails_its_duplicates_too(server: ChatServer) -> None:
     """Rows sharing a failed request share its reason, not a silent None."""
     server.script(Status(400, message="nope"), prompt="same")
