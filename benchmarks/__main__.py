@@ -77,6 +77,7 @@ def _meta(command: str, rev: str | None) -> dict[str, str]:
 
 def _run_scenario(scenario: Scenario, repeat: int, work: Path) -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = {client: [] for client in scenario.clients}
+    repeat = max(repeat, scenario.min_repeat)
     for rep in range(repeat):
         for client in scenario.clients:
             try:
@@ -114,7 +115,7 @@ def main() -> None:
         all_medians[scenario.name] = summary = medians(scenario, runs)
         sections[scenario.name] = table(scenario, summary, runs)
         targets += scenario.targets(scenario, summary)
-    meta["repetitions"] = str(repeat)
+    meta["repetitions"] = ", ".join(f"{s.name} {max(repeat, s.min_repeat)}" for s in scenarios)
     meta["benchmark wall time"] = f"{time.monotonic() - started:.0f} s"
     meta["logs"] = str(work)
     markdown = document(meta, scenarios, sections, targets)

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from nbtoolkit.config import default_cache_path
@@ -62,8 +62,9 @@ _MERGE_EVERY = 8192
 _LOOKUP_CHUNK = 450
 
 
-@dataclass(frozen=True, slots=True)
-class CachedAnswer:
+class CachedAnswer(NamedTuple):
+    """One answer as the cache holds it (a tuple: one per row of a 100,000-row re-run)."""
+
     text: str
     prompt_tokens: int | None
     completion_tokens: int | None
@@ -176,15 +177,7 @@ class ResponseCache:
         burst of replies shares one transaction (writing them one by one cost more CPU than
         the requests themselves against a fast server).
         """
-        self._unwritten[key] = (
-            key,
-            answer.text,
-            answer.prompt_tokens,
-            answer.completion_tokens,
-            answer.cached_tokens,
-            model,
-            time.time(),
-        )
+        self._unwritten[key] = (key, *answer, model, time.time())
 
     def commit(self) -> None:
         """Make every answer held since the last commit durable, in one transaction."""
