@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import sqlite3
 import time
 import warnings
@@ -60,6 +61,8 @@ from nbtoolkit.rows import (
 # Requests looked up in the cache with one query: large enough to make a fully cached
 # re-run cheap, small enough not to hold the first requests back.
 _LOOKUP_BATCH = 256
+# The longest an answer waits for its commit: what a killed process can lose, at most.
+_COMMIT_EVERY = 0.020
 _DEFAULT_COMPLETION_BUDGET = 256  # tokens counted for a request that sets no max_tokens
 
 
@@ -153,7 +156,8 @@ class ChatRun:
         # Cache key -> rows waiting for the same request, which is queued or in flight.
         self._pending: dict[bytes, list[int]] = {}
         self._sending: set[int] = set()  # rows a worker holds right now
-        self._commit_scheduled = False
+        self._commit_timer: asyncio.TimerHandle | None = None
+        self._last_commit = -math.inf  # loop time
         # Rows that failed to reach the server before any row succeeded: past a pool's worth,
         # the server is unreachable (wrong port, host down) and every other row would spend
         # all its retries finding that out again.
@@ -198,9 +202,13 @@ class ChatRun:
         finally:
             self.stats.finished = time.monotonic()
             self.stats.cost = self.budget.cost if self.budget.price(0, 0) is not None else None
+            if self._commit_timer is not None:
+                self._commit_timer.cancel()  # a notebook's loop runs on after this run
+                self._commit_timer = None
             if self._cache is not None:
                 try:
-                    self._cache.close()  # commits what the last loop turn stored
+                    self._cache.close()  # commits what is still waiting for the timer
+                    self._cache = None
                 except sqlite3.Error as exc:
                     self._cache_failed(exc)
         return [result if result is not None else SKIPPED for result in self.results]
@@ -270,15 +278,17 @@ class ChatRun:
     def _save(self, cache: ResponseCache, key: bytes, result: RowResult) -> None:
         try:
             cache.put(key, _to_cache(result), model=self.config.model)
-            if not self._commit_scheduled:
-                # Commit once this loop turn's replies are all in: microseconds from now.
-                self._commit_scheduled = True
-                asyncio.get_running_loop().call_soon(self._commit)
+            if self._commit_timer is None:
+                # Commit once this loop turn's replies are all in, or, when replies pour in,
+                # once per _COMMIT_EVERY: each commit costs ~100 us of CPU however few it holds.
+                loop = asyncio.get_running_loop()
+                self._commit_timer = loop.call_at(self._last_commit + _COMMIT_EVERY, self._commit)
         except sqlite3.Error as exc:
             self._cache_failed(exc)
 
     def _commit(self) -> None:
-        self._commit_scheduled = False
+        self._commit_timer = None
+        self._last_commit = asyncio.get_running_loop().time()
         if self._cache is None:
             return
         try:
