@@ -17,6 +17,7 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "wall_x": ("wall x {ref}", "{:.2f}"),
     "cpu_ms_per_row": ("CPU ms / request", "{:.3f}"),
     "cpu_x": ("CPU x floor", "{:.2f}"),
+    "cache_cpu_ms_per_row": ("of it in the cache", "{:.4f}"),
     "ok": ("rows right", "{:.0f}"),
     "misaligned": ("misaligned", "{:.0f}"),
     "answered_twice": ("answered twice", "{:.0f}"),

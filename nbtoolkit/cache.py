@@ -1,8 +1,9 @@
 """A durable response cache that is also the run's checkpoint.
 
-Each successful reply is committed to SQLite (WAL mode) the moment it arrives, so a run cut
-short by Ctrl-C, a dead kernel or ``kill -9`` loses nothing it paid for: running the same
-call again sends requests only for the rows that have no answer yet. Errors are never
+Each successful reply is committed to SQLite (WAL mode) as it arrives, so a run cut short
+by Ctrl-C or the stop button loses nothing it paid for, and a dead kernel or ``kill -9`` at
+most the answers of its last 20 ms (the engine's group commit): running the same call again
+sends requests only for the rows that have no answer yet. Errors are never
 cached, so a re-run also retries exactly the rows that failed.
 
 The key is a SHA-256 of everything that changes the answer: the base URL and the whole
@@ -12,8 +13,8 @@ other parameter). The API key is not part of it and is never stored.
 Several processes may share one file: WAL lets readers and a writer work at once, and a
 writer waits up to ``busy_timeout`` for another's commit instead of failing.
 
-Answers are written twice, on purpose. Each loop turn's answers are appended to ``journal``,
-a table in arrival order: a commit there rewrites the last page or two. Inserting them
+Answers are written twice, on purpose. Each commit appends its answers to ``journal``, a
+table in arrival order: a commit there rewrites the last page or two. Inserting them
 straight into ``responses``, ordered by a random hash, rewrote a whole 4 KB page per answer
 in every commit, and cost the run more CPU than anything else the cache does. Every
 ``_MERGE_EVERY`` answers, at close, and when a cache is opened (the journal of a killed
@@ -173,9 +174,10 @@ class ResponseCache:
     def put(self, key: bytes, answer: CachedAnswer, *, model: str | None = None) -> None:
         """Hold one answer for the next `commit`, which writes and makes it durable.
 
-        The engine commits at the end of the event-loop turn the answer arrived in, so a
-        burst of replies shares one transaction (writing them one by one cost more CPU than
-        the requests themselves against a fast server).
+        The engine commits at the end of the event-loop turn the answer arrived in, or
+        within 20 ms when replies pour in, so a burst of replies shares one transaction
+        (writing them one by one cost more CPU than the requests themselves against a fast
+        server).
         """
         self._unwritten[key] = (key, *answer, model, time.time())
 
