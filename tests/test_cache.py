@@ -324,6 +324,24 @@ def test_keys_follow_the_canonical_body_and_the_host() -> None:
     assert RequestKeys(local.format(8000)).key(b"{}") == RequestKeys(local.format(9000)).key(b"{}")
 
 
+def test_the_body_is_encoded_as_canonical_json() -> None:
+    """The bytes sent and hashed are json.dumps with sorted keys and no spaces, exactly."""
+    import json
+
+    from nbtoolkit.cache import encode_body
+
+    body = {
+        "model": "m",
+        "messages": ({"role": "user", "content": 'héllo \u2028 "quoted"\n'},),
+        "temperature": 0.7,
+        "response_format": {"type": "json_schema", "schema": {"b": [1, 2.5, None], "a": {}}},
+    }
+    expected = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert encode_body(body) == expected.encode()
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        encode_body({"model": object()})
+
+
 def test_a_local_server_on_a_new_port_still_hits_the_cache() -> None:
     """On loopback the port is not part of the key: a restarted local server finds its answers."""
     with ChatServer().run_in_thread() as first:
