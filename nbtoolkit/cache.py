@@ -55,8 +55,8 @@ _SCHEMA = (
 _ANSWER = "key, text, prompt_tokens, completion_tokens, cached_tokens"
 # Answers a connection journals before it moves them into `responses`. A larger batch
 # touches each page of `responses` for more answers at once; the keys are held in memory
-# until then (about 100 bytes each), and the move holds the write lock for its duration
-# (tens of milliseconds).
+# until then (about 100 bytes each), and the move holds the write lock (and this run's
+# event loop) for its duration: 14 ms into a 10,000-answer file, 120 ms into 1,000,000.
 _MERGE_EVERY = 8192
 # SQLite caps the number of ? in one statement (32,766 since 3.32; 999 before); a lookup
 # may name each key twice, once per table.
