@@ -21,7 +21,7 @@ class Target:
     scenario: str
     goal: str
     measured: str
-    met: bool
+    met: bool | None  # None: shown for comparison, not judged
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,20 +111,22 @@ def _cache_cost_targets(scenario: Scenario, medians: Medians) -> list[Target]:
     ours = medians.get("nbtoolkit", {}).get("cpu_ms_per_row", float("nan"))
     without = medians.get("nbtoolkit_nocache", {}).get("cpu_ms_per_row", float("nan"))
     inside = medians.get("nbtoolkit", {}).get("cache_cpu_ms_per_row", float("nan"))
-    ratio = ours / without
+    added = medians.get("nbtoolkit", {}).get("cache_added", float("nan"))
     return [
         _ratio(scenario, medians, "cpu_x", 1.5, "CPU per request"),
+        # Judged within each run: the same work's CPU moves by a third between runs on this
+        # shared machine, which a 10% effect between two sets of runs cannot outlast.
         Target(
             scenario.name,
-            "the cache adds <= 10% CPU per request (with vs without it)",
-            f"{ratio:.3f} ({ours:.3f} vs {without:.3f} ms)",
-            ratio <= 1.10,
+            "the cache adds <= 10% CPU per request (its own CPU / the rest, per run)",
+            f"{added:.1%} ({inside * 1000:.1f} us per request)",
+            added <= 0.10,
         ),
         Target(
             scenario.name,
-            "the same, timed inside the cache",
-            f"{inside / without:.1%} ({inside * 1000:.1f} us of {without * 1000:.0f})",
-            inside / without <= 0.10,
+            "cross-check, not judged: nbtoolkit vs nbtoolkit_nocache CPU",
+            f"{ours / without:.3f} ({ours:.3f} vs {without:.3f} ms)",
+            None,
         ),
     ]
 
@@ -181,7 +183,14 @@ SCENARIOS: dict[str, Scenario] = {
             clients=(*PEERS, "nbtoolkit_nocache", "engine"),
             min_repeat=7,
             server={"latency": 0.0},
-            columns=("cpu_ms_per_row", "cpu_x", "cache_cpu_ms_per_row", "wall", "ok"),
+            columns=(
+                "cpu_ms_per_row",
+                "cpu_x",
+                "cache_cpu_ms_per_row",
+                "cache_added",
+                "wall",
+                "ok",
+            ),
             targets=_cache_cost_targets,
         ),
         Scenario(
