@@ -36,6 +36,16 @@ async def held_until_clock_moves(governor: RateGovernor, clock: FakeClock, secon
     await asyncio.wait_for(waiter, 1)  # the governor re-checks its clock within 0.25 s
 
 
+async def held_until_the_first_settles(governor: RateGovernor) -> None:
+    """A second request waits while the first is in flight, and goes once it settles."""
+    first = await governor.admit(1)
+    second = asyncio.ensure_future(governor.admit(1))
+    await asyncio.sleep(0.02)
+    assert not second.done()
+    governor.settle(first, reserved_tokens=1, used_tokens=1, limits=None, congested=False)
+    await asyncio.wait_for(second, 1)
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [
@@ -134,12 +144,7 @@ async def test_concurrency_limit_holds_extra_requests() -> None:
     clock = FakeClock()
     governor = RateGovernor(max_parallel=2, probe_seconds=0, clock=clock)
     governor.limit = 1
-    first = await governor.admit(1)
-    second = asyncio.ensure_future(governor.admit(1))
-    await asyncio.sleep(0.02)
-    assert not second.done()
-    governor.settle(first, reserved_tokens=1, used_tokens=1, limits=None, congested=False)
-    await asyncio.wait_for(second, 1)
+    await held_until_the_first_settles(governor)
 
 
 async def test_rpm_budget_paces_requests() -> None:
@@ -177,12 +182,7 @@ async def test_first_request_goes_alone_briefly() -> None:
     """Until the first reply (or probe_seconds), only one request is in flight."""
     clock = FakeClock()
     governor = RateGovernor(max_parallel=10, probe_seconds=0.05, clock=clock)
-    first = await governor.admit(1)
-    second = asyncio.ensure_future(governor.admit(1))
-    await asyncio.sleep(0.02)
-    assert not second.done()
-    governor.settle(first, reserved_tokens=1, used_tokens=1, limits=None, congested=False)
-    await asyncio.wait_for(second, 1)
+    await held_until_the_first_settles(governor)
 
 
 async def test_a_rate_limited_run_stays_under_the_limit() -> None:
