@@ -8,43 +8,110 @@ of a new frame, in the caller's row order. The caller's frame is never modified.
 from __future__ import annotations
 
 import asyncio
+import difflib
+import functools
+import inspect
 import os
 import string
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import pandas as pd
 
 from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts, get_config, merge
-from nbtoolkit.engine import ChatRun
+from nbtoolkit.endpoints import Endpoint
+from nbtoolkit.engine import ChatRun, results_in_order
 from nbtoolkit.errors import ConfigError, RunAborted, RunInterrupted
 from nbtoolkit.progress import ProgressBar
-from nbtoolkit.report import RunReport, remember, rows_frame
-from nbtoolkit.rows import ChatRequest, RowError, RowResult
+from nbtoolkit.report import RunReport, last_run, remember, rows_frame
+from nbtoolkit.rows import ChatRequest, RowResult
 from nbtoolkit.runner import run_sync
 
 DEFAULT_OUTPUT = "response"
 
 
 @dataclass(frozen=True)
-class _Plan:
+class Plan:
     """Everything a run needs, checked before any request is sent."""
 
-    frame: pd.DataFrame
-    prompts: pd.Series  # one str or None per row, same index as frame
-    system: str | None
+    frame: pd.DataFrame  # the caller's rows (a Series comes as a one-column frame)
+    requests: Iterable[Any]  # one request (or None: nothing to send) per row, made lazily
     config: ChatConfig
-    output: str
-    as_series: bool
+    # Builds the run's output from one result per row, in the frame's order.
+    write: Callable[[Sequence[RowResult]], Any]
+    endpoint: Endpoint | None = None  # None: chat completions
 
-    def requests(self) -> Iterator[ChatRequest | None]:
-        system = ({"role": "system", "content": self.system},) if self.system else ()
-        for prompt in self.prompts:
-            if prompt is None:
-                yield None
-            else:
-                yield ChatRequest((*system, {"role": "user", "content": prompt}))
+
+def chat_requests(prompts: pd.Series, system: str | None) -> Iterator[ChatRequest | None]:
+    """One chat request per prompt (None where there is nothing to send)."""
+    system_message = ({"role": "system", "content": system},) if system else ()
+    for prompt in prompts:
+        if prompt is None:
+            yield None
+        else:
+            yield ChatRequest((*system_message, {"role": "user", "content": prompt}))
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def blocking(coroutine_method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, R]:
+    """The sync twin of an ``a...`` method: same parameters, runs it to the end and returns.
+
+    Works in scripts and in notebook cells (whose kernel already runs an event loop).
+    Ctrl-C or the stop button raises `RunInterrupted`, carrying the rows that finished.
+    """
+
+    @functools.wraps(coroutine_method)
+    def method(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return run_sync(coroutine_method(*args, **kwargs))
+        except RunInterrupted:
+            raise
+        except (KeyboardInterrupt, asyncio.CancelledError) as exc:
+            report = last_run()
+            if report is None or report.outcome != "interrupted":
+                raise
+            raise RunInterrupted(_interrupted_message(report), partial=report.output) from exc
+
+    method.__name__ = method.__qualname__ = coroutine_method.__name__.removeprefix("a")
+    method.__doc__ = (coroutine_method.__doc__ or "").replace("``await``-able; ", "")
+    return method
+
+
+async def run_plan(plan: Plan) -> Any:
+    """Run a plan's requests through the engine and return its output; keep its report.
+
+    Raises:
+        RunAborted: a systemic failure; ``.partial`` is the output with the rows that
+            finished.
+        RunInterrupted: Ctrl-C (a KeyboardInterrupt inside the run).
+        asyncio.CancelledError: the awaiting task was cancelled; a note says where the
+            finished rows are.
+    """
+    bar = ProgressBar(len(plan.frame), enabled=plan.config.progress)
+    try:
+        run = ChatRun(plan.config, endpoint=plan.endpoint, listener=bar)
+    except BaseException:
+        bar.close()
+        raise
+    try:
+        with bar:
+            results = await run.execute(plan.requests)
+    except RunAborted as exc:
+        report = _report(plan, run, run.results, "aborted")
+        raise RunAborted(str(exc), partial=report.output, cause=exc.cause) from exc.cause
+    except KeyboardInterrupt as exc:
+        report = _report(plan, run, run.results, "interrupted")
+        raise RunInterrupted(_interrupted_message(report), partial=report.output) from exc
+    except asyncio.CancelledError as exc:
+        report = _report(plan, run, run.results, "interrupted")
+        # Cancellation must stay a CancelledError; a note still tells where the rows are.
+        exc.add_note(_interrupted_message(report))
+        raise
+    return _report(plan, run, results, "finished").output
 
 
 class _ChatAccessorBase:
@@ -59,32 +126,32 @@ class _ChatAccessorBase:
     def _default_column(self) -> str | None:
         raise NotImplementedError
 
-    def _plan(
-        self,
-        column: str | None,
-        template: str | None,
-        system: str | None,
-        output: str | None,
-        settings: dict[str, Any],
-    ) -> _Plan:
+    def _prompts(self, column: str | None, template: str | None) -> pd.Series:
+        """One prompt (or None: nothing to send) per row, from a column or a template."""
         frame = self._frame()
         column = column if column is not None else self._default_column()
         if template is None and column is None:
             raise ConfigError("say what to send: a column name, or template='... {column} ...'")
         if template is not None and column is not None and not self._as_series():
             raise ConfigError("pass either a column or a template, not both")
-        prompts = _template_prompts(frame, template) if template else _column_prompts(frame, column)
-        config = _settings(settings)
-        return _Plan(
-            frame=frame,
-            prompts=prompts,
-            system=system,
-            config=config,
-            output=output or DEFAULT_OUTPUT,
-            as_series=self._as_series(),
-        )
+        return _template_prompts(frame, template) if template else _column_prompts(frame, column)
 
-    def complete(
+    def _text_column(self, output: str | None) -> Callable[[Sequence[RowResult]], Any]:
+        """Writes each row's answer text into the column ``output`` of a copy of the frame."""
+        frame = self._frame()
+        name = output or DEFAULT_OUTPUT
+        as_series = self._as_series()
+
+        def write(rows: Sequence[RowResult]) -> Any:
+            answers = pd.Series([r.text for r in rows], index=frame.index, dtype=object)
+            if as_series:
+                answers.name = name if name != DEFAULT_OUTPUT else None
+                return answers
+            return frame.assign(**{name: answers})
+
+        return write
+
+    async def acomplete(
         self,
         column: str | None = None,
         *,
@@ -96,6 +163,8 @@ class _ChatAccessorBase:
         progress: bool | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None,
         timeout: float | Timeouts | None = None,
         retry: int | RetryPolicy | None = None,
         rpm: float | None = None,
@@ -110,22 +179,24 @@ class _ChatAccessorBase:
     ) -> Any:
         """Send one chat request per row and return a new frame with the answers as a column.
 
-        Works in scripts and in notebook cells (whose kernel already runs an event loop).
+        ``complete`` runs it and waits (in a script or a notebook cell); ``acomplete`` is
+        ``await``-able; cancelling the awaiting task cancels every request.
 
         Args:
             column: the column whose text is the user message.
             template: instead of a column, a ``str.format`` template over the columns,
-                e.g. ``"Classify: {review}"``.
+                e.g. ``"Classify: {review}"`` or ``"Price {price:.2f}"``.
             system: a system message sent with every row.
             model: the model name (required here or in the config).
             output: the new column's name; default ``"response"`` (replaced if present).
             max_parallel: the most requests in flight at once; default 16.
             progress: show the progress bar; default True.
             base_url, api_key: default ``$OPENAI_BASE_URL`` / ``$OPENAI_API_KEY``.
+            headers, query: extra HTTP headers / URL query parameters for every request.
             timeout: total seconds per request, or a `Timeouts`.
             retry: attempts per row, or a `RetryPolicy`.
             rpm, tpm: client-side budgets in requests / tokens per minute. Without them
-                the run still follows the server's x-ratelimit-* headers and 429s.
+                the run still follows the server's rate-limit headers and 429s.
             cache: True (default: the per-user cache file), a path, or False. Answers are
                 saved as they arrive; a re-run sends only rows with no saved answer.
             dedupe: send identical requests once and share the answer (default True).
@@ -142,68 +213,41 @@ class _ChatAccessorBase:
 
         Raises:
             ConfigError: bad arguments (before anything is sent).
-            RunAborted: a bad key, wrong URL/model or exhausted quota stopped the run;
-                ``.partial`` holds the rows that finished.
+            RunAborted: a bad key, wrong URL/model, exhausted quota or a server that went
+                away stopped the run; ``.partial`` holds the rows that finished.
             RunInterrupted: Ctrl-C or the stop button; ``.partial`` holds the rows that
                 finished.
         """
-        plan = self._plan(column, template, system, output, _collect(locals(), params))
-        run, bar = _start(plan)
-        try:
-            with bar:
-                results = run_sync(run.execute(plan.requests()))
-        except RunAborted as exc:
-            raise _aborted(plan, run, exc) from exc.cause
-        except (KeyboardInterrupt, asyncio.CancelledError) as exc:
-            report = _report(plan, run, run.results, "interrupted")
-            raise RunInterrupted(_interrupted_message(report), partial=report.output) from exc
-        return _report(plan, run, results, "finished").output
+        settings = run_settings(
+            model=model,
+            max_parallel=max_parallel,
+            progress=progress,
+            base_url=base_url,
+            api_key=api_key,
+            headers=headers,
+            query=query,
+            timeout=timeout,
+            retry=retry,
+            rpm=rpm,
+            tpm=tpm,
+            cache=cache,
+            dedupe=dedupe,
+            prices=prices,
+            max_cost=max_cost,
+            max_tokens_total=max_tokens_total,
+            config=config,
+            params=params,
+        )
+        prompts = self._prompts(column, template)
+        plan = Plan(
+            frame=self._frame(),
+            requests=chat_requests(prompts, system),
+            config=settings,
+            write=self._text_column(output),
+        )
+        return await run_plan(plan)
 
-    async def acomplete(
-        self,
-        column: str | None = None,
-        *,
-        template: str | None = None,
-        system: str | None = None,
-        model: str | None = None,
-        output: str | None = None,
-        max_parallel: int | None = None,
-        progress: bool | None = None,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        timeout: float | Timeouts | None = None,
-        retry: int | RetryPolicy | None = None,
-        rpm: float | None = None,
-        tpm: float | None = None,
-        cache: bool | str | os.PathLike[str] | None = None,
-        dedupe: bool | None = None,
-        prices: Mapping[str, tuple[float, float]] | None = None,
-        max_cost: float | None = None,
-        max_tokens_total: int | None = None,
-        config: ChatConfig | None = None,
-        **params: Any,
-    ) -> Any:
-        """`complete` for ``await`` in a cell or in async code; the same arguments and result.
-
-        Cancelling the awaiting task cancels every request; the rows that finished stay in
-        ``nbtoolkit.last_run().output``.
-        """
-        plan = self._plan(column, template, system, output, _collect(locals(), params))
-        run, bar = _start(plan)
-        try:
-            with bar:
-                results = await run.execute(plan.requests())
-        except RunAborted as exc:
-            raise _aborted(plan, run, exc) from exc.cause
-        except KeyboardInterrupt as exc:
-            report = _report(plan, run, run.results, "interrupted")
-            raise RunInterrupted(_interrupted_message(report), partial=report.output) from exc
-        except asyncio.CancelledError as exc:
-            report = _report(plan, run, run.results, "interrupted")
-            # Cancellation must stay a CancelledError; a note still tells where the rows are.
-            exc.add_note(_interrupted_message(report))
-            raise
-        return _report(plan, run, results, "finished").output
+    complete = blocking(acomplete)
 
 
 @pd.api.extensions.register_dataframe_accessor("chat")
@@ -246,47 +290,107 @@ class SeriesChatAccessor(_ChatAccessorBase):
         return "value"
 
 
-_SETTING_NAMES = (
-    "model",
-    "max_parallel",
-    "progress",
-    "base_url",
-    "api_key",
-    "timeout",
-    "retry",
-    "rpm",
-    "tpm",
-    "cache",
-    "dedupe",
-    "prices",
-    "max_cost",
-    "max_tokens_total",
-)
+def run_settings(
+    *,
+    model: str | None,
+    max_parallel: int | None,
+    progress: bool | None,
+    base_url: str | None,
+    api_key: str | None,
+    headers: Mapping[str, str] | None,
+    query: Mapping[str, str] | None,
+    timeout: float | Timeouts | None,
+    retry: int | RetryPolicy | None,
+    rpm: float | None,
+    tpm: float | None,
+    cache: bool | str | os.PathLike[str] | None,
+    dedupe: bool | None,
+    prices: Mapping[str, tuple[float, float]] | None,
+    max_cost: float | None,
+    max_tokens_total: int | None,
+    config: ChatConfig | None,
+    params: Mapping[str, Any],
+) -> ChatConfig:
+    """One call's run options on top of ``config`` (or the process-wide config).
 
-
-def _collect(arguments: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    settings = {name: arguments[name] for name in _SETTING_NAMES}
-    settings["config"] = arguments["config"]
-    settings["params"] = params
-    return settings
-
-
-def _settings(settings: dict[str, Any]) -> ChatConfig:
-    base = settings.pop("config") or get_config()
-    timeout = settings.pop("timeout")
+    Raises:
+        ConfigError: a bad value, or a keyword in ``params`` that looks like a misspelt
+            option (``max_paralel``) or asks for what nbtoolkit does not do (``stream``).
+    """
+    check_params(params)
+    base = config or get_config()
+    changes: dict[str, Any] = {
+        "model": model,
+        "max_parallel": max_parallel,
+        "progress": progress,
+        "base_url": base_url,
+        "api_key": api_key,
+        "headers": headers,
+        "query": query,
+        "rpm": rpm,
+        "tpm": tpm,
+        "cache": cache,
+        "dedupe": dedupe,
+        "prices": prices,
+        "max_cost": max_cost,
+        "max_tokens_total": max_tokens_total,
+    }
     if isinstance(timeout, Timeouts):
-        settings["timeouts"] = timeout
+        changes["timeouts"] = timeout
     elif timeout is not None:
-        settings["timeout_total"] = float(timeout)
-    retry = settings.pop("retry")
+        changes["timeout_total"] = float(timeout)
     if isinstance(retry, RetryPolicy):
-        settings["retry"] = retry
+        changes["retry"] = retry
     elif retry is not None:
-        settings["retry_attempts"] = int(retry)
-    params = settings.pop("params")
+        changes["retry_attempts"] = int(retry)
     if params:
-        settings["params"] = {**base.params, **params}
-    return merge(base, **settings)
+        changes["params"] = {**base.params, **params}
+    return merge(base, **changes)
+
+
+# Our own option names, for catching a misspelt one before it goes into the request body.
+OPTION_NAMES = frozenset(
+    {
+        *inspect.signature(_ChatAccessorBase.acomplete).parameters,
+        "schema",
+        "labels",
+        "prefix",
+        "multi_label",
+        "validation_retries",
+        "structured",
+        "dimensions",
+        "batch",
+    }
+) - {"self", "params"}
+# Request-body fields of the OpenAI API and common servers: passed through, never flagged.
+_BODY_FIELDS = frozenset(
+    {
+        "temperature", "top_p", "top_k", "min_p", "max_tokens", "max_completion_tokens",
+        "seed", "stop", "n", "presence_penalty", "frequency_penalty", "repeat_penalty",
+        "logit_bias", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
+        "user", "reasoning_effort", "metadata", "store", "service_tier", "modalities",
+        "parallel_tool_calls", "prediction", "verbosity", "grammar", "typical_p",
+        "mirostat", "num_ctx", "extra_body",
+    }
+)  # fmt: skip
+
+
+def check_params(params: Mapping[str, Any]) -> None:
+    """Refuse request-body keywords that are surely mistakes, before anything is sent."""
+    for name, value in params.items():
+        if name == "stream" and value:
+            raise ConfigError(
+                "stream=True is not supported: nbtoolkit reads whole answers, one per row"
+            )
+        if name in _BODY_FIELDS or name in OPTION_NAMES:
+            continue
+        close = difflib.get_close_matches(name, OPTION_NAMES, n=1, cutoff=0.75)
+        if close:
+            raise ConfigError(
+                f"unknown option {name!r}: did you mean {close[0]!r}? (Other keywords go "
+                f"into the request body; pass a real body field named like that with "
+                f"config=ChatConfig(params={{{name!r}: ...}}).)"
+            )
 
 
 def _column_prompts(frame: pd.DataFrame, column: str | None) -> pd.Series:
@@ -296,14 +400,40 @@ def _column_prompts(frame: pd.DataFrame, column: str | None) -> pd.Series:
 
 def _template_prompts(frame: pd.DataFrame, template: str) -> pd.Series:
     fields = _template_fields(template)
+    pieces = list(string.Formatter().parse(template))
     columns = [_column(frame, name) for name in fields]
     prompts: list[str | None] = []
     for row in zip(*columns, strict=True) if columns else ((),) * len(frame):
         if any(_is_missing(value) for value in row):
             prompts.append(None)  # a hole in the data would make a misleading prompt
         else:
-            prompts.append(template.format_map(dict(zip(fields, map(str, row), strict=True))))
+            prompts.append(_format_row(pieces, dict(zip(fields, row, strict=True))))
     return pd.Series(prompts, index=frame.index, dtype=object)
+
+
+def _format_row(
+    pieces: list[tuple[str, str | None, str | None, str | None]], values: Mapping[str, Any]
+) -> str:
+    """``template.format_map(values)`` on the raw values (so ``{price:.2f}`` works), with an
+    error that names the field and the value it could not format."""
+    out: list[str] = []
+    formatter = string.Formatter()
+    for literal, field, spec, conversion in pieces:
+        out.append(literal)
+        if field is None:
+            continue
+        value = values[field]
+        try:
+            if conversion:
+                value = formatter.convert_field(value, conversion)
+            out.append(format(value, spec or ""))
+        except (ValueError, TypeError) as exc:
+            shown = f"!{conversion}" if conversion else ""
+            shown += f":{spec}" if spec else ""
+            raise ConfigError(
+                f"template field {{{field}{shown}}} cannot format the value {value!r}: {exc}"
+            ) from exc
+    return "".join(out)
 
 
 def _template_fields(template: str) -> list[str]:
@@ -349,38 +479,14 @@ def _as_prompt(value: Any) -> str | None:
     return text if text.strip() else None
 
 
-def _start(plan: _Plan) -> tuple[ChatRun, ProgressBar]:
-    bar = ProgressBar(len(plan.frame), enabled=plan.config.progress)
-    try:
-        run = ChatRun(plan.config, listener=bar)
-    except BaseException:
-        bar.close()
-        raise
-    return run, bar
-
-
-def _padded(results: Sequence[RowResult | None], total: int) -> list[RowResult]:
-    not_run = RowResult(None, RowError("not_run", "the run stopped before this row was sent"))
-    padded = [r if r is not None else not_run for r in results]
-    return padded + [not_run] * (total - len(padded))
-
-
 def _report(
-    plan: _Plan, run: ChatRun, results: Sequence[RowResult | None], outcome: str
+    plan: Plan, run: ChatRun, results: Sequence[RowResult | None], outcome: str
 ) -> RunReport:
-    rows = _padded(results, len(plan.frame))
-    answers = pd.Series([r.text for r in rows], index=plan.frame.index, dtype=object)
-    if plan.as_series:
-        answers.name = plan.output if plan.output != DEFAULT_OUTPUT else None
-        output: Any = answers
-    else:
-        output = plan.frame.assign(**{plan.output: answers})
-    return remember(RunReport(output, rows_frame(rows, plan.frame.index), run.stats, outcome))
-
-
-def _aborted(plan: _Plan, run: ChatRun, exc: RunAborted) -> RunAborted:
-    report = _report(plan, run, run.results, "aborted")
-    return RunAborted(str(exc), partial=report.output, cause=exc.cause)
+    rows = results_in_order(results)
+    rows += results_in_order([None]) * (len(plan.frame) - len(rows))
+    return remember(
+        RunReport(plan.write(rows), rows_frame(rows, plan.frame.index), run.stats, outcome)
+    )
 
 
 def _interrupted_message(report: RunReport) -> str:

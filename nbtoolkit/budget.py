@@ -8,6 +8,7 @@ after everything already spent or on its way.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 from nbtoolkit.errors import ConfigError
@@ -40,6 +41,8 @@ class Budget:
         self.cost = 0.0  # settled
         self._reserved_tokens = 0.0
         self._reserved_cost = 0.0
+        self._reservations = 0  # requests reserved and not yet settled
+        self._released: asyncio.Event | None = None  # made on first wait: bound to its loop
 
     @property
     def limited(self) -> bool:
@@ -51,8 +54,24 @@ class Budget:
             return None
         return (prompt_tokens * self._price[0] + completion_tokens * self._price[1]) / 1e6
 
+    async def reserve(self, prompt_tokens: float, completion_tokens: float) -> bool:
+        """Count a request's worst case against the budget, waiting while it could still fit.
+
+        A request that does not fit now may fit once the requests in flight settle and give
+        back what they reserved but did not use. It is refused (False) only when nothing is
+        in flight, so nothing could free enough.
+        """
+        while not self.try_reserve(prompt_tokens, completion_tokens):
+            if self._reservations == 0:
+                return False
+            if self._released is None:
+                self._released = asyncio.Event()
+            self._released.clear()
+            await self._released.wait()
+        return True
+
     def try_reserve(self, prompt_tokens: float, completion_tokens: float) -> bool:
-        """Count a request's worst case against the budget; False if it does not fit."""
+        """Count a request's worst case against the budget; False if it does not fit now."""
         tokens = prompt_tokens + completion_tokens
         cost = self.price(prompt_tokens, completion_tokens) or 0.0
         if self.max_tokens_total is not None and (
@@ -63,11 +82,16 @@ class Budget:
             return False
         self._reserved_tokens += tokens
         self._reserved_cost += cost
+        self._reservations += 1
         return True
 
     def release(self, prompt_tokens: float, completion_tokens: float) -> None:
+        """Settle a reservation (after `spend` has counted what the reply used)."""
         self._reserved_tokens -= prompt_tokens + completion_tokens
         self._reserved_cost -= self.price(prompt_tokens, completion_tokens) or 0.0
+        self._reservations -= 1
+        if self._released is not None:
+            self._released.set()  # waiters re-check: one may fit now, or none can any more
 
     def spend(self, prompt_tokens: int, completion_tokens: int) -> None:
         self.tokens += prompt_tokens + completion_tokens

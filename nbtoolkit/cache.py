@@ -66,7 +66,7 @@ _LOOKUP_CHUNK = 450
 class CachedAnswer(NamedTuple):
     """One answer as the cache holds it (a tuple: one per row of a 100,000-row re-run)."""
 
-    text: str
+    text: str | bytes  # text for chat; bytes for answers kept in binary (float32 vectors)
     prompt_tokens: int | None
     completion_tokens: int | None
     cached_tokens: int | None

@@ -1,4 +1,4 @@
-"""One chat-completion request -> one parsed completion, or one of our exceptions.
+"""One request -> one reply, or one of our exceptions; and the chat-completion parser.
 
 This is the only module that speaks HTTP. It maps every reply onto the exception tree in
 `nbtoolkit.errors`, so that nothing above it sees an aiohttp type or a status code rule.
@@ -15,12 +15,15 @@ from typing import Any
 import aiohttp
 
 from nbtoolkit.errors import (
+    AnswerError,
     APIError,
     AuthError,
     BadRequestError,
     MalformedResponse,
+    NoText,
     NotFoundError,
     RateLimitError,
+    Refused,
     RequestTimeout,
     ServerError,
     TransportError,
@@ -30,29 +33,45 @@ from nbtoolkit.retry import retry_after_seconds
 
 
 @dataclass(frozen=True, slots=True)
-class Completion:
-    """A parsed reply: the text, why generation stopped, and the token usage if reported."""
+class Reply:
+    """A 2xx reply's body, and what its rate-limit headers said."""
 
     text: str
+    limits: ServerLimits | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A parsed chat completion: the text (None when the model gave none) and its usage."""
+
+    text: str | None
     finish_reason: str | None
     usage: Mapping[str, Any] | None
-    limits: ServerLimits | None = None  # the reply's x-ratelimit-* headers
+    refusal: str | None = None
+    tool_calls: bool = False
+
+    def no_text_error(self) -> AnswerError:
+        """Why a reply with no text has none, as the row's outcome."""
+        if self.refusal:
+            return Refused(f"the model refused: {self.refusal}"[:500])
+        if self.tool_calls:
+            return NoText("the model answered with a tool call, not text")
+        return NoText(f"the reply's content is null (finish_reason: {self.finish_reason})")
 
 
-async def post_chat(
+async def post_json(
     session: aiohttp.ClientSession,
     url: str,
     payload: bytes,
     *,
     headers: Mapping[str, str],
     timeout: aiohttp.ClientTimeout,
-) -> Completion:
-    """Send one request (``payload``: the JSON body, encoded) and parse its reply.
+) -> Reply:
+    """Send one request (``payload``: the JSON body, encoded) and return its 2xx reply.
 
     Raises:
         APIError: (a subclass per status) the server answered with an error status.
         TransportError: no complete HTTP reply (refused, reset, timed out).
-        MalformedResponse: a 2xx whose body is not a chat completion.
     """
     started = time.monotonic()
     try:
@@ -74,34 +93,45 @@ async def post_chat(
             f"{type(exc).__name__}: {exc}", elapsed=time.monotonic() - started
         ) from exc
     text = raw.decode("utf-8", errors="replace")
+    limits = ServerLimits.from_headers(reply_headers)
     if status >= 300:
         # Some proxies echo the Authorization header in error bodies: never let it reach a
         # message, a traceback or the run report.
         error = error_for_status(status, _redact(text, headers), reply_headers)
-        error.limits = ServerLimits.from_headers(reply_headers)
+        error.limits = limits
         raise error
-    return parse_completion(text, limits=ServerLimits.from_headers(reply_headers))
+    return Reply(text, limits)
 
 
-def parse_completion(text: str, *, limits: ServerLimits | None = None) -> Completion:
-    """Parse a chat.completion body; raise MalformedResponse when it is not one."""
+def parse_completion(text: str) -> Completion:
+    """Parse a chat.completion body; raise MalformedResponse when it is not one.
+
+    A reply that is a whole completion but carries no text (a refusal, a tool call,
+    ``content: null``) is not malformed: it comes back with ``text`` None, to be the row's
+    outcome rather than retried and billed again.
+    """
     try:
         data = json.loads(text)
     except ValueError as exc:
         raise MalformedResponse(f"reply is not JSON: {text[:200]!r}") from exc
     try:
         choice = data["choices"][0]
-        content = choice["message"]["content"]
-    except (KeyError, IndexError, TypeError) as exc:
+        message = choice["message"]
+        content = message.get("content")
+        if "content" not in message and not (message.get("refusal") or message.get("tool_calls")):
+            raise KeyError("content")
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
         raise MalformedResponse(f"reply has no choices[0].message.content: {text[:200]!r}") from exc
-    if not isinstance(content, str):
+    if content is not None and not isinstance(content, str):
         raise MalformedResponse(f"choices[0].message.content is not text: {content!r}"[:300])
+    refusal = message.get("refusal")
     usage = data.get("usage") if isinstance(data, dict) else None
     return Completion(
-        text=content,
+        text=content if not refusal else None,
         finish_reason=choice.get("finish_reason"),
         usage=usage if isinstance(usage, dict) else None,
-        limits=limits,
+        refusal=refusal if isinstance(refusal, str) and refusal else None,
+        tool_calls=bool(message.get("tool_calls")),
     )
 
 

@@ -12,12 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import platformdirs
 
 from nbtoolkit.errors import ConfigError
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+_LOOPBACK_HOSTS = frozenset({"localhost", "::1", "0.0.0.0"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,7 +117,18 @@ class ChatConfig:
 
     @property
     def endpoint(self) -> str:
-        return f"{(self.base_url or DEFAULT_BASE_URL).rstrip('/')}/chat/completions"
+        return self.url("/chat/completions")
+
+    def url(self, path: str) -> str:
+        """The full URL of an endpoint (``path`` like ``"/chat/completions"``)."""
+        return f"{(self.base_url or DEFAULT_BASE_URL).rstrip('/')}{path}"
+
+    @property
+    def use_proxy_env(self) -> bool:
+        """Follow HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as the openai SDK does, except on
+        loopback: a local server is never reached through a proxy."""
+        host = urlsplit(self.base_url or DEFAULT_BASE_URL).hostname or ""
+        return host not in _LOOPBACK_HOSTS and not host.startswith("127.")
 
     def headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}

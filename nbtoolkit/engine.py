@@ -1,15 +1,17 @@
-"""Run many chat requests at once: a bounded worker pool, retries, ordering, fail-fast.
+"""Run many requests at once: a bounded worker pool, retries, ordering, fail-fast.
 
-The engine knows nothing of pandas: it takes any iterable of `ChatRequest` (or None for a
-row with nothing to send) and fills `ChatRun.results` in the same order. A partition of a
-distributed frame can call it as it is.
+The engine knows nothing of pandas, nor of any one endpoint's wire format: it takes any
+iterable of requests (or None for a row with nothing to send), an `Endpoint` that knows
+how they become bodies and how replies become answers, and fills `ChatRun.results` in the
+same order. A partition of a distributed frame can call it as it is.
 
 The path of one row::
 
-    producer ── cache hit? ──────────────► result (no request)
-       │   └── same request in flight? ──► waits for it, shares its answer
+    producer ── endpoint.item ── cache hit? ─────────────► result (no request)
+       │                    └── same request in flight? ──► waits for it, shares its answer
        ▼
-    queue (2 x max_parallel) ─► worker ─► budget ─► governor ─► client ─► cache.put
+    group (endpoint.max_items rows) ─► queue (2 x max_parallel) ─► worker
+       ─► budget ─► governor ─► client ─► breaker ─► endpoint.parse ─► cache
 
 Memory stays proportional to ``max_parallel``: the producer pulls requests from the
 iterable only as the queue drains. Only the results list grows with the row count.
@@ -18,27 +20,26 @@ iterable only as the queue drains. Only the results list grows with the row coun
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import math
-import sqlite3
 import time
-import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
+from nbtoolkit.breaker import CircuitBreaker
 from nbtoolkit.budget import Budget
-from nbtoolkit.cache import CachedAnswer, RequestKeys, ResponseCache, encode_body
-from nbtoolkit.client import Completion, post_chat
+from nbtoolkit.cache import CachedAnswer, RequestKeys
+from nbtoolkit.cachewriter import CacheWriter
+from nbtoolkit.client import Reply, post_json
 from nbtoolkit.config import ChatConfig
+from nbtoolkit.endpoints import Answer, ChatEndpoint, Endpoint, Item, Parsed, Reask, usage_counts
 from nbtoolkit.errors import (
     APIError,
     AuthError,
+    BadRequestError,
     ConfigError,
     NbToolkitError,
     NotFoundError,
@@ -46,45 +47,33 @@ from nbtoolkit.errors import (
     RequestTimeout,
     RunAborted,
     TransportError,
+    UnsendableRow,
 )
-from nbtoolkit.limits import RateGovernor, ServerLimits, estimate_tokens
+from nbtoolkit.limits import RateGovernor, ServerLimits
 from nbtoolkit.retry import GiveUp, RetryAfterOrBackoff, is_retryable, is_systemic
-from nbtoolkit.rows import (
-    SKIPPED,
-    ChatRequest,
-    ProgressListener,
-    RowError,
-    RowResult,
-    RunStats,
-)
+from nbtoolkit.rows import SKIPPED, ProgressListener, RowError, RowResult, RunStats
 
 # Requests looked up in the cache with one query: large enough to make a fully cached
 # re-run cheap, small enough not to hold the first requests back.
 _LOOKUP_BATCH = 256
-# The longest an answer waits for its commit: what a killed process can lose, at most.
-_COMMIT_EVERY = 0.020
-_DEFAULT_COMPLETION_BUDGET = 256  # tokens counted for a request that sets no max_tokens
 
 
 @dataclass(slots=True)
 class _Job:
-    """A request on its way: its row, its body, its cache key, its worst-case tokens."""
+    """One request on its way: its rows (one for chat, many for embeddings)."""
 
-    index: int
-    body: dict[str, Any]
-    payload: bytes  # the body as sent
-    key: bytes | None
+    items: list[Item]
 
     def worst_case(self) -> tuple[float, float]:
         """Estimated prompt tokens, and the completion tokens the request may use at most."""
-        completion = self.body.get("max_tokens") or self.body.get("max_completion_tokens")
-        if not isinstance(completion, int | float):
-            completion = _DEFAULT_COMPLETION_BUDGET
-        return estimate_tokens(self.body["messages"], 0), float(completion)
+        return (
+            sum(item.prompt_tokens for item in self.items),
+            sum(item.completion_tokens for item in self.items),
+        )
 
 
 class _Attempts(Exception):
-    """A row's last error after tenacity gave up, with how many attempts it took."""
+    """A request's last error after tenacity gave up, with how many attempts it took."""
 
     def __init__(self, error: Exception, attempts: int) -> None:
         super().__init__(str(error))
@@ -93,12 +82,7 @@ class _Attempts(Exception):
 
 
 class _OverBudget(Exception):
-    """A request that would pass max_cost / max_tokens_total; its row is not sent."""
-
-
-# Failures that say nothing answered at all (refused, reset, no connection in time). A total
-# timeout is left out: a live server that is merely slower than the timeout is reachable.
-_UNREACHABLE_KINDS = frozenset({"TransportError"})
+    """A request that would pass max_cost / max_tokens_total; its rows are not sent."""
 
 
 class _Systemic(Exception):
@@ -112,18 +96,31 @@ class _Systemic(Exception):
 class ChatRun:
     """One run over many requests; keeps its results reachable even if the run is cut short.
 
+    Args:
+        config: where requests go and how the run behaves.
+        endpoint: how requests become bodies and replies become answers; default chat
+            completions with the config's model and params.
+        listener: told of each finished row, retry and wait (the progress bar).
+
     Example:
         >>> run = ChatRun(config)  # doctest: +SKIP
         >>> results = await run.execute([ChatRequest(({"role": "user", "content": "hi"},))])
     """
 
-    def __init__(self, config: ChatConfig, *, listener: ProgressListener | None = None) -> None:
+    def __init__(
+        self,
+        config: ChatConfig,
+        *,
+        endpoint: Endpoint | None = None,
+        listener: ProgressListener | None = None,
+    ) -> None:
         config = config.resolved()
         if not config.model:
             raise ConfigError(
                 "no model: pass model='...' or set it once with nbtoolkit.configure(model='...')"
             )
         self.config = config
+        self.endpoint: Endpoint = endpoint or ChatEndpoint({"model": config.model, **config.params})
         self.listener = listener
         # One slot per request pulled so far; None until that row finishes.
         self.results: list[RowResult | None] = []
@@ -141,6 +138,7 @@ class ChatRun:
             adaptive=config.adaptive,
             on_wait=listener.row_waiting if listener is not None else None,
         )
+        self.breaker = CircuitBreaker(threshold=config.max_parallel)
         self._timeout = aiohttp.ClientTimeout(
             total=config.timeouts.total,
             sock_connect=config.timeouts.connect,
@@ -149,38 +147,41 @@ class ChatRun:
             # a 5 s timeout that fires at 5.9 s only delays the retry. Keep them exact.
             ceil_threshold=float("inf"),
         )
+        self._url = config.url(self.endpoint.path)
         self._headers = config.headers()
-        self._base_body: dict[str, Any] = {"model": config.model, **config.params}
-        self._cache: ResponseCache | None = None
-        self._keys = RequestKeys(config.endpoint)
+        self._cache = CacheWriter(None, model=None)
+        self._keys = RequestKeys(self._url)
         # Cache key -> rows waiting for the same request, which is queued or in flight.
         self._pending: dict[bytes, list[int]] = {}
+        self._group: list[Item] = []  # rows waiting to fill a request (max_items > 1)
+        self._group_tokens = 0.0
         self._sending: set[int] = set()  # rows a worker holds right now
-        self._commit_timer: asyncio.TimerHandle | None = None
-        self._last_commit = -math.inf  # loop time
-        # Rows that failed to reach the server before any row succeeded: past a pool's worth,
-        # the server is unreachable (wrong port, host down) and every other row would spend
-        # all its retries finding that out again.
-        self._unreachable_streak = 0
-        self._any_success = False
+        self._executed = False
 
-    async def execute(self, requests: Iterable[ChatRequest | None]) -> list[RowResult]:
+    async def execute(self, requests: Iterable[Any]) -> list[RowResult]:
         """Send every request, at most ``max_parallel`` at once, and return results in order.
 
         Raises:
-            RunAborted: a bad key, a wrong URL or model, or an exhausted quota; ``partial``
-                holds the results list, with rows that did not finish marked.
+            RunAborted: a bad key, a wrong URL or model, an exhausted quota, or a server
+                that stopped answering; ``partial`` holds the results list, with rows that
+                did not finish marked.
+            RuntimeError: the run was already executed (make a new one per run).
         """
+        if self._executed:
+            raise RuntimeError("a ChatRun runs once; make a new ChatRun for another run")
+        self._executed = True
         self.stats.started = time.monotonic()
         workers = self.config.max_parallel
         queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=2 * workers)
-        self._cache = _open_cache(self.config.cache_path)
+        self._cache = CacheWriter(self.config.cache_path, model=self.config.model)
         # Pool sized to the workers: no request ever waits for a connection slot, so the
         # total timeout measures the request alone.
         connector = aiohttp.TCPConnector(limit=workers, limit_per_host=workers)
         try:
             async with (
-                aiohttp.ClientSession(connector=connector) as session,
+                aiohttp.ClientSession(
+                    connector=connector, trust_env=self.config.use_proxy_env
+                ) as session,
                 asyncio.TaskGroup() as group,
             ):
                 group.create_task(self._produce(requests, queue, workers))
@@ -202,152 +203,160 @@ class ChatRun:
         finally:
             self.stats.finished = time.monotonic()
             self.stats.cost = self.budget.cost if self.budget.price(0, 0) is not None else None
-            if self._commit_timer is not None:
-                self._commit_timer.cancel()  # a notebook's loop runs on after this run
-                self._commit_timer = None
-            if self._cache is not None:
-                try:
-                    self._cache.close()  # commits what is still waiting for the timer
-                    self._cache = None
-                except sqlite3.Error as exc:
-                    self._cache_failed(exc)
+            self.stats.limits = self.governor.learned()
+            self._cache.close()  # commits what is still waiting for the timer
         return [result if result is not None else SKIPPED for result in self.results]
 
     async def _produce(
-        self,
-        requests: Iterable[ChatRequest | None],
-        queue: asyncio.Queue[_Job | None],
-        workers: int,
+        self, requests: Iterable[Any], queue: asyncio.Queue[_Job | None], workers: int
     ) -> None:
-        batch: list[_Job] = []
+        batch: list[Item] = []
         for index, request in enumerate(requests):
             self.results.append(None)
             if request is None:
                 self._finish(index, SKIPPED)
                 continue
-            batch.append(self._job(index, request))
-            if len(batch) >= _LOOKUP_BATCH:
+            try:
+                item = self.endpoint.item(index, request)
+            except (ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
+                # One bad row (a lone surrogate, an object JSON cannot carry) fails alone.
+                error = UnsendableRow(f"this row's request cannot be encoded: {exc}"[:500])
+                self._finish(index, RowResult(None, _row_error(error, 0)))
+                continue
+            batch.append(item)
+            if len(batch) >= max(_LOOKUP_BATCH, self.endpoint.max_items):
                 await self._dispatch(batch, queue)
                 batch = []
         await self._dispatch(batch, queue)
+        if self._group:
+            await queue.put(self._take_group())
         for _ in range(workers):
             await queue.put(None)
 
-    def _job(self, index: int, request: ChatRequest) -> _Job:
-        body = {**self._base_body, **request.params, "messages": list(request.messages)}
-        payload = encode_body(body)
-        wants_key = self._cache is not None or self.config.dedupe
-        return _Job(index, body, payload, self._keys.key(payload) if wants_key else None)
-
-    async def _dispatch(self, batch: list[_Job], queue: asyncio.Queue[_Job | None]) -> None:
+    async def _dispatch(self, batch: list[Item], queue: asyncio.Queue[_Job | None]) -> None:
         """Answer what the cache knows, attach duplicates to their twin, queue the rest."""
         if not batch:
             return
-        hits: dict[bytes, CachedAnswer] = {}
-        if self._cache is not None:
-            hits = self._cache.get_many([job.key for job in batch if job.key is not None])
-        for job in batch:
-            if job.key is not None and (answer := hits.get(job.key)) is not None:
+        if self._cache.enabled or self.config.dedupe:
+            for item in batch:
+                item.key = self._keys.key(item.payload)
+        hits = self._cache.lookup([item.key for item in batch if item.key is not None])
+        for item in batch:
+            if item.key is not None and (answer := hits.get(item.key)) is not None:
                 self.stats.cache_hits += 1
-                self._finish(job.index, _from_cache(answer))
+                self._finish(item.index, self._from_cache(answer))
                 continue
-            if job.key is not None and self.config.dedupe:
-                twins = self._pending.get(job.key)
+            if item.key is not None and self.config.dedupe:
+                twins = self._pending.get(item.key)
                 if twins is not None:
-                    twins.append(job.index)
+                    twins.append(item.index)
                     continue
-                self._pending[job.key] = []
-            await queue.put(job)
+                self._pending[item.key] = []
+            if self.endpoint.max_items == 1:
+                await queue.put(_Job([item]))
+                continue
+            if self._group and (
+                len(self._group) >= self.endpoint.max_items
+                or self._group_tokens + item.prompt_tokens > self.endpoint.max_request_tokens
+            ):
+                await queue.put(self._take_group())
+            self._group.append(item)
+            self._group_tokens += item.prompt_tokens
+
+    def _take_group(self) -> _Job:
+        job = _Job(self._group)
+        self._group, self._group_tokens = [], 0.0
+        return job
 
     async def _work(
         self, session: aiohttp.ClientSession, queue: asyncio.Queue[_Job | None]
     ) -> None:
         while (job := await queue.get()) is not None:
-            self._sending.add(job.index)
-            result = await self._complete(session, job)
-            self._sending.discard(job.index)
-            self._finish(job.index, result)
-            if job.key is not None:
-                if result.text is not None and self._cache is not None:
-                    self._save(self._cache, job.key, result)
-                for twin in self._pending.pop(job.key, ()):
-                    self.stats.duplicates += 1
-                    self._finish(twin, _shared(result))
-            self._check_reachable(result)
+            indexes = [item.index for item in job.items]
+            self._sending.update(indexes)
+            await self._run_job(session, job.items)
+            self._sending.difference_update(indexes)
 
-    def _save(self, cache: ResponseCache, key: bytes, result: RowResult) -> None:
+    async def _run_job(self, session: aiohttp.ClientSession, items: list[Item]) -> None:
+        """Send one request for ``items`` and finish each of its rows."""
         try:
-            cache.put(key, _to_cache(result), model=self.config.model)
-            if self._commit_timer is None:
-                # Commit once this loop turn's replies are all in, or, when replies pour in,
-                # once per _COMMIT_EVERY: each commit costs ~100 us of CPU however few it holds.
-                loop = asyncio.get_running_loop()
-                self._commit_timer = loop.call_at(self._last_commit + _COMMIT_EVERY, self._commit)
-        except sqlite3.Error as exc:
-            self._cache_failed(exc)
-
-    def _commit(self) -> None:
-        self._commit_timer = None
-        self._last_commit = asyncio.get_running_loop().time()
-        if self._cache is None:
-            return
-        try:
-            self._cache.commit()
-        except sqlite3.Error as exc:
-            self._cache_failed(exc)
-
-    def _cache_failed(self, exc: sqlite3.Error) -> None:
-        # A full disk or a lock held too long must not cost the answers themselves: rows keep
-        # them, only a re-run would pay again. Say so once, then go on without the cache.
-        warnings.warn(
-            f"response cache write failed, carrying on without it: {exc}",
-            RuntimeWarning,
-            stacklevel=1,
-        )
-        if self._cache is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._cache.close()
-        self._cache = None
-
-    def _check_reachable(self, result: RowResult) -> None:
-        if result.error is None:
-            self._any_success = True
-        elif not self._any_success and result.error.kind in _UNREACHABLE_KINDS:
-            self._unreachable_streak += 1
-            if self._unreachable_streak >= max(3, self.config.max_parallel):
-                raise _Systemic(
-                    TransportError(f"the server could not be reached: {result.error.message}")
-                )
-
-    async def _complete(self, session: aiohttp.ClientSession, job: _Job) -> RowResult:
-        attempts = 1
-        try:
-            try:
-                completion = await self._send_once(session, job)
-            except Exception as first_error:
-                if not is_retryable(first_error) or GiveUp(self.config.retry).first(first_error):
-                    raise
-                completion, attempts = await self._retry(session, job, first_error)
+            parsed, attempts = await self._send(session, _Job(items))
         except _Attempts as failed:
-            return self._failed(failed.error, failed.attempts)
-        except Exception as exc:
-            return self._failed(exc, attempts)
-        usage = completion.usage or {}
-        details = usage.get("prompt_tokens_details")
-        return RowResult(
-            completion.text,
-            None,
-            attempts,
-            prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
-            completion_tokens=_int_or_none(usage.get("completion_tokens")),
-            cached_tokens=_int_or_none(details.get("cached_tokens"))
-            if isinstance(details, Mapping)
-            else None,
-        )
+            if isinstance(failed.error, BadRequestError) and len(items) > 1:
+                # One bad input must not sink its neighbours: halve until it stands alone.
+                middle = len(items) // 2
+                await self._run_job(session, items[:middle])
+                await self._run_job(session, items[middle:])
+                return
+            for item in items:
+                self._settle_row(item, self._failed(failed.error, failed.attempts))
+            return
+        for item, outcome in zip(items, parsed.outcomes, strict=True):
+            await self._settle_outcome(session, item, outcome, attempts)
+
+    async def _settle_outcome(
+        self, session: aiohttp.ClientSession, item: Item, outcome: Any, attempts: int
+    ) -> None:
+        """Turn one row's outcome into its result; an answer that failed its check is re-asked."""
+        first = item
+        while isinstance(outcome, Reask):
+            self.stats.reasks += 1
+            item = outcome.item
+            item.key = self._keys.key(item.payload)
+            cached = self._cache.lookup([item.key]).get(item.key)
+            if cached is not None:
+                outcome = self._from_cache(cached)
+                break
+            try:
+                parsed, more = await self._send(session, _Job([item]))
+            except _Attempts as failed:
+                self._settle_row(first, self._failed(failed.error, attempts + failed.attempts))
+                return
+            attempts += more
+            outcome = parsed.outcomes[0]
+        if isinstance(outcome, RowResult):  # a re-ask answered from the cache
+            result = outcome
+        elif isinstance(outcome, Answer):
+            result = RowResult(
+                outcome.stored if isinstance(outcome.stored, str) else None,
+                None,
+                attempts,
+                outcome.prompt_tokens,
+                outcome.completion_tokens,
+                outcome.cached_tokens,
+                value=outcome.value,
+            )
+            if item is not first and item.key is not None:
+                self._cache.save(item.key, _to_cache(outcome))  # the re-ask, under its own key
+        else:
+            result = RowResult(None, _row_error(outcome, attempts), attempts)
+        if result.error is None and first.key is not None and isinstance(outcome, Answer):
+            # Only a checked answer is saved under the row's own request: a re-run of an
+            # answer that needed fixing finds the fixed one and pays for nothing.
+            self._cache.save(first.key, _to_cache(outcome))
+        self._settle_row(first, result)
+
+    def _settle_row(self, item: Item, result: RowResult) -> None:
+        self._finish(item.index, result)
+        if item.key is not None:
+            for twin in self._pending.pop(item.key, ()):
+                self.stats.duplicates += 1
+                self._finish(twin, _shared(result))
+
+    async def _send(self, session: aiohttp.ClientSession, job: _Job) -> tuple[Parsed, int]:
+        """Send one request, retried as the policy says; raises _Attempts when it gives up."""
+        try:
+            return await self._send_once(session, job), 1
+        except _Systemic:
+            raise
+        except Exception as first_error:
+            if not is_retryable(first_error) or GiveUp(self.config.retry).first(first_error):
+                raise _Attempts(first_error, 1) from first_error
+            return await self._retry(session, job, first_error)
 
     async def _retry(
         self, session: aiohttp.ClientSession, job: _Job, first_error: Exception
-    ) -> tuple[Completion, int]:
+    ) -> tuple[Parsed, int]:
         """Attempts 2 and on, run by tenacity. The first attempt went outside it, because
         tenacity's bookkeeping costs more CPU than a whole request to a fast server; tenacity
         is handed the first failure as its own attempt 1, so its stop and wait rules see
@@ -355,7 +364,7 @@ class ChatRun:
         policy = self.config.retry
         replay: list[Exception] = [first_error]
 
-        async def attempt() -> Completion:
+        async def attempt() -> Parsed:
             if replay:
                 raise replay.pop()
             return await self._send_once(session, job)
@@ -368,56 +377,78 @@ class ChatRun:
             reraise=True,
         )
         try:
-            completion: Completion = await retrying(attempt)
+            parsed: Parsed = await retrying(attempt)
+        except _Systemic:
+            raise
         except Exception as exc:
             raise _Attempts(exc, retrying.statistics.get("attempt_number", 1)) from exc
-        return completion, int(retrying.statistics.get("attempt_number", 1))
+        return parsed, int(retrying.statistics.get("attempt_number", 1))
 
     def _failed(self, exc: Exception, attempts: int) -> RowResult:
         """The result of a row whose attempt number ``attempts`` failed with ``exc``."""
         if isinstance(exc, _OverBudget):  # that attempt was never sent
             sent = attempts - 1
             return RowResult(None, RowError("over_budget", self.budget.reason(), None, sent), sent)
-        self.stats.statuses[_status_key(exc)] += 1
         if isinstance(exc, NbToolkitError) and is_systemic(exc):
             raise _Systemic(exc) from exc
         return RowResult(None, _row_error(exc, attempts), attempts)
 
-    async def _send_once(self, session: aiohttp.ClientSession, job: _Job) -> Completion:
+    async def _send_once(self, session: aiohttp.ClientSession, job: _Job) -> Parsed:
         """One attempt: within budget, admitted by the governor, reported back to both."""
         prompt_tokens, completion_tokens = job.worst_case()
-        if self.budget.limited and not self.budget.try_reserve(prompt_tokens, completion_tokens):
+        if self.budget.limited and not await self.budget.reserve(prompt_tokens, completion_tokens):
             raise _OverBudget()
         reserved = prompt_tokens + completion_tokens
-        ticket = await self.governor.admit(reserved)
+        try:
+            ticket = await self.governor.admit(reserved)
+        except BaseException:
+            if self.budget.limited:
+                self.budget.release(prompt_tokens, completion_tokens)
+            raise
         self.stats.requests_sent += 1
         limits: ServerLimits | None = None
         used: float | None = None
         congested = False
         pause: float | None = None
         try:
-            completion = await post_chat(
+            reply: Reply = await post_json(
                 session,
-                self.config.endpoint,
-                job.payload,
+                self._url,
+                self.endpoint.payload(job.items),
                 headers=self._headers,
                 timeout=self._timeout,
             )
+            limits = reply.limits
+            self.breaker.reached()
+            parsed = self.endpoint.parse(reply.text, job.items)
         except RateLimitError as exc:
+            self.breaker.reached()
+            self.stats.statuses["429"] += 1
             limits, congested = exc.limits, True
             pause = self._shared_pause(exc)
             raise
         except RequestTimeout:
+            self.stats.statuses["RequestTimeout"] += 1
             congested = True
             raise
+        except TransportError as exc:
+            self.stats.statuses[type(exc).__name__] += 1
+            if self.breaker.failed(exc):
+                raise _Systemic(TransportError(self.breaker.describe())) from exc
+            raise
         except APIError as exc:
+            self.breaker.reached()
+            self.stats.statuses[str(exc.status)] += 1
             limits = exc.limits
+            raise
+        except Exception as exc:  # a 2xx that is not what the endpoint expects
+            self.stats.statuses[type(exc).__name__] += 1
+            used = self._spend(None, prompt_tokens, completion_tokens)
             raise
         else:
             self.stats.statuses["200"] += 1
-            limits = completion.limits
-            used = self._spend(completion.usage)
-            return completion
+            used = self._spend(parsed.usage, prompt_tokens, completion_tokens)
+            return parsed
         finally:
             if self.budget.limited:
                 self.budget.release(prompt_tokens, completion_tokens)
@@ -430,17 +461,22 @@ class ChatRun:
                 pause=pause,
             )
 
-    def _spend(self, usage: Mapping[str, Any] | None) -> float | None:
-        """Count a reply's billed tokens; returns their total (None if it reported none)."""
-        if not usage:
-            return None
-        prompt = _int_or_none(usage.get("prompt_tokens")) or 0
-        completion = _int_or_none(usage.get("completion_tokens")) or 0
+    def _spend(
+        self, usage: Mapping[str, Any] | None, prompt_reserved: float, completion_reserved: float
+    ) -> float:
+        """Count a reply's billed tokens; returns their total.
+
+        A reply that reports no usage was still billed: the budget charges it what was
+        reserved for it (its worst case), never zero, so a budget stays a hard limit.
+        """
+        prompt, completion, cached = usage_counts(usage or {})
+        if prompt is None and completion is None:
+            self.budget.spend(round(prompt_reserved), round(completion_reserved))
+            return prompt_reserved + completion_reserved
+        prompt, completion = prompt or 0, completion or 0
         self.stats.prompt_tokens += prompt
         self.stats.completion_tokens += completion
-        details = usage.get("prompt_tokens_details")
-        if isinstance(details, Mapping):
-            self.stats.cached_tokens += _int_or_none(details.get("cached_tokens")) or 0
+        self.stats.cached_tokens += cached or 0
         self.budget.spend(prompt, completion)
         return float(prompt + completion)
 
@@ -455,11 +491,21 @@ class ChatRun:
 
     def _on_retry(self, retry_state: RetryCallState) -> None:
         self.stats.retries += 1
-        outcome = retry_state.outcome
-        if outcome is not None and (exc := outcome.exception()) is not None:
-            self.stats.statuses[_status_key(exc)] += 1
         if self.listener is not None:
             self.listener.row_retried()
+
+    def _from_cache(self, answer: CachedAnswer) -> RowResult:
+        # Token counts are what the answer cost when it was bought; this run paid nothing.
+        return RowResult(
+            answer.text if isinstance(answer.text, str) else None,
+            None,
+            0,
+            answer.prompt_tokens,
+            answer.completion_tokens,
+            answer.cached_tokens,
+            "cache",
+            value=self.endpoint.decode(answer.text),
+        )
 
     def _finish(self, index: int, result: RowResult) -> None:
         self.results[index] = result
@@ -476,38 +522,9 @@ class ChatRun:
                 self.results[index] = in_flight if index in self._sending else waiting
 
 
-def _open_cache(path: Path | None) -> ResponseCache | None:
-    if path is None:
-        return None
-    try:
-        return ResponseCache(path)
-    except (OSError, sqlite3.Error) as exc:
-        # An unwritable cache folder should not stop the work; it only loses the checkpoint.
-        warnings.warn(
-            f"response cache {path} unavailable, running without it: {exc}",
-            RuntimeWarning,
-            stacklevel=1,
-        )
-        return None
-
-
-def _from_cache(answer: CachedAnswer) -> RowResult:
-    # Token counts are what the answer cost when it was bought; this run paid nothing.
-    return RowResult(
-        answer.text,
-        None,
-        0,
-        answer.prompt_tokens,
-        answer.completion_tokens,
-        answer.cached_tokens,
-        "cache",
-    )
-
-
-def _to_cache(result: RowResult) -> CachedAnswer:
-    assert result.text is not None
+def _to_cache(answer: Answer) -> CachedAnswer:
     return CachedAnswer(
-        result.text, result.prompt_tokens, result.completion_tokens, result.cached_tokens
+        answer.stored, answer.prompt_tokens, answer.completion_tokens, answer.cached_tokens
     )
 
 
@@ -515,17 +532,15 @@ def _shared(result: RowResult) -> RowResult:
     return dataclasses.replace(result, attempts=0, source="duplicate")
 
 
-def _row_error(exc: Exception, attempts: int) -> RowError:
+def _row_error(exc: BaseException, attempts: int) -> RowError:
     status = exc.status if isinstance(exc, APIError) else None
     return RowError(type(exc).__name__, str(exc), status, attempts)
 
 
-def _status_key(exc: BaseException) -> str:
-    return str(exc.status) if isinstance(exc, APIError) else type(exc).__name__
-
-
-def _int_or_none(value: object) -> int | None:
-    return value if isinstance(value, int) else None
+def results_in_order(results: Sequence[RowResult | None]) -> list[RowResult]:
+    """The results of a run that may have been cut short, with unfinished rows as not_run."""
+    not_run = RowResult(None, RowError("not_run", "the run stopped before this row was sent"))
+    return [r if r is not None else not_run for r in results]
 
 
 def _abort_message(error: NbToolkitError) -> str:

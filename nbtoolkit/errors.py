@@ -12,7 +12,13 @@
     │   └── BadRequestError     other 4xx, never retried
     ├── TransportError          connection refused/reset, timeouts (raised from the aiohttp error)
     │   └── RequestTimeout      the connect or total timeout ran out
-    ├── MalformedResponse       a 200 whose body is not a chat completion
+    ├── MalformedResponse       a 200 whose body is not a chat completion (retried)
+    ├── AnswerError             a 200 that is the row's outcome: sent once, billed once
+    │   ├── NoText              no text came back (content null, a tool call)
+    │   ├── Refused             the model refused (``message.refusal``)
+    │   ├── Truncated           cut at max_tokens where a whole answer was needed
+    │   └── SchemaError         the answer does not fit the schema, after every re-ask
+    ├── UnsendableRow           a row that cannot be encoded as JSON (a lone surrogate)
     └── RunAborted              a systemic failure stopped the run; .partial keeps what finished
 
     RunInterrupted(KeyboardInterrupt)   Ctrl-C or the stop button; .partial keeps what finished
@@ -119,3 +125,27 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, *, partial: Any = None) -> None:
         super().__init__(message)
         self.partial = partial
+
+
+class AnswerError(NbToolkitError):
+    """A complete reply whose answer is unusable for this row; sending it again would not help."""
+
+
+class NoText(AnswerError):
+    """The reply carried no text: ``content`` null, or a tool call instead of an answer."""
+
+
+class Refused(AnswerError):
+    """The model refused to answer (the reply's ``message.refusal``)."""
+
+
+class Truncated(AnswerError):
+    """The answer was cut off at ``max_tokens`` (``finish_reason: "length"``)."""
+
+
+class SchemaError(AnswerError):
+    """The answer does not match the requested schema, even after asking the model to fix it."""
+
+
+class UnsendableRow(NbToolkitError):
+    """A row whose request cannot be encoded (a lone surrogate in its text, say)."""

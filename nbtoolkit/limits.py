@@ -289,6 +289,15 @@ class RateGovernor:
             # the emptied bucket already waits just long enough for the next request.
             self.paused_until = max(self.paused_until, self._clock() + limits.reset_requests)
 
+    def learned(self) -> dict[str, float]:
+        """The limits this run paces by, per second (empty when none was set or learned)."""
+        found: dict[str, float] = {}
+        if self.requests is not None:
+            found["requests_per_second"] = self.requests.rate
+        if self.tokens is not None:
+            found["tokens_per_second"] = self.tokens.rate
+        return found
+
     def _learned(
         self,
         bucket: TokenBucket | None,

@@ -28,7 +28,7 @@ ROW_COLUMNS = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # equality over DataFrames has no single answer
 class RunReport:
     """The outcome of one run.
 
@@ -89,7 +89,7 @@ def rows_frame(results: Sequence[RowResult], index: pd.Index) -> pd.DataFrame:
             ],
             index,
         ),
-        "source": _objects([r.source if r.text is not None else None for r in results], index),
+        "source": _objects([r.source if r.error is None else None for r in results], index),
         "error_kind": _objects([None if e is None else e.kind for e in errors], index),
         "http_status": pd.Series(
             [None if e is None else e.status for e in errors], index=index, dtype="Int64"

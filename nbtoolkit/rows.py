@@ -50,6 +50,9 @@ class RowResult:
     completion_tokens: int | None = None
     cached_tokens: int | None = None  # prompt tokens the server served from its prompt cache
     source: str = "api"  # "api", "cache" (answered from the response cache) or "duplicate"
+    # What the row's column gets: the text for chat, a vector for embeddings, the checked
+    # fields for structured output; None without an answer.
+    value: Any = None
 
     @property
     def ok(self) -> bool:
@@ -77,6 +80,7 @@ class RunStats:
     retries: int = 0
     cache_hits: int = 0
     duplicates: int = 0  # rows answered by an identical request of the same run
+    reasks: int = 0  # answers sent back to the model to be fixed (structured output)
     statuses: Counter[str] = field(default_factory=Counter)  # "200", "429", "RequestTimeout"
     prompt_tokens: int = 0  # as billed: requests actually sent, not cache hits
     completion_tokens: int = 0
@@ -84,6 +88,9 @@ class RunStats:
     cost: float | None = None  # in the price table's currency; None without prices
     started: float = 0.0
     finished: float = 0.0
+    # The rate limits the run learned from the server's headers: rate per second, window,
+    # and which header family said so (empty when the server sent none).
+    limits: dict[str, Any] = field(default_factory=dict)
 
     @property
     def wall_seconds(self) -> float:

@@ -14,8 +14,10 @@ from nbtoolkit.errors import (
     AuthError,
     BadRequestError,
     MalformedResponse,
+    NoText,
     NotFoundError,
     RateLimitError,
+    Refused,
     RequestTimeout,
     ServerError,
     TransportError,
@@ -104,7 +106,6 @@ def test_transport_and_malformed_are_retryable() -> None:
         "{}",
         '{"choices": []}',
         '{"choices": [{"message": {}}]}',
-        '{"choices": [{"message": {"content": null}}]}',
         '{"choices": [{"message": {"content": 3}}]}',
         "[1, 2]",
     ],
@@ -113,6 +114,24 @@ def test_malformed_bodies_are_rejected(body: str) -> None:
     """Anything that is not a completion with text content raises MalformedResponse."""
     with pytest.raises(MalformedResponse):
         parse_completion(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [
+        ('{"choices": [{"message": {"content": null}, "finish_reason": "stop"}]}', NoText),
+        ('{"choices": [{"message": {"content": null, "refusal": "I cannot"}}]}', Refused),
+        ('{"choices": [{"message": {"refusal": "I cannot"}}]}', Refused),
+        ('{"choices": [{"message": {"content": null, "tool_calls": [{"id": "1"}]}}]}', NoText),
+    ],
+)
+def test_a_complete_reply_without_text_is_an_answer_not_malformed(
+    body: str, kind: type[Exception]
+) -> None:
+    """A refusal, a tool call or content null is the row's outcome, never a retry."""
+    completion = parse_completion(body)
+    assert completion.text is None
+    assert isinstance(completion.no_text_error(), kind)
 
 
 def test_completion_is_parsed() -> None:
