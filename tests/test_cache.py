@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -16,7 +17,7 @@ import pandas as pd
 import pytest
 
 import nbtoolkit
-from nbtoolkit.testing import ChatServer, Reply, Status
+from nbtoolkit.testing import ChatServer, Reply, Stall, Status
 from tests.conftest import MODEL, settings
 
 KEY = "sk-cache-SENTINEL-5d41402abc4b2a76"
@@ -201,22 +202,20 @@ def child(server: ChatServer, rows: int, prefix: str, parallel: int) -> subproce
 
 def test_resume_after_kill_9_pays_for_nothing_twice() -> None:
     """A run killed with SIGKILL midway, run again, sends only the rows with no saved answer."""
-    with ChatServer(latency=0.1).run_in_thread() as server:
+    with ChatServer(latency=0.01).run_in_thread() as server:
+        # Row 20 stalls on the server: rows 0-19 are answered, then the run waits there.
+        server.script(Stall(60), prompt="row 20")
         process = child(server, 60, "row", parallel=1)
         deadline = time.monotonic() + 30
-        while sum(server.answered.values()) < 15 and time.monotonic() < deadline:
+        # Kill only once all 20 answers are durable in the file, whatever the commit timer:
+        # the test then pins exactly "a killed run loses nothing it had saved".
+        while _saved_answers() < 20 and time.monotonic() < deadline:
             time.sleep(0.01)
-        # Kill while the one request in flight sleeps on the server, so no reply is caught
-        # between the server's write and the client's commit (that one would be paid twice).
-        while time.monotonic() < deadline:
-            last = max((r.finished for r in server.requests if r.finished), default=0.0)
-            if server.in_flight == 1 and time.monotonic() - last > 0.03:
-                break
-            time.sleep(0.002)
+        assert server.in_flight == 1
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         paid_before = sum(server.answered.values())
-        assert 15 <= paid_before < 60
+        assert paid_before == 20
 
         out = frame(60).chat.complete(
             "review", model=MODEL, base_url=server.base_url, progress=False
@@ -225,6 +224,20 @@ def test_resume_after_kill_9_pays_for_nothing_twice() -> None:
     assert max(server.answered.values()) == 1  # no prompt answered twice
     assert len(server.answered) == 60
     assert report().stats.cache_hits == paid_before
+
+
+def _saved_answers() -> int:
+    """Answers committed to the cache file so far, as another process sees them."""
+    if not cache_file().exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(cache_file(), timeout=1.0)) as db:
+            (count,) = db.execute(
+                "SELECT (SELECT count(*) FROM responses) + (SELECT count(*) FROM journal)"
+            ).fetchone()
+    except sqlite3.OperationalError:  # the child is still creating the tables
+        return 0
+    return int(count)
 
 
 def test_two_processes_share_one_cache() -> None:
