@@ -114,12 +114,28 @@ def cache_scope(url: str) -> str:
 
     A local server (llama.cpp, vLLM, `nbtoolkit.local`) gets a new free port each time it
     starts; keyed on the port, its answers could never be found again. On loopback the
-    model name and the body identify the answer.
+    model name and the body identify the answer, and, for a server that said which model
+    file it serves (`nbtoolkit.local` does), that file: two servers with different files
+    under one model alias never share answers.
     """
     parts = urlsplit(url)
     if parts.hostname in _LOOPBACK:
-        return f"{parts.scheme}://localhost{parts.path}"
+        identity = _local_identities.get(parts.port or 0)
+        scope = f"{parts.scheme}://localhost{parts.path}"
+        return scope if identity is None else f"{scope}#{identity}"
     return url
+
+
+# Port -> what a local server on this machine serves (its model file), while it runs.
+_local_identities: dict[int, str] = {}
+
+
+def register_local_server(port: int, identity: str | None) -> None:
+    """Say what the local server on ``port`` serves (None: it stopped), for cache keys."""
+    if identity is None:
+        _local_identities.pop(port, None)
+    else:
+        _local_identities[port] = identity
 
 
 class RequestKeys:

@@ -37,6 +37,7 @@ from typing import IO, Any, Self
 
 import pandas as pd
 
+from nbtoolkit.cache import register_local_server
 from nbtoolkit.errors import NbToolkitError
 
 __all__ = [
@@ -228,10 +229,15 @@ class LocalServer:
         except BaseException:
             self.stop()
             raise
+        # The model file, not the port, identifies the answers (see cache.cache_scope).
+        if self.port is not None:
+            register_local_server(self.port, f"{model_file.name}:{model_file.stat().st_size}")
         return self
 
     def stop(self, *, grace: float = 5.0) -> None:
         """Stop the server: SIGTERM, then SIGKILL after ``grace`` seconds. Safe to repeat."""
+        if self.port is not None:
+            register_local_server(self.port, None)
         process, self._process = self._process, None
         _running.discard(self)
         if process is not None:

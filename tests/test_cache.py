@@ -367,3 +367,25 @@ def test_a_local_server_on_a_new_port_still_hits_the_cache() -> None:
         )
         assert second.request_count == 0
     assert out["response"].notna().all()
+
+
+def test_two_local_servers_with_different_model_files_do_not_share_answers() -> None:
+    """On loopback the port is ignored but the served model file is part of the key."""
+    from nbtoolkit.cache import RequestKeys, register_local_server
+
+    body = b'{"model":"local","messages":[]}'
+    try:
+        register_local_server(8001, "gemma-a.gguf:100")
+        register_local_server(8002, "gemma-b.gguf:200")
+        register_local_server(8003, "gemma-a.gguf:100")
+        a, b, same_file = (
+            RequestKeys(f"http://127.0.0.1:{port}/v1/chat/completions").key(body)
+            for port in (8001, 8002, 8003)
+        )
+    finally:
+        for port in (8001, 8002, 8003):
+            register_local_server(port, None)
+    assert a != b
+    assert a == same_file  # a restart on a new port finds its answers again
+    unknown = RequestKeys("http://127.0.0.1:8004/v1/chat/completions").key(body)
+    assert RequestKeys("http://localhost:8005/v1/chat/completions").key(body) == unknown
