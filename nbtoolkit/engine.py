@@ -149,10 +149,10 @@ class ChatRun:
             # a 5 s timeout that fires at 5.9 s only delays the retry. Keep them exact.
             ceil_threshold=float("inf"),
         )
-        self._headers = config.headers()
+        self._headers = config.request_headers()
         self._base_body: dict[str, Any] = {"model": config.model, **config.params}
         self._cache: ResponseCache | None = None
-        self._keys = RequestKeys(config.endpoint)
+        self._keys = RequestKeys(config.key_url("/chat/completions"))
         # Cache key -> rows waiting for the same request, which is queued or in flight.
         self._pending: dict[bytes, list[int]] = {}
         self._sending: set[int] = set()  # rows a worker holds right now
