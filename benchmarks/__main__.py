@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--only SCENARIO ...] [--repeat N]``.
+"""``python -m benchmarks [--quick] [--only SCENARIO|GROUP ...] [--repeat N]``.
 
 Runs every scenario's clients, repetitions interleaved (floor, recipe, ..., then again) so
 a slow minute on the machine does not land on one client alone, and writes
@@ -24,14 +24,17 @@ from typing import Any
 
 from benchmarks.harness import ROOT, run_once, snapshot
 from benchmarks.report import as_json, document, medians, table
-from benchmarks.scenarios import SCENARIOS, Scenario, Target
+from benchmarks.scenarios import GROUPS, SCENARIOS, Scenario, Target
 
 
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rows, one repetition")
     parser.add_argument(
-        "--only", action="append", choices=sorted(SCENARIOS), help="run this scenario (repeatable)"
+        "--only",
+        action="append",
+        choices=sorted(SCENARIOS) + sorted(GROUPS),
+        help="run this scenario, or these (headers: every header family); repeatable",
     )
     parser.add_argument("--repeat", type=int, help="repetitions (default 3, 1 with --quick)")
     parser.add_argument(
@@ -99,7 +102,8 @@ def main() -> None:
     args = _arguments()
     command = "python -m benchmarks" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     repeat = args.repeat or (1 if args.quick else 3)
-    chosen = [SCENARIOS[name] for name in (args.only or SCENARIOS)]
+    names = [part for name in (args.only or SCENARIOS) for part in GROUPS.get(name, (name,))]
+    chosen = [SCENARIOS[name] for name in dict.fromkeys(names)]
     scenarios = [s.quick() if args.quick else s for s in chosen]
     work = Path(tempfile.mkdtemp(prefix="nbtoolkit-bench-"))
     meta = _meta(command, args.rev)

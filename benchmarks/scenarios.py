@@ -159,6 +159,47 @@ def _memory_targets(scenario: Scenario, medians: Medians) -> list[Target]:
 
 PEERS = ("floor", "recipe", "openai", "nbtoolkit")
 
+# Issue 10: the rate_limit workload, its limit stated in each family of rate headers, over
+# a one-second window (a gateway's) and a one-minute one (OpenAI's; Groq's is a day).
+# (name, family, stated window in seconds)
+_HEADER_CASES = (
+    ("headers_openai_1s", "openai", 1.0),
+    ("headers_openai_1min", "openai", 60.0),
+    ("headers_groq_1day", "groq", 86400.0),
+    ("headers_openrouter_1s", "openrouter", 1.0),
+    ("headers_openrouter_1min", "openrouter", 60.0),
+    ("headers_ietf_1s", "ietf", 1.0),
+    ("headers_ietf_1min", "ietf-structured", 60.0),
+    ("headers_azure", "azure", None),  # remaining counts only: no window to state
+    ("headers_none", "none", None),  # no rate headers: 429s alone
+)
+
+
+def _header_scenario(name: str, family: str, window: float | None) -> Scenario:
+    limit: dict[str, Any] = {"requests_per_second": 50, "burst": 50, "headers": family}
+    stated = "no window"
+    if window is not None:
+        limit["window"] = window
+        stated = {1.0: "per second", 60.0: "per minute", 86400.0: "per day"}[window]
+    return Scenario(
+        name=name,
+        summary="{rows:,} rows, 50 requests/s (burst 50) in "
+        + f"{family!r} rate headers, {stated}, "
+        + "100 ms latency, max_parallel 100 (ideal {ideal:.0f} s)",
+        rows=500,
+        quick_rows=150,
+        max_parallel=100,
+        clients=("nbtoolkit",),
+        server={"latency": 0.1, "rate_limit": limit},
+        reference="ideal",
+        columns=("wall", "wall_x", "ok", "requests", "n429", "rate_429", "finished"),
+        targets=_rate_limit_targets,
+    )
+
+
+# Names --only accepts for a set of scenarios.
+GROUPS: dict[str, tuple[str, ...]] = {"headers": tuple(name for name, _, _ in _HEADER_CASES)}
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -255,5 +296,6 @@ SCENARIOS: dict[str, Scenario] = {
             columns=("peak_rss_mb", "rss_before_mb", "rss_growth_mb", "wall", "wall_x", "ok"),
             targets=_memory_targets,
         ),
+        *(_header_scenario(*case) for case in _HEADER_CASES),
     )
 }

@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 
@@ -88,16 +89,18 @@ async def post_json(
             elapsed=time.monotonic() - started,
         ) from exc
     except aiohttp.ClientError as exc:
-        # str(exc) names the host and the OS error, never the request headers.
+        # str(exc) names the host and the OS error, never the request headers; some errors
+        # name the URL, whose query may hold a key.
         raise TransportError(
-            f"{type(exc).__name__}: {exc}", elapsed=time.monotonic() - started
+            _redact(f"{type(exc).__name__}: {exc}", url, headers),
+            elapsed=time.monotonic() - started,
         ) from exc
     text = raw.decode("utf-8", errors="replace")
     limits = ServerLimits.from_headers(reply_headers)
     if status >= 300:
-        # Some proxies echo the Authorization header in error bodies: never let it reach a
+        # Some proxies echo the key (or any header) in error bodies: never let it reach a
         # message, a traceback or the run report.
-        error = error_for_status(status, _redact(text, headers), reply_headers)
+        error = error_for_status(status, _redact(text, url, headers), reply_headers)
         error.limits = limits
         raise error
     return Reply(text, limits)
@@ -151,10 +154,29 @@ def error_for_status(status: int, text: str, headers: Mapping[str, str]) -> APIE
     return BadRequestError(message, status=status, body=text)
 
 
-def _redact(text: str, headers: Mapping[str, str]) -> str:
-    auth = headers.get("Authorization", "")
-    secret = auth.removeprefix("Bearer ").strip()
-    return text.replace(secret, "***") if len(secret) >= 4 else text
+# Request headers that never hold a secret.
+_PLAIN_HEADERS = frozenset({"content-type", "accept", "user-agent"})
+# Shorter values of other headers and query parameters are left alone: they are not keys,
+# and replacing a short word everywhere would garble the server's message.
+_SHORTEST_SECRET = 8
+
+
+def _redact(text: str, url: str, headers: Mapping[str, str]) -> str:
+    """``text`` with the key, header values and query values replaced by ``***``."""
+    secrets = set()
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered in _PLAIN_HEADERS:
+            continue
+        value = value.removeprefix("Bearer ").strip()
+        if len(value) >= (4 if lowered in ("authorization", "api-key") else _SHORTEST_SECRET):
+            secrets.add(value)
+    for name, value in parse_qsl(urlsplit(url).query):
+        if name != "api-version" and len(value) >= _SHORTEST_SECRET:
+            secrets.add(value)
+    for secret in sorted(secrets, key=len, reverse=True):  # a key before any part of it
+        text = text.replace(secret, "***")
+    return text
 
 
 def _server_message(text: str) -> str:

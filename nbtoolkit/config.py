@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import platformdirs
 
@@ -70,11 +70,25 @@ class ChatConfig:
 
     ``base_url`` and ``api_key`` default to ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY``, the
     variables the official SDK reads. A key-less local server (llama.cpp, vLLM) needs no key.
+
+    Azure OpenAI, as the SDK's ``AzureOpenAI`` reads it: with ``azure_endpoint`` (or
+    ``$AZURE_OPENAI_ENDPOINT`` when no base URL is set anywhere), the key (``api_key`` or
+    ``$AZURE_OPENAI_API_KEY``) goes in an ``api-key`` header and requests go to
+    ``{endpoint}/openai/deployments/{model}/chat/completions?api-version={api_version}``
+    (``$OPENAI_API_VERSION``), the model being the deployment's name. An endpoint that ends
+    in ``/openai/v1`` (the v1 API) or names a deployment is used as it is.
     """
 
     base_url: str | None = None  # None: $OPENAI_BASE_URL, else the OpenAI API
     api_key: str | None = field(default=None, repr=False)  # None: $OPENAI_API_KEY, else no key
     model: str | None = None
+    # Sent with every request (OpenRouter's HTTP-Referer, a gateway's own key), after ours,
+    # so they may replace them. Out of reprs and cache keys, like the key: they may be secret.
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # Added to every request URL. Out of reprs and cache keys: some gateways take keys here.
+    query: Mapping[str, str] = field(default_factory=dict, repr=False)
+    azure_endpoint: str | None = None  # https://NAME.openai.azure.com; see above
+    api_version: str | None = None  # Azure's api-version; None: $OPENAI_API_VERSION on Azure
     max_parallel: int = 16  # requests in flight at once, never more
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -93,6 +107,13 @@ class ChatConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("headers", "query"):
+            mapping = getattr(self, name)
+            if not isinstance(mapping, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
+            ):
+                # Not the values: a header may hold a key.
+                raise ConfigError(f"{name} must map names to strings; got {type(mapping).__name__}")
         if not isinstance(self.max_parallel, int) or self.max_parallel < 1:
             raise ConfigError(f"max_parallel must be an integer >= 1, got {self.max_parallel!r}")
         for name in ("rpm", "tpm", "max_cost", "max_tokens_total"):
@@ -101,10 +122,35 @@ class ChatConfig:
                 raise ConfigError(f"{name} must be > 0, got {value!r}")
 
     def resolved(self) -> ChatConfig:
-        """Fill base_url and api_key from the environment where they were left unset."""
-        base_url = self.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
-        api_key = self.api_key if self.api_key is not None else os.environ.get("OPENAI_API_KEY")
-        return dataclasses.replace(self, base_url=base_url.rstrip("/"), api_key=api_key or None)
+        """Fill the endpoint, key and API version from the environment where left unset.
+
+        Raises:
+            ConfigError: an Azure deployment URL with no API version to send.
+        """
+        env = os.environ
+        base_url = self.base_url or env.get("OPENAI_BASE_URL")
+        # A base URL set anywhere wins over the environment's Azure endpoint, as it does in
+        # the SDK's OpenAI client; an explicit azure_endpoint wins over both.
+        azure = self.azure_endpoint or (None if base_url else env.get("AZURE_OPENAI_ENDPOINT"))
+        if not azure:
+            api_key = self.api_key if self.api_key is not None else env.get("OPENAI_API_KEY")
+            base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
+            return dataclasses.replace(self, base_url=base_url, api_key=api_key or None)
+        azure = azure.rstrip("/")
+        api_key = self.api_key if self.api_key is not None else env.get("AZURE_OPENAI_API_KEY")
+        api_version = self.api_version
+        if not _is_azure_url_complete(azure):
+            api_version = api_version or env.get("OPENAI_API_VERSION")
+            if not api_version:
+                raise ConfigError(
+                    "Azure OpenAI deployment URLs need an API version: pass "
+                    "api_version='2024-10-21' (or the one your resource supports) or set "
+                    "OPENAI_API_VERSION; or use the v1 API, azure_endpoint='https://NAME"
+                    ".openai.azure.com/openai/v1', which needs none"
+                )
+        return dataclasses.replace(
+            self, azure_endpoint=azure, api_key=api_key or None, api_version=api_version
+        )
 
     @property
     def cache_path(self) -> Path | None:
@@ -117,24 +163,62 @@ class ChatConfig:
 
     @property
     def endpoint(self) -> str:
+        """The chat-completions URL: ``url("/chat/completions")``."""
         return self.url("/chat/completions")
-
-    def url(self, path: str) -> str:
-        """The full URL of an endpoint (``path`` like ``"/chat/completions"``)."""
-        return f"{(self.base_url or DEFAULT_BASE_URL).rstrip('/')}{path}"
 
     @property
     def use_proxy_env(self) -> bool:
         """Follow HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as the openai SDK does, except on
         loopback: a local server is never reached through a proxy."""
-        host = urlsplit(self.base_url or DEFAULT_BASE_URL).hostname or ""
+        host = urlsplit(self._root()[0]).hostname or ""
         return host not in _LOOPBACK_HOSTS and not host.startswith("127.")
 
-    def headers(self) -> dict[str, str]:
+    def url(self, path: str) -> str:
+        """The full URL of an API path (``"/chat/completions"``, ``"/embeddings"``).
+
+        The base URL (or the Azure deployment's), the path, then the query: the base URL's
+        own, ``api-version`` when set, and ``query``.
+        """
+        root, params = self._root()
+        if self.api_version:
+            params["api-version"] = self.api_version
+        params.update(self.query)
+        return root + path + (f"?{urlencode(params)}" if params else "")
+
+    def key_url(self, path: str) -> str:
+        """The URL as cache keys see it: `url` without the query, which may hold secrets."""
+        return self._root()[0] + path
+
+    def _root(self) -> tuple[str, dict[str, str]]:
+        """The URL the API's paths hang from, and the query it came with."""
+        if self.azure_endpoint:
+            root = self.azure_endpoint.rstrip("/")
+            if not _is_azure_url_complete(root):
+                root += f"/openai/deployments/{quote(self.model or '', safe='')}"
+        else:
+            root = (self.base_url or DEFAULT_BASE_URL).rstrip("/")
+        parts = urlsplit(root)
+        if not parts.query:
+            return root, {}
+        bare = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+        return bare, dict(parse_qsl(parts.query))
+
+    def request_headers(self) -> dict[str, str]:
+        """The headers every request carries: JSON, the key, then the user's ``headers``."""
         headers = {"Content-Type": "application/json"}
         if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+            if self.azure_endpoint:
+                headers["api-key"] = self.api_key
+            else:
+                headers["Authorization"] = f"Bearer {self.api_key}"
+        headers.update(self.headers)
         return headers
+
+
+def _is_azure_url_complete(endpoint: str) -> bool:
+    """An Azure endpoint in the v1 form (``/openai/v1``) or naming its deployment already."""
+    path = urlsplit(endpoint).path.rstrip("/")
+    return path.endswith("/openai/v1") or "/openai/deployments/" in path
 
 
 def default_cache_path() -> Path:
@@ -156,7 +240,8 @@ def configure(**changes: Any) -> ChatConfig:
 
     Args:
         **changes: any `ChatConfig` field (``base_url``, ``api_key``, ``model``,
-            ``max_parallel``, ``timeouts``, ``retry``, ``progress``, ``params``).
+            ``headers``, ``query``, ``azure_endpoint``, ``api_version``, ``max_parallel``,
+            ``timeouts``, ``retry``, ``progress``, ``params``).
 
     Returns:
         The new process-wide config.

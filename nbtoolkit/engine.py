@@ -148,9 +148,10 @@ class ChatRun:
             ceil_threshold=float("inf"),
         )
         self._url = config.url(self.endpoint.path)
-        self._headers = config.headers()
+        self._headers = config.request_headers()
         self._cache = CacheWriter(None, model=None)
-        self._keys = RequestKeys(self._url)
+        # Keyed without the query, which may carry a secret (and Azure's api-version).
+        self._keys = RequestKeys(config.key_url(self.endpoint.path))
         # Cache key -> rows waiting for the same request, which is queued or in flight.
         self._pending: dict[bytes, list[int]] = {}
         self._group: list[Item] = []  # rows waiting to fill a request (max_items > 1)

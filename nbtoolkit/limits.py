@@ -1,21 +1,37 @@
 """Run at the provider's limit, not past it: budgets, the server's headers, a shared pause, AIMD.
 
 Every request of a run passes `RateGovernor.admit()` before it is sent and reports back
-with `settle()` when its reply (or error) is in. Four things can hold it back:
+with `settle()` when its reply (or error) is in. Five things can hold it back:
 
 1. a shared pause: one 429 pauses every worker until the server's Retry-After or reset
    time, so the run does not retry into the same wall max_parallel times over;
-2. the request and token buckets (``rpm=``/``tpm=``, or learned from the server's
-   ``x-ratelimit-*`` headers, which also pull the buckets down to the server's count);
-3. the adaptive concurrency limit: halved on a 429 or a timeout, grown back by one per
+2. the user's own budgets (``rpm=``/``tpm=``);
+3. the server's budgets, learned from its rate headers (`ServerLimits`): a bucket per
+   limit that mirrors the server's count. Replies set its level (so it never holds a
+   request back while the server reports plenty remaining) and teach its refill rate;
+4. the adaptive concurrency limit: halved on a 429 or a timeout, grown back by one per
    round trip of successes (AIMD), never above max_parallel;
-4. before the first reply, one request goes alone for a moment (``probe_seconds``), and
+5. before the first reply, one request goes alone for a moment (``probe_seconds``), and
    then at most half the pool, so that a server's headers size the run before a whole
    pool can hit its limit at once. (Waiting for the first reply in all cases would cost a
    full round trip on every run; a fast server answers within the probe.)
 
+Rate headers come in several families, all read by `ServerLimits.from_headers`:
+
+- ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` (OpenAI, LiteLLM, Groq, Azure;
+  Groq's request limit is per day, Azure sends only the remaining counts);
+- ``X-RateLimit-Limit`` / ``-Remaining`` / ``-Reset`` (OpenRouter; the reset is an epoch
+  timestamp in milliseconds);
+- the IETF ``RateLimit`` and ``RateLimit-Policy`` fields, in the ``limit=, remaining=,
+  reset=`` / ``50;w=1`` form and the structured ``"name";r=;t=`` / ``"name";q=;w=`` form.
+
+The window a limit counts over is read, not assumed: a stated window (``w=``) wins; else
+the refill rate follows from the count used and the time until the budget is full again
+(``(capacity - remaining) / reset`` per second, smoothed over replies); only a reply that
+says neither is read as OpenAI's per-minute figure.
+
 Why not aiolimiter: its buckets cannot be refunded (a request that used fewer tokens than
-it reserved gives them back here) or pulled down to the count a server reports.
+it reserved gives them back here) or set to the count a server reports.
 """
 
 from __future__ import annotations
@@ -27,6 +43,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 # Stay this far under a rate the server announced, so clock skew between the two
 # buckets does not turn into a trickle of 429s.
@@ -34,6 +51,12 @@ _SAFETY = 0.97
 _RECHECK = 0.25
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Weight of earlier replies in the refill estimate: about the last 20 count.
+_DECAY = 0.95
+# Reset values at least this large are Unix timestamps (seconds, or milliseconds), not
+# durations: 10^9 s is 31 years.
+_EPOCH_SECONDS = 1e9
+_EPOCH_MILLIS = 1e12
 
 
 def parse_duration(text: str) -> float | None:
@@ -49,50 +72,159 @@ def parse_duration(text: str) -> float | None:
     return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
 
 
+def parse_reset(text: str, *, now: float | None = None) -> float | None:
+    """A reset as seconds from now: a duration, or a Unix timestamp in s or ms (OpenRouter).
+
+    Args:
+        now: the wall clock (``time.time()``) to measure a timestamp from.
+    """
+    seconds = parse_duration(text)
+    if seconds is None or seconds < _EPOCH_SECONDS:
+        return seconds
+    wall = time.time() if now is None else now
+    stamp = seconds / 1000.0 if seconds >= _EPOCH_MILLIS else seconds
+    return max(0.0, stamp - wall)
+
+
 @dataclass(frozen=True, slots=True)
 class ServerLimits:
-    """What one reply's ``x-ratelimit-*`` headers said; None where a header was absent."""
+    """What one reply's rate headers said; None where the reply did not say.
 
-    limit_requests: float | None = None  # per minute
+    A limit counts over ``window_*`` seconds when the reply states it (IETF ``w=``); else
+    its window is learned from many replies (see `RateGovernor`).
+    """
+
+    limit_requests: float | None = None  # the most the server allows per window
     remaining_requests: float | None = None
     reset_requests: float | None = None  # seconds until the request budget is full again
     limit_tokens: float | None = None
     remaining_tokens: float | None = None
     reset_tokens: float | None = None
+    window_requests: float | None = None  # seconds, when stated
+    window_tokens: float | None = None
+    family: str = "x-ratelimit"  # which headers said it: "x-ratelimit", "openrouter", "ietf"
 
     @classmethod
-    def from_headers(cls, headers: Mapping[str, str]) -> ServerLimits | None:
-        if "x-ratelimit-remaining-requests" not in headers and (
-            "x-ratelimit-remaining-tokens" not in headers
-        ):
-            return None  # most local servers send none: two look-ups, not six
-        values: dict[str, float | None] = {}
-        for kind in ("requests", "tokens"):
-            for field, parse in (
-                ("limit", _number),
-                ("remaining", _number),
-                ("reset", parse_duration),
-            ):
-                raw = headers.get(f"x-ratelimit-{field}-{kind}")
-                values[f"{field}_{kind}"] = parse(raw) if raw is not None else None
-        if all(value is None for value in values.values()):
-            return None
-        return cls(**values)
+    def from_headers(
+        cls, headers: Mapping[str, str], *, now: float | None = None
+    ) -> ServerLimits | None:
+        """Read any family of rate headers; None when the reply has none.
+
+        Args:
+            now: the wall clock to turn reset timestamps into durations; default time.time().
+        """
+        if not any(_RATE_HEADER.match(name) for name in headers):
+            return None  # most local servers send none: one pass over the names
+        lowered = {name.lower(): value for name, value in headers.items()}
+        if any(f"x-ratelimit-{f}-{k}" in lowered for f in _FIELDS for k in _KINDS):
+            return _x_ratelimit(lowered, now)
+        if "x-ratelimit-remaining" in lowered or "x-ratelimit-limit" in lowered:
+            limit, remaining, reset = (
+                _number(lowered.get("x-ratelimit-limit")),
+                _number(lowered.get("x-ratelimit-remaining")),
+                _reset(lowered.get("x-ratelimit-reset"), now),
+            )
+            return cls(limit, remaining, reset, family="openrouter")
+        return _ietf(lowered, now)
 
 
-def _number(text: str) -> float | None:
+_RATE_HEADER = re.compile(r"(?i)x-ratelimit-|ratelimit")
+_FIELDS = ("limit", "remaining", "reset")
+_KINDS = ("requests", "tokens")
+
+
+def _number(text: str | None) -> float | None:
+    if text is None:
+        return None
     try:
-        return float(text)
+        value = float(text.strip().strip('"'))
     except ValueError:
         return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _reset(text: str | None, now: float | None) -> float | None:
+    return None if text is None else parse_reset(text, now=now)
+
+
+def _x_ratelimit(headers: Mapping[str, str], now: float | None) -> ServerLimits | None:
+    values = [
+        read(headers.get(f"x-ratelimit-{field}-{kind}"))
+        for kind in _KINDS
+        for field, read in (
+            ("limit", _number),
+            ("remaining", _number),
+            ("reset", lambda text: _reset(text, now)),
+        )
+    ]
+    if all(value is None for value in values):
+        return None
+    limit_r, remaining_r, reset_r, limit_t, remaining_t, reset_t = values
+    return ServerLimits(limit_r, remaining_r, reset_r, limit_t, remaining_t, reset_t)
+
+
+def _items(text: str) -> list[tuple[str, dict[str, str]]]:
+    """A header's comma-separated items as (bare token, {param: value}), quotes stripped.
+
+    Reads both IETF drafts: ``limit=50, remaining=3`` (one item per parameter) and
+    ``"default";r=3;t=1`` (parameters after a name).
+    """
+    items = []
+    for item in text.split(","):
+        parts = [part.strip() for part in item.split(";")]
+        token, params = "", {}
+        for part in parts:
+            name, sep, value = part.partition("=")
+            if sep:
+                params[name.strip().lower()] = value.strip().strip('"')
+            else:
+                token = part.strip('"')
+        items.append((token, params))
+    return items
+
+
+def _ietf(headers: Mapping[str, str], now: float | None) -> ServerLimits | None:
+    name = ""
+    if "ratelimit" in headers:
+        items = _items(headers["ratelimit"])
+        fields: dict[str, str] = {}
+        if items and items[0][0] and {"r", "t"} & set(items[0][1]):
+            name, fields = items[0][0], items[0][1]  # structured: "default";r=3;t=1
+        else:
+            for _, params in items:  # limit=50, remaining=3, reset=1
+                fields.update(params)
+        limit = _number(fields.get("limit"))
+        remaining = _number(fields.get("remaining", fields.get("r")))
+        reset = _reset(fields.get("reset", fields.get("t")), now)
+    else:
+        limit = _number(headers.get("ratelimit-limit"))
+        remaining = _number(headers.get("ratelimit-remaining"))
+        reset = _reset(headers.get("ratelimit-reset"), now)
+    window = None
+    policies = _items(headers.get("ratelimit-policy", ""))
+    # Pick the policy this reply's count belongs to: by name, else by its limit, else the first.
+    for token, params in policies:
+        quota = _number(params.get("q", token))
+        if (name and token == name) or (not name and limit is not None and quota == limit):
+            limit, window = quota, _number(params.get("w"))
+            break
+    else:
+        if policies and policies[0] != ("", {}):
+            token, params = policies[0]
+            limit = limit if limit is not None else _number(params.get("q", token))
+            window = _number(params.get("w"))
+    if limit is None and remaining is None:
+        return None
+    return ServerLimits(limit, remaining, reset, window_requests=window or None, family="ietf")
 
 
 @dataclass(frozen=True, slots=True)
 class Ticket:
-    """A request's admission: when it went, and how many had gone before it and with it."""
+    """A request's admission: when it went, and what had gone before it and with it."""
 
     started: float
-    sequence: int
+    sequence: int  # requests admitted so far, this one included
+    tokens_through: float = 0.0  # estimated tokens admitted so far, this one's included
 
 
 class TokenBucket:
@@ -132,11 +264,119 @@ class TokenBucket:
         if level < self.level():
             self._level = level
 
+    def set_level(self, level: float) -> None:
+        """Believe the server's count, up or down (it knows best what it will accept)."""
+        self.level()
+        self._level = min(self.capacity, level)
+
     def retune(self, rate: float, capacity: float) -> None:
         self.level()
         self.rate = rate
         self.capacity = max(1.0, capacity)
         self._level = min(self._level, self.capacity)
+
+
+class ServerBudget:
+    """One of the server's limits (requests or tokens), as its replies describe it.
+
+    ``bucket`` mirrors the server's own: its level is set from each reply's remaining count
+    (less what was sent after that request), and it refills at the learned rate. The rate:
+
+    - a stated window (IETF ``w=``): ``limit / window``;
+    - else remaining counts with reset times: the server refills ``capacity - remaining``
+      in ``reset`` seconds, so ``sum(capacity - remaining) / sum(reset)`` over recent
+      replies, where ``capacity`` is the fullest the budget was seen (the limit at most).
+      That undercounts only while the server was never seen full, and then the levels the
+      replies report lift the bucket anyway: a low guess never holds the run back while the
+      server reports plenty left;
+    - else, a limit alone: OpenAI's meaning, per minute.
+    """
+
+    def __init__(self, unit: str, clock: Callable[[], float]) -> None:
+        self.unit = unit  # "requests" or "tokens"
+        self.family = ""
+        self.limit: float | None = None
+        self.capacity = 0.0
+        self.rate: float | None = None  # per second, before the safety margin
+        self.window: float | None = None  # stated, or limit / rate
+        self.basis = ""  # how the rate was found
+        self.bucket: TokenBucket | None = None
+        self._clock = clock
+        self._count = self._remaining = self._reset = 0.0  # decayed sums over replies
+
+    def update(
+        self,
+        *,
+        limit: float | None,
+        remaining: float | None,
+        reset: float | None,
+        window: float | None,
+        family: str,
+        cost: float,
+        sent_since: float,
+    ) -> None:
+        """Learn from one reply.
+
+        Args:
+            cost: what its request took from this budget (1 request, its tokens).
+            sent_since: what was admitted after it, which the server had not counted yet.
+        """
+        self.family = family
+        if limit:
+            self.limit = limit
+        if remaining is not None:
+            # The server counted this request before replying: it held at least this much.
+            seen = remaining + cost
+            self.capacity = max(self.capacity, min(seen, limit) if limit else seen)
+        if limit and window:
+            self.rate, self.window, self.basis = limit / window, window, "stated window"
+        elif remaining is not None and reset is not None and reset > 0 and self.capacity > 0:
+            self._count = _DECAY * self._count + 1.0
+            self._remaining = _DECAY * self._remaining + remaining
+            self._reset = _DECAY * self._reset + reset
+            rate = (self._count * self.capacity - self._remaining) / self._reset
+            if self.limit:  # never more than the whole limit refilled in that time
+                rate = min(rate, (self._count * self.limit - self._remaining) / self._reset)
+            if rate > 0:
+                self.rate, self.basis = rate, "remaining and reset"
+        elif limit and self.rate is None:
+            self.rate, self.basis = limit / 60.0, "per minute (assumed)"
+        if self.rate is None:
+            return
+        if not (limit and window):
+            self.window = self.limit / self.rate if self.limit else None
+        capacity = self.capacity or max(self.limit or 0.0, 1.0)
+        if self.bucket is None:
+            self.bucket = TokenBucket(_SAFETY * self.rate, capacity, self._clock)
+        else:
+            self.bucket.retune(_SAFETY * self.rate, max(capacity, self.bucket.capacity))
+        if remaining is not None:
+            # Not below zero: some of those sent since may be refused and cost nothing, and a
+            # deep debt would stall the run for seconds.
+            self.bucket.set_level(max(0.0, remaining - sent_since))
+
+    def describe(self) -> str:
+        """For the bar: ``server limit 3000 requests / 60 s``."""
+        if self.limit and self.window:
+            return f"server limit {self.limit:g} {self.unit} / {_span(self.window)}"
+        return f"server limit ~{self.rate or 0:.3g} {self.unit}/s"
+
+    def learned(self) -> dict[str, Any]:
+        return {
+            "rate_per_second": self.rate,
+            "window_seconds": self.window,
+            "limit": self.limit,
+            "burst": self.capacity or None,
+            "basis": self.basis,
+            "headers": self.family,
+        }
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("day", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if seconds >= size * 0.95:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.3g} s"
 
 
 class RateGovernor:
@@ -149,6 +389,9 @@ class RateGovernor:
         probe_seconds: how long the others wait for the first reply's headers.
         clock: a monotonic clock (tests may pass a fake one).
         on_wait: told (seconds, reason) when the run starts waiting on a limit.
+        pause_max: the longest the server's headers may hold the run (as
+            ``RetryPolicy.retry_after_max`` caps a 429's wait). Past it, requests go, and
+            the server's own answers (a 429 and its Retry-After) decide.
     """
 
     def __init__(
@@ -161,6 +404,7 @@ class RateGovernor:
         probe_seconds: float = 0.02,
         clock: Callable[[], float] = time.monotonic,
         on_wait: Callable[[float, str], None] | None = None,
+        pause_max: float = 300.0,
     ) -> None:
         self.max_parallel = max_parallel
         self.limit = float(max_parallel)  # the adaptive concurrency limit
@@ -169,14 +413,21 @@ class RateGovernor:
         self._clock = clock
         self._on_wait = on_wait
         self._adaptive = adaptive
-        self._user_rpm = rpm
-        self._user_tpm = tpm
         self.requests = TokenBucket(rpm / 60.0, rpm / 60.0, clock) if rpm else None
         self.tokens = TokenBucket(tpm / 60.0, tpm / 60.0, clock) if tpm else None
+        self.server_requests = ServerBudget("requests", clock)
+        self.server_tokens = ServerBudget("tokens", clock)
+        self._pause_max = pause_max
+        # A header wait longer than pause_max holds the run for pause_max, then the
+        # headers are overruled until the time they named.
+        self._capped_until = -math.inf
+        self._overruled_until = -math.inf
+        self._capped_reason = ""
         self._probe_deadline: float | None = None
         self._probe_seconds = probe_seconds
         self._heard_back = False  # has any reply (and its headers) come in yet?
         self._sent = 0  # requests admitted so far; tickets remember their place
+        self._tokens_sent = 0.0
         self._last_cut = -math.inf
         self._round_trip = 1.0  # smoothed seconds per request; paces the AIMD cuts
         self._changed = asyncio.Event()
@@ -196,15 +447,20 @@ class RateGovernor:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(wait, _RECHECK)):
                     await self._changed.wait()
-        if self.requests is not None:
-            self.requests.take(1)
-        if self.tokens is not None:
-            self.tokens.take(tokens)
+        for bucket, amount in (
+            (self.requests, 1.0),
+            (self.tokens, tokens),
+            (self.server_requests.bucket, 1.0),
+            (self.server_tokens.bucket, tokens),
+        ):
+            if bucket is not None:
+                bucket.take(amount)
         self.in_flight += 1
         self._sent += 1
+        self._tokens_sent += tokens
         if self._probe_deadline is None:
             self._probe_deadline = self._clock() + self._probe_seconds
-        return Ticket(self._clock(), self._sent)
+        return Ticket(self._clock(), self._sent, self._tokens_sent)
 
     def _announce(self, wait: float, reason: str) -> None:
         """Tell the progress display about a long wait, once per wait rather than per worker."""
@@ -230,6 +486,26 @@ class RateGovernor:
             return wait, "requests per minute"
         if self.tokens is not None and (wait := self.tokens.wait_for(tokens)) > 0:
             return wait, "tokens per minute"
+        return self._server_wait(now, tokens)
+
+    def _server_wait(self, now: float, tokens: float) -> tuple[float, str]:
+        """The wait the server's headers ask for, capped at pause_max."""
+        if now < self._capped_until:
+            return self._capped_until - now, self._capped_reason
+        if now < self._overruled_until:
+            return 0.0, ""
+        for budget, amount in ((self.server_requests, 1.0), (self.server_tokens, tokens)):
+            if budget.bucket is None or (wait := budget.bucket.wait_for(amount)) <= 0:
+                continue
+            if wait <= self._pause_max:
+                return wait, budget.describe()
+            self._capped_until = now + self._pause_max
+            self._overruled_until = now + wait
+            self._capped_reason = (
+                f"{budget.describe()}: the server asks for {wait:.0f} s, "
+                f"capped at {self._pause_max:g} s (retry_after_max)"
+            )
+            return self._pause_max, self._capped_reason
         return 0.0, ""
 
     def settle(
@@ -255,7 +531,7 @@ class RateGovernor:
         if self.tokens is not None and used_tokens is not None:
             self.tokens.give_back(reserved_tokens - used_tokens)
         if limits is not None:
-            self._follow(limits, sent_since=self._sent - ticket.sequence)
+            self._follow(limits, ticket, reserved_tokens)
         if pause is not None and pause > 0:
             self.paused_until = max(self.paused_until, now + pause)
         if self._adaptive:
@@ -267,53 +543,41 @@ class RateGovernor:
                 self.limit = min(float(self.max_parallel), self.limit + 1.0 / max(1.0, self.limit))
         self._changed.set()
 
-    def _follow(self, limits: ServerLimits, *, sent_since: int) -> None:
-        """Take the server's announced budgets as ours (a user's own budget stays if lower)."""
-        if limits.limit_requests:
-            self.requests = self._learned(
-                self.requests, limits.limit_requests, limits.remaining_requests, self._user_rpm
-            )
-        if self.requests is not None and limits.remaining_requests is not None:
-            # Believe the server's count (others may share the key), less what we sent after
-            # this request, which it had not seen yet. Not below zero: some of those may be
-            # refused and cost nothing, and a deep debt would stall the run for seconds.
-            self.requests.lower_to(max(0.0, limits.remaining_requests - sent_since))
-        if limits.limit_tokens:
-            self.tokens = self._learned(
-                self.tokens, limits.limit_tokens, limits.remaining_tokens, self._user_tpm
-            )
-        if self.tokens is not None and limits.remaining_tokens is not None:
-            self.tokens.lower_to(limits.remaining_tokens)
-        if limits.remaining_requests == 0 and limits.reset_requests and not limits.limit_requests:
-            # Out of requests and no rate to pace by: wait for the reset. With a known rate,
-            # the emptied bucket already waits just long enough for the next request.
-            self.paused_until = max(self.paused_until, self._clock() + limits.reset_requests)
+    def _follow(self, limits: ServerLimits, ticket: Ticket, reserved_tokens: float) -> None:
+        """Learn the server's budgets from one reply's headers."""
+        # What went after this request, which the server had not counted yet.
+        self.server_requests.update(
+            limit=limits.limit_requests,
+            remaining=limits.remaining_requests,
+            reset=limits.reset_requests,
+            window=limits.window_requests,
+            family=limits.family,
+            cost=1.0,
+            sent_since=self._sent - ticket.sequence,
+        )
+        self.server_tokens.update(
+            limit=limits.limit_tokens,
+            remaining=limits.remaining_tokens,
+            reset=limits.reset_tokens,
+            window=limits.window_tokens,
+            family=limits.family,
+            cost=reserved_tokens,
+            sent_since=self._tokens_sent - ticket.tokens_through,
+        )
 
-    def learned(self) -> dict[str, float]:
-        """The limits this run paces by, per second (empty when none was set or learned)."""
-        found: dict[str, float] = {}
-        if self.requests is not None:
-            found["requests_per_second"] = self.requests.rate
-        if self.tokens is not None:
-            found["tokens_per_second"] = self.tokens.rate
-        return found
+    def learned(self) -> dict[str, dict[str, Any]]:
+        """What the server's headers taught this run, per limit ("requests", "tokens").
 
-    def _learned(
-        self,
-        bucket: TokenBucket | None,
-        per_minute: float,
-        remaining: float | None,
-        user_per_minute: float | None,
-    ) -> TokenBucket:
-        """A bucket paced just under a limit the server announced (or the user's, if lower)."""
-        rate = _SAFETY * per_minute / 60.0
-        if user_per_minute:
-            rate = min(rate, user_per_minute / 60.0)
-        capacity = max(remaining or 1.0, rate)
-        if bucket is None:
-            return TokenBucket(rate, capacity, self._clock)
-        bucket.retune(rate, max(capacity, bucket.capacity))
-        return bucket
+        Each: ``rate_per_second`` (the server's refill rate, before our safety margin),
+        ``window_seconds`` (what its limit counts over), ``limit``, ``burst`` (the most
+        it was seen to hold), ``basis`` (how the rate was found) and ``headers`` (the
+        family). Empty when the server sent no rate headers.
+        """
+        return {
+            budget.unit: budget.learned()
+            for budget in (self.server_requests, self.server_tokens)
+            if budget.rate is not None
+        }
 
 
 def estimate_tokens(messages: object, max_tokens: object) -> float:

@@ -42,13 +42,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any, Self
+from typing import Any, Literal, Self, get_args
 
 from aiohttp import web
 
 __all__ = [
+    "HEADER_FAMILIES",
     "ChatServer",
     "FaultRates",
+    "HeaderFamily",
     "Malformed",
     "RateLimit",
     "RecordedRequest",
@@ -157,19 +159,38 @@ class FaultRates:
         return None
 
 
+HeaderFamily = Literal["openai", "groq", "openrouter", "ietf", "ietf-structured", "azure", "none"]
+HEADER_FAMILIES: tuple[HeaderFamily, ...] = get_args(HeaderFamily)
+
+
 @dataclass(frozen=True)
 class RateLimit:
-    """OpenAI-style rate limits, decided as each request arrives (before any latency).
+    """Rate limits, decided as each request arrives (before any latency).
 
     Requests draw from a bucket of `burst` that refills at `requests_per_second`. With
     `tokens_per_minute`, each request also draws its token cost (the prompt estimate plus the
     body's ``max_tokens``, else 16) from a bucket that size, refilled over a minute. A request
     that finds either bucket short gets a 429 ``rate_limit_exceeded``; with `retry_after` it
     says when to come back (``retry-after-ms``, and ``Retry-After`` in whole seconds rounded
-    up). Every reply to a request that got this far carries the ``x-ratelimit-*`` headers.
+    up). Every reply to a request that got this far carries rate headers in the `headers`
+    family, describing the request limit as ``requests_per_second * window`` per `window`:
+
+    - ``"openai"``: ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``, resets as
+      durations (``120ms``, ``6m0s``) until the bucket is full; `window` 60 by default;
+    - ``"groq"``: the same headers, the request limit per day (`window` 86400 by default),
+      tokens per minute;
+    - ``"openrouter"``: ``X-RateLimit-Limit``, ``-Remaining``, and ``-Reset`` as the Unix
+      time in milliseconds when the bucket is full (requests only);
+    - ``"ietf"``: ``RateLimit: limit=L, remaining=R, reset=T`` (whole seconds) and
+      ``RateLimit-Policy: L;w=W``; ``"ietf-structured"``: ``RateLimit: "default";r=R;t=T``
+      and ``RateLimit-Policy: "default";q=L;w=W`` (requests only);
+    - ``"azure"``: only ``x-ratelimit-remaining-requests`` and ``-tokens``;
+    - ``"none"``: no rate headers at all (429s keep their Retry-After).
 
     Example:
-        ``ChatServer(rate_limit=RateLimit(50, 50))`` allows bursts of 50, then 50 a second.
+        ``ChatServer(rate_limit=RateLimit(50, 50))`` allows bursts of 50, then 50 a second,
+        and says "3000 requests per minute". ``RateLimit(50, 50, window=1)`` says "50 per
+        second" of the same limit.
     """
 
     requests_per_second: float
@@ -177,6 +198,8 @@ class RateLimit:
     _: KW_ONLY
     tokens_per_minute: int | None = None
     retry_after: bool = True  # False: 429s say nothing of when to retry
+    headers: HeaderFamily = "openai"
+    window: float | None = None  # seconds the stated limit counts over; None: the family's
 
     def __post_init__(self) -> None:
         if not self.requests_per_second > 0:
@@ -185,6 +208,22 @@ class RateLimit:
             raise ValueError(f"burst must be >= 1, got {self.burst}")
         if self.tokens_per_minute is not None and self.tokens_per_minute < 1:
             raise ValueError(f"tokens_per_minute must be >= 1, got {self.tokens_per_minute}")
+        if self.headers not in HEADER_FAMILIES:
+            raise ValueError(f"headers must be one of {HEADER_FAMILIES}, got {self.headers!r}")
+        if self.window is not None and not self.window > 0:
+            raise ValueError(f"window must be > 0 seconds, got {self.window}")
+
+    @property
+    def stated_window(self) -> float:
+        """The window the headers describe the request limit over, in seconds."""
+        if self.window is not None:
+            return self.window
+        return 86400.0 if self.headers == "groq" else 60.0
+
+    @property
+    def stated_limit(self) -> int:
+        """The request limit the headers state: requests_per_second * stated_window."""
+        return max(1, round(self.requests_per_second * self.stated_window))
 
 
 @dataclass(frozen=True)
@@ -206,6 +245,8 @@ class RecordedRequest:
     status: int | None
     outcome: str
     attempt: int = 0
+    path: str = ""  # the URL path, e.g. /v1/chat/completions
+    query: dict[str, str] = field(default_factory=dict)  # the URL's query parameters
 
 
 @dataclass
@@ -240,12 +281,11 @@ class _Bucket:
     def wait_for(self, amount: float) -> float:
         return max(0.0, (amount - self.level) / self.rate)
 
-    def headers(self, name: str, limit: int) -> dict[str, str]:
-        return {
-            f"x-ratelimit-limit-{name}": str(limit),
-            f"x-ratelimit-remaining-{name}": str(max(0, math.floor(self.level + 1e-6))),
-            f"x-ratelimit-reset-{name}": _duration((self.capacity - self.level) / self.rate),
-        }
+    def until_full(self) -> float:
+        return (self.capacity - self.level) / self.rate
+
+    def remaining(self) -> int:
+        return max(0, math.floor(self.level + 1e-6))
 
 
 # The completion tokens a request without max_tokens is charged for.
@@ -274,8 +314,7 @@ class _Limiter:
             cost = min(_token_cost(body), tokens.capacity)
         rejection: tuple[str, str, float] | None = None
         if not requests.has(1):
-            limit = self._rpm()
-            what = f"requests per min (RPM): Limit {limit}, Requested 1"
+            what = f"requests per min (RPM): Limit {self._rpm()}, Requested 1"
             rejection = ("requests", what, requests.wait_for(1))
         elif tokens is not None and not tokens.has(cost):
             what = f"tokens per min (TPM): Limit {self.limit.tokens_per_minute}, "
@@ -284,9 +323,7 @@ class _Limiter:
             requests.level -= 1
             if tokens is not None:
                 tokens.level -= cost
-        ex.headers.update(requests.headers("requests", self._rpm()))
-        if tokens is not None and self.limit.tokens_per_minute is not None:
-            ex.headers.update(tokens.headers("tokens", self.limit.tokens_per_minute))
+        ex.headers.update(self._headers())
         if rejection is None:
             return None
         kind, what, wait = rejection
@@ -299,6 +336,50 @@ class _Limiter:
 
     def _rpm(self) -> int:
         return max(1, round(self.limit.requests_per_second * 60))
+
+    def _headers(self) -> dict[str, str]:
+        """The rate headers of the limit's family, as of now."""
+        family, requests, tokens = self.limit.headers, self._requests, self._tokens
+        limit, remaining = self.limit.stated_limit, requests.remaining()
+        if family in ("openai", "groq"):
+            headers = _x_ratelimit("requests", limit, remaining, requests.until_full())
+            if tokens is not None and self.limit.tokens_per_minute is not None:
+                tpm = self.limit.tokens_per_minute
+                headers.update(_x_ratelimit("tokens", tpm, tokens.remaining(), tokens.until_full()))
+            return headers
+        if family == "azure":
+            headers = {"x-ratelimit-remaining-requests": str(remaining)}
+            if tokens is not None:
+                headers["x-ratelimit-remaining-tokens"] = str(tokens.remaining())
+            return headers
+        if family == "openrouter":
+            full_at = time.time() + requests.until_full()
+            return {
+                "X-RateLimit-Limit": str(limit),
+                "X-RateLimit-Remaining": str(remaining),
+                "X-RateLimit-Reset": str(math.ceil(full_at * 1000)),
+            }
+        window = _seconds_header(self.limit.stated_window)
+        reset = math.ceil(requests.until_full() - 1e-6)  # delta-seconds: whole numbers
+        if family == "ietf":
+            return {
+                "RateLimit": f"limit={limit}, remaining={remaining}, reset={reset}",
+                "RateLimit-Policy": f"{limit};w={window}",
+            }
+        if family == "ietf-structured":
+            return {
+                "RateLimit": f'"default";r={remaining};t={reset}',
+                "RateLimit-Policy": f'"default";q={limit};w={window}',
+            }
+        return {}
+
+
+def _x_ratelimit(name: str, limit: int, remaining: int, until_full: float) -> dict[str, str]:
+    return {
+        f"x-ratelimit-limit-{name}": str(limit),
+        f"x-ratelimit-remaining-{name}": str(remaining),
+        f"x-ratelimit-reset-{name}": _duration(until_full),
+    }
 
 
 def _token_cost(body: dict[str, Any]) -> float:
@@ -374,7 +455,14 @@ class ChatServer:
         faults: Random but reproducible faults for requests without a scripted action.
         record: False keeps no per-request list (for big benchmarks); counters still work.
         model_names: When given, other models get a 404 ``model_not_found``.
-        rate_limit: OpenAI-style request (and token) buckets; see `RateLimit`.
+        rate_limit: Request (and token) buckets, and the rate headers to describe them;
+            see `RateLimit`.
+        azure: Speak Azure OpenAI's conventions instead of OpenAI's: the key comes in an
+            ``api-key`` header (401 otherwise), and requests go to
+            ``/openai/deployments/{deployment}/chat/completions?api-version=...`` (a 404
+            without ``api-version``; the deployment is the model) or to the v1 form
+            ``/openai/v1/chat/completions`` (which also takes ``Authorization: Bearer``).
+            `azure_endpoint` is the resource URL to give the client.
 
     Counters (`request_count`, `in_flight`, `peak_in_flight`, `answered`, `statuses`) are
     only written by the server's loop, so reading them from another thread is safe.
@@ -391,8 +479,10 @@ class ChatServer:
         record: bool = True,
         model_names: Iterable[str] | None = None,
         rate_limit: RateLimit | None = None,
+        azure: bool = False,
     ) -> None:
         self.latency = latency
+        self.azure = azure
         self.rate_limit = rate_limit
         self._api_key = api_key
         self._responder = responder or _echo
@@ -444,16 +534,31 @@ class ChatServer:
 
     @property
     def base_url(self) -> str:
-        """``http://127.0.0.1:PORT/v1``, the OpenAI ``base_url`` to give the client."""
+        """``http://127.0.0.1:PORT/v1``, the OpenAI ``base_url`` to give the client.
+
+        In `azure` mode, the v1 form: ``http://127.0.0.1:PORT/openai/v1``.
+        """
+        if self.azure:
+            return f"{self.azure_endpoint}/openai/v1"
         return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def azure_endpoint(self) -> str:
+        """``http://127.0.0.1:PORT``: the resource URL, as in ``$AZURE_OPENAI_ENDPOINT``."""
+        return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
         """Start listening on 127.0.0.1 on a free port."""
         if self._runner is not None:
             raise RuntimeError("ChatServer is already running")
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_get("/v1/models", self._list_models)
+        if self.azure:
+            app.router.add_post("/openai/v1/chat/completions", self._chat)
+            app.router.add_get("/openai/v1/models", self._list_models)
+            app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._chat)
+        else:
+            app.router.add_post("/v1/chat/completions", self._chat)
+            app.router.add_get("/v1/models", self._list_models)
         # handler_cancellation: a client hanging up ends its handler (and a Stall) at once.
         # shutdown_timeout: handlers still running at stop are cancelled after a second.
         runner = web.AppRunner(
@@ -581,6 +686,8 @@ class ChatServer:
                     status=ex.status,
                     outcome=ex.outcome,
                     attempt=ex.attempt,
+                    path=request.path,
+                    query=dict(request.query),
                 )
                 self.requests.append(record)
 
@@ -595,10 +702,15 @@ class ChatServer:
             ex.prompt = _last_user_text(body.get("messages"))
         if not self._authorized(request):
             return await self._send(request, ex, self._auth_error())
+        deployment = request.match_info.get("deployment")
+        if deployment is not None and not request.query.get("api-version"):
+            # What Azure answers a deployment URL without its api-version.
+            msg = "Resource not found: deployment URLs need an api-version query parameter"
+            return await self._send(request, ex, _error(404, msg, type_=_INVALID, err_code="404"))
         if not isinstance(body, dict):
             msg = "We could not parse the JSON body of your request."
             return await self._send(request, ex, _error(400, msg, type_=_INVALID, err_code=None))
-        model = body.get("model", "test-model")
+        model = deployment or body.get("model", "test-model")
         if self._models is not None and model not in self._models:
             msg = f"The model `{model}` does not exist"
             response = _error(404, msg, type_=_INVALID, err_code="model_not_found")
@@ -659,11 +771,25 @@ class ChatServer:
     def _authorized(self, request: web.Request) -> bool:
         if self._api_key is None:
             return True
-        given = request.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {self._api_key}".encode())
+        bearer = f"Bearer {self._api_key}".encode()
+        given = request.headers.get("Authorization", "").encode()
+        if self.azure:
+            key = request.headers.get("api-key", "").encode()
+            if hmac.compare_digest(key, self._api_key.encode()):
+                return True
+            # Azure's v1 API also takes the key as a bearer token, as the openai SDK sends it.
+            return request.path.startswith("/openai/v1/") and hmac.compare_digest(given, bearer)
+        return hmac.compare_digest(given, bearer)
 
     def _auth_error(self) -> web.Response:
         # Never echo the key the client sent: tests check that it cannot leak through errors.
+        if self.azure:
+            msg = (
+                "Access denied due to invalid subscription key or wrong API endpoint. Make sure "
+                "to provide a valid key for an active subscription and use a correct regional "
+                "API endpoint for your resource."
+            )
+            return _error(401, msg, type_=_INVALID, err_code="401")
         msg = "Incorrect API key provided."
         return _error(401, msg, type_=_INVALID, err_code="invalid_api_key")
 

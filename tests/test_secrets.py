@@ -95,3 +95,23 @@ def test_a_server_that_echoes_the_key_is_redacted() -> None:
     assert "Incorrect API key provided: ***" in said
     assert SECRET not in said
     assert SECRET not in caught.value.cause.body  # type: ignore[union-attr]
+
+
+def test_an_azure_key_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Azure's api-key header, echoed by the server or refused, never shows anywhere."""
+    df = pd.DataFrame({"review": ["a", "b"]})
+    with ChatServer(azure=True, api_key=SECRET).run_in_thread() as server:
+        monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", server.azure_endpoint)
+        monkeypatch.setenv("OPENAI_API_VERSION", "2024-10-21")
+        config = nbtoolkit.configure(api_key=SECRET, model=MODEL)
+        assert SECRET not in repr(config) + repr(config.resolved())
+        server.script(Status(400, message=f"bad header api-key: {SECRET}"), prompt="a")
+        df.chat.complete("review", progress=False)
+        first = everything_said(None)
+        assert "api-key: ***" in first
+        with pytest.raises(nbtoolkit.RunAborted) as caught:
+            df.chat.complete("review", api_key=WRONG, progress=False)
+    said = first + everything_said(caught.value)
+    assert "HTTP 401" in said
+    assert SECRET not in said
+    assert WRONG not in said

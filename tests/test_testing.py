@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from nbtoolkit.testing import (
+    HEADER_FAMILIES,
     ChatServer,
     FaultRates,
     Malformed,
@@ -485,3 +486,83 @@ def test_rate_limit_is_checked() -> None:
 def test_reset_headers_use_openais_duration_format(seconds: float, text: str) -> None:
     """x-ratelimit-reset-* values read like OpenAI's: 120ms, 1.5s, 6m0s (rounded up to 1 ms)."""
     assert duration(seconds) == text
+
+
+async def _two_replies(
+    session: aiohttp.ClientSession, limit: RateLimit
+) -> tuple[Mapping[str, str], float]:
+    """The headers of the second of two requests, and the wall clock just before it."""
+    async with ChatServer(rate_limit=limit) as server:
+        await _post(session, server, "a")
+        before = time.time()
+        _, _, headers = await _post(session, server, "a")
+    return headers, before
+
+
+async def test_rate_headers_speak_each_family(session: aiohttp.ClientSession) -> None:
+    """Each header family describes the same bucket (2 used of 10, 5/s) in its own words."""
+    expected_names = {
+        "openai": {"x-ratelimit-limit-requests", "x-ratelimit-remaining-requests"},
+        "groq": {"x-ratelimit-limit-requests", "x-ratelimit-reset-requests"},
+        "openrouter": {"X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"},
+        "ietf": {"RateLimit", "RateLimit-Policy"},
+        "ietf-structured": {"RateLimit", "RateLimit-Policy"},
+        "azure": {"x-ratelimit-remaining-requests"},
+        "none": set(),
+    }
+    seen = {}
+    for family in HEADER_FAMILIES:
+        headers, before = await _two_replies(session, RateLimit(5, 10, headers=family))
+        assert expected_names[family] <= set(headers), family
+        seen[family] = headers, before
+    assert seen["openai"][0]["x-ratelimit-limit-requests"] == "300"  # per minute
+    assert seen["groq"][0]["x-ratelimit-limit-requests"] == "432000"  # per day
+    assert seen["groq"][0]["x-ratelimit-remaining-requests"] == "8"
+    headers, before = seen["openrouter"]
+    assert (headers["X-RateLimit-Limit"], headers["X-RateLimit-Remaining"]) == ("300", "8")
+    full_in = int(headers["X-RateLimit-Reset"]) / 1000 - before  # an epoch in ms: full at
+    assert 0.3 <= full_in <= 0.45
+    assert seen["ietf"][0]["RateLimit"] == "limit=300, remaining=8, reset=1"
+    assert seen["ietf"][0]["RateLimit-Policy"] == "300;w=60"
+    assert seen["ietf-structured"][0]["RateLimit"] == '"default";r=8;t=1'
+    assert seen["ietf-structured"][0]["RateLimit-Policy"] == '"default";q=300;w=60'
+    assert "x-ratelimit-limit-requests" not in seen["azure"][0]
+    assert not any("ratelimit" in name.lower() for name in seen["none"][0])
+
+
+async def test_a_stated_window_scales_the_limit(session: aiohttp.ClientSession) -> None:
+    """window=1 states the same 5/s as 5 per second; IETF says w=1."""
+    headers, _ = await _two_replies(session, RateLimit(5, 10, headers="ietf", window=1))
+    assert headers["RateLimit-Policy"] == "5;w=1"
+    headers, _ = await _two_replies(session, RateLimit(5, 10, window=1))
+    assert headers["x-ratelimit-limit-requests"] == "5"
+    with pytest.raises(ValueError, match="headers must be one of"):
+        RateLimit(1, 1, headers="github")  # type: ignore[arg-type]
+
+
+async def test_azure_mode_wants_its_key_header_and_api_version(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Azure mode: api-key header (401 without), api-version on deployment URLs (404 without)."""
+    body = json.dumps(_body("a")).encode()
+    async with ChatServer(azure=True, api_key="az-key") as server:
+        deployment = f"{server.azure_endpoint}/openai/deployments/dep-1/chat/completions"
+        v1 = f"{server.base_url}/chat/completions"
+        assert v1 == f"{server.azure_endpoint}/openai/v1/chat/completions"
+        outcomes = []
+        for url, headers in [
+            (f"{deployment}?api-version=2024-10-21", {"api-key": "az-key"}),
+            (deployment, {"api-key": "az-key"}),
+            (f"{deployment}?api-version=2024-10-21", {"Authorization": "Bearer az-key"}),
+            (f"{deployment}?api-version=2024-10-21", {"api-key": "wrong"}),
+            (v1, {"api-key": "az-key"}),
+            (v1, {"Authorization": "Bearer az-key"}),
+        ]:
+            async with session.post(url, data=body, headers=headers) as reply:
+                outcomes.append((reply.status, await reply.json()))
+    assert [status for status, _ in outcomes] == [200, 404, 401, 401, 200, 200]
+    assert outcomes[0][1]["model"] == "dep-1"  # the deployment is the model
+    assert "api-version" in outcomes[1][1]["error"]["message"]
+    assert "az-key" not in json.dumps(outcomes[3][1])
+    assert server.requests[0].query == {"api-version": "2024-10-21"}
+    assert server.requests[0].path == "/openai/deployments/dep-1/chat/completions"
