@@ -427,7 +427,8 @@ async def test_rate_limit_on_tokens_charges_prompt_and_max_tokens(
 ) -> None:
     """With tokens_per_minute, a request costs its prompt estimate plus max_tokens."""
     body = {**_body("a"), "max_tokens": 20}  # "be brief" ~3 tokens + "a" 1 + 20 = 24
-    async with ChatServer(rate_limit=RateLimit(100, 100, tokens_per_minute=60)) as server:
+    # Requests refill at 1/s, so the count of requests used holds however slow the machine.
+    async with ChatServer(rate_limit=RateLimit(1, 100, tokens_per_minute=60)) as server:
         replies = [await _post(session, server, "a", json=body) for _ in range(3)]
     assert [status for status, _, _ in replies] == [200, 200, 429]
     first = replies[0][2]
