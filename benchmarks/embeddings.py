@@ -223,9 +223,10 @@ def main() -> None:
             "",
             f"Memory per row: a vector is {vector_bytes:,} bytes of float32 plus the numpy "
             f"array's own {array_bytes - vector_bytes} bytes ({array_bytes:,} in all, "
-            "sys.getsizeof); the output column holds one pointer per row. The floor holds "
-            "the same arrays, so the RSS growth above it is nbtoolkit's per-row bookkeeping "
-            "(one RowResult and the run report's rows) and the parse of a batch in flight.",
+            "sys.getsizeof), and the output column one pointer per row. The rest of the "
+            "growth is replies being parsed (a batch's JSON and its Python floats, about "
+            "32 bytes a number while parsed), times the batches parsed at once, plus "
+            "nbtoolkit's one RowResult and report row per row.",
         ]
     )
     (ROOT / "benchmarks" / "results-embeddings.md").write_text(document + "\n")
