@@ -1,7 +1,8 @@
 """A ChatServer in its own process: ``python -m benchmarks.serve OPTIONS``.
 
-OPTIONS is JSON: ``latency``, ``record``, and optionally ``rate_limit`` and ``faults`` (the
-keyword arguments of `RateLimit` and `FaultRates`). The first stdout line is the base URL.
+OPTIONS is JSON: ``latency``, ``record``, and optionally ``rate_limit``, ``faults`` and
+``embeddings`` (the keyword arguments of `RateLimit`, `FaultRates`, `EmbeddingBehaviour`).
+The first stdout line is the base URL.
 Then it reads commands from stdin, one a line: ``stats`` prints a JSON line of what the
 server saw; ``stop``, end of input (the parent died) or ``max_seconds`` stops it.
 """
@@ -14,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from nbtoolkit.testing import ChatServer, FaultRates, RateLimit
+from nbtoolkit.testing import ChatServer, EmbeddingBehaviour, FaultRates, RateLimit
 
 MAX_SECONDS = 3600.0  # a server forgotten by a crashed parent still goes away
 
@@ -23,11 +24,13 @@ def build(options: dict[str, Any]) -> ChatServer:
     """The server the options describe."""
     rate_limit = options.get("rate_limit")
     faults = options.get("faults")
+    embeddings = options.get("embeddings")
     return ChatServer(
         latency=float(options.get("latency", 0.0)),
         record=bool(options.get("record", False)),
         rate_limit=None if rate_limit is None else RateLimit(**rate_limit),
         faults=None if faults is None else FaultRates(**faults),
+        embeddings=None if embeddings is None else EmbeddingBehaviour(**embeddings),
     )
 
 

@@ -10,6 +10,7 @@ Importing it registers the ``df.chat`` and ``series.chat`` accessors::
 from nbtoolkit import accessor as _accessor  # noqa: F401  (registers df.chat / series.chat)
 from nbtoolkit.cache import CacheInfo, cache_info, clear_cache
 from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts, configure, get_config
+from nbtoolkit.embeddings import to_matrix
 from nbtoolkit.engine import ChatRun
 from nbtoolkit.errors import (
     APIError,
@@ -60,4 +61,5 @@ __all__ = [
     "configure",
     "get_config",
     "last_run",
+    "to_matrix",
 ]

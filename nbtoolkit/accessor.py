@@ -249,6 +249,108 @@ class _ChatAccessorBase:
 
     complete = blocking(acomplete)
 
+    async def aembed(
+        self,
+        column: str | None = None,
+        *,
+        model: str | None = None,
+        dimensions: int | None = None,
+        output: str = "embedding",
+        template: str | None = None,
+        batch_size: int = 2048,
+        max_batch_tokens: float = 300_000,
+        max_parallel: int | None = None,
+        progress: bool | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None,
+        timeout: float | Timeouts | None = None,
+        retry: int | RetryPolicy | None = None,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        cache: bool | str | os.PathLike[str] | None = None,
+        dedupe: bool | None = None,
+        prices: Mapping[str, tuple[float, float]] | None = None,
+        max_cost: float | None = None,
+        max_tokens_total: int | None = None,
+        config: ChatConfig | None = None,
+    ) -> Any:
+        """Embed each row's text and return a new frame with one float32 vector per row.
+
+        ``embed`` runs it and waits; ``aembed`` is ``await``-able. Texts go to
+        ``/embeddings`` many at a time; identical texts are embedded once, and the cache
+        keeps one vector per (model, dimensions, text), so a re-run or a grown frame pays
+        only for texts it has never embedded. ``nbtoolkit.to_matrix(out["embedding"])``
+        makes an ``(n, d)`` matrix of the column.
+
+        Args:
+            column: the column whose text is embedded.
+            model: the embedding model, e.g. ``"text-embedding-3-small"``.
+            dimensions: shorter vectors, for models that offer them; None: the model's own.
+            output: the new column's name; default ``"embedding"`` (replaced if present).
+            template: instead of a column, a ``str.format`` template over the columns.
+            batch_size: texts per request, at most (OpenAI allows 2,048).
+            max_batch_tokens: estimated tokens per request, at most (OpenAI allows 300,000).
+            max_parallel, progress, base_url, api_key, headers, query, timeout, retry, rpm,
+                tpm, cache, dedupe, prices, max_cost, max_tokens_total, config: as for
+                `complete`; a request's tokens count against ``tpm`` and the budgets.
+
+        Returns:
+            A new DataFrame (a Series for ``series.chat``), same index and order, with a 1-D
+            float32 numpy array per row, and None where there was no text (missing, empty,
+            blank) or the row failed; ``nbtoolkit.last_run()`` says why.
+
+        Raises:
+            ConfigError: bad arguments (before anything is sent).
+            RunAborted: a bad key, wrong URL/model, exhausted quota or a server that went
+                away stopped the run; ``.partial`` holds the rows that finished.
+            RunInterrupted: Ctrl-C or the stop button; ``.partial`` holds the rows that
+                finished.
+        """
+        from nbtoolkit.embeddings import EmbeddingEndpoint, embedding_writer
+
+        settings = run_settings(
+            model=model,
+            max_parallel=max_parallel,
+            progress=progress,
+            base_url=base_url,
+            api_key=api_key,
+            headers=headers,
+            query=query,
+            timeout=timeout,
+            retry=retry,
+            rpm=rpm,
+            tpm=tpm,
+            cache=cache,
+            dedupe=dedupe,
+            prices=prices,
+            max_cost=max_cost,
+            max_tokens_total=max_tokens_total,
+            config=config,
+            params={},
+        )
+        if not isinstance(output, str) or not output:
+            raise ConfigError(f"output must be a column name, got {output!r}")
+        endpoint = EmbeddingEndpoint(
+            model=settings.model or "",
+            dimensions=dimensions,
+            batch_size=batch_size,
+            max_batch_tokens=max_batch_tokens,
+        )
+        texts = self._prompts(column, template)
+        name = output if self._as_series() and output != "embedding" else None
+        plan = Plan(
+            frame=self._frame(),
+            requests=iter(texts),
+            config=settings,
+            write=embedding_writer(self._frame(), output, as_series=self._as_series(), name=name),
+            endpoint=endpoint,
+        )
+        return await run_plan(plan)
+
+    embed = blocking(aembed)
+
 
 @pd.api.extensions.register_dataframe_accessor("chat")
 class ChatAccessor(_ChatAccessorBase):

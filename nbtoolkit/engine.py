@@ -242,6 +242,10 @@ class ChatRun:
             for item in batch:
                 item.key = self._keys.key(item.payload)
         hits = self._cache.lookup([item.key for item in batch if item.key is not None])
+        # Queued after the loop, not in it: a put that waits lets workers settle rows and
+        # drop them from _pending, and a later twin, missed by the lookup above, would be
+        # sent again.
+        jobs: list[_Job] = []
         for item in batch:
             if item.key is not None and (answer := hits.get(item.key)) is not None:
                 self.stats.cache_hits += 1
@@ -254,15 +258,17 @@ class ChatRun:
                     continue
                 self._pending[item.key] = []
             if self.endpoint.max_items == 1:
-                await queue.put(_Job([item]))
+                jobs.append(_Job([item]))
                 continue
             if self._group and (
                 len(self._group) >= self.endpoint.max_items
                 or self._group_tokens + item.prompt_tokens > self.endpoint.max_request_tokens
             ):
-                await queue.put(self._take_group())
+                jobs.append(self._take_group())
             self._group.append(item)
             self._group_tokens += item.prompt_tokens
+        for job in jobs:
+            await queue.put(job)
 
     def _take_group(self) -> _Job:
         job = _Job(self._group)

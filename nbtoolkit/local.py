@@ -13,6 +13,18 @@ Gemma 3 270M is a *base* model: it continues text, it does not follow instructio
 server therefore sends it the messages as plain text (no chat template), so a few-shot
 prompt ending in ``"Sentiment:"`` is answered with the next word; `SENTIMENT_TEMPLATE` is one.
 It answers one request at a time; more in flight just wait in its queue.
+
+``LocalServer(embedding=True)`` serves ``/v1/embeddings`` instead (a second, separate
+server: llama.cpp loads a model either for text or for embeddings)::
+
+    with LocalServer(embedding=True) as server:
+        out = df.chat.embed("review", model=server.model, base_url=server.base_url)
+
+Gemma 3 270M declares no pooling, and llama-cpp-python 0.3.36 then answers one vector per
+*token*, reading every input after the first of a batch from the wrong offset. The server
+is therefore started with the model's pooling set to *mean* (a metadata override): one
+640-dimension vector per text, the mean of its token vectors, the same in a batch as alone.
+Texts longer than 512 tokens are cut to their first 512 by the server.
 """
 
 from __future__ import annotations
@@ -97,6 +109,9 @@ runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
 # The server reads these from the environment, some over its command line (HOST and PORT).
 _SCRUBBED_ENV = {"HOST", "PORT", "CONFIG_FILE", "API_KEY", "SSL_KEYFILE", "SSL_CERTFILE"}
 
+# llama.cpp's pooling types: 1 is mean. The key is the model architecture's (Gemma 3's).
+_MEAN_POOLING = "gemma3.pooling_type=int:1"
+
 
 class LocalServerError(NbToolkitError):
     """The local model server could not be set up or did not come up."""
@@ -155,6 +170,8 @@ class LocalServer:
         n_ctx: the context length in tokens (prompt and answer).
         chat_template: True to use the model's chat format (``--chat_format gemma``) instead
             of plain text; only useful for an instruction-tuned model.
+        embedding: serve ``/v1/embeddings`` (mean-pooled, one vector per text) instead of
+            text; chat requests then fail.
 
     Example:
         >>> with LocalServer() as server:  # doctest: +SKIP
@@ -170,8 +187,10 @@ class LocalServer:
         startup_timeout: float = 120.0,
         n_ctx: int = 2048,
         chat_template: bool = False,
+        embedding: bool = False,
     ) -> None:
         self.model = model
+        self.embedding = embedding
         self.model_file = None if model_file is None else Path(model_file)
         self.startup_timeout = startup_timeout
         self.n_ctx = n_ctx
@@ -280,10 +299,13 @@ class LocalServer:
         # --verbose False: llama.cpp's timings for every request would fill the log (errors
         # still reach it as tracebacks). --logits_all False: logits for the last token only,
         # not for a whole batch: 230 MB less memory and a faster prompt (no logprobs, though).
+        embedding = (
+            ["--embedding", "True", "--kv_overrides", _MEAN_POOLING] if self.embedding else []
+        )
         # fmt: off
         return [
             "--model", str(model_file), "--model_alias", self.model, "--n_ctx", str(self.n_ctx),
-            "--host", "127.0.0.1", "--port", str(self.port), *chat,
+            "--host", "127.0.0.1", "--port", str(self.port), *chat, *embedding,
             "--verbose", "False", "--logits_all", "False",
         ]
         # fmt: on

@@ -2,7 +2,8 @@
 
 It is a real aiohttp server on 127.0.0.1 (the OS picks the port), so the code under test
 goes through its whole HTTP stack. It answers ``POST {base_url}/chat/completions`` and
-``GET {base_url}/models``, records what it saw, and can be told to fail::
+``GET {base_url}/models`` (and ``POST {base_url}/embeddings``, see `EmbeddingBehaviour`),
+records what it saw, and can be told to fail::
 
     from nbtoolkit.testing import ChatServer, Reset, Status
 
@@ -46,9 +47,13 @@ from typing import Any, Literal, Self, get_args
 
 from aiohttp import web
 
+from nbtoolkit import _testserver_embeddings as _embeddings
+from nbtoolkit._testserver_embeddings import EmbeddingBehaviour
+
 __all__ = [
     "HEADER_FAMILIES",
     "ChatServer",
+    "EmbeddingBehaviour",
     "FaultRates",
     "HeaderFamily",
     "Malformed",
@@ -135,6 +140,7 @@ class FaultRates:
     stall: float = 0.0
     stall_seconds: float = 30.0
     seed: int = 0
+    server_error_status: int = 500  # e.g. 503, for a server_error fault
 
     def __post_init__(self) -> None:
         rates = (self.server_error, self.reset, self.malformed, self.stall)
@@ -147,7 +153,7 @@ class FaultRates:
         # A uniform draw in [0, 1) that depends on nothing but the seed, prompt and attempt.
         draw = int.from_bytes(digest.digest(), "big") / 2.0**64
         faults: tuple[tuple[float, Action], ...] = (
-            (self.server_error, Status(500)),
+            (self.server_error, Status(self.server_error_status)),
             (self.reset, Reset()),
             (self.malformed, Malformed()),
             (self.stall, Stall(self.stall_seconds)),
@@ -259,6 +265,7 @@ class _Exchange:
     status: int | None = None
     outcome: str = "dropped"
     headers: dict[str, str] = field(default_factory=dict)  # added to whatever reply is sent
+    inputs: list[str] | None = None  # an embeddings request's texts, each counted as answered
 
 
 @dataclass
@@ -389,6 +396,8 @@ def _token_cost(body: dict[str, Any]) -> float:
         if isinstance(messages, list)
         else 0
     )
+    if "input" in body:  # an embeddings request: its inputs, and no completion
+        return float(_embeddings.input_tokens(body))
     completion = body.get("max_completion_tokens", body.get("max_tokens"))
     if not isinstance(completion, int) or isinstance(completion, bool) or completion < 0:
         completion = _DEFAULT_MAX_TOKENS
@@ -424,6 +433,10 @@ def _last_user_text(messages: Any) -> str:
             if isinstance(message, dict) and message.get("role") == "user":
                 return _text(message.get("content"))
     return ""
+
+
+def _chat_prompt(body: dict[str, Any]) -> str:
+    return _last_user_text(body.get("messages"))
 
 
 def _echo(messages: list[dict[str, Any]], body: dict[str, Any]) -> str:
@@ -463,6 +476,7 @@ class ChatServer:
             without ``api-version``; the deployment is the model) or to the v1 form
             ``/openai/v1/chat/completions`` (which also takes ``Authorization: Bearer``).
             `azure_endpoint` is the resource URL to give the client.
+        embeddings: how ``/v1/embeddings`` answers; see `EmbeddingBehaviour`.
 
     Counters (`request_count`, `in_flight`, `peak_in_flight`, `answered`, `statuses`) are
     only written by the server's loop, so reading them from another thread is safe.
@@ -480,9 +494,11 @@ class ChatServer:
         model_names: Iterable[str] | None = None,
         rate_limit: RateLimit | None = None,
         azure: bool = False,
+        embeddings: EmbeddingBehaviour | None = None,
     ) -> None:
         self.latency = latency
         self.azure = azure
+        self.embeddings = embeddings or EmbeddingBehaviour()
         self.rate_limit = rate_limit
         self._api_key = api_key
         self._responder = responder or _echo
@@ -554,10 +570,13 @@ class ChatServer:
         app = web.Application()
         if self.azure:
             app.router.add_post("/openai/v1/chat/completions", self._chat)
+            app.router.add_post("/openai/v1/embeddings", self._embed)
             app.router.add_get("/openai/v1/models", self._list_models)
             app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._chat)
+            app.router.add_post("/openai/deployments/{deployment}/embeddings", self._embed)
         else:
             app.router.add_post("/v1/chat/completions", self._chat)
+            app.router.add_post("/v1/embeddings", self._embed)
             app.router.add_get("/v1/models", self._list_models)
         # handler_cancellation: a client hanging up ends its handler (and a Stall) at once.
         # shutdown_timeout: handlers still running at stop are cancelled after a second.
@@ -663,18 +682,23 @@ class ChatServer:
         fault = self._faults.pick(prompt, attempt) if self._faults else None
         return fault or Reply(), attempt
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
+    async def _embed(self, request: web.Request) -> web.StreamResponse:
+        return await self._chat(request, embeddings=True)
+
+    async def _chat(self, request: web.Request, *, embeddings: bool = False) -> web.StreamResponse:
         started = time.monotonic()
         self.request_count += 1
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         ex = _Exchange()
         try:
-            return await self._handle(request, ex)
+            return await self._handle(request, ex, embeddings=embeddings)
         finally:
             self.in_flight -= 1
             self.statuses[ex.outcome] += 1
-            if ex.outcome == "ok":
+            if ex.outcome == "ok" and ex.inputs is not None:
+                self.answered.update(ex.inputs)
+            elif ex.outcome == "ok":
                 self.answered[ex.prompt] += 1
             if self._record:
                 record = RecordedRequest(
@@ -691,7 +715,9 @@ class ChatServer:
                 )
                 self.requests.append(record)
 
-    async def _handle(self, request: web.Request, ex: _Exchange) -> web.StreamResponse:
+    async def _handle(
+        self, request: web.Request, ex: _Exchange, *, embeddings: bool = False
+    ) -> web.StreamResponse:
         raw = await request.read()
         try:
             body = json.loads(raw)
@@ -699,7 +725,8 @@ class ChatServer:
             body = None
         if isinstance(body, dict):
             ex.body = body
-            ex.prompt = _last_user_text(body.get("messages"))
+            get_prompt = _embeddings.first_input if embeddings else _chat_prompt
+            ex.prompt = get_prompt(body)
         if not self._authorized(request):
             return await self._send(request, ex, self._auth_error())
         deployment = request.match_info.get("deployment")
@@ -744,6 +771,8 @@ class ChatServer:
         latency = self.latency if action.latency is None else action.latency
         if not await self._wait(latency):
             return _abort(request)
+        if embeddings:
+            return await _embeddings.answer(self, request, ex, body)
         messages = body.get("messages")
         messages = messages if isinstance(messages, list) else []
         text = action.text if action.text is not None else self._responder(messages, body)

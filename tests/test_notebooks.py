@@ -7,6 +7,7 @@ per module and the tests then read its outputs and what the server saw.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from collections import Counter
@@ -252,3 +253,17 @@ def _reviews(run: Executed) -> list[str | None]:
     namespace: dict[str, Any] = {"pd": pd}
     exec(run.cell("df = pd.DataFrame(").source, namespace)
     return [None if pd.isna(r) else str(r) for r in namespace["df"]["review"]]
+
+
+@pytest.mark.timeout(120)
+def test_embeddings_notebook_embeds_each_review_once(executed: Callable[[Path], Executed]) -> None:
+    """Each sample review is embedded once, the neighbours and the map show, the re-run is free."""
+    run = executed(NOTEBOOK_DIR / "embeddings.ipynb")
+    assert len(run.answered) == 12 and set(run.answered.values()) == {1}
+    assert "finished: 12 ok, 0 failed" in _text(run.cell("vector = "))
+    assert "ndarray float32 (8,)" in _text(run.cell("vector = "))
+    assert "cosine" in _text(run.cell("nearest = "))
+    shown = _outputs(run.cell("np.linalg.svd"))
+    plotted = any("image/png" in out.get("data", {}) for out in shown)
+    assert plotted or importlib.util.find_spec("matplotlib") is None
+    assert "12 cache hits" in _text(run.cell("again = "))

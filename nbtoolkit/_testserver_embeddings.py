@@ -1,0 +1,139 @@
+"""The test server's ``POST /v1/embeddings``: deterministic vectors, shuffled order, bad inputs.
+
+`ChatServer` routes embedding requests here. They meet the same machinery as chat: the API
+key, the model list, the `RateLimit` buckets, scripted actions and `FaultRates`, keyed by
+the request's *first* input (a batch is sent again as it was, so its Nth attempt meets the
+same fate whatever the order). `ChatServer.answered` counts each input of a good reply.
+
+What only embeddings do is set by `EmbeddingBehaviour`: how long vectors are, whether the
+data comes back shuffled, which inputs get a 400 for their whole request (as OpenAI does
+for a text over the model's context), and per-token vectors like llama.cpp's server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from nbtoolkit.testing import ChatServer, _Exchange
+
+__all__ = ["EmbeddingBehaviour", "expected_vector"]
+
+_INVALID = "invalid_request_error"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbeddingBehaviour:
+    """How the test server answers ``/v1/embeddings``.
+
+    Args:
+        dimensions: vector length when the request names none.
+        shuffle: send the data in a shuffled (seeded) order; clients must use ``index``.
+        reject_marker: an input containing it makes its whole request a 400 that names it.
+        max_input_chars: an input longer than this makes its whole request a 400.
+        per_token: answer a ``[tokens, dimensions]`` list per input (three token vectors
+            around the text's vector), like llama.cpp's server with an unpooled model.
+        seed: varies the vectors and the shuffles.
+    """
+
+    dimensions: int = 8
+    shuffle: bool = True
+    reject_marker: str | None = "<reject>"
+    max_input_chars: int | None = None
+    per_token: bool = False
+    seed: int = 0
+
+
+def _draw(text: str, dimensions: int, seed: int) -> npt.NDArray[np.float64]:
+    """The text's vector as sent: six decimals (short JSON, like a real server's), from a hash.
+
+    A hash stretched to the length (shake_128), not a seeded generator: a hundred times
+    cheaper, so a benchmark's server keeps up with its clients.
+    """
+    raw = hashlib.shake_128(f"{seed}\0{text}".encode()).digest(2 * dimensions)
+    return np.round(np.frombuffer(raw, dtype="<i2") / 16384.0, 6)
+
+
+def expected_vector(text: str, dimensions: int = 8, *, seed: int = 0) -> npt.NDArray[np.float32]:
+    """The vector the test server gives ``text``, as a float32 array (values in [-2, 2))."""
+    return _draw(text, dimensions, seed).astype(np.float32)
+
+
+def _rejection(inputs: list[str], behaviour: EmbeddingBehaviour) -> str | None:
+    """Why the request is refused (the first bad input), or None."""
+    for position, text in enumerate(inputs):
+        if behaviour.reject_marker and behaviour.reject_marker in text:
+            return f"input[{position}] is invalid: it contains {behaviour.reject_marker!r}"
+        if behaviour.max_input_chars is not None and len(text) > behaviour.max_input_chars:
+            return (
+                f"input[{position}] is too long: {len(text)} characters, "
+                f"the maximum is {behaviour.max_input_chars}"
+            )
+    return None
+
+
+def _inputs(body: dict[str, Any]) -> list[str] | None:
+    raw = body.get("input")
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list) and raw and all(isinstance(text, str) for text in raw):
+        return raw
+    return None
+
+
+def first_input(body: dict[str, Any]) -> str:
+    """The text a request's scripted action and faults are keyed by."""
+    inputs = _inputs(body)
+    return inputs[0] if inputs else ""
+
+
+def input_tokens(body: dict[str, Any]) -> int:
+    """The tokens a request's inputs count for (about four characters a token)."""
+    return sum(len(text) // 4 + 1 for text in _inputs(body) or ())
+
+
+async def answer(
+    server: ChatServer, request: web.Request, ex: _Exchange, body: dict[str, Any]
+) -> web.StreamResponse:
+    """Reply to an embeddings request the server already authorised, admitted and delayed."""
+    from nbtoolkit.testing import _error
+
+    behaviour = server.embeddings
+    inputs = _inputs(body)
+    if inputs is None:
+        message = "'input' must be a string or a non-empty list of strings"
+        return await server._send(request, ex, _error(400, message, type_=_INVALID, err_code=None))
+    reason = _rejection(inputs, behaviour)
+    if reason is not None:
+        return await server._send(request, ex, _error(400, reason, type_=_INVALID, err_code=None))
+    dimensions = body.get("dimensions", behaviour.dimensions)
+    if not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1:
+        message = f"dimensions must be a positive integer, got {dimensions!r}"
+        return await server._send(request, ex, _error(400, message, type_=_INVALID, err_code=None))
+    data = []
+    for position, text in enumerate(inputs):
+        vector = _draw(text, dimensions, behaviour.seed)
+        embedding: Any = vector.tolist()
+        if behaviour.per_token:
+            embedding = [(vector - 0.25).tolist(), embedding, (vector + 0.25).tolist()]
+        data.append({"object": "embedding", "index": position, "embedding": embedding})
+    if behaviour.shuffle:
+        random.Random(f"{behaviour.seed}\0{inputs[0]}\0{len(inputs)}").shuffle(data)
+    tokens = input_tokens(body)
+    reply = {
+        "object": "list",
+        "data": data,
+        "model": body.get("model", "test-model"),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+    response = web.Response(text=json.dumps(reply), content_type="application/json")
+    ex.inputs = inputs
+    return await server._send(request, ex, response, outcome="ok")

@@ -1,0 +1,243 @@
+"""``/embeddings``: many texts per request, one float32 vector per text, cached per text.
+
+The engine does the rest (grouping, dedupe, retries, the governor, halving a group on a
+400 to find the bad input, interrupt safety); this module knows only the wire format::
+
+    item(index, text)  -> Item     cache key material: canonical JSON of (model, dimensions, text)
+    payload(items)     -> bytes    {"model", "input": [texts], "dimensions"?, "encoding_format"}
+    parse(reply)       -> Parsed   answers mapped back by each datum's ``index`` (any order)
+    decode(blob)       -> vector   the cache keeps raw float32 bytes, 4 bytes per dimension
+
+A server that answers one vector per *token* (llama.cpp's Python server with a model that
+has no pooling type: a ``[tokens, d]`` list per input) gets its vectors mean-pooled into one
+per text: the average of the token vectors, the pooling sentence-embedding models mostly use.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from nbtoolkit.cache import encode_body
+from nbtoolkit.endpoints import Answer, Item, Outcome, Parsed
+from nbtoolkit.errors import ConfigError, MalformedResponse
+from nbtoolkit.limits import estimate_tokens
+from nbtoolkit.rows import RowResult
+
+__all__ = ["EmbeddingEndpoint", "embedding_writer", "to_matrix"]
+
+# OpenAI's limits per request: 2,048 inputs and 300,000 tokens (all inputs together).
+MAX_INPUTS = 2048
+MAX_REQUEST_TOKENS = 300_000
+DEFAULT_OUTPUT = "embedding"
+
+Vector = npt.NDArray[np.float32]
+
+
+class EmbeddingEndpoint:
+    """``/embeddings``: up to ``batch_size`` texts per request, one vector per text.
+
+    Args:
+        model: the embedding model.
+        dimensions: ask the server for vectors this long (models that can shorten them,
+            such as text-embedding-3-*); None sends no ``dimensions``.
+        batch_size: texts per request, at most.
+        max_batch_tokens: estimated tokens per request, at most (a text longer than that
+            goes alone, and the server says whether it fits).
+    """
+
+    path = "/embeddings"
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        dimensions: int | None = None,
+        batch_size: int = MAX_INPUTS,
+        max_batch_tokens: float = MAX_REQUEST_TOKENS,
+    ) -> None:
+        check_options(
+            dimensions=dimensions, batch_size=batch_size, max_batch_tokens=max_batch_tokens
+        )
+        self.model = model
+        self.dimensions = dimensions
+        self.max_items = batch_size
+        self.max_request_tokens = float(max_batch_tokens)
+        # The key material is (model, dimensions, text): the same text asked of the same
+        # model at the same length is one vector, in this run (dedupe) and the next (cache).
+        self._key_base: dict[str, Any] = {"model": model, "dimensions": dimensions}
+
+    def item(self, index: int, request: str) -> Item:
+        payload = encode_body({**self._key_base, "input": request})
+        # The one token estimator, as for a chat message; no completion tokens.
+        return Item(index, {"input": request}, payload, _estimate(request), 0.0)
+
+    def payload(self, items: Sequence[Item]) -> bytes:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "input": [item.body["input"] for item in items],
+            "encoding_format": "float",
+        }
+        if self.dimensions is not None:
+            body["dimensions"] = self.dimensions
+        return encode_body(body)
+
+    def parse(self, text: str, items: Sequence[Item]) -> Parsed:
+        try:
+            reply = json.loads(text)
+            data = reply["data"]
+            if not isinstance(data, list):
+                raise TypeError("data is not a list")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MalformedResponse(f"reply is not an embedding list: {text[:200]!r}") from exc
+        if len(data) != len(items):
+            raise MalformedResponse(f"{len(items)} texts sent, {len(data)} vectors received")
+        vectors: list[Vector | None] = [None] * len(items)
+        for datum in data:
+            position = datum.get("index") if isinstance(datum, dict) else None
+            if not isinstance(position, int) or not 0 <= position < len(items):
+                raise MalformedResponse(f"a vector has no valid index: {str(datum)[:200]}")
+            if vectors[position] is not None:
+                raise MalformedResponse(f"two vectors have index {position}")
+            vectors[position] = as_vector(datum.get("embedding"))
+        outcomes: list[Outcome] = []
+        for vector in vectors:
+            assert vector is not None  # as many distinct indexes in range as there are items
+            outcomes.append(Answer(vector.tobytes(), vector))
+        usage = reply.get("usage")
+        # The reply's usage is the whole request's: counted once, against tpm and budgets.
+        return Parsed(outcomes, usage if isinstance(usage, Mapping) else None)
+
+    def decode(self, stored: str | bytes) -> Vector:
+        if isinstance(stored, str):  # not written by this endpoint; never a vector
+            raise MalformedResponse("a cached embedding is text, not float32 bytes")
+        # A copy, so a vector from the cache is writable like one fresh from the server.
+        return np.frombuffer(stored, dtype=np.float32).copy()
+
+
+def as_vector(embedding: object) -> Vector:
+    """One text's vector from a datum's ``embedding``: floats, per-token floats, or base64.
+
+    Raises:
+        MalformedResponse: not a non-empty list of finite numbers (or of equal-length lists).
+    """
+    try:
+        if isinstance(embedding, str):  # encoding_format "base64", sent by some servers anyway
+            vector = np.frombuffer(base64.b64decode(embedding, validate=True), dtype=np.float32)
+        else:
+            vector = np.asarray(embedding, dtype=np.float32)
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise MalformedResponse(f"an embedding is not a list of numbers: {exc}") from exc
+    if vector.ndim == 2 and vector.shape[0] > 0:
+        # One vector per token: their mean is the text's vector.
+        vector = vector.mean(axis=0, dtype=np.float64).astype(np.float32)
+    if vector.ndim != 1 or vector.size == 0:
+        raise MalformedResponse(f"an embedding has shape {vector.shape}, not (dimensions,)")
+    if not np.isfinite(vector).all():
+        raise MalformedResponse("an embedding holds NaN or infinity")
+    return vector
+
+
+def _estimate(text: str) -> float:
+    return estimate_tokens(({"content": text},), 0)
+
+
+def check_options(*, dimensions: int | None, batch_size: int, max_batch_tokens: float) -> None:
+    """Refuse option values that cannot make a request, before anything is sent.
+
+    Raises:
+        ConfigError: a non-positive or non-integer ``dimensions`` or ``batch_size``, or a
+            ``max_batch_tokens`` that is not a positive number.
+    """
+    for name, value in (("dimensions", dimensions), ("batch_size", batch_size)):
+        if value is None and name == "dimensions":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+    if (
+        not isinstance(max_batch_tokens, int | float)
+        or isinstance(max_batch_tokens, bool)
+        or not max_batch_tokens > 0
+        or math.isnan(max_batch_tokens)
+    ):
+        raise ConfigError(f"max_batch_tokens must be a number > 0, got {max_batch_tokens!r}")
+
+
+def embedding_writer(frame: pd.DataFrame, output: str, *, as_series: bool, name: str | None) -> Any:
+    """Builds the run's output: ``frame`` plus column ``output`` of vectors (None if none).
+
+    Args:
+        frame: the caller's rows; not modified.
+        output: the new column's name (replaced if present).
+        as_series: return the vectors as a Series, named ``name``, instead of a frame.
+        name: the Series' name when ``as_series``.
+    """
+
+    def write(rows: Sequence[RowResult]) -> Any:
+        # Filled one by one: a list of equal-length arrays given to pandas whole could
+        # come back as a 2-D block rather than one array per cell.
+        column = np.empty(len(rows), dtype=object)
+        for position, row in enumerate(rows):
+            column[position] = row.value if row.error is None else None
+        vectors = pd.Series(column, index=frame.index, dtype=object, name=name)
+        if as_series:
+            return vectors
+        return frame.assign(**{output: vectors})
+
+    return write
+
+
+def to_matrix(vectors: Iterable[Any], *, dimensions: int | None = None) -> npt.NDArray[np.float32]:
+    """The vectors of an embedding column as one ``(rows, dimensions)`` float32 matrix.
+
+    A row with no vector (None, NaN) is a row of NaN, so the matrix lines up with the
+    frame, row for row; drop them with ``matrix[~np.isnan(matrix).any(axis=1)]``.
+
+    Args:
+        vectors: the column ``df.chat.embed`` wrote (a Series, or any iterable of vectors).
+        dimensions: the width when every row is missing (else it comes from the vectors).
+
+    Returns:
+        A new float32 array; the column is not modified.
+
+    Raises:
+        ConfigError: vectors of different lengths, or something that is not a 1-D vector.
+
+    Example:
+        >>> out = df.chat.embed("review", model="text-embedding-3-small")  # doctest: +SKIP
+        >>> matrix = nbtoolkit.to_matrix(out["embedding"])  # (len(df), 1536)
+    """
+    values = list(vectors)
+    width = dimensions
+    for position, value in enumerate(values):
+        if _missing(value):
+            continue
+        shape = np.shape(value)
+        if len(shape) != 1:
+            raise ConfigError(f"row {position} is not a 1-D vector (shape {shape})")
+        if width is None:
+            width = shape[0]
+        elif shape[0] != width:
+            raise ConfigError(
+                f"row {position} has {shape[0]} dimensions, earlier rows {width}: "
+                "were they embedded with different models or dimensions=?"
+            )
+    matrix = np.full((len(values), width or 0), np.nan, dtype=np.float32)
+    for position, value in enumerate(values):
+        if not _missing(value):
+            matrix[position] = value
+    return matrix
+
+
+def _missing(value: Any) -> bool:
+    if value is None:
+        return True
+    return isinstance(value, float) and math.isnan(value)

@@ -1,0 +1,374 @@
+"""df.chat.embed: batched /embeddings requests, vectors mapped by index, cached per text."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import nbtoolkit
+from nbtoolkit._testserver_embeddings import expected_vector
+from nbtoolkit.embeddings import EmbeddingEndpoint
+from nbtoolkit.testing import (
+    ChatServer,
+    EmbeddingBehaviour,
+    FaultRates,
+    Malformed,
+    RecordedRequest,
+    Status,
+)
+from tests.conftest import MODEL, settings
+
+
+def report() -> nbtoolkit.RunReport:
+    last = nbtoolkit.last_run()
+    assert last is not None
+    return last
+
+
+def inputs(requests: list[RecordedRequest]) -> list[str]:
+    """Every text the server was sent, in every request (failed ones too)."""
+    return [text for r in requests for text in r.body["input"]]
+
+
+def cache_file() -> Path:
+    return Path(os.environ["NBTOOLKIT_CACHE_DIR"]) / "responses.sqlite3"
+
+
+def texts(n: int, prefix: str = "text") -> list[str]:
+    return [f"{prefix} {i}: a review of item {i}" for i in range(n)]
+
+
+def assert_vectors(column: pd.Series, expected: list[str | None], dimensions: int = 8) -> None:
+    """Each row holds the server's float32 vector for its text, or None where it has none."""
+    assert len(column) == len(expected)
+    for vector, text in zip(column, expected, strict=True):
+        if text is None:
+            assert vector is None
+            continue
+        assert isinstance(vector, np.ndarray)
+        assert vector.dtype == np.float32
+        np.testing.assert_array_equal(vector, expected_vector(text, dimensions))
+
+
+def test_3000_rows_with_repeats_gaps_shuffled_replies_and_503s() -> None:
+    """Every vector right and float32, each distinct text sent once, >= 20 texts a request."""
+    rng = random.Random(7)
+    column: list[str | None] = list(texts(2700))
+    column += [rng.choice(column) for _ in range(300)]  # 10% repeated texts
+    rng.shuffle(column)
+    for position in (5, 500, 1500):
+        column[position] = None
+    column[2500] = "   "
+    expected = [t if t is not None and t.strip() else None for t in column]
+    frame = pd.DataFrame({"review": column})
+    faults = FaultRates(server_error=0.05, server_error_status=503, seed=3)
+    with ChatServer(faults=faults).run_in_thread() as server:
+        out = frame.chat.embed("review", batch_size=64, **settings(server, max_parallel=8))
+        seen = list(server.requests)
+    assert_vectors(out["embedding"], expected)
+    distinct = {t for t in expected if t is not None}
+    assert set(server.answered) == distinct
+    assert max(server.answered.values()) == 1
+    assert server.statuses["503"] > 0  # the faults did happen, and were retried
+    assert len(inputs(seen)) / len(seen) >= 20
+    assert all(len(r.body["input"]) <= 64 for r in seen)
+    assert report().summary().startswith(f"finished: {len(frame) - 4} ok, 0 failed, 4 skipped")
+    pd.testing.assert_frame_equal(out[["review"]], frame)  # the caller's rows, untouched
+
+
+def test_a_rerun_sends_nothing_and_new_rows_send_only_themselves(server: ChatServer) -> None:
+    """The cache answers a re-run; a frame grown by 50 rows sends those 50 texts."""
+    frame = pd.DataFrame({"review": texts(300)})
+    first = frame.chat.embed("review", **settings(server))
+    sent = server.request_count
+    again = frame.chat.embed("review", **settings(server))
+    assert server.request_count == sent
+    assert report().stats.cache_hits == 300
+    assert_vectors(again["embedding"], texts(300))
+    for before, after in zip(first["embedding"], again["embedding"], strict=True):
+        np.testing.assert_array_equal(before, after)
+    assert all(v.flags.writeable for v in again["embedding"])  # cached vectors, too
+
+    server.reset_records()
+    grown = pd.DataFrame({"review": texts(300) + texts(50, prefix="new")})
+    out = grown.chat.embed("review", **settings(server))
+    assert sorted(inputs(server.requests)) == sorted(texts(50, prefix="new"))
+    assert_vectors(out["embedding"], texts(300) + texts(50, prefix="new"))
+
+
+def test_the_cache_keeps_float32_bytes_per_model_dimensions_and_text(server: ChatServer) -> None:
+    """A vector is a BLOB of 4 bytes per dimension; another model or length is a new text."""
+    frame = pd.DataFrame({"review": texts(3)})
+    frame.chat.embed("review", dimensions=5, **settings(server))
+    with sqlite3.connect(cache_file()) as db:
+        rows = db.execute(
+            "SELECT typeof(text), length(text) FROM responses UNION ALL "
+            "SELECT typeof(text), length(text) FROM journal"
+        ).fetchall()
+    assert rows == [("blob", 20)] * 3
+    frame.chat.embed("review", dimensions=5, **settings(server))
+    assert server.request_count == 1
+    frame.chat.embed("review", dimensions=6, **settings(server))
+    frame.chat.embed("review", **settings(server, model="other-model"))
+    assert server.request_count == 3
+
+
+def test_the_request_body_is_what_openai_expects(server: ChatServer) -> None:
+    """model, input as a list, encoding_format float; dimensions only when asked for."""
+    pd.DataFrame({"t": ["a", "b"]}).chat.embed("t", **settings(server, cache=False))
+    pd.DataFrame({"t": ["c"]}).chat.embed("t", dimensions=3, **settings(server, cache=False))
+    first, second = (r.body for r in server.requests)
+    assert first == {"model": MODEL, "input": ["a", "b"], "encoding_format": "float"}
+    assert second == {"model": MODEL, "input": ["c"], "encoding_format": "float", "dimensions": 3}
+    assert server.requests[0].headers["Content-Type"] == "application/json"
+
+
+def test_batches_respect_batch_size_and_max_batch_tokens(server: ChatServer) -> None:
+    """No request holds more than batch_size texts or more than max_batch_tokens (estimated)."""
+    long_texts = [f"{i:04d} " + "x" * 395 for i in range(40)]  # about 100 tokens each
+    frame = pd.DataFrame({"t": long_texts})
+    frame.chat.embed("t", batch_size=16, max_batch_tokens=1_000, **settings(server, cache=False))
+    sizes = [len(r.body["input"]) for r in server.requests]
+    assert sum(sizes) == 40
+    assert max(sizes) <= 9  # 9 x ~107 estimated tokens fit under 1,000; 10 would not
+    server.reset_records()
+    short = pd.DataFrame({"t": texts(40)})
+    short.chat.embed("t", batch_size=16, **settings(server, cache=False))
+    assert [len(r.body["input"]) for r in server.requests] == [16, 16, 8]
+
+
+def test_bad_inputs_fail_alone_with_the_servers_reason(server: ChatServer) -> None:
+    """A 400 for one text splits its batch until it stands alone; the rest get vectors."""
+    column = texts(100)
+    column[13] = "this one has a <reject> in it"
+    column[77] = "so does <reject> this one"
+    out = pd.DataFrame({"t": column}).chat.embed("t", **settings(server, cache=False))
+    expected = [None if "<reject>" in t else t for t in column]
+    assert_vectors(out["embedding"], expected)
+    errors = report().errors
+    assert list(errors.index) == [13, 77]
+    assert set(errors["error_kind"]) == {"BadRequestError"}
+    assert all("contains '<reject>'" in message for message in errors["message"])
+    # Every good text was answered exactly once, whatever the halving sent.
+    assert max(server.answered.values()) == 1
+    assert len(server.answered) == 98
+
+
+def test_a_text_over_the_servers_length_limit_fails_alone() -> None:
+    """A too-long input (the server's 400) fails its row only; its neighbours succeed."""
+    column = [*texts(10), "y" * 500, *texts(5, prefix="after")]
+    with ChatServer(embeddings=EmbeddingBehaviour(max_input_chars=200)).run_in_thread() as server:
+        out = pd.DataFrame({"t": column}).chat.embed("t", **settings(server, cache=False))
+    assert_vectors(out["embedding"], [None if len(t) > 200 else t for t in column])
+    assert "too long: 500 characters" in report().errors.loc[10, "message"]
+
+
+def test_per_token_vectors_are_mean_pooled() -> None:
+    """A [tokens, d] answer per text (llama.cpp, unpooled) becomes the mean of its rows."""
+    behaviour = EmbeddingBehaviour(per_token=True, dimensions=6)
+    with ChatServer(embeddings=behaviour).run_in_thread() as server:
+        out = pd.Series(texts(5)).chat.embed(**settings(server, cache=False))
+    for vector, text in zip(out, texts(5), strict=True):
+        assert vector.dtype == np.float32
+        assert vector.shape == (6,)
+        np.testing.assert_allclose(vector, expected_vector(text, 6), rtol=1e-6, atol=1e-6)
+
+
+def test_a_reply_with_a_duplicate_index_is_malformed_and_retried(server: ChatServer) -> None:
+    """Vectors that cannot be mapped back row for row are never guessed at: the batch retries."""
+    bad = {
+        "data": [
+            {"index": 0, "embedding": [1.0, 2.0]},
+            {"index": 0, "embedding": [3.0, 4.0]},
+        ]
+    }
+    server.script(Malformed(json.dumps(bad)))
+    out = pd.DataFrame({"t": ["a", "b"]}).chat.embed("t", **settings(server, cache=False))
+    assert_vectors(out["embedding"], ["a", "b"])
+    assert server.statuses["malformed"] == 1
+    assert report().stats.retries == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([{"index": 0, "embedding": [1.0]}, {"index": 0, "embedding": [2.0]}], "two vectors"),
+        ([{"index": 0, "embedding": [1.0]}, {"index": 2, "embedding": [2.0]}], "no valid index"),
+        ([{"index": 0, "embedding": [1.0]}], "2 texts sent, 1 vectors received"),
+        ([{"index": 0, "embedding": [1.0]}, {"index": 1, "embedding": "x"}], "not a list"),
+        ([{"index": 0, "embedding": [1.0]}, {"index": 1, "embedding": []}], "shape"),
+        ([{"index": 0, "embedding": [1.0]}, {"embedding": [2.0]}], "no valid index"),
+    ],
+)
+def test_parse_refuses_replies_it_cannot_map_back(data: list[object], message: str) -> None:
+    """A missing, duplicate or out-of-range index, or a bad vector, fails the whole reply."""
+    endpoint = EmbeddingEndpoint(model="m")
+    items = [endpoint.item(0, "a"), endpoint.item(1, "b")]
+    with pytest.raises(nbtoolkit.MalformedResponse, match=message):
+        endpoint.parse(json.dumps({"data": data}), items)
+
+
+def test_parse_maps_vectors_back_by_index() -> None:
+    """Data in reverse order lands in the right rows; the usage is the request's."""
+    endpoint = EmbeddingEndpoint(model="m")
+    items = [endpoint.item(0, "a"), endpoint.item(1, "b")]
+    reply = {
+        "data": [{"index": 1, "embedding": [2.0, 2.5]}, {"index": 0, "embedding": [1.0, 1.5]}],
+        "usage": {"prompt_tokens": 4, "total_tokens": 4},
+    }
+    parsed = endpoint.parse(json.dumps(reply), items)
+    values = [outcome.value for outcome in parsed.outcomes]  # type: ignore[union-attr]
+    np.testing.assert_array_equal(values, [[1.0, 1.5], [2.0, 2.5]])
+    assert parsed.usage == {"prompt_tokens": 4, "total_tokens": 4}
+    decoded = endpoint.decode(parsed.outcomes[1].stored)  # type: ignore[union-attr]
+    np.testing.assert_array_equal(decoded, [2.0, 2.5])
+    assert decoded.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        ({"column": "nope"}, "column 'nope' not found"),
+        ({"column": "t", "batch_size": 0}, "batch_size must be"),
+        ({"column": "t", "dimensions": -3}, "dimensions must be"),
+        ({"column": "t", "dimensions": 2.5}, "dimensions must be"),
+        ({"column": "t", "max_batch_tokens": 0}, "max_batch_tokens must be"),
+        ({"column": "t", "output": ""}, "output must be"),
+        ({"column": "t", "max_parallel": 0}, "max_parallel must be"),
+        ({}, "say what to send"),
+    ],
+)
+def test_bad_arguments_are_config_errors_before_any_request(
+    server: ChatServer, call: dict[str, object], message: str
+) -> None:
+    """A wrong column or option raises ConfigError and sends nothing."""
+    frame = pd.DataFrame({"t": ["a", "b"]})
+    with pytest.raises(nbtoolkit.ConfigError, match=message):
+        frame.chat.embed(**call, **settings(server))  # type: ignore[arg-type]
+    assert server.request_count == 0
+
+
+def test_no_model_is_a_config_error(server: ChatServer) -> None:
+    """Without a model anywhere, embed says so before sending."""
+    with pytest.raises(nbtoolkit.ConfigError, match="no model"):
+        pd.DataFrame({"t": ["a"]}).chat.embed("t", **settings(server, model=None))
+    assert server.request_count == 0
+
+
+def test_series_embed_returns_a_series_on_the_same_index(server: ChatServer) -> None:
+    """series.chat.embed gives a Series of vectors, same index; output= names it."""
+    series = pd.Series(["a", None, "c"], index=[10, 20, 30], name="review")
+    out = series.chat.embed(**settings(server))
+    assert isinstance(out, pd.Series)
+    assert list(out.index) == [10, 20, 30]
+    assert out.name is None
+    assert_vectors(out, ["a", None, "c"])
+    assert series.chat.embed(output="vec", **settings(server)).name == "vec"
+    templated = series.chat.embed(template="Review: {review}", **settings(server))
+    assert_vectors(templated, ["Review: a", None, "Review: c"])
+
+
+async def test_aembed_in_a_running_loop() -> None:
+    """aembed is awaitable and gives the same vectors as embed."""
+    async with ChatServer() as server:
+        out = await pd.DataFrame({"t": texts(30)}).chat.aembed(
+            "t", output="vec", **settings(server)
+        )
+    assert_vectors(out["vec"], texts(30))
+
+
+def test_to_matrix_lines_up_with_the_frame(server: ChatServer) -> None:
+    """An (n, d) float32 matrix, NaN rows where a row has no vector."""
+    out = pd.DataFrame({"t": ["a", None, "b", ""]}).chat.embed("t", **settings(server))
+    matrix = nbtoolkit.to_matrix(out["embedding"])
+    assert matrix.shape == (4, 8)
+    assert matrix.dtype == np.float32
+    np.testing.assert_array_equal(matrix[0], expected_vector("a"))
+    np.testing.assert_array_equal(matrix[2], expected_vector("b"))
+    assert np.isnan(matrix[[1, 3]]).all()
+    assert nbtoolkit.to_matrix([None, float("nan")], dimensions=3).shape == (2, 3)
+    assert nbtoolkit.to_matrix([]).shape == (0, 0)
+    with pytest.raises(nbtoolkit.ConfigError, match="row 1 has 2 dimensions, earlier rows 3"):
+        nbtoolkit.to_matrix([np.zeros(3), np.zeros(2)])
+    with pytest.raises(nbtoolkit.ConfigError, match="not a 1-D vector"):
+        nbtoolkit.to_matrix([np.zeros((2, 2))])
+
+
+def test_tokens_count_against_the_token_budget(server: ChatServer) -> None:
+    """max_tokens_total stops sending batches once the estimate would pass it."""
+    frame = pd.DataFrame({"t": texts(100)})
+    out = frame.chat.embed("t", batch_size=10, max_tokens_total=200, **settings(server))
+    stats = report().stats
+    assert 0 < stats.requests_sent < 10
+    assert stats.prompt_tokens <= 200
+    assert (report().rows["status"] == "over_budget").sum() == 100 - 10 * stats.requests_sent
+    assert out["embedding"].notna().sum() == 10 * stats.requests_sent
+
+
+def test_a_systemic_failure_aborts_with_the_reason(server: ChatServer) -> None:
+    """A 401 on a batch stops the run at once: every row would fail the same way."""
+    server.script(Status(401, message="bad key"))
+    with pytest.raises(nbtoolkit.RunAborted, match="bad key"):
+        pd.DataFrame({"t": texts(10)}).chat.embed("t", **settings(server))
+
+
+CHILD = """
+import os, sys
+import pandas as pd
+import nbtoolkit
+rows = int(sys.argv[1])
+df = pd.DataFrame({"t": [f"text {i}" for i in range(rows)]})
+out = df.chat.embed("t", model="test-model", base_url=os.environ["URL"], batch_size=10,
+                    max_parallel=1, progress=False)
+print("filled", int(out["embedding"].notna().sum()), flush=True)
+"""
+
+
+def test_a_killed_run_resumes_where_it_stopped() -> None:
+    """A run killed with SIGKILL midway, run again, sends only the texts with no vector."""
+    with ChatServer(latency=0.1).run_in_thread() as server:
+        process = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(CHILD), "300"],
+            env={**os.environ, "URL": server.base_url},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60  # the child imports pandas first: slow on a busy box
+        while sum(server.answered.values()) < 50 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # Kill while the one request in flight sleeps on the server, so no reply is caught
+        # between the server's write and the client's commit (that one would be paid twice).
+        while time.monotonic() < deadline:
+            last = max((r.finished for r in server.requests if r.finished), default=0.0)
+            if server.in_flight == 1 and time.monotonic() - last > 0.03:
+                break
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        paid_before = sum(server.answered.values())
+        assert 50 <= paid_before < 300
+
+        column = [f"text {i}" for i in range(300)]
+        out = pd.DataFrame({"t": column}).chat.embed(
+            "t", model=MODEL, base_url=server.base_url, batch_size=10, progress=False
+        )
+    assert_vectors(out["embedding"], column)
+    assert len(server.answered) == 300
+    # At most the one batch in flight at the kill is paid twice: on a loaded machine its
+    # reply can reach the client between the server's write and the client's commit.
+    paid_twice = sum(n - 1 for n in server.answered.values())
+    assert paid_twice in (0, 10)
+    assert report().stats.cache_hits == paid_before - paid_twice
