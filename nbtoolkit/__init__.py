@@ -8,6 +8,7 @@ Importing it registers the ``df.chat`` and ``series.chat`` accessors::
 """
 
 from nbtoolkit import accessor as _accessor  # noqa: F401  (registers df.chat / series.chat)
+from nbtoolkit.batch import BatchJob, BatchOptions, BatchStatus, batch_jobs
 from nbtoolkit.cache import CacheInfo, cache_info, clear_cache
 from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts, configure, get_config
 from nbtoolkit.engine import ChatRun
@@ -35,6 +36,9 @@ __all__ = [
     "APIError",
     "AuthError",
     "BadRequestError",
+    "BatchJob",
+    "BatchOptions",
+    "BatchStatus",
     "CacheInfo",
     "ChatConfig",
     "ChatRequest",
@@ -55,6 +59,7 @@ __all__ = [
     "ServerError",
     "Timeouts",
     "TransportError",
+    "batch_jobs",
     "cache_info",
     "clear_cache",
     "configure",

@@ -46,7 +46,10 @@ from typing import Any, Self
 
 from aiohttp import web
 
+from nbtoolkit._testserver_batch import BatchAPI, BatchBehaviour
+
 __all__ = [
+    "BatchBehaviour",
     "ChatServer",
     "FaultRates",
     "Malformed",
@@ -375,6 +378,8 @@ class ChatServer:
         record: False keeps no per-request list (for big benchmarks); counters still work.
         model_names: When given, other models get a 404 ``model_not_found``.
         rate_limit: OpenAI-style request (and token) buckets; see `RateLimit`.
+        batch: how the Batch API (``/files``, ``/batches``) behaves; see `BatchBehaviour`.
+            Its files, batches and counters are on ``server.batch``.
 
     Counters (`request_count`, `in_flight`, `peak_in_flight`, `answered`, `statuses`) are
     only written by the server's loop, so reading them from another thread is safe.
@@ -391,6 +396,7 @@ class ChatServer:
         record: bool = True,
         model_names: Iterable[str] | None = None,
         rate_limit: RateLimit | None = None,
+        batch: BatchBehaviour | None = None,
     ) -> None:
         self.latency = latency
         self.rate_limit = rate_limit
@@ -413,6 +419,15 @@ class ChatServer:
         self._sleepers: set[asyncio.Future[None]] = set()
         self._limiter: _Limiter | None = None
         self.in_flight = 0
+        self.batch = BatchAPI(
+            batch or BatchBehaviour(),
+            responder=self._responder,
+            completion=lambda model, messages, text: (
+                self._completion(model, messages, text).text or ""
+            ),
+            authorized=self._authorized,
+            auth_error=self._auth_error,
+        )
         self.reset_records()
 
     def reset_records(self) -> None:
@@ -454,6 +469,7 @@ class ChatServer:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._list_models)
+        self.batch.add_routes(app)
         # handler_cancellation: a client hanging up ends its handler (and a Stall) at once.
         # shutdown_timeout: handlers still running at stop are cancelled after a second.
         runner = web.AppRunner(
