@@ -35,6 +35,7 @@ CompletionMaker = Callable[[Any, list[dict[str, Any]], str], str]
 Responder = Callable[[list[dict[str, Any]], dict[str, Any]], str]
 
 _EXPIRED = "This request could not be executed before the completion window expired."
+_MAX_UPLOAD = 256 * 1024 * 1024
 _TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
 
@@ -134,8 +135,8 @@ class BatchAPI:
         if not self._authorized(request):
             return self._auth_error()
         purpose, content, name = "", b"", "upload.jsonl"
-        # The multipart reader streams parts, free of the 1 MB cap request.post() applies.
-        reader = await request.multipart()
+        # aiohttp caps a request body at 1 MB; a batch file may hold 200 MB.
+        reader = await request.clone(client_max_size=_MAX_UPLOAD).multipart()
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 continue
@@ -338,8 +339,11 @@ class BatchAPI:
         ran = [line["result"] for line in batch.lines[: batch.processed]]
         if self.behaviour.shuffle:
             random.Random(self.behaviour.seed).shuffle(ran)
-        good = [r for r in ran if r["response"] and r["response"]["status_code"] == 200]
-        bad = [r for r in ran if r not in good]
+        good: list[dict[str, Any]] = []
+        bad: list[dict[str, Any]] = []
+        for record in ran:
+            ok = record["response"] and record["response"]["status_code"] == 200
+            (good if ok else bad).append(record)
         if expired:
             for line in batch.lines[batch.processed :]:
                 error = {"code": "batch_expired", "message": _EXPIRED}
