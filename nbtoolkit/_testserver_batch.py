@@ -222,22 +222,27 @@ class BatchAPI:
         now = time.monotonic()
         b = self.behaviour
         expires = None if b.expire_after is None else batch.born + b.expire_after
+        # Each phase is judged at the time it ends, not at `now`: a batch first looked at
+        # long after it expired has still run the lines it had time for, whatever the
+        # polling did.
         while batch.status not in _TERMINAL:
-            if expires is not None and now >= expires and batch.status != "cancelling":
-                self._run_lines(batch, self._due(batch, expires))
-                self._finish(batch, "expired", expired=True)
-                return
             if batch.status == "validating":
-                if now < batch.clock + b.validating:
+                end = batch.clock + b.validating
+                if expires is not None and expires < end and now >= expires:
+                    self._finish(batch, "expired", expired=True)
                     return
-                started = batch.clock + b.validating
+                if now < end:
+                    return
                 if not self._validate(batch):
-                    self._enter(batch, "failed", started)
+                    self._enter(batch, "failed", end)
                     return
-                self._enter(batch, "in_progress", started)
+                self._enter(batch, "in_progress", end)
             elif batch.status == "in_progress":
-                self._run_lines(batch, self._due(batch, now))
+                until = now if expires is None else min(now, expires)
+                self._run_lines(batch, self._due(batch, until))
                 if batch.processed < len(batch.lines):
+                    if expires is not None and now >= expires:
+                        self._finish(batch, "expired", expired=True)
                     return
                 self._enter(batch, "finalizing", batch.clock + b.in_progress)
             elif batch.status == "finalizing":
