@@ -8,6 +8,7 @@ Importing it registers the ``df.chat`` and ``series.chat`` accessors::
 """
 
 from nbtoolkit import accessor as _accessor  # noqa: F401  (registers df.chat / series.chat)
+from nbtoolkit.batch import BatchJob, BatchOptions, BatchStatus, batch_jobs
 from nbtoolkit.cache import CacheInfo, cache_info, clear_cache
 from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts, configure, get_config
 from nbtoolkit.embeddings import to_matrix
@@ -36,6 +37,9 @@ __all__ = [
     "APIError",
     "AuthError",
     "BadRequestError",
+    "BatchJob",
+    "BatchOptions",
+    "BatchStatus",
     "CacheInfo",
     "ChatConfig",
     "ChatRequest",
@@ -56,6 +60,7 @@ __all__ = [
     "ServerError",
     "Timeouts",
     "TransportError",
+    "batch_jobs",
     "cache_info",
     "clear_cache",
     "configure",

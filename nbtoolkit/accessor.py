@@ -19,6 +19,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import pandas as pd
 
+from nbtoolkit.batch import BatchJob, BatchOptions, run_batch, submit
 from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts, get_config, merge
 from nbtoolkit.endpoints import Endpoint
 from nbtoolkit.engine import ChatRun, results_in_order
@@ -175,6 +176,7 @@ class _ChatAccessorBase:
         max_cost: float | None = None,
         max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
+        batch: bool | BatchOptions = False,
         **params: Any,
     ) -> Any:
         """Send one chat request per row and return a new frame with the answers as a column.
@@ -204,6 +206,8 @@ class _ChatAccessorBase:
             max_cost, max_tokens_total: stop sending once this would be exceeded; rows not
                 sent are None with status ``over_budget``.
             config: a `ChatConfig` to start from instead of the process-wide one.
+            batch: True (or a `BatchOptions`) sends the rows as a Batch API job at the
+                batch price and waits for it: ``submit_batch`` + ``wait`` + ``result``.
             **params: extra request-body fields: temperature, max_tokens, seed, ...
 
         Returns:
@@ -245,6 +249,9 @@ class _ChatAccessorBase:
             config=settings,
             write=self._text_column(output),
         )
+        if batch is not False:
+            options = batch if isinstance(batch, BatchOptions) else None
+            return await run_batch(plan.frame, plan.requests, settings, plan.write, options=options)
         return await run_plan(plan)
 
     complete = blocking(acomplete)
@@ -350,6 +357,81 @@ class _ChatAccessorBase:
         return await run_plan(plan)
 
     embed = blocking(aembed)
+
+    async def asubmit_batch(
+        self,
+        column: str | None = None,
+        *,
+        template: str | None = None,
+        system: str | None = None,
+        model: str | None = None,
+        output: str | None = None,
+        progress: bool | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float | Timeouts | None = None,
+        retry: int | RetryPolicy | None = None,
+        cache: bool | str | os.PathLike[str] | None = None,
+        prices: Mapping[str, tuple[float, float]] | None = None,
+        max_cost: float | None = None,
+        max_tokens_total: int | None = None,
+        batch: BatchOptions | None = None,
+        config: ChatConfig | None = None,
+        **params: Any,
+    ) -> BatchJob:
+        """Submit the rows as an OpenAI Batch API job (half price, up to 24 h) and return at once.
+
+        The same requests ``complete`` would send, one JSONL line each; rows whose answers
+        are cached are not sent, identical rows are sent once. Running the same call again,
+        here or in a new kernel, re-attaches to the job instead of submitting it twice.
+
+        Args:
+            column, template, system, model, output, base_url, api_key, cache, config,
+                **params: as for ``complete``.
+            progress: the default for ``job.wait()``'s bar.
+            timeout, retry: for the Batch API's own calls (upload, create, status).
+            prices, max_cost, max_tokens_total: the job's worst case (estimated prompts
+                plus max_tokens, at the batch discount) is checked before anything is
+                uploaded.
+            batch: splitting, discount and polling (`BatchOptions`).
+
+        Returns:
+            A `BatchJob`: ``.id``, ``.status()``, ``.wait()``, ``.result()``, ``.cancel()``.
+
+        Raises:
+            ConfigError: bad arguments, no cache, or a worst case over a budget; nothing is
+                uploaded.
+        """
+        settings = run_settings(
+            model=model,
+            max_parallel=None,
+            progress=progress,
+            base_url=base_url,
+            api_key=api_key,
+            headers=None,
+            query=None,
+            timeout=timeout,
+            retry=retry,
+            rpm=None,
+            tpm=None,
+            cache=cache,
+            dedupe=None,
+            prices=prices,
+            max_cost=max_cost,
+            max_tokens_total=max_tokens_total,
+            config=config,
+            params=params,
+        )
+        prompts = self._prompts(column, template)
+        return await submit(
+            self._frame(),
+            chat_requests(prompts, system),
+            settings,
+            self._text_column(output),
+            options=batch,
+        )
+
+    submit_batch = blocking(asubmit_batch)
 
 
 @pd.api.extensions.register_dataframe_accessor("chat")

@@ -48,10 +48,12 @@ from typing import Any, Literal, Self, get_args
 from aiohttp import web
 
 from nbtoolkit import _testserver_embeddings as _embeddings
+from nbtoolkit._testserver_batch import BatchAPI, BatchBehaviour
 from nbtoolkit._testserver_embeddings import EmbeddingBehaviour
 
 __all__ = [
     "HEADER_FAMILIES",
+    "BatchBehaviour",
     "ChatServer",
     "EmbeddingBehaviour",
     "FaultRates",
@@ -477,6 +479,8 @@ class ChatServer:
             ``/openai/v1/chat/completions`` (which also takes ``Authorization: Bearer``).
             `azure_endpoint` is the resource URL to give the client.
         embeddings: how ``/v1/embeddings`` answers; see `EmbeddingBehaviour`.
+        batch: how the Batch API (``/files``, ``/batches``) behaves; see `BatchBehaviour`.
+            Its files, batches and counters are on ``server.batch``.
 
     Counters (`request_count`, `in_flight`, `peak_in_flight`, `answered`, `statuses`) are
     only written by the server's loop, so reading them from another thread is safe.
@@ -495,6 +499,7 @@ class ChatServer:
         rate_limit: RateLimit | None = None,
         azure: bool = False,
         embeddings: EmbeddingBehaviour | None = None,
+        batch: BatchBehaviour | None = None,
     ) -> None:
         self.latency = latency
         self.azure = azure
@@ -519,6 +524,15 @@ class ChatServer:
         self._sleepers: set[asyncio.Future[None]] = set()
         self._limiter: _Limiter | None = None
         self.in_flight = 0
+        self.batch = BatchAPI(
+            batch or BatchBehaviour(),
+            responder=self._responder,
+            completion=lambda model, messages, text: (
+                self._completion(model, messages, text).text or ""
+            ),
+            authorized=self._authorized,
+            auth_error=self._auth_error,
+        )
         self.reset_records()
 
     def reset_records(self) -> None:
@@ -578,6 +592,7 @@ class ChatServer:
             app.router.add_post("/v1/chat/completions", self._chat)
             app.router.add_post("/v1/embeddings", self._embed)
             app.router.add_get("/v1/models", self._list_models)
+        self.batch.add_routes(app)
         # handler_cancellation: a client hanging up ends its handler (and a Stall) at once.
         # shutdown_timeout: handlers still running at stop are cancelled after a second.
         runner = web.AppRunner(

@@ -26,6 +26,7 @@ from nbtoolkit.testing import ChatServer, RecordedRequest
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 QUICKSTART = NOTEBOOK_DIR / "quickstart.ipynb"
+BATCH = NOTEBOOK_DIR / "batch.ipynb"
 SECRET = "sk-test-SECRET-0123456789"
 MODEL = "test-model"
 DEFAULT_MAX_PARALLEL = 16  # ChatConfig's default, for a notebook that never sets one
@@ -44,6 +45,7 @@ class Executed:
     answered: Counter[str]
     statuses: Counter[str]
     requests: list[RecordedRequest]
+    batches_created: int = 0  # Batch API jobs the server created
 
     def code_cells(self) -> list[nbformat.NotebookNode]:
         return [cell for cell in self.nb.cells if cell.cell_type == "code"]
@@ -77,6 +79,7 @@ def _run(path: Path, tmp: Path) -> Executed:
             answered=Counter(server.answered),
             statuses=Counter(server.statuses),
             requests=list(server.requests),
+            batches_created=server.batch.batches_created,
         )
 
 
@@ -246,6 +249,22 @@ def test_quickstart_shows_a_progress_widget(executed: Callable[[Path], Executed]
     bars = [m["state"] for m in state.values() if m["model_name"] == "FloatProgressModel"]
     assert bars
     assert all(bar["value"] == bar["max"] for bar in bars), "a bar did not reach the end"
+
+
+@pytest.mark.timeout(120)
+def test_batch_notebook_reattaches_after_reset(executed: Callable[[Path], Executed]) -> None:
+    """After %reset -f the same submit_batch cell finds its job: one batch, one id; a later
+    complete sends only the two new rows."""
+    run = executed(BATCH)
+    first = re.search(r"submitted: (\S+)", _text(run.cell("submitted:")))
+    again = re.search(r"re-attached: (\S+)", _text(run.cell("re-attached:")))
+    assert first is not None and again is not None
+    assert first.group(1) == again.group(1)
+    assert run.batches_created == 1
+    assert "echo: The lid broke" in _text(run.cell("out = job.result()"))
+    assert "2 requests" in _text(run.cell("pd.concat("))
+    assert "6 cache hits" in _text(run.cell("pd.concat("))
+    assert len(run.requests) == 2
 
 
 def _reviews(run: Executed) -> list[str | None]:

@@ -1,0 +1,325 @@
+"""Batch mode against the test server's Batch API: submit, re-attach, results by custom_id."""
+
+from __future__ import annotations
+
+import _thread
+import json
+import os
+import subprocess
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+import nbtoolkit
+from nbtoolkit import BatchOptions
+from nbtoolkit.batch_files import Line, split
+from nbtoolkit.testing import BatchBehaviour, ChatServer
+from tests.conftest import MODEL, settings
+
+SECRET = "sk-nbtoolkit-BATCH-SENTINEL-5d2e8f"
+FAST = BatchOptions(poll_initial=0.05, poll_max=0.2)
+ROOT = Path(__file__).resolve().parent.parent
+
+# The same call as the test's, run by a second Python process against the same cache file.
+CHILD = """
+import os, sys
+import pandas as pd
+import nbtoolkit
+df = pd.DataFrame({"q": [f"question {i}: tell me about item {i}" for i in range(1000)]},
+                  index=[i // 2 for i in range(1000)])
+job = df.chat.submit_batch("q", model=sys.argv[1], base_url=sys.argv[2], progress=False)
+print(job.id)
+"""
+
+
+def thousand() -> pd.DataFrame:
+    """1,000 distinct prompts under a duplicated index (every label twice)."""
+    prompts = [f"question {i}: tell me about item {i}" for i in range(1000)]
+    return pd.DataFrame({"q": prompts}, index=[i // 2 for i in range(1000)])
+
+
+def small(n: int = 12) -> pd.DataFrame:
+    return pd.DataFrame({"q": [f"row {i}" for i in range(n)]})
+
+
+def lines_of(content: bytes) -> list[dict[str, Any]]:
+    return [json.loads(raw) for raw in content.decode().splitlines() if raw.strip()]
+
+
+def test_a_thousand_rows_submit_reattach_result_and_resend_only_failures(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """1,000 rows, 5% failed lines, shuffled output: one batch for two processes; results
+    aligned by custom_id; a following complete sends exactly the failed rows."""
+    behaviour = BatchBehaviour(hold=True, fail_rate=0.05, shuffle=True, seed=3)
+    df = thousand()
+    with ChatServer(batch=behaviour, api_key=SECRET).run_in_thread() as server:
+        monkeypatch.setenv("OPENAI_API_KEY", SECRET)  # read by both processes, as a user's
+        job = df.chat.submit_batch("q", **settings(server))
+        # Returned while the server holds the batch half done: submit did not wait.
+        assert not job.status().done
+        child = subprocess.run(
+            [sys.executable, "-c", CHILD, MODEL, server.base_url],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            check=False,
+        )
+        assert child.returncode == 0, child.stderr
+        assert child.stdout.strip() == job.id
+        assert (server.batch.uploads, server.batch.batches_created) == (1, 1)
+
+        server.batch.release()
+        final = job.wait(poll=0.05, progress=False)
+        out = job.result()
+        report = nbtoolkit.last_run()
+        assert report is not None
+
+        failing = {p for p in df["q"] if behaviour.fails(p)}
+        assert 20 <= len(failing) <= 90  # about 5% of 1,000
+        assert (final.status, final.completed, final.failed) == (
+            "completed",
+            1000 - len(failing),
+            len(failing),
+        )
+        batch = next(iter(server.batch.batches.values()))
+        assert batch.output_file_id is not None and batch.error_file_id is not None
+        sent = [line["custom_id"] for line in lines_of(server.batch.files[batch.input_file_id])]
+        back = [line["custom_id"] for line in lines_of(server.batch.files[batch.output_file_id])]
+        assert back != [cid for cid in sent if cid in set(back)]  # really shuffled
+
+        assert list(out.index) == list(df.index) and list(out["q"]) == list(df["q"])
+        for prompt, answer in zip(out["q"], out["response"], strict=True):
+            assert answer == (None if prompt in failing else f"echo: {prompt}")
+        errors = report.errors
+        assert len(errors) == len(failing)
+        assert set(errors["error_kind"]) <= {"BadRequestError", "BatchLineError"}
+        assert errors["message"].str.len().min() > 0
+        assert set(report.rows["source"].dropna()) == {"batch"}
+
+        server.reset_records()
+        again = df.chat.complete("q", **settings(server))
+        assert sorted(r.prompt for r in server.requests) == sorted(failing)
+        assert again["response"].tolist() == [f"echo: {p}" for p in df["q"]]
+        assert server.batch.batches_created == 1
+
+
+def test_submit_again_after_the_results_sends_nothing(server: ChatServer) -> None:
+    """Once a job's answers are in the cache, the same call uploads nothing and answers all
+    rows from the cache; identical rows go in one line."""
+    df = pd.DataFrame({"q": ["a", "b", "a", None]})
+    job = df.chat.submit_batch("q", **settings(server), batch=FAST)
+    first = job.result()
+    lines = lines_of(server.batch.files[next(iter(server.batch.batches.values())).input_file_id])
+    assert len(lines) == 2
+    rows = nbtoolkit.last_run().rows  # type: ignore[union-attr]
+    assert rows["source"].tolist() == ["batch", "batch", "duplicate", None]
+    assert rows["status"].tolist() == ["ok", "ok", "ok", "skipped"]
+
+    again = df.chat.submit_batch("q", **settings(server), batch=FAST)
+    assert again.ids == () and again.status().done
+    assert again.result().equals(first)
+    assert (server.batch.uploads, server.batch.batches_created) == (1, 1)
+    assert nbtoolkit.last_run().rows["source"].tolist()[:2] == ["cache", "cache"]  # type: ignore[union-attr]
+
+
+def test_the_line_body_is_the_body_complete_sends(server: ChatServer) -> None:
+    """A batch line carries byte for byte the body complete POSTs, and its answer is then a
+    cache hit for complete."""
+    df = pd.DataFrame({"q": ["hello"]})
+    params: dict[str, Any] = {"temperature": 0, "max_tokens": 7, "seed": 1}
+    job = df.chat.submit_batch("q", system="Be brief.", **settings(server), batch=FAST, **params)
+    job.result()
+    (line,) = lines_of(server.batch.files[next(iter(server.batch.batches.values())).input_file_id])
+    assert line["method"] == "POST" and line["url"] == "/v1/chat/completions"
+    assert line["custom_id"].startswith("r-")
+
+    nbtoolkit.clear_cache()
+    df.chat.complete("q", system="Be brief.", **settings(server), **params)
+    assert server.requests[0].body == line["body"]
+    server.reset_records()
+    df.chat.complete("q", system="Be brief.", **settings(server), **params)
+    assert server.request_count == 0
+
+
+def test_complete_with_batch_true_submits_waits_and_returns(server: ChatServer) -> None:
+    """complete(batch=...) gives complete's frame with no chat request sent."""
+    df = small(5)
+    out = df.chat.complete("q", output="answer", **settings(server), batch=FAST)
+    assert out["answer"].tolist() == [f"echo: row {i}" for i in range(5)]
+    assert server.request_count == 0 and server.batch.batches_created == 1
+    out = df.chat.complete("q", output="answer", **settings(server), batch=True)
+    assert out["answer"].notna().all() and server.batch.batches_created == 1
+
+
+async def test_the_async_methods_run_a_job() -> None:
+    """asubmit_batch, await_ and aresult work under await."""
+    async with ChatServer() as server:
+        job = await small(3).chat.asubmit_batch("q", **settings(server), batch=FAST)
+        assert (await job.await_(poll=0.05, progress=False)).status == "completed"
+        out = await job.aresult()
+    assert out["response"].tolist() == ["echo: row 0", "echo: row 1", "echo: row 2"]
+
+
+def test_an_expired_batch_keeps_what_ran_and_names_the_rest() -> None:
+    """Expiry: lines that ran are answers; the others are batch_expired rows, and a
+    following complete sends exactly those."""
+    behaviour = BatchBehaviour(hold=True, in_progress=0.0, expire_after=0.3)
+    df = small(10)
+    with ChatServer(batch=behaviour).run_in_thread() as server:
+        job = df.chat.submit_batch("q", **settings(server), batch=FAST)
+        assert job.wait(poll=0.05).status == "expired"
+        out = job.result()
+        report = nbtoolkit.last_run()
+        assert report is not None
+        assert out["response"].notna().sum() == 5  # held at half its lines when it expired
+        expired = report.errors
+        assert set(expired["error_kind"]) == {"BatchExpired"}
+        assert expired["message"].str.startswith("batch_expired:").all()
+        df.chat.complete("q", **settings(server))
+        assert sorted(r.prompt for r in server.requests) == sorted(df.loc[expired.index, "q"])
+
+
+def test_a_cancelled_batch_returns_its_rows_as_cancelled() -> None:
+    """cancel() ends the job on the server; rows that never ran are 'cancelled'."""
+    with ChatServer(batch=BatchBehaviour(hold=True)).run_in_thread() as server:
+        job = small(8).chat.submit_batch("q", **settings(server), batch=FAST)
+        job.cancel()
+        assert job.wait(poll=0.05).status == "cancelled"
+        out = job.result()
+        rows = nbtoolkit.last_run().rows  # type: ignore[union-attr]
+        assert server.batch.cancels == 1
+        assert set(rows["status"]) <= {"ok", "cancelled"} and "cancelled" in set(rows["status"])
+        assert (out["response"].notna()).tolist() == (rows["status"] == "ok").tolist()
+
+
+def test_a_batch_with_only_an_error_file() -> None:
+    """A completed batch whose every line failed has no output file; each row says why."""
+    with ChatServer(batch=BatchBehaviour(fail_rate=1.0)).run_in_thread() as server:
+        job = small(6).chat.submit_batch("q", **settings(server), batch=FAST)
+        out = job.result()
+        batch = next(iter(server.batch.batches.values()))
+    assert batch.status == "completed" and batch.output_file_id is None
+    assert out["response"].isna().all()
+    errors = nbtoolkit.last_run().errors  # type: ignore[union-attr]
+    assert len(errors) == 6
+    assert set(errors["error_kind"]) <= {"BadRequestError", "BatchLineError"}
+    assert {400} <= set(errors["http_status"].dropna())
+
+
+def test_a_batch_that_fails_validation() -> None:
+    """A batch the server refuses to run: every row None, with the server's reason."""
+    with ChatServer(batch=BatchBehaviour(fail_validation=True)).run_in_thread() as server:
+        job = small(4).chat.submit_batch("q", **settings(server), batch=FAST)
+        out = job.result()
+    assert out["response"].isna().all()
+    errors = nbtoolkit.last_run().errors  # type: ignore[union-attr]
+    assert set(errors["error_kind"]) == {"BatchFailed"}
+    assert errors["message"].str.contains("scripted validation failure").all()
+    assert nbtoolkit.batch_jobs()["status"].tolist() == ["failed"]
+
+
+def test_a_large_job_is_split_into_several_batches(server: ChatServer) -> None:
+    """Past max_lines per file the job becomes several batches, one id each, one result."""
+    options = BatchOptions(max_lines=30, poll_initial=0.05, poll_max=0.2)
+    df = small(100)
+    job = df.chat.submit_batch("q", **settings(server), batch=options)
+    assert len(job.ids) == 4 and job.id == job.job_id
+    sizes = [
+        len(lines_of(server.batch.files[b.input_file_id])) for b in server.batch.batches.values()
+    ]
+    assert sizes == [30, 30, 30, 10]
+    out = job.result()
+    assert out["response"].tolist() == [f"echo: row {i}" for i in range(100)]
+    listed = nbtoolkit.batch_jobs()
+    assert sorted(listed["id"]) == sorted(job.ids)
+    assert set(listed["status"]) == {"completed"} and listed["total"].sum() == 100
+
+
+def test_split_keeps_one_model_per_file_and_the_byte_limit() -> None:
+    """Files never mix models, and none passes max_bytes."""
+    lines = [Line(f"c{i}", bytes([i]), "a" if i % 3 else "b", b"x" * 10) for i in range(9)]
+    files = split(lines, max_lines=100, max_bytes=25)
+    assert all(len({one.model for one in file}) == 1 for file in files)
+    assert all(sum(len(one.data) for one in file) <= 25 for file in files)
+    assert sorted(one.custom_id for file in files for one in file) == sorted(
+        f"c{i}" for i in range(9)
+    )
+    with pytest.raises(nbtoolkit.ConfigError, match="more than a batch file may hold"):
+        split(lines, max_lines=100, max_bytes=5)
+
+
+def test_max_cost_is_checked_at_the_batch_price_before_any_upload(server: ChatServer) -> None:
+    """A worst case over max_cost is refused with nothing uploaded; the discount halves it."""
+    df = small(10)
+    prices = {MODEL: (1000.0, 1000.0)}  # per million tokens
+    # Worst case: 10 rows x (2 prompt tokens + 100 max_tokens) = 1,020 tokens: 1.02 at full
+    # price, 0.51 at the batch price.
+    with pytest.raises(nbtoolkit.ConfigError, match="nothing uploaded"):
+        df.chat.submit_batch("q", **settings(server), prices=prices, max_cost=0.5, max_tokens=100)
+    assert (server.batch.uploads, server.batch.batches_created) == (0, 0)
+    assert nbtoolkit.batch_jobs().empty
+    job = df.chat.submit_batch(
+        "q", **settings(server), prices=prices, max_cost=0.6, max_tokens=100, batch=FAST
+    )
+    job.result()
+    stats = nbtoolkit.last_run().stats  # type: ignore[union-attr]
+    tokens = stats.prompt_tokens + stats.completion_tokens
+    assert stats.cost == pytest.approx(tokens * 1000.0 / 1e6 * 0.5)
+    with pytest.raises(nbtoolkit.ConfigError, match="max_cost needs a price"):
+        small(3).chat.submit_batch("q", **settings(server), max_cost=1.0)
+
+
+def test_batch_mode_needs_the_cache(server: ChatServer) -> None:
+    """cache=False is refused before anything is sent: the job could not be found again."""
+    with pytest.raises(nbtoolkit.ConfigError, match="cache"):
+        small(2).chat.submit_batch("q", **settings(server), cache=False)
+    assert server.batch.uploads == 0
+
+
+def test_ctrl_c_stops_waiting_not_the_job() -> None:
+    """An interrupt during wait() raises RunInterrupted; the batch runs on, uncancelled."""
+    with ChatServer(batch=BatchBehaviour(hold=True)).run_in_thread() as server:
+        job = small(4).chat.submit_batch("q", **settings(server))
+        timer = threading.Timer(0.3, _thread.interrupt_main)
+        timer.start()
+        try:
+            with pytest.raises(nbtoolkit.RunInterrupted, match="keeps running on the server"):
+                job.wait(poll=0.05, progress=False)
+        finally:
+            timer.cancel()
+        assert server.batch.cancels == 0
+        assert not job.status().done
+        server.batch.release()
+        assert job.result()["response"].notna().all()
+
+
+def test_the_api_key_is_in_no_repr_file_or_error(tmp_path: Path) -> None:
+    """The key never shows in a job's repr, status, report, the cache file, the uploaded
+    file, the job list or a rejected call's error."""
+    cache = tmp_path / "jobs.sqlite3"
+    with ChatServer(api_key=SECRET, batch=BatchBehaviour(fail_rate=0.3)).run_in_thread() as server:
+        kw = {**settings(server), "api_key": SECRET, "cache": cache}
+        job = small(10).chat.submit_batch("q", **kw, batch=FAST)
+        said = [repr(job), str(job.status()), repr(job.status()), repr(job.config)]
+        job.result()
+        report = nbtoolkit.last_run()
+        assert report is not None and report.rows["status"].eq("ok").any()
+        said += [repr(report), report.rows.to_string(), report.output.to_string()]
+        said.append(nbtoolkit.batch_jobs(cache).to_string())
+        files = b"".join(server.batch.files.values())
+        wrong = "sk-nbtoolkit-WRONG-000"
+        with pytest.raises(nbtoolkit.AuthError) as caught:
+            small(3).chat.submit_batch("q", **{**kw, "api_key": wrong})
+        said += traceback.format_exception(caught.value)
+    on_disk = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    for needle in (SECRET, wrong):
+        assert needle not in "\n".join(said)
+        assert needle.encode() not in files
+        assert needle.encode() not in on_disk
