@@ -166,6 +166,8 @@ class _ChatAccessorBase:
         api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
         query: Mapping[str, str] | None = None,
+        azure_endpoint: str | None = None,
+        api_version: str | None = None,
         timeout: float | Timeouts | None = None,
         retry: int | RetryPolicy | None = None,
         rpm: float | None = None,
@@ -195,6 +197,8 @@ class _ChatAccessorBase:
             progress: show the progress bar; default True.
             base_url, api_key: default ``$OPENAI_BASE_URL`` / ``$OPENAI_API_KEY``.
             headers, query: extra HTTP headers / URL query parameters for every request.
+            azure_endpoint, api_version: Azure OpenAI (default ``$AZURE_OPENAI_ENDPOINT``,
+                ``$OPENAI_API_VERSION``); ``model`` is then the deployment name.
             timeout: total seconds per request, or a `Timeouts`.
             retry: attempts per row, or a `RetryPolicy`.
             rpm, tpm: client-side budgets in requests / tokens per minute. Without them
@@ -230,6 +234,8 @@ class _ChatAccessorBase:
             api_key=api_key,
             headers=headers,
             query=query,
+            azure_endpoint=azure_endpoint,
+            api_version=api_version,
             timeout=timeout,
             retry=retry,
             rpm=rpm,
@@ -272,6 +278,8 @@ class _ChatAccessorBase:
         api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
         query: Mapping[str, str] | None = None,
+        azure_endpoint: str | None = None,
+        api_version: str | None = None,
         timeout: float | Timeouts | None = None,
         retry: int | RetryPolicy | None = None,
         rpm: float | None = None,
@@ -325,6 +333,8 @@ class _ChatAccessorBase:
             api_key=api_key,
             headers=headers,
             query=query,
+            azure_endpoint=azure_endpoint,
+            api_version=api_version,
             timeout=timeout,
             retry=retry,
             rpm=rpm,
@@ -410,6 +420,8 @@ class _ChatAccessorBase:
             api_key=api_key,
             headers=None,
             query=None,
+            azure_endpoint=None,
+            api_version=None,
             timeout=timeout,
             retry=retry,
             rpm=None,
@@ -483,6 +495,8 @@ def run_settings(
     api_key: str | None,
     headers: Mapping[str, str] | None,
     query: Mapping[str, str] | None,
+    azure_endpoint: str | None,
+    api_version: str | None,
     timeout: float | Timeouts | None,
     retry: int | RetryPolicy | None,
     rpm: float | None,
@@ -511,6 +525,8 @@ def run_settings(
         "api_key": api_key,
         "headers": headers,
         "query": query,
+        "azure_endpoint": azure_endpoint,
+        "api_version": api_version,
         "rpm": rpm,
         "tpm": tpm,
         "cache": cache,

@@ -137,6 +137,9 @@ class ChatRun:
             tpm=config.tpm,
             adaptive=config.adaptive,
             on_wait=listener.row_waiting if listener is not None else None,
+            # A header's wait is capped like a 429's: "remaining 0, reset in 1 h" must not
+            # silently freeze the run for an hour.
+            pause_max=config.retry.retry_after_max,
         )
         self.breaker = CircuitBreaker(threshold=config.max_parallel)
         self._timeout = aiohttp.ClientTimeout(

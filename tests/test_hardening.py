@@ -13,7 +13,7 @@ from aiohttp import ClientSession, web
 
 import nbtoolkit
 from nbtoolkit import ChatConfig, ChatRequest, ChatRun, ConfigError, RetryPolicy
-from nbtoolkit.testing import ChatServer, FaultRates, Malformed
+from nbtoolkit.testing import ChatServer, FaultRates, Malformed, RateLimit
 from tests.conftest import FAST_RETRY, MODEL, settings
 
 
@@ -246,3 +246,18 @@ async def test_requests_go_through_the_proxy_the_environment_names(
             assert len(seen) == 3  # loopback traffic never went through the proxy
         finally:
             await runner.cleanup()
+
+
+def test_the_report_says_what_limits_the_server_announced() -> None:
+    """last_run().stats.limits: the rate learned from the headers, its window and family."""
+    limit = RateLimit(50, 50, headers="ietf", window=1.0)
+    with ChatServer(rate_limit=limit).run_in_thread() as server:
+        pd.DataFrame({"review": [f"r{i}" for i in range(20)]}).chat.complete(
+            "review", **settings(server)
+        )
+    report = nbtoolkit.last_run()
+    assert report is not None
+    learned = report.stats.limits["requests"]
+    assert learned["headers"] == "ietf"
+    assert learned["window_seconds"] == 1.0
+    assert 45 <= learned["rate_per_second"] <= 55
