@@ -46,6 +46,9 @@ from typing import Any, Self
 
 from aiohttp import web
 
+from nbtoolkit import _testserver_structured as _structured
+from nbtoolkit._testserver_structured import StructuredFaults, schema_instance
+
 __all__ = [
     "ChatServer",
     "FaultRates",
@@ -56,6 +59,8 @@ __all__ = [
     "Reset",
     "Stall",
     "Status",
+    "StructuredFaults",
+    "schema_instance",
 ]
 
 Responder = Callable[[list[dict[str, Any]], dict[str, Any]], str]
@@ -375,6 +380,8 @@ class ChatServer:
         record: False keeps no per-request list (for big benchmarks); counters still work.
         model_names: When given, other models get a 404 ``model_not_found``.
         rate_limit: OpenAI-style request (and token) buckets; see `RateLimit`.
+        structured: how answers to a JSON Schema go wrong; see `StructuredFaults`. A
+            request with a schema always gets a valid instance (`schema_instance`) otherwise.
 
     Counters (`request_count`, `in_flight`, `peak_in_flight`, `answered`, `statuses`) are
     only written by the server's loop, so reading them from another thread is safe.
@@ -391,12 +398,14 @@ class ChatServer:
         record: bool = True,
         model_names: Iterable[str] | None = None,
         rate_limit: RateLimit | None = None,
+        structured: StructuredFaults | None = None,
     ) -> None:
         self.latency = latency
         self.rate_limit = rate_limit
         self._api_key = api_key
         self._responder = responder or _echo
         self._faults = faults
+        self._structured = structured
         self._record = record
         self._models = None if model_names is None else tuple(model_names)
         # script() is called from the test's thread while requests pop on the server's loop.
@@ -610,6 +619,10 @@ class ChatServer:
                     ex.attempt = self._seen[ex.prompt]
                 return await self._send(request, ex, rejection)
 
+        refused = _structured.rejection(body, self._structured)
+        if refused is not None:
+            response = _error(500, refused, type_="internal_server_error", err_code=None)
+            return await self._send(request, ex, response)
         action, ex.attempt = self._next_action(ex.prompt)
         if isinstance(action, Reset):
             ex.outcome = "reset"
@@ -634,6 +647,10 @@ class ChatServer:
             return _abort(request)
         messages = body.get("messages")
         messages = messages if isinstance(messages, list) else []
+        shaped = _structured.answer(body, self._structured) if action.text is None else None
+        if shaped is not None:
+            reply = self._completion(model, messages, shaped.text, *shaped[1:])
+            return await self._send(request, ex, reply, outcome="ok")
         text = action.text if action.text is not None else self._responder(messages, body)
         return await self._send(request, ex, self._completion(model, messages, text), outcome="ok")
 
@@ -667,12 +684,19 @@ class ChatServer:
         msg = "Incorrect API key provided."
         return _error(401, msg, type_=_INVALID, err_code="invalid_api_key")
 
-    def _completion(self, model: Any, messages: list[dict[str, Any]], text: str) -> web.Response:
+    def _completion(
+        self,
+        model: Any,
+        messages: list[dict[str, Any]],
+        text: str | None,
+        finish_reason: str = "stop",
+        refusal: str | None = None,
+    ) -> web.Response:
         prompt_tokens = sum(
             _tokens(_text(m.get("content"))) for m in messages if isinstance(m, dict)
         )
-        completion_tokens = _tokens(text)
-        message = {"role": "assistant", "content": text}
+        completion_tokens = _tokens(text or refusal or "")
+        message = {"role": "assistant", "content": text, "refusal": refusal}
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -683,7 +707,7 @@ class ChatServer:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
             "usage": usage,
         }
         return web.json_response(body)
