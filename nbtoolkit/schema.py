@@ -14,6 +14,7 @@ name (``"Int64"``) and, for enums, the allowed values.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import types
@@ -212,10 +213,10 @@ def _from_json_schema(schema: Mapping[Any, Any]) -> StructuredSchema:
 
     def check(text: str) -> dict[str, Any]:
         data = _object(text)
-        error = jsonschema.exceptions.best_match(validator.iter_errors(data))
-        if error is not None:
-            where = "/".join(str(p) for p in error.absolute_path)
-            raise AnswerMismatch(f"at '{where}': {error.message}" if where else error.message)
+        errors = list(itertools.islice(validator.iter_errors(data), 20))
+        if errors:
+            errors.sort(key=jsonschema.exceptions.relevance)
+            raise AnswerMismatch("; ".join(_jsonschema_message(e) for e in errors[:5]))
         return data
 
     title = raw.get("title")
@@ -294,6 +295,11 @@ def _is_type(value: Any) -> bool:
         or typing.get_origin(value) is not None
         or value is Any
     )
+
+
+def _jsonschema_message(error: jsonschema.ValidationError) -> str:
+    where = "/".join(str(p) for p in error.absolute_path)
+    return f"at '{where}': {error.message}" if where else error.message
 
 
 def _pydantic_message(exc: pydantic.ValidationError) -> str:

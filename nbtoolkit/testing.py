@@ -696,7 +696,9 @@ class ChatServer:
             _tokens(_text(m.get("content"))) for m in messages if isinstance(m, dict)
         )
         completion_tokens = _tokens(text or refusal or "")
-        message = {"role": "assistant", "content": text, "refusal": refusal}
+        message = {"role": "assistant", "content": text}
+        if refusal is not None:
+            message["refusal"] = refusal
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
