@@ -170,9 +170,11 @@ class StructuredEndpoint:
         item = items[0]
         if not self.auto or not isinstance(item, StructuredItem) or item.sent is None:
             return False
+        if not _refuses_shape(error):
+            return False  # any other error (a 429, a 503) takes the engine's usual path
         if item.sent is not self.shape:
             return True  # sent before another request moved the run on: resend as it is now
-        if not _refuses_shape(error) or self.shape not in _FALLBACK:
+        if self.shape not in _FALLBACK:
             return False
         self.shape = _FALLBACK[self.shape]
         _LEARNED[self.base_url] = self.shape
