@@ -9,6 +9,7 @@ way they send (the issue's peers):
     openai     the official SDK's AsyncOpenAI with its default settings + a Semaphore
     pool       N workers pulling from a lazily fed asyncio.Queue, no retries (memory baseline)
     nbtoolkit  ``df.chat.complete(...)`` with the progress bar on
+    nbtoolkit_extract  ``df.chat.extract(..., schema=BenchReview)``: typed, checked fields
     engine     nbtoolkit's ``ChatRun`` directly: no DataFrame, no bar
 """
 
@@ -18,11 +19,12 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import openai
 import pandas as pd
+import pydantic
 from tenacity import retry, stop_after_attempt, wait_random_exponential
 
 import nbtoolkit
@@ -176,6 +178,34 @@ def accessor(job: Job, **options: Any) -> bool:
     return finished
 
 
+class BenchReview(pydantic.BaseModel):
+    """The schema of the structured scenario: an enum, an integer, a boolean, a string."""
+
+    sentiment: Literal["positive", "negative", "mixed"]
+    stars: int
+    recommend: bool
+    summary: str
+
+
+def extract(job: Job) -> bool:
+    """``df.chat.extract`` with the bar on; each row's result is its ``summary`` field."""
+    finished = True
+    try:
+        out = job.frame.chat.extract(
+            "prompt",
+            schema=BenchReview,
+            model=MODEL,
+            base_url=job.url,
+            max_parallel=job.max_parallel,
+            timeout=job.timeout,
+            progress=True,
+        )
+    except nbtoolkit.RunInterrupted as exc:
+        out, finished = exc.partial, False
+    job.results[:] = [None if pd.isna(value) else value for value in out["summary"]]
+    return finished
+
+
 ASYNC_CLIENTS: dict[str, Callable[[Job], Awaitable[None]]] = {
     "floor": floor,
     "recipe": recipe,
@@ -195,6 +225,7 @@ SYNC_CLIENTS: dict[str, Callable[[Job], bool]] = {
     "nbtoolkit_nocache": accessor_without_cache,
     # The same call a second time: every answer comes from the cache (see PREPARE).
     "nbtoolkit_cached": accessor,
+    "nbtoolkit_extract": extract,
 }
 # Run before the clock starts, in the same process (and the same fresh cache folder).
 PREPARE: dict[str, Callable[[Job], bool]] = {"nbtoolkit_cached": accessor}

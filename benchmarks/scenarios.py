@@ -157,6 +157,23 @@ def _memory_targets(scenario: Scenario, medians: Medians) -> list[Target]:
     ]
 
 
+def _structured_targets(scenario: Scenario, medians: Medians) -> list[Target]:
+    extract = medians.get("nbtoolkit_extract", {})
+    complete = medians.get("nbtoolkit", {}).get("cpu_ms_per_row", float("nan"))
+    ratio = extract.get("cpu_ms_per_row", float("nan")) / complete
+    ok = extract.get("ok_min", float("nan"))
+    rows = scenario.rows
+    return [
+        Target(
+            scenario.name,
+            "extract CPU per request <= 1.3 x complete's (same run)",
+            f"{ratio:.3f} ({extract.get('cpu_ms_per_row', float('nan')):.3f} vs {complete:.3f} ms)",
+            ratio <= 1.3,
+        ),
+        Target(scenario.name, f"{rows:,}/{rows:,} rows right", f"{ok:.0f}", ok == rows),
+    ]
+
+
 PEERS = ("floor", "recipe", "openai", "nbtoolkit")
 
 # Issue 10: the rate_limit workload, its limit stated in each family of rate headers, over
@@ -233,6 +250,20 @@ SCENARIOS: dict[str, Scenario] = {
                 "ok",
             ),
             targets=_cache_cost_targets,
+        ),
+        Scenario(
+            name="structured",
+            summary="{rows:,} rows, no latency, max_parallel 64: df.chat.extract (4 typed, "
+            "checked fields) vs df.chat.complete, client CPU per request",
+            rows=5000,
+            quick_rows=1000,
+            max_parallel=64,
+            clients=("floor", "nbtoolkit", "nbtoolkit_extract"),
+            # Two close figures: enough runs for the median of each to hold still.
+            min_repeat=7,
+            server={"latency": 0.0},
+            columns=("cpu_ms_per_row", "cpu_x", "wall", "ok"),
+            targets=_structured_targets,
         ),
         Scenario(
             name="rate_limit",

@@ -14,19 +14,25 @@ from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts, configure, get_c
 from nbtoolkit.embeddings import to_matrix
 from nbtoolkit.engine import ChatRun
 from nbtoolkit.errors import (
+    AnswerError,
     APIError,
     AuthError,
     BadRequestError,
     ConfigError,
     MalformedResponse,
     NbToolkitError,
+    NoText,
     NotFoundError,
     RateLimitError,
+    Refused,
     RequestTimeout,
     RunAborted,
     RunInterrupted,
+    SchemaError,
     ServerError,
     TransportError,
+    Truncated,
+    UnsendableRow,
 )
 from nbtoolkit.report import RunReport, last_run
 from nbtoolkit.rows import ChatRequest, RowError, RowResult, RunStats
@@ -35,6 +41,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "APIError",
+    "AnswerError",
     "AuthError",
     "BadRequestError",
     "BatchJob",
@@ -47,8 +54,10 @@ __all__ = [
     "ConfigError",
     "MalformedResponse",
     "NbToolkitError",
+    "NoText",
     "NotFoundError",
     "RateLimitError",
+    "Refused",
     "RequestTimeout",
     "RetryPolicy",
     "RowError",
@@ -57,9 +66,12 @@ __all__ = [
     "RunInterrupted",
     "RunReport",
     "RunStats",
+    "SchemaError",
     "ServerError",
     "Timeouts",
     "TransportError",
+    "Truncated",
+    "UnsendableRow",
     "batch_jobs",
     "cache_info",
     "clear_cache",

@@ -17,9 +17,18 @@ from typing import Any
 import pandas as pd
 
 import nbtoolkit
-from nbtoolkit.local import SENTIMENT_TEMPLATE, LocalServer, sample_reviews
+from nbtoolkit.local import (
+    REVIEW_FIELDS,
+    REVIEW_FIELDS_TEMPLATE,
+    SENTIMENT_TEMPLATE,
+    LocalServer,
+    sample_reviews,
+)
 
 REMOTE_MODEL = "gpt-4o-mini"
+# Rows the typed extraction runs on: a grammar-constrained answer takes the local model
+# seconds, and a few rows show the point.
+TYPED_ROWS = 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,8 +96,39 @@ def _demo(args: argparse.Namespace) -> int:
             _show(exc.partial)
             print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
             return 130 if isinstance(exc, KeyboardInterrupt) else 1
-    _show(out)
+        _show(out)
+        rows = min(TYPED_ROWS, len(out))
+        print(f"\nthe same reviews as typed columns (df.chat.extract), first {rows}:")
+        try:
+            typed = out.head(rows).chat.extract(
+                template=REVIEW_FIELDS_TEMPLATE,
+                schema=REVIEW_FIELDS,
+                prefix="json_",
+                model=model,
+                base_url=base_url,
+                max_parallel=args.max_parallel,
+                temperature=0,
+                max_tokens=40,
+                cache=False,
+            )
+        except (nbtoolkit.RunAborted, nbtoolkit.RunInterrupted) as exc:
+            print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+            return 130 if isinstance(exc, KeyboardInterrupt) else 1
+    _show_typed(typed)
     return 0
+
+
+def _show_typed(frame: pd.DataFrame) -> None:
+    """The free-text label beside the typed fields, and the fields' dtypes."""
+    fields = [name for name in frame.columns if str(name).startswith("json_")]
+    labels = frame["sentiment"].map(lambda s: s.strip() if isinstance(s, str) else s)
+    shown = frame.assign(sentiment=labels)[["product", "sentiment", *fields]]
+    with pd.option_context("display.max_colwidth", 60, "display.width", 120):
+        print(shown.to_string(index=False))
+    print("dtypes: " + ", ".join(f"{name} {frame[name].dtype}" for name in fields))
+    report = nbtoolkit.last_run()
+    if report is not None:
+        print(report.summary())
 
 
 def _show(frame: Any) -> None:

@@ -360,6 +360,8 @@ class ChatRun:
         except _Systemic:
             raise
         except Exception as first_error:
+            if self._reshaped(first_error, job):
+                return await self._send(session, job)
             if not is_retryable(first_error) or GiveUp(self.config.retry).first(first_error):
                 raise _Attempts(first_error, 1) from first_error
             return await self._retry(session, job, first_error)
@@ -377,6 +379,11 @@ class ChatRun:
         async def attempt() -> Parsed:
             if replay:
                 raise replay.pop()
+            try:
+                return await self._send_once(session, job)
+            except APIError as exc:
+                if not self._reshaped(exc, job):
+                    raise
             return await self._send_once(session, job)
 
         retrying = AsyncRetrying(
@@ -393,6 +400,15 @@ class ChatRun:
         except Exception as exc:
             raise _Attempts(exc, retrying.statistics.get("attempt_number", 1)) from exc
         return parsed, int(retrying.statistics.get("attempt_number", 1))
+
+    def _reshaped(self, error: Exception, job: _Job) -> bool:
+        """True when the endpoint changed its request shape after this error reply (a server
+        that refuses structured output's json_schema): send again at once, not as a retry."""
+        # Optional: only endpoints with more than one request shape have it.
+        reshape = getattr(self.endpoint, "reshape", None)
+        return (
+            isinstance(error, APIError) and reshape is not None and bool(reshape(error, job.items))
+        )
 
     def _failed(self, exc: Exception, attempts: int) -> RowResult:
         """The result of a row whose attempt number ``attempts`` failed with ``exc``."""

@@ -45,7 +45,7 @@ import time
 import urllib.request
 from importlib import resources
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import IO, Any, Literal, Self
 
 import pandas as pd
 
@@ -54,6 +54,8 @@ from nbtoolkit.errors import NbToolkitError
 
 __all__ = [
     "DEFAULT_MODEL",
+    "REVIEW_FIELDS",
+    "REVIEW_FIELDS_TEMPLATE",
     "SENTIMENT_TEMPLATE",
     "ExtraNotInstalled",
     "LocalServer",
@@ -82,6 +84,25 @@ SENTIMENT_TEMPLATE = (
     "Review: Too small and the color is wrong.\nSentiment: negative\n\n"
     "Review: {review}\nSentiment:"
 )
+
+# The same for `extract` with `REVIEW_FIELDS`: examples of the JSON the grammar will force
+# (braces doubled: it is a str.format template). Without them the base model wanders (long
+# runs of whitespace) until max_tokens cuts it off.
+REVIEW_FIELDS_TEMPLATE = (
+    'Review: Great sound and easy to set up.\nJSON: {{"sentiment": "positive", "stars": 5, '
+    '"recommend": true}}\n\n'
+    'Review: It broke on the first day.\nJSON: {{"sentiment": "negative", "stars": 1, '
+    '"recommend": false}}\n\n'
+    'Review: Too small and the color is wrong.\nJSON: {{"sentiment": "negative", "stars": 2, '
+    '"recommend": false}}\n\n'
+    "Review: {review}\nJSON:"
+)
+# A schema for `extract`: an enum, an integer and a boolean per review.
+REVIEW_FIELDS: dict[str, Any] = {
+    "sentiment": Literal["positive", "negative"],
+    "stars": int,
+    "recommend": bool,
+}
 
 # The messages' text joined by blank lines, after the BOS token: what a base model expects.
 _PLAIN_TEMPLATE = {

@@ -48,8 +48,10 @@ from typing import Any, Literal, Self, get_args
 from aiohttp import web
 
 from nbtoolkit import _testserver_embeddings as _embeddings
+from nbtoolkit import _testserver_structured as _structured
 from nbtoolkit._testserver_batch import BatchAPI, BatchBehaviour
 from nbtoolkit._testserver_embeddings import EmbeddingBehaviour
+from nbtoolkit._testserver_structured import StructuredFaults, schema_instance
 
 __all__ = [
     "HEADER_FAMILIES",
@@ -65,6 +67,8 @@ __all__ = [
     "Reset",
     "Stall",
     "Status",
+    "StructuredFaults",
+    "schema_instance",
 ]
 
 Responder = Callable[[list[dict[str, Any]], dict[str, Any]], str]
@@ -481,6 +485,8 @@ class ChatServer:
         embeddings: how ``/v1/embeddings`` answers; see `EmbeddingBehaviour`.
         batch: how the Batch API (``/files``, ``/batches``) behaves; see `BatchBehaviour`.
             Its files, batches and counters are on ``server.batch``.
+        structured: how answers to a JSON Schema go wrong; see `StructuredFaults`. A
+            request with a schema always gets a valid instance (`schema_instance`) otherwise.
 
     Counters (`request_count`, `in_flight`, `peak_in_flight`, `answered`, `statuses`) are
     only written by the server's loop, so reading them from another thread is safe.
@@ -500,6 +506,7 @@ class ChatServer:
         azure: bool = False,
         embeddings: EmbeddingBehaviour | None = None,
         batch: BatchBehaviour | None = None,
+        structured: StructuredFaults | None = None,
     ) -> None:
         self.latency = latency
         self.azure = azure
@@ -508,6 +515,7 @@ class ChatServer:
         self._api_key = api_key
         self._responder = responder or _echo
         self._faults = faults
+        self._structured = structured
         self._record = record
         self._models = None if model_names is None else tuple(model_names)
         # script() is called from the test's thread while requests pop on the server's loop.
@@ -764,6 +772,10 @@ class ChatServer:
                     ex.attempt = self._seen[ex.prompt]
                 return await self._send(request, ex, rejection)
 
+        refused = _structured.rejection(body, self._structured)
+        if refused is not None:
+            response = _error(500, refused, type_="internal_server_error", err_code=None)
+            return await self._send(request, ex, response)
         action, ex.attempt = self._next_action(ex.prompt)
         if isinstance(action, Reset):
             ex.outcome = "reset"
@@ -790,6 +802,10 @@ class ChatServer:
             return await _embeddings.answer(self, request, ex, body)
         messages = body.get("messages")
         messages = messages if isinstance(messages, list) else []
+        shaped = _structured.answer(body, self._structured) if action.text is None else None
+        if shaped is not None:
+            reply = self._completion(model, messages, shaped.text, *shaped[1:])
+            return await self._send(request, ex, reply, outcome="ok")
         text = action.text if action.text is not None else self._responder(messages, body)
         return await self._send(request, ex, self._completion(model, messages, text), outcome="ok")
 
@@ -837,12 +853,21 @@ class ChatServer:
         msg = "Incorrect API key provided."
         return _error(401, msg, type_=_INVALID, err_code="invalid_api_key")
 
-    def _completion(self, model: Any, messages: list[dict[str, Any]], text: str) -> web.Response:
+    def _completion(
+        self,
+        model: Any,
+        messages: list[dict[str, Any]],
+        text: str | None,
+        finish_reason: str = "stop",
+        refusal: str | None = None,
+    ) -> web.Response:
         prompt_tokens = sum(
             _tokens(_text(m.get("content"))) for m in messages if isinstance(m, dict)
         )
-        completion_tokens = _tokens(text)
+        completion_tokens = _tokens(text or refusal or "")
         message = {"role": "assistant", "content": text}
+        if refusal is not None:
+            message["refusal"] = refusal
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -853,7 +878,7 @@ class ChatServer:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
             "usage": usage,
         }
         return web.json_response(body)

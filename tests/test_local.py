@@ -195,7 +195,8 @@ def test_demo_command_uses_the_api_key_when_one_is_set() -> None:
             f"OPENAI_API_KEY is set: asking gpt-4o-mini at {server.base_url}"
         )
         assert "local model" not in done.stdout.splitlines()[1]
-        assert server.statuses["ok"] == 3
+        assert server.statuses["ok"] == 3 + 3  # the labels, then the typed extraction
+        assert "json_stars Int64" in done.stdout
         assert {r.body["model"] for r in server.requests} == {"gpt-4o-mini"}
 
 

