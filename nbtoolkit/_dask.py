@@ -36,7 +36,7 @@ from typing import Any
 import pandas as pd
 
 from nbtoolkit import report as _report
-from nbtoolkit._dask_lease import LeasedGovernor, Lease, LocalTransport, RowCounter, connect
+from nbtoolkit._dask_lease import Lease, LeasedGovernor, LocalTransport, RowCounter, connect
 from nbtoolkit.accessor import _ChatAccessorBase, run_settings
 from nbtoolkit.config import ChatConfig
 from nbtoolkit.engine import RUN_CREATED, ChatRun, results_in_order
@@ -213,7 +213,11 @@ async def _partition(part: Any, spec: PartitionSpec, number: int) -> Any:
     RUN_CREATED.set(seen)  # this task's context only: other partitions' threads have theirs
     main = asyncio.current_task()
     assert main is not None
-    lease.on_abort = lambda message: main.cancel()
+
+    def stop(message: str) -> None:
+        main.cancel(message)
+
+    lease.on_abort = stop
     keeper = asyncio.create_task(lease.keep())
     outcome = "aborted"
     try:
@@ -284,7 +288,7 @@ def _fetch(run: str) -> dict[str, Any]:
     from distributed import default_client
 
     try:
-        client = default_client()
+        client = default_client()  # type: ignore[no-untyped-call]
         found: dict[str, Any] = client.sync(client.scheduler.nbtoolkit_reports, run=run)
     except (ValueError, KeyError, AttributeError, OSError):  # no client, or no ledger yet
         return local
@@ -341,8 +345,8 @@ def _register_now() -> None:
 
     with warnings.catch_warnings():  # re-registering on reload is fine
         warnings.simplefilter("ignore")
-        register_dataframe_accessor("chat")(DaskChatAccessor)
-        register_series_accessor("chat")(DaskChatAccessor)
+        register_dataframe_accessor("chat")(DaskChatAccessor)  # type: ignore[no-untyped-call]
+        register_series_accessor("chat")(DaskChatAccessor)  # type: ignore[no-untyped-call]
 
 
 class _AfterDaskImport(importlib.abc.MetaPathFinder):
@@ -358,7 +362,7 @@ class _AfterDaskImport(importlib.abc.MetaPathFinder):
         if spec is None or spec.loader is None:
             return spec
         loader = spec.loader
-        execute: Callable[[ModuleType], None] = loader.exec_module  # type: ignore[assignment]
+        execute: Callable[[ModuleType], None] = loader.exec_module
 
         def exec_module(module: ModuleType) -> None:
             execute(module)

@@ -20,7 +20,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from nbtoolkit._dask_ledger import SlotLedger, wall_to_monotonic
 from nbtoolkit.errors import RunAborted
@@ -58,7 +58,9 @@ class SchedulerTransport:
     the worker's loop, so each call is handed to that loop and awaited from ours.
     """
 
-    _installed: set[str] = set()  # scheduler addresses whose ledger plugin this process saw
+    _installed: ClassVar[set[str]] = (
+        set()
+    )  # scheduler addresses whose ledger plugin this process saw
 
     def __init__(self, worker: Any) -> None:
         self._worker = worker
@@ -79,7 +81,8 @@ class SchedulerTransport:
         # idempotent: the first partition to get here installs it, the rest leave it be
         # (a second install would replace the ledger and forget who holds what).
         register = self._on_worker_loop(self._worker.scheduler.register_scheduler_plugin)
-        await register(plugin=dumps(LedgerPlugin()), name=PLUGIN_NAME, idempotent=True)
+        plugin = dumps(LedgerPlugin())  # type: ignore[no-untyped-call]
+        await register(plugin=plugin, name=PLUGIN_NAME, idempotent=True)
         self._installed.add(address)
 
     def _on_worker_loop(self, function: Callable[..., Any]) -> Callable[..., Any]:
@@ -106,7 +109,7 @@ def _plugin_base() -> type:
     try:
         from distributed.diagnostics.plugin import SchedulerPlugin
 
-        return SchedulerPlugin  # type: ignore[no-any-return]
+        return SchedulerPlugin
     except ImportError:  # pragma: no cover - the plugin is only made where distributed is
         return object
 

@@ -128,7 +128,7 @@ def test_global_limit_and_every_row_right_under_faults(client: Any) -> None:
 
 def test_a_row_that_fails_is_none_with_its_reason(client: Any) -> None:
     """A row the server refuses is None in the output and explained in last_dask_run()."""
-    df, ddf = _frame(40, 4)
+    _, ddf = _frame(40, 4)
     with ChatServer().run_in_thread() as server:
         server.script(Status(400), prompt="question 17")
         result = ddf.chat.complete(
@@ -188,9 +188,11 @@ def test_killed_worker_never_pays_twice(client: Any, tmp_path: Path) -> None:
         # Either way nothing more will be sent until the kill, and every answer is saved.
         steady = {150, 200 - len(stalled)}
         _wait_until(
-            lambda: server.in_flight == len(stalled)
-            and sum(server.answered.values()) in steady
-            and sum(map(len, client.processing().values())) == 1,
+            lambda: (
+                server.in_flight == len(stalled)
+                and sum(server.answered.values()) in steady
+                and sum(map(len, client.processing().values())) == 1
+            ),
             lambda: f"a steady state: {sum(server.answered.values())} answered",
         )
         _wait_until(lambda: nbtoolkit.cache_info(cache).entries in steady, "the saves")
