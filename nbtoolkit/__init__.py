@@ -8,6 +8,8 @@ Importing it registers the ``df.chat`` and ``series.chat`` accessors::
 """
 
 from nbtoolkit import accessor as _accessor  # noqa: F401  (registers df.chat / series.chat)
+from nbtoolkit._dask import last_dask_run
+from nbtoolkit._dask import register as _register_dask
 from nbtoolkit.batch import BatchJob, BatchOptions, BatchStatus, batch_jobs
 from nbtoolkit.cache import CacheInfo, cache_info, clear_cache
 from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts, configure, get_config
@@ -38,6 +40,8 @@ from nbtoolkit.report import RunReport, last_run
 from nbtoolkit.rows import ChatRequest, RowError, RowResult, RunStats
 
 __version__ = "0.1.0"
+
+_register_dask()  # ddf.chat, once dask.dataframe is imported (if it is installed)
 
 __all__ = [
     "APIError",
@@ -77,6 +81,7 @@ __all__ = [
     "clear_cache",
     "configure",
     "get_config",
+    "last_dask_run",
     "last_run",
     "to_matrix",
 ]

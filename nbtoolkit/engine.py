@@ -20,9 +20,10 @@ iterable only as the queue drains. Only the results list grows with the row coun
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,12 @@ from nbtoolkit.rows import SKIPPED, ProgressListener, RowError, RowResult, RunSt
 # Requests looked up in the cache with one query: large enough to make a fully cached
 # re-run cheap, small enough not to hold the first requests back.
 _LOOKUP_BATCH = 256
+
+# Shown each new run, when set: a Dask partition (nbtoolkit/_dask.py) caps the run's
+# governor at its share of the cluster-wide slots and reads the run's stats afterwards.
+RUN_CREATED: contextvars.ContextVar[Callable[[ChatRun], None] | None] = contextvars.ContextVar(
+    "nbtoolkit_run_created", default=None
+)
 
 
 @dataclass(slots=True)
@@ -161,6 +168,8 @@ class ChatRun:
         self._group_tokens = 0.0
         self._sending: set[int] = set()  # rows a worker holds right now
         self._executed = False
+        if (seen := RUN_CREATED.get()) is not None:
+            seen(self)
 
     async def execute(self, requests: Iterable[Any]) -> list[RowResult]:
         """Send every request, at most ``max_parallel`` at once, and return results in order.

@@ -1,0 +1,390 @@
+"""``ddf.chat``: the pandas accessor's methods on a Dask DataFrame or Series, lazily.
+
+``ddf.chat.complete(...)`` takes the pandas accessor's arguments and returns a lazy Dask
+collection built with ``map_partitions`` and an explicit ``meta`` (no request is sent while
+the graph is built). Each partition runs the pandas method itself, with three changes:
+
+- its concurrency comes from a lease on the run's cluster-wide slots
+  (`nbtoolkit._dask_lease`), so ``max_parallel``, ``rpm`` and ``tpm`` hold for the whole
+  computation, and a 429 seen anywhere pauses every partition;
+- a systemic failure (bad key, quota) sets the run's abort flag: the partition raises
+  `RunAborted` once, running partitions stop within a poll, later ones send nothing;
+- no progress bar (Dask's progress bar or dashboard shows the computation), and a report
+  per partition goes to the ledger, combined by `last_dask_run()`.
+
+Adding a method (``extract``, ``embed``) is one line in `DaskChatAccessor`: the partition
+function takes the accessor method's name and its arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib.abc
+import importlib.machinery
+import inspect
+import pickle
+import sys
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import pandas as pd
+
+from nbtoolkit import report as _report
+from nbtoolkit._dask_lease import Lease, LeasedGovernor, LocalTransport, RowCounter, connect
+from nbtoolkit.accessor import _ChatAccessorBase, run_settings
+from nbtoolkit.config import ChatConfig
+from nbtoolkit.engine import RUN_CREATED, ChatRun, results_in_order
+from nbtoolkit.errors import RunAborted
+from nbtoolkit.report import rows_frame
+from nbtoolkit.rows import RunStats
+from nbtoolkit.runner import run_sync
+
+# The run options `run_settings` turns into a ChatConfig on the client, once per call.
+RUN_OPTIONS = frozenset(inspect.signature(run_settings).parameters) - {"params"}
+# Failed rows kept per partition in its report: the reasons stay readable without the
+# report of a 20-million-row run growing with its failures.
+MAX_ERRORS_PER_PARTITION = 10_000
+_built: deque[str] = deque(maxlen=32)  # the ids of the runs this process built, oldest first
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """What every partition of one run needs: the pandas method and its arguments."""
+
+    run: str  # one id per ddf.chat.<method>() call
+    method: str  # the pandas accessor's method: "complete" (later "extract", "embed")
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(repr=False)
+    config: ChatConfig  # resolved on the client; its repr hides the key
+
+    def __dask_tokenize__(self) -> str:
+        return self.run
+
+
+@dataclass(frozen=True)
+class PartitionReport:
+    """One partition's outcome, as the ledger keeps it (pickled)."""
+
+    partition: int
+    rows: int
+    outcome: str  # "finished" or "aborted"
+    stats: RunStats
+    started: float  # wall clock
+    finished: float
+    statuses: dict[str, int]  # rows by status ("ok", "failed", "skipped", ...)
+    errors: pd.DataFrame  # the rows without an answer (at most MAX_ERRORS_PER_PARTITION)
+
+
+@dataclass(frozen=True, eq=False)
+class DaskRunReport:
+    """The combined report of a distributed run (see `last_dask_run`).
+
+    Attributes:
+        run: the run's id.
+        outcome: "finished", "aborted", or "running" (not every partition has reported).
+        partitions: one report per partition that finished or stopped.
+        stats: requests, retries, statuses, tokens and cost, summed over the partitions.
+        errors: the rows with no answer, with the partition's index and their reasons.
+        peak_slots: the most concurrency slots held at once across the cluster.
+    """
+
+    run: str
+    outcome: str
+    partitions: list[PartitionReport]
+    stats: RunStats
+    errors: pd.DataFrame
+    peak_slots: int
+
+    @property
+    def rows(self) -> Counter[str]:
+        """Rows by status, summed over the partitions."""
+        total: Counter[str] = Counter()
+        for part in self.partitions:
+            total.update(part.statuses)
+        return total
+
+    def summary(self) -> str:
+        """One line: rows by status; requests, cache hits, retries, 429s; tokens, cost, time."""
+        stats = self.stats
+        rows = ", ".join(f"{n} {status}" for status, n in sorted(self.rows.items()))
+        statuses = ", ".join(f"{key}: {n}" for key, n in sorted(stats.statuses.items()))
+        cost = f", cost {stats.cost:.4f}" if stats.cost is not None else ""
+        return (
+            f"{self.outcome}: {rows or 'no rows'} in {len(self.partitions)} partitions; "
+            f"{stats.requests_sent} requests ({statuses or 'none'}), {stats.cache_hits} cache "
+            f"hits, {stats.retries} retries, {stats.statuses.get('429', 0)} rate-limited; "
+            f"{stats.prompt_tokens + stats.completion_tokens:,} tokens{cost}; "
+            f"peak {self.peak_slots} slots; {stats.wall_seconds:.1f} s"
+        )
+
+    def __repr__(self) -> str:
+        return f"<DaskRunReport {self.summary()}>"
+
+
+class DaskChatAccessor:
+    """``ddf.chat`` / ``dseries.chat``: the pandas accessor's methods, run per partition.
+
+    Each method takes the same arguments as its pandas twin and returns a lazy Dask
+    collection; nothing is sent before ``.compute()`` (or ``.persist()``). ``max_parallel``,
+    ``rpm`` and ``tpm`` are for the whole computation, across every worker.
+    """
+
+    def __init__(self, collection: Any) -> None:
+        self._obj = collection
+
+    def complete(self, *args: Any, **kwargs: Any) -> Any:
+        """Lazy ``complete``: the pandas accessor's arguments, a Dask collection back.
+
+        Raises:
+            ConfigError: bad arguments (while the graph is built, before anything is sent).
+        """
+        return lazy_method(self._obj, "complete", args, kwargs)
+
+    complete.__signature__ = inspect.signature(_ChatAccessorBase.acomplete)  # type: ignore[attr-defined]
+
+    def extract(self, *args: Any, **kwargs: Any) -> Any:
+        """Lazy ``extract``: typed columns per partition, a Dask collection back."""
+        return lazy_method(self._obj, "extract", args, kwargs)
+
+    extract.__signature__ = inspect.signature(_ChatAccessorBase.aextract)  # type: ignore[attr-defined]
+
+    def classify(self, *args: Any, **kwargs: Any) -> Any:
+        """Lazy ``classify``: a category column per partition, a Dask collection back."""
+        return lazy_method(self._obj, "classify", args, kwargs)
+
+    classify.__signature__ = inspect.signature(_ChatAccessorBase.aclassify)  # type: ignore[attr-defined]
+
+    def embed(self, *args: Any, **kwargs: Any) -> Any:
+        """Lazy ``embed``: a float32 vector per row, a Dask collection back."""
+        return lazy_method(self._obj, "embed", args, kwargs)
+
+    embed.__signature__ = inspect.signature(_ChatAccessorBase.aembed)  # type: ignore[attr-defined]
+
+
+def lazy_method(collection: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``collection.map_partitions`` of the pandas accessor's ``method``, with its meta."""
+    kwargs = dict(kwargs)
+    options = {name: kwargs.pop(name, None) for name in RUN_OPTIONS}
+    config = run_settings(**options, params={}).resolved()
+    if config.cache_path is not None:
+        # Resolved here, so every worker on this machine uses the file the client would.
+        config = dataclasses.replace(config, cache=str(config.cache_path.absolute()))
+    meta = _meta(collection._meta, method, args, kwargs, config)
+    spec = PartitionSpec(uuid.uuid4().hex, method, tuple(args), kwargs, config)
+    _built.append(spec.run)
+    return collection.map_partitions(
+        _run_partition, spec, meta=meta, enforce_metadata=False, transform_divisions=False
+    )
+
+
+def _meta(
+    empty: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], config: ChatConfig
+) -> Any:
+    """The pandas method's output for no rows: checks every argument, sends nothing."""
+    with _report._lock:
+        previous = _report._last  # the meta run is not the user's run: keep last_run()
+    try:
+        quiet = dataclasses.replace(config, cache=False, progress=False)
+        return getattr(empty.chat, method)(*args, **kwargs, config=quiet)
+    finally:
+        with _report._lock:
+            _report._last = previous
+
+
+def _run_partition(part: Any, spec: PartitionSpec, partition_info: Any = None) -> Any:
+    """One partition: the pandas method under the run's lease; raises only RunAborted."""
+    number = int(partition_info["number"]) if partition_info else 0
+    return run_sync(_partition(part, spec, number))
+
+
+async def _partition(part: Any, spec: PartitionSpec, number: int) -> Any:
+    transport = connect()
+    lease = Lease(
+        transport,
+        run=spec.run,
+        holder=f"{number}:{uuid.uuid4().hex[:8]}",
+        capacity=spec.config.max_parallel,
+        rows=len(part),
+    )
+    started = time.time()
+    runs: list[ChatRun] = []
+    await lease.acquire()  # RunAborted here: the run was stopped, nothing is sent
+
+    def seen(run: ChatRun) -> None:
+        config = run.config
+        run.governor = LeasedGovernor(
+            lease,
+            max_parallel=config.max_parallel,
+            rpm=config.rpm,
+            tpm=config.tpm,
+            adaptive=config.adaptive,
+        )
+        run.listener = RowCounter(lease, run.listener)
+        runs.append(run)
+
+    RUN_CREATED.set(seen)  # this task's context only: other partitions' threads have theirs
+    main = asyncio.current_task()
+    assert main is not None
+
+    def stop(message: str) -> None:
+        main.cancel(message)
+
+    lease.on_abort = stop
+    keeper = asyncio.create_task(lease.keep())
+    outcome = "aborted"
+    try:
+        method = getattr(part.chat, f"a{spec.method}")
+        output = await method(*spec.args, **spec.kwargs, config=spec.config, progress=False)
+        outcome = "finished"
+        return output
+    except RunAborted as exc:
+        # The first partition to see it stops the others, which then send nothing more.
+        await transport.call("abort", run=spec.run, message=str(exc))
+        raise RunAborted(f"{exc} (seen in partition {number})") from None
+    except asyncio.CancelledError:
+        if lease.aborted is None:
+            raise
+        main.uncancel()
+        raise RunAborted(lease.aborted) from None
+    finally:
+        keeper.cancel()
+        await asyncio.gather(keeper, return_exceptions=True)
+        await lease.leave()
+        report = _partition_report(part, number, runs, outcome, started)
+        await transport.call("report", run=spec.run, partition=number, report=report)
+
+
+def _partition_report(
+    part: Any, number: int, runs: Sequence[ChatRun], outcome: str, started: float
+) -> bytes:
+    index = part.index
+    results = results_in_order(runs[-1].results if runs else [])
+    results += results_in_order([None]) * (len(index) - len(results))
+    rows = rows_frame(results, index)
+    stats = runs[-1].stats if runs else RunStats()
+    failed = rows[rows["status"] != "ok"]
+    return pickle.dumps(
+        PartitionReport(
+            partition=number,
+            rows=len(index),
+            outcome=outcome,
+            stats=stats,
+            started=started,
+            finished=time.time(),
+            statuses={str(k): int(v) for k, v in rows["status"].value_counts().items()},
+            errors=failed.head(MAX_ERRORS_PER_PARTITION).assign(partition=number),
+        )
+    )
+
+
+def last_dask_run() -> DaskRunReport | None:
+    """The combined report of the latest ``ddf.chat`` run this process built and computed.
+
+    Reads the partitions' reports from the ledger (the scheduler's, or this process's for
+    dask's threaded scheduler). Call it after ``compute()``; None before any partition ran.
+
+    Returns:
+        A `DaskRunReport`: ``.summary()``, ``.stats``, ``.errors`` (why each None is None).
+    """
+    for run in reversed(_built):
+        fetched = _fetch(run)
+        if fetched["reports"]:
+            return _combine(run, fetched)
+    return None
+
+
+def _fetch(run: str) -> dict[str, Any]:
+    local: dict[str, Any] = LocalTransport.ledger.reports(run=run)
+    if local["reports"] or "distributed" not in sys.modules:
+        return local
+    from distributed import default_client
+
+    try:
+        client = default_client()  # type: ignore[no-untyped-call]
+        found: dict[str, Any] = client.sync(client.scheduler.nbtoolkit_reports, run=run)
+    except (ValueError, KeyError, AttributeError, OSError):  # no client, or no ledger yet
+        return local
+    return found
+
+
+def _combine(run: str, fetched: dict[str, Any]) -> DaskRunReport:
+    parts: list[PartitionReport] = [pickle.loads(blob) for blob in fetched["reports"]]
+    stats = RunStats()
+    costs = [p.stats.cost for p in parts if p.stats.cost is not None]
+    for part in parts:
+        for name in ("requests_sent", "retries", "cache_hits", "duplicates", "reasks"):
+            setattr(stats, name, getattr(stats, name) + getattr(part.stats, name))
+        for name in ("prompt_tokens", "completion_tokens", "cached_tokens"):
+            setattr(stats, name, getattr(stats, name) + getattr(part.stats, name))
+        stats.statuses.update(part.stats.statuses)
+    stats.cost = sum(costs) if costs else None
+    # Wall clock across processes: from the first partition's start to the last one's end.
+    stats.started = min((p.started for p in parts), default=0.0)
+    stats.finished = max((p.finished for p in parts), default=0.0)
+    outcome = "aborted" if fetched["aborted"] else "finished"
+    errors = [p.errors for p in parts if len(p.errors)]
+    return DaskRunReport(
+        run=run,
+        outcome=outcome,
+        partitions=parts,
+        stats=stats,
+        errors=pd.concat(errors) if errors else parts[0].errors.iloc[:0],
+        peak_slots=int(fetched["peak_held"]),
+    )
+
+
+def register() -> None:
+    """Register ``ddf.chat`` now if dask.dataframe is loaded, else as soon as it is.
+
+    Importing dask.dataframe costs over a second, so ``import nbtoolkit`` never does it
+    itself; a finder on ``sys.meta_path`` registers the accessor after dask's own import.
+    """
+    if "dask.dataframe" in sys.modules:
+        _register_now()
+    elif not any(isinstance(f, _AfterDaskImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterDaskImport())
+
+
+def _register_now() -> None:
+    try:
+        from dask.dataframe.extensions import (
+            register_dataframe_accessor,
+            register_series_accessor,
+        )
+    except ImportError:  # dask without its dataframe extra: nothing to register on
+        return
+    import warnings
+
+    with warnings.catch_warnings():  # re-registering on reload is fine
+        warnings.simplefilter("ignore")
+        register_dataframe_accessor("chat")(DaskChatAccessor)  # type: ignore[no-untyped-call]
+        register_series_accessor("chat")(DaskChatAccessor)  # type: ignore[no-untyped-call]
+
+
+class _AfterDaskImport(importlib.abc.MetaPathFinder):
+    """Runs `_register_now` right after ``dask.dataframe`` has been imported."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != "dask.dataframe":
+            return None
+        sys.meta_path.remove(self)  # once: the real finders do the finding
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+        execute: Callable[[ModuleType], None] = loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            execute(module)
+            _register_now()
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
