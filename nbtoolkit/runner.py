@@ -5,11 +5,11 @@
 - A running loop that nest_asyncio2 can patch (a Jupyter kernel): patch once, lazily, then
   ``asyncio.run``, which nest_asyncio2 makes re-entrant. For the length of that nested run,
   Ctrl-C (the stop button) cancels our task instead of raising KeyboardInterrupt wherever the
-  main thread happens to be: the nested loop also runs the kernel's own callbacks, and a
-  KeyboardInterrupt raised inside one that catches it (ipykernel's message dispatch and
-  IPython's completer both do) was lost, and the run went on to the end. The cancelled run
-  cleans up and then raises KeyboardInterrupt from here. (A bare ``loop.run_until_complete``
-  would leave our tasks running on the kernel's loop after the stop button.)
+  main thread happens to be: the nested loop runs whatever the kernel's loop has ready, not
+  only our requests, and a KeyboardInterrupt raised in code that catches it (ipykernel's
+  message dispatch and IPython's completer both do) is lost, and the run goes on to the end.
+  The cancelled run cleans up, then KeyboardInterrupt is raised from here. (A bare
+  ``loop.run_until_complete`` would leave our tasks running on the kernel's loop.)
 - A running loop that cannot be patched (uvloop): a private loop on a worker thread.
 """
 
@@ -87,8 +87,10 @@ def _run_nested(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -
 def _sigint_handler(handler: Callable[[int, Any], None]) -> Iterator[None]:
     """Install ``handler`` for SIGINT for the length of the block, where that is possible.
 
-    Only the main thread can set signal handlers; a handler installed outside Python (None)
-    is left alone. In both cases Ctrl-C keeps its usual effect.
+    It replaces a kernel's default handler, and an outer ``asyncio.run``'s, which would cancel
+    the outer task, blocked in our nested run until the whole job is done. Only the main
+    thread can set signal handlers, and a handler installed outside Python (None) is left
+    alone: in both cases Ctrl-C keeps its usual effect.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
