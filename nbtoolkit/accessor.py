@@ -78,14 +78,15 @@ def blocking(coroutine_method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[
 
     @functools.wraps(coroutine_method)
     def method(*args: P.args, **kwargs: P.kwargs) -> R:
+        before = last_run()
         try:
             return run_sync(coroutine_method(*args, **kwargs))
         except RunInterrupted:
             raise
         except (KeyboardInterrupt, asyncio.CancelledError) as exc:
             report = last_run()
-            if report is None or report.outcome != "interrupted":
-                raise
+            if report is None or report is before or report.outcome != "interrupted":
+                raise  # stopped before this run had a report: nothing to hand back
             raise RunInterrupted(_interrupted_message(report), partial=report.output) from exc
 
     method.__name__ = method.__qualname__ = coroutine_method.__name__.removeprefix("a")
@@ -109,12 +110,12 @@ async def run_plan(plan: Plan) -> Any:
     except BaseException:
         bar.close()
         raise
+    aborted: RunAborted | None = None
     try:
         with bar:
             results = await run.execute(plan.requests)
     except RunAborted as exc:
-        report = _report(plan, run, run.results, "aborted")
-        raise RunAborted(str(exc), partial=report.output, cause=exc.cause) from exc.cause
+        aborted = exc
     except KeyboardInterrupt as exc:
         report = _report(plan, run, run.results, "interrupted")
         raise RunInterrupted(_interrupted_message(report), partial=report.output) from exc
@@ -123,6 +124,11 @@ async def run_plan(plan: Plan) -> Any:
         # Cancellation must stay a CancelledError; a note still tells where the rows are.
         exc.add_note(_interrupted_message(report))
         raise
+    if aborted is not None:  # raised outside the except block: one line in a notebook
+        report = _report(plan, run, run.results, "aborted")
+        raise RunAborted(str(aborted), partial=report.output, cause=aborted.cause) from (
+            aborted.cause
+        )
     return _report(plan, run, results, "finished").output
 
 

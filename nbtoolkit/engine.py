@@ -190,6 +190,7 @@ class ChatRun:
         # Pool sized to the workers: no request ever waits for a connection slot, so the
         # total timeout measures the request alone.
         connector = aiohttp.TCPConnector(limit=workers, limit_per_host=workers)
+        stopped_by: NbToolkitError | None = None
         try:
             async with (
                 aiohttp.ClientSession(
@@ -205,9 +206,8 @@ class ChatRun:
             if not systemic:
                 self._mark_unfinished("not_run", f"the run failed: {group_error!r}")
                 raise
-            cause = systemic[0].error
-            self._mark_unfinished("not_run", f"the run was stopped: {cause}")
-            raise RunAborted(_abort_message(cause), partial=self.results, cause=cause) from cause
+            stopped_by = systemic[0].error
+            self._mark_unfinished("not_run", f"the run was stopped: {stopped_by}")
         except BaseException:
             # Interrupted (Ctrl-C, cancellation): the task group has already cancelled and
             # awaited every worker; say which rows did not finish, then let it propagate.
@@ -218,6 +218,13 @@ class ChatRun:
             self.stats.cost = self.budget.cost if self.budget.price(0, 0) is not None else None
             self.stats.limits = self.governor.learned()
             self._cache.close()  # commits what is still waiting for the timer
+        if stopped_by is not None:
+            # Raised here, not inside the except block: an exception raised while a group is
+            # being handled drags the group along as its context, and IPython then shows
+            # the whole chain instead of the one line RunAborted renders.
+            raise RunAborted(
+                _abort_message(stopped_by), partial=self.results, cause=stopped_by
+            ) from stopped_by
         return [result if result is not None else SKIPPED for result in self.results]
 
     async def _produce(

@@ -26,11 +26,27 @@
 Row-level failures (everything but the last two) never escape a run: the row comes back as
 None and the exception is summarised in the run report. Only `RunAborted` and
 `RunInterrupted` reach the caller, and both carry the partial result.
+
+In IPython (a notebook, the terminal) `ConfigError`, `RunAborted` and `RunInterrupted` show as
+one line through `_render_traceback_`: the traceback would show only nbtoolkit's and asyncio's
+internals (an interrupt lands in a selector deep in the event loop), never the user's mistake.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+_ROWS_ARE_KEPT = (
+    "The finished rows are in nbtoolkit.last_run().output (and in this exception's .partial)."
+)
+
+
+def _one_line(exc: BaseException) -> list[str]:
+    """What IPython shows for ``exc``: its class name and message, and where its rows are."""
+    message = str(exc)
+    if getattr(exc, "partial", None) is not None and "last_run()" not in message:
+        message = f"{message} {_ROWS_ARE_KEPT}"
+    return [f"{type(exc).__name__}: {message}"]
 
 
 class NbToolkitError(Exception):
@@ -39,6 +55,9 @@ class NbToolkitError(Exception):
 
 class ConfigError(NbToolkitError, ValueError):
     """Bad arguments: a missing column, an unknown template field, a missing model, ..."""
+
+    def _render_traceback_(self) -> list[str]:
+        return _one_line(self)
 
 
 class APIError(NbToolkitError):
@@ -114,6 +133,9 @@ class RunAborted(NbToolkitError):
         self.partial = partial
         self.cause = cause
 
+    def _render_traceback_(self) -> list[str]:
+        return _one_line(self)
+
 
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C or the notebook's stop button ended a run early.
@@ -125,6 +147,9 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, *, partial: Any = None) -> None:
         super().__init__(message)
         self.partial = partial
+
+    def _render_traceback_(self) -> list[str]:
+        return _one_line(self)
 
 
 class AnswerError(NbToolkitError):

@@ -3,9 +3,14 @@
 - No running loop (a script, a plain REPL): ``asyncio.run``. Its SIGINT handler turns
   Ctrl-C into a cancellation of our task, so the engine cleans up before KeyboardInterrupt.
 - A running loop that nest_asyncio2 can patch (a Jupyter kernel): patch once, lazily, then
-  ``asyncio.run``, which nest_asyncio2 makes re-entrant. Its ``run`` cancels and awaits the
-  task when an interrupt lands, so no request keeps running on the kernel's loop after the
-  stop button. (A bare ``loop.run_until_complete`` would leave it running.)
+  ``asyncio.run``, which nest_asyncio2 makes re-entrant. For the length of that nested run,
+  Ctrl-C (the stop button) cancels our task instead of raising KeyboardInterrupt wherever the
+  main thread happens to be: the nested loop runs whatever the kernel's loop has ready, not
+  only our requests, and a KeyboardInterrupt raised in code that catches it (ipykernel's
+  message dispatch and IPython's completer both do) is lost, and the run goes on to the end.
+  The cancelled run cleans up, then KeyboardInterrupt is raised from here. (A bare
+  ``loop.run_until_complete`` would leave our tasks running on the kernel's loop.) A stop
+  that a slow completion swallowed after the cell was sent stops it too (`kernel_stops`).
 - A running loop that cannot be patched (uvloop): a private loop on a worker thread.
 """
 
@@ -15,13 +20,16 @@ import asyncio
 import contextlib
 import signal
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
+
+from nbtoolkit import kernel_stops
 
 T = TypeVar("T")
 
 _patch_lock = threading.Lock()
 _patched_loops: set[int] = set()
+kernel_stops.watch()  # in a kernel, from import on: a stop swallowed before any run counts
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
@@ -31,27 +39,77 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     except RuntimeError:
         return asyncio.run(coro)
     if _patch(loop):
-        with _ctrl_c_raises():
-            return asyncio.run(coro)
+        return _run_nested(loop, coro)
     return run_on_private_thread(coro)
 
 
-@contextlib.contextmanager
-def _ctrl_c_raises() -> Iterator[None]:
-    """Let Ctrl-C raise KeyboardInterrupt for the length of a nested run.
+class _CtrlC:
+    """Turns Ctrl-C into a cancellation of one task on ``loop``; a second Ctrl-C raises."""
 
-    An outer ``asyncio.run`` answers SIGINT by cancelling its own task, which is blocked in
-    our nested run and would only see it once the whole job is done. A kernel already has
-    Python's default handler in place, in which case this changes nothing.
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.task: asyncio.Future[Any] | None = None  # set once the nested run has started it
+        self.pressed = False  # Ctrl-C came during the run: it must end in KeyboardInterrupt
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.pressed:
+            # The first press could not stop the run (the loop is stuck in sync code):
+            # fall back to raising wherever the main thread is, as Python does by default.
+            raise KeyboardInterrupt
+        self.pressed = True
+        if self.task is not None:
+            # A signal handler runs between two bytecodes of whatever the main thread is
+            # doing, maybe the loop itself: let the loop do the cancelling, not this frame.
+            self.loop.call_soon_threadsafe(self.task.cancel)
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await ``coro`` as a task that ``handle`` can cancel."""
+        task = asyncio.ensure_future(coro)
+        self.task = task
+        if self.pressed:
+            # Ctrl-C came before the task existed: cancel it at its first await, so the
+            # run still starts, sends nothing, and reports itself interrupted.
+            self.loop.call_soon(task.cancel)
+        return await task
+
+
+def _run_nested(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on a patched running loop; Ctrl-C cancels the run, then raises."""
+    ctrl_c = _CtrlC(loop)
+    kernel_stops.watch()
+    # A stop pressed while the kernel was busy elsewhere (a slow Tab completion) after this
+    # cell was sent was swallowed there; it was meant for this run.
+    ctrl_c.pressed = kernel_stops.stop_pending_for_this_cell()
+    with _sigint_handler(ctrl_c.handle):
+        try:
+            result = asyncio.run(ctrl_c.run(coro))
+        except asyncio.CancelledError:
+            if ctrl_c.pressed:
+                raise KeyboardInterrupt from None
+            raise
+    if ctrl_c.pressed:
+        # The stop came as the run finished: the cell still stops, as the user asked.
+        raise KeyboardInterrupt
+    return result
+
+
+@contextlib.contextmanager
+def _sigint_handler(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """Install ``handler`` for SIGINT for the length of the block, where that is possible.
+
+    It replaces a kernel's default handler, and an outer ``asyncio.run``'s, which would cancel
+    the outer task, blocked in our nested run until the whole job is done. Only the main
+    thread can set signal handlers, and a handler installed outside Python (None) is left
+    alone: in both cases Ctrl-C keeps its usual effect.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.getsignal(signal.SIGINT)
-    if previous is None:  # a handler installed outside Python: leave it alone
+    if previous is None:
         yield
         return
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:

@@ -109,6 +109,14 @@ def _assert_usable_and_clean(kernel: Kernel, server: ChatServer) -> None:
         assert marker not in said
 
 
+def _assert_one_line(error: dict[str, Any]) -> None:
+    """The notebook shows the error as one line: its name and message, none of our frames."""
+    (line,) = error["traceback"]
+    assert line.startswith(f"{error['ename']}: {error['evalue']}"), error["traceback"]
+    for internal in ("nest_asyncio2", "selectors", "asyncio", "nbtoolkit/"):
+        assert internal not in "\n".join(error["traceback"])
+
+
 def _assert_stopped_promptly(cell: CellRun, pressed: float, names: set[str]) -> dict[str, Any]:
     """The cell ended in an interrupt error soon after ``pressed``; return that error."""
     assert cell.status == "error", cell.text()
@@ -133,6 +141,7 @@ def test_stop_button_ends_sync_run_and_keeps_finished_rows(
 
     error = _assert_stopped_promptly(cell, pressed, {"RunInterrupted"})
     assert "nbtoolkit.last_run().output" in error["evalue"]
+    _assert_one_line(error)
     _assert_requests_stopped(server)
 
     report = _report(kernel)
@@ -218,3 +227,156 @@ def test_cell_queued_behind_an_interrupted_run_is_aborted_by_stop_on_error(
     assert after.replied_at - pressed < PROMPT_STOP
     _assert_requests_stopped(server)
     _assert_usable_and_clean(kernel, server)
+
+
+@pytest.mark.timeout(120)
+def test_config_error_shows_one_line(kernel: Kernel) -> None:
+    """A ConfigError shows in the notebook as one line, not a traceback through nbtoolkit."""
+    cell = kernel.run('df.chat.complete("nope", model="test-model")', timeout=20)
+    assert cell.status == "error"
+    error = cell.error
+    assert error is not None and error["ename"] == "ConfigError", cell.text()
+    _assert_one_line(error)
+
+
+@pytest.mark.timeout(120)
+def test_run_aborted_shows_one_line(kernel: Kernel) -> None:
+    """A RunAborted (a wrong key) shows as one line that says where the finished rows are."""
+    with ChatServer(api_key="the-right-key").run_in_thread() as locked:
+        code = (
+            f'df.head(8).chat.complete("q", model="test-model", base_url="{locked.base_url}",'
+            ' api_key="a-wrong-key", progress=False)'
+        )
+        cell = kernel.run(code, timeout=30)
+    assert cell.status == "error"
+    error = cell.error
+    assert error is not None and error["ename"] == "RunAborted", cell.text()
+    _assert_one_line(error)
+    assert "nbtoolkit.last_run().output" in error["traceback"][0]
+
+
+# Stands in for a handler the kernel serves inside the run's nested loop while the run goes.
+# Like ipykernel's dispatch_shell and IPython's completer, it catches KeyboardInterrupt and
+# carries on; a slow one (jedi inferring a DataFrame takes seconds) is where the stop lands.
+# Files order the steps: the test writes GO once the run is sending, the handler writes
+# STARTED, the test presses stop and then writes RELEASE.
+BUSY_HANDLER = """
+import asyncio, pathlib, threading, time
+busy = {"swallowed": 0, "finished": False}
+_files = pathlib.Path(FILES)
+
+def _slow_handler():
+    (_files / "STARTED").touch()
+    deadline = time.monotonic() + 20
+    try:
+        while not (_files / "RELEASE").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    except KeyboardInterrupt:
+        busy["swallowed"] += 1
+    busy["finished"] = True
+
+def _schedule(loop):
+    while not (_files / "GO").exists():
+        time.sleep(0.01)
+    loop.call_soon_threadsafe(_slow_handler)
+
+threading.Thread(target=_schedule, args=(asyncio.get_running_loop(),), daemon=True).start()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_stop_lands_in_a_slow_handler_inside_the_run(
+    kernel: Kernel, server: ChatServer, tmp_path: Path
+) -> None:
+    """A stop that lands while the kernel is busy in another handler still ends the run."""
+    files = tmp_path / "handshake"
+    files.mkdir()
+    setup = kernel.run(BUSY_HANDLER.replace("FILES", repr(str(files))), timeout=20)
+    assert setup.status == "ok", setup.text()
+
+    started = kernel.execute(SYNC_RUN)
+    kernel.pump_until(lambda: server.request_count >= 3 * PARALLEL, 20, "the run to get going")
+    (files / "GO").touch()
+    kernel.pump_until(lambda: (files / "STARTED").exists(), 20, "the slow handler to start")
+    pressed = time.monotonic()
+    kernel.manager.interrupt_kernel()
+    time.sleep(0.5)  # the handler stays busy while the signal is delivered
+    (files / "RELEASE").touch()
+    cell = kernel.wait(started, timeout=WHOLE_RUN + 10)
+
+    # The handler held the loop 0.5 s; the run stops as soon as the loop is free again.
+    _assert_stopped_promptly(cell, pressed, {"RunInterrupted"})
+    _assert_requests_stopped(server)
+    handler = kernel.run("print(json.dumps(busy))", timeout=20)
+    assert json.loads(handler.stdout) == {"swallowed": 0, "finished": True}
+    report = _report(kernel)
+    assert report["outcome"] == "interrupted"
+    assert report["in_order"]
+    assert 0 < report["answered"] <= server.statuses["ok"]
+    _assert_usable_and_clean(kernel, server)
+
+
+# A completion that holds the kernel until the test lets it go (jedi inferring a DataFrame
+# takes 5-11 s with a cold cache). IPython calls it inside its completer.
+SLOW_COMPLETER = """
+import pathlib, time
+_files = pathlib.Path(FILES)
+
+def _slow_completer(shell, event):
+    (_files / "STARTED").touch()
+    deadline = time.monotonic() + 20
+    while not (_files / "RELEASE").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return []
+
+get_ipython().set_hook("complete_command", _slow_completer, str_key="slow_")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_stop_while_a_completion_holds_the_kernel_stops_the_queued_run(
+    kernel: Kernel, server: ChatServer, tmp_path: Path
+) -> None:
+    """A stop pressed while a slow completion holds the kernel stops the run queued behind it."""
+    files = tmp_path / "handshake"
+    files.mkdir()
+    setup = kernel.run(SLOW_COMPLETER.replace("FILES", repr(str(files))), timeout=20)
+    assert setup.status == "ok", setup.text()
+
+    kernel.client.complete("slow_", 5)
+    kernel.pump_until(lambda: (files / "STARTED").exists(), 20, "the completion to start")
+    started = kernel.execute(SYNC_RUN.replace("df.chat", "df.head(40).chat"))
+    time.sleep(0.3)  # the run's request reaches the kernel and waits behind the completion
+    kernel.manager.interrupt_kernel()
+    time.sleep(0.5)
+    (files / "RELEASE").touch()
+    cell = kernel.wait(started, timeout=30)
+    # IPython's completer swallowed the KeyboardInterrupt; nbtoolkit saw the stop land after
+    # the cell was sent (kernel_stops) and the run stops before sending anything.
+    assert cell.status == "error", "the stop was lost: the queued run ran to its end"
+    error = cell.error
+    assert error is not None and error["ename"] == "RunInterrupted", cell.text()
+    _assert_one_line(error)
+    assert server.request_count == 0
+    later = kernel.run(SYNC_RUN.replace("df.chat", "df.head(5).chat"), timeout=30)
+    assert later.status == "ok", later.text()  # the stop is used once, never carried over
+
+
+@pytest.mark.timeout(120)
+def test_a_stop_swallowed_before_a_cell_was_sent_does_not_stop_it(
+    kernel: Kernel, server: ChatServer, tmp_path: Path
+) -> None:
+    """A stop pressed during a completion, with no cell waiting, is not held against later runs."""
+    files = tmp_path / "handshake"
+    files.mkdir()
+    setup = kernel.run(SLOW_COMPLETER.replace("FILES", repr(str(files))), timeout=20)
+    assert setup.status == "ok", setup.text()
+    kernel.client.complete("slow_", 5)
+    kernel.pump_until(lambda: (files / "STARTED").exists(), 20, "the completion to start")
+    kernel.manager.interrupt_kernel()
+    time.sleep(0.5)
+    (files / "RELEASE").touch()
+    time.sleep(0.3)  # the completion ends; only then is the next cell sent
+    cell = kernel.run(SYNC_RUN.replace("df.chat", "df.head(5).chat"), timeout=30)
+    assert cell.status == "ok", cell.text()
+    assert server.request_count == 5
