@@ -333,18 +333,23 @@ get_ipython().set_hook("complete_command", _slow_completer, str_key="slow_")
 """
 
 
+def _hold_kernel_in_a_completion(kernel: Kernel, tmp_path: Path) -> Path:
+    """Start a completion that holds the kernel until ``<returned folder>/RELEASE`` exists."""
+    files = tmp_path / "handshake"
+    files.mkdir()
+    setup = kernel.run(SLOW_COMPLETER.replace("FILES", repr(str(files))), timeout=20)
+    assert setup.status == "ok", setup.text()
+    kernel.client.complete("slow_", 5)
+    kernel.pump_until(lambda: (files / "STARTED").exists(), 20, "the completion to start")
+    return files
+
+
 @pytest.mark.timeout(120)
 def test_stop_while_a_completion_holds_the_kernel_stops_the_queued_run(
     kernel: Kernel, server: ChatServer, tmp_path: Path
 ) -> None:
     """A stop pressed while a slow completion holds the kernel stops the run queued behind it."""
-    files = tmp_path / "handshake"
-    files.mkdir()
-    setup = kernel.run(SLOW_COMPLETER.replace("FILES", repr(str(files))), timeout=20)
-    assert setup.status == "ok", setup.text()
-
-    kernel.client.complete("slow_", 5)
-    kernel.pump_until(lambda: (files / "STARTED").exists(), 20, "the completion to start")
+    files = _hold_kernel_in_a_completion(kernel, tmp_path)
     started = kernel.execute(SYNC_RUN.replace("df.chat", "df.head(40).chat"))
     time.sleep(0.3)  # the run's request reaches the kernel and waits behind the completion
     kernel.manager.interrupt_kernel()
@@ -367,12 +372,7 @@ def test_a_stop_swallowed_before_a_cell_was_sent_does_not_stop_it(
     kernel: Kernel, server: ChatServer, tmp_path: Path
 ) -> None:
     """A stop pressed during a completion, with no cell waiting, is not held against later runs."""
-    files = tmp_path / "handshake"
-    files.mkdir()
-    setup = kernel.run(SLOW_COMPLETER.replace("FILES", repr(str(files))), timeout=20)
-    assert setup.status == "ok", setup.text()
-    kernel.client.complete("slow_", 5)
-    kernel.pump_until(lambda: (files / "STARTED").exists(), 20, "the completion to start")
+    files = _hold_kernel_in_a_completion(kernel, tmp_path)
     kernel.manager.interrupt_kernel()
     time.sleep(0.5)
     (files / "RELEASE").touch()
