@@ -326,28 +326,28 @@ class ResponseCache:
         answer; the older copy is deleted, so every row of `blob_answers` is one answer.
         """
         ((upto,),) = self._db.execute("SELECT upto FROM blob_merged")
-        ((count, last),) = self._db.execute(
-            "SELECT count(*), max(id) FROM blob_answers WHERE id > ?", (upto,)
+        # Two look-ups of the rowid b-tree: counting the tail instead reads all its pages.
+        ((low, last),) = self._db.execute(
+            "SELECT (SELECT min(id) FROM blob_answers WHERE id > ?1),"
+            " (SELECT max(id) FROM blob_answers WHERE id > ?1)",
+            (upto,),
         )
-        if not count:
+        if last is None:
             return
-        ours = [(row_id, key) for key, row_id in self._appended.items() if row_id > upto]
-        # Ids are never reused, so when the tail holds as many answers as this connection
-        # appended above the mark, it holds exactly those, and their keys are in memory:
-        # reading them back from 1 KB rows cost more than the rest of the move.
-        tail: list[tuple[int, bytes]] = (
-            ours
-            if count == len(ours)
-            else self._db.execute(
-                "SELECT id, key FROM blob_answers WHERE id > ?", (upto,)
-            ).fetchall()
-        )
-        newest: dict[bytes, int] = {}
+        newest = {key: row_id for key, row_id in self._appended.items() if row_id > upto}
         stale: list[int] = []
-        for row_id, key in sorted(tail):  # in id order: the last answer of a key wins
-            if (older := newest.get(key)) is not None:
-                stale.append(older)
-            newest[key] = row_id
+        ids = newest.values()
+        # Ids are never reused. When this connection's ids above the mark are one unbroken
+        # run from the tail's first to its last, the tail is exactly these answers, and
+        # their keys are in memory: reading them back from 1 KB rows cost more than the
+        # rest of the move. Otherwise (another process's answers in between), read it.
+        if not (newest and low == min(ids) and last == max(ids) == low + len(newest) - 1):
+            newest = {}
+            tail = self._db.execute("SELECT id, key FROM blob_answers WHERE id > ?", (upto,))
+            for row_id, key in sorted(tail.fetchall()):  # in id order: the last one wins
+                if (older := newest.get(key)) is not None:
+                    stale.append(older)
+                newest[key] = row_id
         entries = sorted(newest.items())
         added = self._db.executemany("INSERT OR IGNORE INTO blob_keys VALUES (?, ?)", entries)
         if added.rowcount < len(entries):  # rare: a key that already had an answer
