@@ -197,6 +197,11 @@ class ResponseCache:
         self._journaled: set[bytes] = set()
         # Binary answers this connection appended since its last merge: key -> their id.
         self._appended: dict[bytes, int] = {}
+        # Whether the file may hold binary answers, as of `PRAGMA data_version` (which
+        # moves when another connection commits): a chat run never pays a second look-up
+        # for its misses in a file with no vectors.
+        self._has_blobs = True
+        self._version_seen: int | None = None
         # Before the file has a header (a new, empty file): WAL mode would fix the size.
         self._db.execute(f"PRAGMA page_size={_PAGE_SIZE}")
         _retry_while_locked(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
@@ -244,7 +249,7 @@ class ResponseCache:
         so an answer another process merges (or replaces with a newer copy) meanwhile is
         still found.
         """
-        if not keys:
+        if not keys or not self._may_have_blobs():
             return
         sql = (
             f"SELECT {_BLOB_ANSWER} FROM blob_keys k JOIN blob_answers a ON a.id = k.id"
@@ -260,6 +265,16 @@ class ResponseCache:
         for key, *answer in self._db.execute(sql, [*keys, *ids]).fetchall():
             if wanted is None or key in wanted:
                 found[key] = CachedAnswer(*answer)
+
+    def _may_have_blobs(self) -> bool:
+        if self._appended:
+            return True
+        (version,) = self._db.execute("PRAGMA data_version").fetchone()
+        if version != self._version_seen:  # first call, or another connection committed
+            self._version_seen = version
+            (exists,) = self._db.execute("SELECT EXISTS (SELECT 1 FROM blob_answers)").fetchone()
+            self._has_blobs = bool(exists)
+        return self._has_blobs
 
     def put(self, key: bytes, answer: CachedAnswer, *, model: str | None = None) -> None:
         """Hold one answer for the next `commit`, which writes and makes it durable.
@@ -299,6 +314,7 @@ class ResponseCache:
         self._journaled.update(self._unwritten)
         self._unwritten.clear()
         if blobs:
+            self._has_blobs = True  # our own commits leave data_version where it was
             self._appended.update((row[0], first + n) for n, row in enumerate(blobs))
             self._unwritten_blobs.clear()
         if len(self._journaled) + len(self._appended) >= _MERGE_EVERY:

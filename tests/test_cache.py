@@ -214,6 +214,19 @@ def test_binary_answers_are_appended_and_their_keys_merged(
     assert _counts(path, "blob_answers", "blob_keys") == (0, 0)
 
 
+def test_a_reader_finds_vectors_another_process_saved_after_it_looked(tmp_path: Path) -> None:
+    """A lookup that found no vectors in the file still finds those written meanwhile."""
+    from nbtoolkit.cache import CachedAnswer, ResponseCache
+
+    path = tmp_path / "c.sqlite3"
+    key = b"v" * 32
+    with ResponseCache(path) as reader:
+        assert reader.get_many([key]) == {}  # no vectors in the file yet
+        with ResponseCache(path) as writer:
+            writer.put(key, CachedAnswer(b"vector", None, None, None))
+        assert reader.get_many([key]) == {key: CachedAnswer(b"vector", None, None, None)}
+
+
 def test_a_binary_answer_saved_twice_is_kept_once_the_newest(tmp_path: Path) -> None:
     """Two processes saving one key: after the merge one row is left, the later answer."""
     from nbtoolkit.cache import CachedAnswer, ResponseCache
