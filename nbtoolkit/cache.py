@@ -19,6 +19,17 @@ straight into ``responses``, ordered by a random hash, rewrote a whole 4 KB page
 in every commit, and cost the run more CPU than anything else the cache does. Every
 ``_MERGE_EVERY`` answers, at close, and when a cache is opened (the journal of a killed
 run), the journal is moved into ``responses`` in key order, in one transaction.
+
+Binary answers (float32 vectors, 1 KB and more each) live apart, written once. In
+``responses`` a 1 KB row leaves room for three on a 4 KB page, spills into overflow pages,
+and every move rewrites most of the table: 83 us per vector against 16 per chat answer.
+Instead each commit appends them to ``blob_answers``, a rowid table, so only its last pages
+are written; its small key -> id entries are what goes into ``blob_keys`` in key order,
+journal-style: every ``_MERGE_EVERY`` answers, at close, and when a cache is opened. A
+connection finds its own unmerged answers by id. New files get 16 KB pages (15 vectors of
+256 dimensions a page); a file made with 4 KB pages keeps them, which only costs space.
+Files written before ``blob_answers`` existed keep their vectors in ``responses``, where
+lookups still find them.
 """
 
 from __future__ import annotations
@@ -51,8 +62,22 @@ _SCHEMA = (
     f"CREATE TABLE IF NOT EXISTS responses ({_COLUMNS}, PRIMARY KEY (key)) WITHOUT ROWID",
     # Arrival order, no index: answers not yet moved into `responses`.
     f"CREATE TABLE IF NOT EXISTS journal ({_COLUMNS})",
+    # Binary answers, appended in arrival order (the rowid); found through `blob_keys`.
+    f"CREATE TABLE IF NOT EXISTS blob_answers (id INTEGER PRIMARY KEY, {_COLUMNS})",
+    "CREATE TABLE IF NOT EXISTS blob_keys (key BLOB PRIMARY KEY, id INTEGER NOT NULL)"
+    " WITHOUT ROWID",
+    # One row: the highest `blob_answers` id already in `blob_keys` (above it: unmerged).
+    "CREATE TABLE IF NOT EXISTS blob_merged (upto INTEGER NOT NULL)",
+    "INSERT INTO blob_merged SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM blob_merged)",
 )
+# A new file's page size: a rowid page holds 15 vectors of 256 float32s, not 3. An existing
+# file keeps the size it was made with (changing it takes a VACUUM).
+_PAGE_SIZE = 16384
+# Copy the WAL into the file (with an fsync) once it holds this many bytes, not every 4 MB:
+# during a run, those fsyncs were most of what the cache cost.
+_CHECKPOINT_BYTES = 40_000_000
 _ANSWER = "key, text, prompt_tokens, completion_tokens, cached_tokens"
+_BLOB_ANSWER = "a.key, a.text, a.prompt_tokens, a.completion_tokens, a.cached_tokens"
 # Answers a connection journals before it moves them into `responses`. A larger batch
 # touches each page of `responses` for more answers at once; the keys are held in memory
 # until then (about 100 bytes each), and the move holds the write lock (and this run's
@@ -163,22 +188,35 @@ class ResponseCache:
         _create_private(self.path)
         # isolation_level=None: we say when a transaction begins and ends (see put/commit).
         self._db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
-        # Answers put() but not yet committed, by key (so a lookup sees them too).
+        # Answers put() but not yet committed, by key (so a lookup sees them too): text
+        # answers, and binary ones.
         self._unwritten: dict[bytes, tuple[Any, ...]] = {}
+        self._unwritten_blobs: dict[bytes, tuple[Any, ...]] = {}
         # Keys this connection journaled since its last merge: only a lookup of one of these
         # needs to read the journal, which has no index.
         self._journaled: set[bytes] = set()
+        # Binary answers this connection appended since its last merge: key -> their id.
+        self._appended: dict[bytes, int] = {}
+        # Whether the file may hold binary answers, as of `PRAGMA data_version` (which
+        # moves when another connection commits): a chat run never pays a second look-up
+        # for its misses in a file with no vectors.
+        self._has_blobs = True
+        self._version_seen: int | None = None
+        # Before the file has a header (a new, empty file): WAL mode would fix the size.
+        self._db.execute(f"PRAGMA page_size={_PAGE_SIZE}")
         _retry_while_locked(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
         # NORMAL under WAL: a commit survives a killed process; only power loss can undo
         # the last few, and it never corrupts the file.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
-        # Checkpoint (copy the WAL into the file, with an fsync) every 40 MB rather than 4:
-        # during a run, those fsyncs were most of what the cache cost.
-        self._db.execute("PRAGMA wal_autocheckpoint=10000")
+        (page_size,) = self._db.execute("PRAGMA page_size").fetchone()
+        self._db.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_BYTES // page_size}")
         for statement in _SCHEMA:
             _retry_while_locked(functools.partial(self._db.execute, statement))
-        if self._db.execute("SELECT 1 FROM journal LIMIT 1").fetchone() is not None:
+        if self._db.execute(
+            "SELECT EXISTS (SELECT 1 FROM journal) OR EXISTS (SELECT 1 FROM blob_answers"
+            " WHERE id > (SELECT upto FROM blob_merged))"
+        ).fetchone() != (0,):
             self.merge()  # a run that was killed, or one still going: either way, safe to move
 
     def get_many(self, keys: Sequence[bytes]) -> dict[bytes, CachedAnswer]:
@@ -196,10 +234,47 @@ class ResponseCache:
                 chunk = [*chunk, *journaled]
             for key, *answer in self._db.execute(sql, chunk).fetchall():
                 found[key] = CachedAnswer(*answer)
+            self._get_blobs([key for key in chunk if key not in found], found)
         for key in keys:
-            if (row := self._unwritten.get(key)) is not None:
+            if (row := self._unwritten.get(key) or self._unwritten_blobs.get(key)) is not None:
                 found[key] = CachedAnswer(*row[1:5])
         return found
+
+    def _get_blobs(self, keys: Sequence[bytes], found: dict[bytes, CachedAnswer]) -> None:
+        """Add the binary answers among ``keys`` to ``found``.
+
+        A second statement, for the keys the first did not find: a key is either text or
+        binary, and each kind is read in one statement, one snapshot. Merged answers are
+        found through `blob_keys`, this connection's unmerged ones by id; in one statement,
+        so an answer another process merges (or replaces with a newer copy) meanwhile is
+        still found.
+        """
+        if not keys or not self._may_have_blobs():
+            return
+        sql = (
+            f"SELECT {_BLOB_ANSWER} FROM blob_keys k JOIN blob_answers a ON a.id = k.id"
+            f" WHERE k.key IN ({_marks(keys)})"
+        )
+        ids = [self._appended[key] for key in keys if key in self._appended]
+        if ids:
+            sql += f" UNION ALL SELECT {_BLOB_ANSWER} FROM blob_answers a"
+            sql += f" WHERE a.id IN ({_marks(ids)})"
+        # An id may name another answer once another process has cleared the file: each
+        # row says its own key, and only the keys asked for count.
+        wanted = set(keys) if ids else None
+        for key, *answer in self._db.execute(sql, [*keys, *ids]).fetchall():
+            if wanted is None or key in wanted:
+                found[key] = CachedAnswer(*answer)
+
+    def _may_have_blobs(self) -> bool:
+        if self._appended:
+            return True
+        (version,) = self._db.execute("PRAGMA data_version").fetchone()
+        if version != self._version_seen:  # first call, or another connection committed
+            self._version_seen = version
+            (exists,) = self._db.execute("SELECT EXISTS (SELECT 1 FROM blob_answers)").fetchone()
+            self._has_blobs = bool(exists)
+        return self._has_blobs
 
     def put(self, key: bytes, answer: CachedAnswer, *, model: str | None = None) -> None:
         """Hold one answer for the next `commit`, which writes and makes it durable.
@@ -209,18 +284,40 @@ class ResponseCache:
         (writing them one by one cost more CPU than the requests themselves against a fast
         server).
         """
-        self._unwritten[key] = (key, *answer, model, time.time())
+        row = (key, *answer, model, time.time())
+        if isinstance(answer.text, bytes):
+            self._unwritten_blobs[key] = row
+        else:
+            self._unwritten[key] = row
 
     def commit(self) -> None:
         """Make every answer held since the last commit durable, in one transaction."""
-        if not self._unwritten:
+        if not self._unwritten and not self._unwritten_blobs:
             return
         rows = list(self._unwritten.values())
+        blobs = list(self._unwritten_blobs.values())
         with self._write():
-            self._db.executemany("INSERT INTO journal VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            if rows:
+                self._db.executemany("INSERT INTO journal VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            if blobs:
+                # Ids chosen here, under the write lock, so this connection knows them; above
+                # the mark too, so that an id is never reused, even after a clear.
+                (last,) = self._db.execute(
+                    "SELECT max(coalesce((SELECT max(id) FROM blob_answers), 0),"
+                    " (SELECT upto FROM blob_merged))"
+                ).fetchone()
+                first = last + 1
+                self._db.executemany(
+                    "INSERT INTO blob_answers VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(first + n, *row) for n, row in enumerate(blobs)],
+                )
         self._journaled.update(self._unwritten)
         self._unwritten.clear()
-        if len(self._journaled) >= _MERGE_EVERY:
+        if blobs:
+            self._has_blobs = True  # our own commits leave data_version where it was
+            self._appended.update((row[0], first + n) for n, row in enumerate(blobs))
+            self._unwritten_blobs.clear()
+        if len(self._journaled) + len(self._appended) >= _MERGE_EVERY:
             self.merge()
 
     def merge(self) -> None:
@@ -233,7 +330,54 @@ class ResponseCache:
         with self._write():
             self._db.execute("INSERT OR REPLACE INTO responses SELECT * FROM journal ORDER BY key")
             self._db.execute("DELETE FROM journal")
+            self._merge_blobs()
         self._journaled.clear()
+        self._appended.clear()
+
+    def _merge_blobs(self) -> None:
+        """Index the unmerged binary answers (every process's) in `blob_keys`, in key order.
+
+        Only the small key -> id entries move; the answers stay where they were appended.
+        A key written twice (two processes embedding one text at once) keeps its newest
+        answer; the older copy is deleted, so every row of `blob_answers` is one answer.
+        """
+        ((upto,),) = self._db.execute("SELECT upto FROM blob_merged")
+        # Two look-ups of the rowid b-tree: counting the tail instead reads all its pages.
+        ((low, last),) = self._db.execute(
+            "SELECT (SELECT min(id) FROM blob_answers WHERE id > ?1),"
+            " (SELECT max(id) FROM blob_answers WHERE id > ?1)",
+            (upto,),
+        )
+        if last is None:
+            return
+        newest = {key: row_id for key, row_id in self._appended.items() if row_id > upto}
+        stale: list[int] = []
+        ids = newest.values()
+        # Ids are never reused. When this connection's ids above the mark are one unbroken
+        # run from the tail's first to its last, the tail is exactly these answers, and
+        # their keys are in memory: reading them back from 1 KB rows cost more than the
+        # rest of the move. Otherwise (another process's answers in between), read it.
+        if not (newest and low == min(ids) and last == max(ids) == low + len(newest) - 1):
+            newest = {}
+            tail = self._db.execute("SELECT id, key FROM blob_answers WHERE id > ?", (upto,))
+            for row_id, key in sorted(tail.fetchall()):  # in id order: the last one wins
+                if (older := newest.get(key)) is not None:
+                    stale.append(older)
+                newest[key] = row_id
+        entries = sorted(newest.items())
+        added = self._db.executemany("INSERT OR IGNORE INTO blob_keys VALUES (?, ?)", entries)
+        if added.rowcount < len(entries):  # rare: a key that already had an answer
+            for start in range(0, len(entries), _LOOKUP_CHUNK):
+                chunk = [key for key, _ in entries[start : start + _LOOKUP_CHUNK]]
+                sql = f"SELECT key, id FROM blob_keys WHERE key IN ({_marks(chunk)})"
+                for key, row_id in self._db.execute(sql, chunk).fetchall():
+                    if row_id != newest[key]:
+                        stale.append(row_id)
+                        self._db.execute(
+                            "UPDATE blob_keys SET id = ? WHERE key = ?", (newest[key], key)
+                        )
+        self._db.executemany("DELETE FROM blob_answers WHERE id = ?", [(i,) for i in stale])
+        self._db.execute("UPDATE blob_merged SET upto = ?", (last,))
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
@@ -248,21 +392,28 @@ class ResponseCache:
     def info(self) -> CacheInfo:
         (entries,) = self._db.execute(
             "SELECT (SELECT count(*) FROM responses) + (SELECT count(*) FROM journal)"
+            " + (SELECT count(*) FROM blob_answers)"
         ).fetchone()
         return CacheInfo(self.path, entries, _size_on_disk(self.path))
 
     def clear(self) -> None:
         with self._write():
-            self._db.execute("DELETE FROM responses")
-            self._db.execute("DELETE FROM journal")
+            # The mark moves past every id given out, so that none is given out again.
+            self._db.execute(
+                "UPDATE blob_merged SET upto = max(upto,"
+                " coalesce((SELECT max(id) FROM blob_answers), 0))"
+            )
+            for table in ("responses", "journal", "blob_answers", "blob_keys"):
+                self._db.execute(f"DELETE FROM {table}")
         self._journaled.clear()
+        self._appended.clear()
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.execute("VACUUM")
 
     def close(self) -> None:
         try:
             self.commit()
-            if self._journaled:
+            if self._journaled or self._appended:
                 self.merge()
         finally:
             self._db.close()

@@ -169,6 +169,140 @@ def test_the_journal_moves_into_the_keyed_table(
     assert tables() == (11, 0)
 
 
+def _counts(path: Path, *tables: str) -> tuple[int, ...]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return tuple(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables)
+
+
+def test_binary_answers_are_appended_and_their_keys_merged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes go to blob_answers; their keys reach blob_keys in batches, at close and on open."""
+    from nbtoolkit import cache as cache_module
+    from nbtoolkit.cache import CachedAnswer, ResponseCache
+
+    monkeypatch.setattr(cache_module, "_MERGE_EVERY", 4)
+    path = tmp_path / "c.sqlite3"
+    answers = {bytes([i]) * 32: CachedAnswer(bytes([i]) * 1024, None, None, None) for i in range(6)}
+    keys = list(answers)
+    writer, reader = ResponseCache(path), ResponseCache(path)
+    for key in keys:
+        writer.put(key, answers[key], model="m")
+        writer.commit()
+    assert _counts(path, "blob_answers", "blob_keys", "responses", "journal") == (6, 4, 0, 0)
+    assert writer.get_many(keys) == answers  # its own unmerged answers, by id
+    assert list(reader.get_many(keys)) == keys[:4]  # another's are not read...
+    ResponseCache(path).close()  # ...until a cache is opened (a killed run's answers)
+    assert _counts(path, "blob_keys") == (6,)
+    assert reader.get_many(keys) == answers
+    assert writer.get_many(keys) == answers
+    assert writer.info().entries == 6
+    writer.put(b"t" * 32, CachedAnswer("text", 1, 2, None))  # text still goes to the journal
+    writer.put(b"x" * 32, CachedAnswer(b"late", None, None, None))
+    writer.close()
+    reader.close()
+    assert _counts(path, "blob_answers", "blob_keys", "responses") == (7, 7, 1)
+    with ResponseCache(path) as cache:
+        assert cache.get_many([b"t" * 32, b"x" * 32]) == {
+            b"t" * 32: CachedAnswer("text", 1, 2, None),
+            b"x" * 32: CachedAnswer(b"late", None, None, None),
+        }
+        assert cache.info().entries == 8
+        cache.clear()
+        assert cache.info().entries == 0
+        assert cache.get_many(keys) == {}
+    assert _counts(path, "blob_answers", "blob_keys") == (0, 0)
+
+
+def test_a_reader_finds_vectors_another_process_saved_after_it_looked(tmp_path: Path) -> None:
+    """A lookup that found no vectors in the file still finds those written meanwhile."""
+    from nbtoolkit.cache import CachedAnswer, ResponseCache
+
+    path = tmp_path / "c.sqlite3"
+    key = b"v" * 32
+    with ResponseCache(path) as reader:
+        assert reader.get_many([key]) == {}  # no vectors in the file yet
+        with ResponseCache(path) as writer:
+            writer.put(key, CachedAnswer(b"vector", None, None, None))
+        assert reader.get_many([key]) == {key: CachedAnswer(b"vector", None, None, None)}
+
+
+def test_a_binary_answer_saved_twice_is_kept_once_the_newest(tmp_path: Path) -> None:
+    """Two processes saving one key: after the merge one row is left, the later answer."""
+    from nbtoolkit.cache import CachedAnswer, ResponseCache
+
+    path = tmp_path / "c.sqlite3"
+    key, other = b"k" * 32, b"o" * 32
+    first, second = ResponseCache(path), ResponseCache(path)
+    first.put(key, CachedAnswer(b"old", None, None, None))
+    first.put(other, CachedAnswer(b"other", None, None, None))
+    first.commit()
+    second.put(key, CachedAnswer(b"new", None, None, None))
+    second.commit()
+    first.close()  # merges both connections' answers
+    assert _counts(path, "blob_answers", "blob_keys") == (2, 2)
+    assert second.get_many([key, other]) == {
+        key: CachedAnswer(b"new", None, None, None),
+        other: CachedAnswer(b"other", None, None, None),
+    }
+    second.put(key, CachedAnswer(b"newer", None, None, None))  # over a merged answer
+    second.close()
+    assert _counts(path, "blob_answers", "blob_keys") == (2, 2)
+    with ResponseCache(path) as cache:
+        assert cache.get_many([key])[key].text == b"newer"
+        assert cache.info().entries == 2
+
+
+def test_a_cache_file_of_the_previous_layout_is_still_read(tmp_path: Path) -> None:
+    """A 4 KB-page file with vectors in responses/journal: found, counted, and added to."""
+    from nbtoolkit.cache import CachedAnswer, ResponseCache
+
+    path = tmp_path / "old.sqlite3"
+    columns = (
+        "key BLOB NOT NULL, text TEXT NOT NULL, prompt_tokens INTEGER,"
+        " completion_tokens INTEGER, cached_tokens INTEGER, model TEXT, created REAL NOT NULL"
+    )
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"CREATE TABLE responses ({columns}, PRIMARY KEY (key)) WITHOUT ROWID")
+        db.execute(f"CREATE TABLE journal ({columns})")
+        rows = [
+            (b"v" * 32, b"\x00" * 8, None, None, None, "m", 1.0),
+            (b"c" * 32, "chat answer", 3, 4, 1, "m", 1.0),
+        ]
+        db.executemany("INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        db.execute(
+            "INSERT INTO journal VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (b"j" * 32, b"jj", *[None] * 3, "m", 1.0),
+        )
+    with ResponseCache(path) as cache:
+        assert cache.get_many([b"v" * 32, b"c" * 32, b"j" * 32]) == {
+            b"v" * 32: CachedAnswer(b"\x00" * 8, None, None, None),
+            b"c" * 32: CachedAnswer("chat answer", 3, 4, 1),
+            b"j" * 32: CachedAnswer(b"jj", None, None, None),
+        }
+        cache.put(b"n" * 32, CachedAnswer(b"\x01" * 1024, None, None, None))
+        cache.commit()
+        assert cache.info().entries == 4
+    with ResponseCache(path) as cache:
+        assert cache.get_many([b"n" * 32])[b"n" * 32].text == b"\x01" * 1024
+        assert cache.info().entries == 4
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA page_size").fetchone() == (4096,)  # kept: no VACUUM
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_a_new_cache_file_has_16_kb_pages(tmp_path: Path) -> None:
+    """A fresh file is made with 16 KB pages, room for 15 vectors of 256 floats each."""
+    from nbtoolkit.cache import ResponseCache
+
+    path = tmp_path / "new.sqlite3"
+    ResponseCache(path).close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA page_size").fetchone() == (16384,)
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
 def test_a_failed_request_fails_its_duplicates_too(server: ChatServer) -> None:
     """Rows sharing a failed request share its reason, not a silent None."""
     server.script(Status(400, message="nope"), prompt="same")

@@ -115,7 +115,8 @@ def test_the_cache_keeps_float32_bytes_per_model_dimensions_and_text(server: Cha
     with sqlite3.connect(cache_file()) as db:
         rows = db.execute(
             "SELECT typeof(text), length(text) FROM responses UNION ALL "
-            "SELECT typeof(text), length(text) FROM journal"
+            "SELECT typeof(text), length(text) FROM journal UNION ALL "
+            "SELECT typeof(text), length(text) FROM blob_answers"
         ).fetchall()
     assert rows == [("blob", 20)] * 3
     frame.chat.embed("review", dimensions=5, **settings(server))
