@@ -24,7 +24,6 @@ from typing import Any, NamedTuple, Protocol
 from nbtoolkit.cache import encode_body
 from nbtoolkit.client import parse_completion
 from nbtoolkit.errors import ConfigError, NbToolkitError
-from nbtoolkit.limits import estimate_tokens
 from nbtoolkit.rows import ChatRequest
 
 # Completion tokens assumed for a request that sets no max_tokens: what the budget and the
@@ -111,13 +110,11 @@ class ChatEndpoint:
 
     def item(self, index: int, request: ChatRequest) -> Item:
         body = {**self.base_body, **request.params, "messages": list(request.messages)}
-        return Item(
-            index,
-            body,
-            encode_body(body),
-            estimate_tokens(body["messages"], 0),
-            completion_budget(body),
-        )
+        payload = encode_body(body)
+        # From the encoded body, not message by message: the same four characters a token,
+        # plus the JSON's framing (a slight overestimate, corrected by the reply's usage),
+        # at a fraction of the cost on a fully cached re-run, where every row is an item.
+        return Item(index, body, payload, len(payload) / 4, completion_budget(body))
 
     def payload(self, items: Sequence[Item]) -> bytes:
         return items[0].payload

@@ -130,7 +130,9 @@ def test_the_request_body_is_what_openai_expects(server: ChatServer) -> None:
     """model, input as a list, encoding_format float; dimensions only when asked for."""
     pd.DataFrame({"t": ["a", "b"]}).chat.embed("t", **settings(server, cache=False))
     pd.DataFrame({"t": ["c"]}).chat.embed("t", dimensions=3, **settings(server, cache=False))
-    first, second = (r.body for r in server.requests)
+    # The server records a request once its reply is written: match them by content, not
+    # by the order two quick calls happened to be recorded in.
+    first, second = sorted((r.body for r in server.requests), key=lambda body: "dimensions" in body)
     assert first == {"model": MODEL, "input": ["a", "b"], "encoding_format": "float"}
     assert second == {"model": MODEL, "input": ["c"], "encoding_format": "float", "dimensions": 3}
     assert server.requests[0].headers["Content-Type"] == "application/json"
