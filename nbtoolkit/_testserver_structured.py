@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from nbtoolkit.schema import resolve_ref
+
 __all__ = ["StructuredFaults", "schema_instance"]
 
 BREAKS = ("bad_json", "missing_field", "wrong_type")
@@ -136,7 +138,7 @@ def schema_instance(schema: Mapping[str, Any], row: str) -> Any:
 
 
 def _instance(schema: Any, root: Mapping[str, Any], row: str, name: str) -> Any:
-    schema = _resolve(schema, root)
+    schema = resolve_ref(schema, root)
     if not isinstance(schema, Mapping):
         return None
     pick = _number(f"{name}\0{row}")
@@ -158,8 +160,8 @@ def _instance(schema: Any, root: Mapping[str, Any], row: str, name: str) -> Any:
         return {key: _instance(sub, root, row, key) for key, sub in properties.items()}
     if kind == "array":
         items = schema.get("items", {})
-        if isinstance(items, Mapping) and "enum" in _resolve(items, root):
-            choices = list(_resolve(items, root)["enum"])
+        if isinstance(items, Mapping) and "enum" in resolve_ref(items, root):
+            choices = list(resolve_ref(items, root)["enum"])
             first = choices[pick % len(choices)]
             second = choices[(pick // 7) % len(choices)]
             return [first] if first == second else [first, second]
@@ -193,22 +195,10 @@ def broken(instance: Any, how: str, schema: Mapping[str, Any] | None = None) -> 
     # A label field gets a word that is no label; anything else a value of the wrong type.
     wrong: Any = {"wrong": "type"} if isinstance(instance[first], str | int | float) else "wrong"
     if isinstance(schema, Mapping):
-        field = _resolve((schema.get("properties") or {}).get(first), schema)
+        field = resolve_ref((schema.get("properties") or {}).get(first), schema)
         if isinstance(field, Mapping) and ("enum" in field or "enum" in field.get("items", {})):
             wrong = "not one of the labels"
     return json.dumps({**instance, first: wrong})
-
-
-def _resolve(schema: Any, root: Mapping[str, Any]) -> Any:
-    for _ in range(8):
-        ref = schema.get("$ref") if isinstance(schema, Mapping) else None
-        if not isinstance(ref, str) or not ref.startswith("#/"):
-            return schema
-        target: Any = root
-        for part in ref[2:].split("/"):
-            target = target.get(part) if isinstance(target, Mapping) else None
-        schema = target
-    return schema
 
 
 def _first_user_text(messages: list[Any]) -> str:

@@ -250,7 +250,7 @@ def _fields(strict: Mapping[str, Any]) -> tuple[Field, ...]:
 
 
 def _field(name: str, schema: Any, root: Mapping[str, Any]) -> Field:
-    schema = _resolve(_without_null(_resolve(schema, root)), root)
+    schema = resolve_ref(_without_null(resolve_ref(schema, root)), root)
     if not isinstance(schema, Mapping):
         return Field(name, "object")
     if "enum" in schema:
@@ -275,7 +275,7 @@ def _without_null(schema: Any) -> Any:
     return schema
 
 
-def _resolve(schema: Any, root: Mapping[str, Any]) -> Any:
+def resolve_ref(schema: Any, root: Mapping[str, Any]) -> Any:
     """A local ``{"$ref": "#/$defs/Name"}`` replaced by what it points to."""
     for _ in range(8):  # a chain of references, never a loop
         ref = schema.get("$ref") if isinstance(schema, Mapping) else None
