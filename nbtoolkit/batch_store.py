@@ -21,11 +21,11 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nbtoolkit.cache import ResponseCache, cache_scope
+from nbtoolkit.cache import ResponseCache, cache_scope, write_transaction
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS batch_jobs (
@@ -114,15 +114,8 @@ class BatchStore:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")  # the write lock: one claim wins
-        try:
-            yield
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+    def _write(self) -> contextlib.AbstractContextManager[None]:
+        return write_transaction(self._db)  # the write lock: one claim wins
 
     def live_job(self, key: str) -> str | None:
         """The job submitted for ``key`` whose results were not read back yet, if any."""

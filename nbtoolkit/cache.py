@@ -379,15 +379,8 @@ class ResponseCache:
         self._db.executemany("DELETE FROM blob_answers WHERE id = ?", [(i,) for i in stale])
         self._db.execute("UPDATE blob_merged SET upto = ?", (last,))
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")  # the write lock, waiting up to busy_timeout
-        try:
-            yield
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+    def _write(self) -> contextlib.AbstractContextManager[None]:
+        return write_transaction(self._db)
 
     def info(self) -> CacheInfo:
         (entries,) = self._db.execute(
@@ -423,6 +416,18 @@ class ResponseCache:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def write_transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One transaction holding the write lock (waiting up to busy_timeout for it)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _marks(values: Sequence[object]) -> str:
