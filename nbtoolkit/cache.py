@@ -20,16 +20,8 @@ in every commit, and cost the run more CPU than anything else the cache does. Ev
 ``_MERGE_EVERY`` answers, at close, and when a cache is opened (the journal of a killed
 run), the journal is moved into ``responses`` in key order, in one transaction.
 
-Binary answers (float32 vectors, 1 KB and more each) live apart, written once. In
-``responses`` a 1 KB row leaves room for three on a 4 KB page, spills into overflow pages,
-and every move rewrites most of the table: 83 us per vector against 16 per chat answer.
-Instead each commit appends them to ``blob_answers``, a rowid table, so only its last pages
-are written; its small key -> id entries are what goes into ``blob_keys`` in key order,
-journal-style: every ``_MERGE_EVERY`` answers, at close, and when a cache is opened. A
-connection finds its own unmerged answers by id. New files get 16 KB pages (15 vectors of
-256 dimensions a page); a file made with 4 KB pages keeps them, which only costs space.
-Files written before ``blob_answers`` existed keep their vectors in ``responses``, where
-lookups still find them.
+Binary answers (float32 vectors, 1 KB and more each) are not rows of their own: they
+are appended to a file beside the database, see `nbtoolkit.vector_store`.
 """
 
 from __future__ import annotations
@@ -47,7 +39,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+from nbtoolkit import vector_store
 from nbtoolkit.config import default_cache_path
+from nbtoolkit.vector_store import VectorStore, vectors_path
 
 _COLUMNS = """
     key BLOB NOT NULL,             -- sha256 of base URL + canonical request body
@@ -62,22 +56,12 @@ _SCHEMA = (
     f"CREATE TABLE IF NOT EXISTS responses ({_COLUMNS}, PRIMARY KEY (key)) WITHOUT ROWID",
     # Arrival order, no index: answers not yet moved into `responses`.
     f"CREATE TABLE IF NOT EXISTS journal ({_COLUMNS})",
-    # Binary answers, appended in arrival order (the rowid); found through `blob_keys`.
-    f"CREATE TABLE IF NOT EXISTS blob_answers (id INTEGER PRIMARY KEY, {_COLUMNS})",
-    "CREATE TABLE IF NOT EXISTS blob_keys (key BLOB PRIMARY KEY, id INTEGER NOT NULL)"
-    " WITHOUT ROWID",
-    # One row: the highest `blob_answers` id already in `blob_keys` (above it: unmerged).
-    "CREATE TABLE IF NOT EXISTS blob_merged (upto INTEGER NOT NULL)",
-    "INSERT INTO blob_merged SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM blob_merged)",
+    *vector_store.SCHEMA,
 )
-# A new file's page size: a rowid page holds 15 vectors of 256 float32s, not 3. An existing
-# file keeps the size it was made with (changing it takes a VACUUM).
-_PAGE_SIZE = 16384
 # Copy the WAL into the file (with an fsync) once it holds this many bytes, not every 4 MB:
 # during a run, those fsyncs were most of what the cache cost.
 _CHECKPOINT_BYTES = 40_000_000
 _ANSWER = "key, text, prompt_tokens, completion_tokens, cached_tokens"
-_BLOB_ANSWER = "a.key, a.text, a.prompt_tokens, a.completion_tokens, a.cached_tokens"
 # Answers a connection journals before it moves them into `responses`. A larger batch
 # touches each page of `responses` for more answers at once; the keys are held in memory
 # until then (about 100 bytes each), and the move holds the write lock (and this run's
@@ -86,6 +70,10 @@ _MERGE_EVERY = 8192
 # SQLite caps the number of ? in one statement (32,766 since 3.32; 999 before); a lookup
 # may name each key twice, once per table.
 _LOOKUP_CHUNK = 450
+
+
+# What a cache read or write may raise: SQLite's errors, and the vectors file's (a full disk).
+CACHE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, OSError)
 
 
 class CachedAnswer(NamedTuple):
@@ -195,15 +183,7 @@ class ResponseCache:
         # Keys this connection journaled since its last merge: only a lookup of one of these
         # needs to read the journal, which has no index.
         self._journaled: set[bytes] = set()
-        # Binary answers this connection appended since its last merge: key -> their id.
-        self._appended: dict[bytes, int] = {}
-        # Whether the file may hold binary answers, as of `PRAGMA data_version` (which
-        # moves when another connection commits): a chat run never pays a second look-up
-        # for its misses in a file with no vectors.
-        self._has_blobs = True
-        self._version_seen: int | None = None
-        # Before the file has a header (a new, empty file): WAL mode would fix the size.
-        self._db.execute(f"PRAGMA page_size={_PAGE_SIZE}")
+        self._vectors = VectorStore(self._db, self.path)
         _retry_while_locked(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
         # NORMAL under WAL: a commit survives a killed process; only power loss can undo
         # the last few, and it never corrupts the file.
@@ -213,16 +193,22 @@ class ResponseCache:
         self._db.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_BYTES // page_size}")
         for statement in _SCHEMA:
             _retry_while_locked(functools.partial(self._db.execute, statement))
-        if self._db.execute(
-            "SELECT EXISTS (SELECT 1 FROM journal) OR EXISTS (SELECT 1 FROM blob_answers"
-            " WHERE id > (SELECT upto FROM blob_merged))"
-        ).fetchone() != (0,):
+        journal = self._db.execute("SELECT EXISTS (SELECT 1 FROM journal)").fetchone()
+        if journal != (0,) or self._vectors.pending():
             self.merge()  # a run that was killed, or one still going: either way, safe to move
 
-    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, CachedAnswer]:
-        """The cached answers among ``keys`` (missing keys are simply absent)."""
+    def get_many(
+        self, keys: Sequence[bytes], *, binary: bool | None = None
+    ) -> dict[bytes, CachedAnswer]:
+        """The cached answers among ``keys`` (missing keys are simply absent).
+
+        Args:
+            keys: the answers' keys.
+            binary: True when every key's answer would be bytes (vectors), False when text:
+                the other kind's look-up is skipped. None looks in both.
+        """
         found: dict[bytes, CachedAnswer] = {}
-        for start in range(0, len(keys), _LOOKUP_CHUNK):
+        for start in range(0, len(keys) if binary is not True else 0, _LOOKUP_CHUNK):
             chunk = keys[start : start + _LOOKUP_CHUNK]
             sql = f"SELECT {_ANSWER} FROM responses WHERE key IN ({_marks(chunk)})"
             journaled = [key for key in chunk if key in self._journaled]
@@ -234,47 +220,13 @@ class ResponseCache:
                 chunk = [*chunk, *journaled]
             for key, *answer in self._db.execute(sql, chunk).fetchall():
                 found[key] = CachedAnswer(*answer)
-            self._get_blobs([key for key in chunk if key not in found], found)
+        if binary is not False:
+            # A key is either text or binary: the vectors are looked up for the keys left.
+            self._vectors.get([key for key in keys if key not in found], found, CachedAnswer)
         for key in keys:
             if (row := self._unwritten.get(key) or self._unwritten_blobs.get(key)) is not None:
                 found[key] = CachedAnswer(*row[1:5])
         return found
-
-    def _get_blobs(self, keys: Sequence[bytes], found: dict[bytes, CachedAnswer]) -> None:
-        """Add the binary answers among ``keys`` to ``found``.
-
-        A second statement, for the keys the first did not find: a key is either text or
-        binary, and each kind is read in one statement, one snapshot. Merged answers are
-        found through `blob_keys`, this connection's unmerged ones by id; in one statement,
-        so an answer another process merges (or replaces with a newer copy) meanwhile is
-        still found.
-        """
-        if not keys or not self._may_have_blobs():
-            return
-        sql = (
-            f"SELECT {_BLOB_ANSWER} FROM blob_keys k JOIN blob_answers a ON a.id = k.id"
-            f" WHERE k.key IN ({_marks(keys)})"
-        )
-        ids = [self._appended[key] for key in keys if key in self._appended]
-        if ids:
-            sql += f" UNION ALL SELECT {_BLOB_ANSWER} FROM blob_answers a"
-            sql += f" WHERE a.id IN ({_marks(ids)})"
-        # An id may name another answer once another process has cleared the file: each
-        # row says its own key, and only the keys asked for count.
-        wanted = set(keys) if ids else None
-        for key, *answer in self._db.execute(sql, [*keys, *ids]).fetchall():
-            if wanted is None or key in wanted:
-                found[key] = CachedAnswer(*answer)
-
-    def _may_have_blobs(self) -> bool:
-        if self._appended:
-            return True
-        (version,) = self._db.execute("PRAGMA data_version").fetchone()
-        if version != self._version_seen:  # first call, or another connection committed
-            self._version_seen = version
-            (exists,) = self._db.execute("SELECT EXISTS (SELECT 1 FROM blob_answers)").fetchone()
-            self._has_blobs = bool(exists)
-        return self._has_blobs
 
     def put(self, key: bytes, answer: CachedAnswer, *, model: str | None = None) -> None:
         """Hold one answer for the next `commit`, which writes and makes it durable.
@@ -300,28 +252,18 @@ class ResponseCache:
             if rows:
                 self._db.executemany("INSERT INTO journal VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             if blobs:
-                # Ids chosen here, under the write lock, so this connection knows them; above
-                # the mark too, so that an id is never reused, even after a clear.
-                (last,) = self._db.execute(
-                    "SELECT max(coalesce((SELECT max(id) FROM blob_answers), 0),"
-                    " (SELECT upto FROM blob_merged))"
-                ).fetchone()
-                first = last + 1
-                self._db.executemany(
-                    "INSERT INTO blob_answers VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(first + n, *row) for n, row in enumerate(blobs)],
-                )
+                self._vectors.append(blobs)
         self._journaled.update(self._unwritten)
         self._unwritten.clear()
         if blobs:
-            self._has_blobs = True  # our own commits leave data_version where it was
-            self._appended.update((row[0], first + n) for n, row in enumerate(blobs))
+            self._vectors.committed()
             self._unwritten_blobs.clear()
-        if len(self._journaled) + len(self._appended) >= _MERGE_EVERY:
+        if len(self._journaled) >= _MERGE_EVERY or self._vectors.unmerged >= vector_store.MERGE_EVERY:
             self.merge()
 
     def merge(self) -> None:
-        """Move the whole journal, every process's, into `responses`, in key order.
+        """Move the whole journal, every process's, into `responses`, in key order, and
+        index every process's unmerged vectors.
 
         In key order, each page of `responses` is rewritten once for all the answers that
         land on it. One transaction: another process sees each answer in one table or the
@@ -330,54 +272,9 @@ class ResponseCache:
         with self._write():
             self._db.execute("INSERT OR REPLACE INTO responses SELECT * FROM journal ORDER BY key")
             self._db.execute("DELETE FROM journal")
-            self._merge_blobs()
+            self._vectors.merge()
         self._journaled.clear()
-        self._appended.clear()
-
-    def _merge_blobs(self) -> None:
-        """Index the unmerged binary answers (every process's) in `blob_keys`, in key order.
-
-        Only the small key -> id entries move; the answers stay where they were appended.
-        A key written twice (two processes embedding one text at once) keeps its newest
-        answer; the older copy is deleted, so every row of `blob_answers` is one answer.
-        """
-        ((upto,),) = self._db.execute("SELECT upto FROM blob_merged")
-        # Two look-ups of the rowid b-tree: counting the tail instead reads all its pages.
-        ((low, last),) = self._db.execute(
-            "SELECT (SELECT min(id) FROM blob_answers WHERE id > ?1),"
-            " (SELECT max(id) FROM blob_answers WHERE id > ?1)",
-            (upto,),
-        )
-        if last is None:
-            return
-        newest = {key: row_id for key, row_id in self._appended.items() if row_id > upto}
-        stale: list[int] = []
-        ids = newest.values()
-        # Ids are never reused. When this connection's ids above the mark are one unbroken
-        # run from the tail's first to its last, the tail is exactly these answers, and
-        # their keys are in memory: reading them back from 1 KB rows cost more than the
-        # rest of the move. Otherwise (another process's answers in between), read it.
-        if not (newest and low == min(ids) and last == max(ids) == low + len(newest) - 1):
-            newest = {}
-            tail = self._db.execute("SELECT id, key FROM blob_answers WHERE id > ?", (upto,))
-            for row_id, key in sorted(tail.fetchall()):  # in id order: the last one wins
-                if (older := newest.get(key)) is not None:
-                    stale.append(older)
-                newest[key] = row_id
-        entries = sorted(newest.items())
-        added = self._db.executemany("INSERT OR IGNORE INTO blob_keys VALUES (?, ?)", entries)
-        if added.rowcount < len(entries):  # rare: a key that already had an answer
-            for start in range(0, len(entries), _LOOKUP_CHUNK):
-                chunk = [key for key, _ in entries[start : start + _LOOKUP_CHUNK]]
-                sql = f"SELECT key, id FROM blob_keys WHERE key IN ({_marks(chunk)})"
-                for key, row_id in self._db.execute(sql, chunk).fetchall():
-                    if row_id != newest[key]:
-                        stale.append(row_id)
-                        self._db.execute(
-                            "UPDATE blob_keys SET id = ? WHERE key = ?", (newest[key], key)
-                        )
-        self._db.executemany("DELETE FROM blob_answers WHERE id = ?", [(i,) for i in stale])
-        self._db.execute("UPDATE blob_merged SET upto = ?", (last,))
+        self._vectors.merged()
 
     def _write(self) -> contextlib.AbstractContextManager[None]:
         return write_transaction(self._db)
@@ -385,31 +282,26 @@ class ResponseCache:
     def info(self) -> CacheInfo:
         (entries,) = self._db.execute(
             "SELECT (SELECT count(*) FROM responses) + (SELECT count(*) FROM journal)"
-            " + (SELECT count(*) FROM blob_answers)"
         ).fetchone()
-        return CacheInfo(self.path, entries, _size_on_disk(self.path))
+        return CacheInfo(self.path, entries + self._vectors.count(), _size_on_disk(self.path))
 
     def clear(self) -> None:
         with self._write():
-            # The mark moves past every id given out, so that none is given out again.
-            self._db.execute(
-                "UPDATE blob_merged SET upto = max(upto,"
-                " coalesce((SELECT max(id) FROM blob_answers), 0))"
-            )
-            for table in ("responses", "journal", "blob_answers", "blob_keys"):
+            for table in ("responses", "journal"):
                 self._db.execute(f"DELETE FROM {table}")
+            self._vectors.clear()
         self._journaled.clear()
-        self._appended.clear()
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.execute("VACUUM")
 
     def close(self) -> None:
         try:
             self.commit()
-            if self._journaled or self._appended:
+            if self._journaled or self._vectors.unmerged:
                 self.merge()
         finally:
             self._db.close()
+            self._vectors.close()
 
     def __enter__(self) -> ResponseCache:
         return self
@@ -459,7 +351,7 @@ def _create_private(path: Path) -> None:
 
 
 def _size_on_disk(path: Path) -> int:
-    names: Iterable[Path] = (path, Path(f"{path}-wal"), Path(f"{path}-shm"))
+    names: Iterable[Path] = (path, Path(f"{path}-wal"), Path(f"{path}-shm"), vectors_path(path))
     return sum(p.stat().st_size for p in names if p.exists())
 
 

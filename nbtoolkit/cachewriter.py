@@ -2,8 +2,8 @@
 
 A cache that breaks (a full disk, a lock held too long, a file that cannot be read) must
 not cost the answers themselves: the rows keep them, only a re-run would pay again. So any
-SQLite error, on a read or a write, is said once as a warning and the run goes on without
-the cache.
+SQLite or file error, on a read or a write, is said once as a warning and the run goes on
+without the cache.
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import sqlite3
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from nbtoolkit.cache import CachedAnswer, ResponseCache
+from nbtoolkit.cache import CACHE_ERRORS, CachedAnswer, ResponseCache
 
 # The longest an answer waits for its commit: what a killed process can lose, at most.
 COMMIT_EVERY = 0.020
@@ -34,7 +33,7 @@ class CacheWriter:
             return
         try:
             self._cache = ResponseCache(path)
-        except (OSError, sqlite3.Error) as exc:
+        except CACHE_ERRORS as exc:
             # An unwritable cache folder should not stop the work; it only loses the checkpoint.
             warnings.warn(
                 f"response cache {path} unavailable, running without it: {exc}",
@@ -46,13 +45,16 @@ class CacheWriter:
     def enabled(self) -> bool:
         return self._cache is not None
 
-    def lookup(self, keys: Sequence[bytes]) -> dict[bytes, CachedAnswer]:
-        """The saved answers among ``keys``; none if the cache cannot be read."""
+    def lookup(
+        self, keys: Sequence[bytes], *, binary: bool | None = None
+    ) -> dict[bytes, CachedAnswer]:
+        """The saved answers among ``keys``; none if the cache cannot be read. ``binary``:
+        as `ResponseCache.get_many`."""
         if self._cache is None or not keys:
             return {}
         try:
-            return self._cache.get_many(keys)
-        except sqlite3.Error as exc:
+            return self._cache.get_many(keys, binary=binary)
+        except CACHE_ERRORS as exc:
             self._failed("read", exc)
             return {}
 
@@ -62,7 +64,7 @@ class CacheWriter:
             return
         try:
             self._cache.put(key, answer, model=self._model)
-        except sqlite3.Error as exc:
+        except CACHE_ERRORS as exc:
             self._failed("write", exc)
             return
         if self._timer is None:
@@ -80,7 +82,7 @@ class CacheWriter:
             return
         try:
             self._cache.commit()
-        except sqlite3.Error as exc:
+        except CACHE_ERRORS as exc:
             self._failed("write", exc)
 
     def close(self) -> None:
@@ -92,17 +94,17 @@ class CacheWriter:
             return
         try:
             self._cache.close()
-        except sqlite3.Error as exc:
+        except CACHE_ERRORS as exc:
             self._failed("write", exc)
         self._cache = None
 
-    def _failed(self, what: str, exc: sqlite3.Error) -> None:
+    def _failed(self, what: str, exc: Exception) -> None:
         warnings.warn(
             f"response cache {what} failed, carrying on without it: {exc}",
             RuntimeWarning,
             stacklevel=2,
         )
         if self._cache is not None:
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(*CACHE_ERRORS):
                 self._cache.close()
         self._cache = None

@@ -157,6 +157,9 @@ class ChatRun:
             # a 5 s timeout that fires at 5.9 s only delays the retry. Keep them exact.
             ceil_threshold=float("inf"),
         )
+        # Whether the endpoint's answers are bytes (vectors) or text: a cache look-up reads
+        # only that kind's table. Optional: endpoints without it store text.
+        self._binary = bool(getattr(self.endpoint, "binary_answers", False))
         self._url = config.url(self.endpoint.path)
         self._headers = config.request_headers()
         self._cache = CacheWriter(None, model=None)
@@ -260,7 +263,9 @@ class ChatRun:
         if self._cache.enabled or self.config.dedupe:
             for item in batch:
                 item.key = self._keys.key(item.payload)
-        hits = self._cache.lookup([item.key for item in batch if item.key is not None])
+        hits = self._cache.lookup(
+            [item.key for item in batch if item.key is not None], binary=self._binary
+        )
         # Queued after the loop, not in it: a put that waits lets workers settle rows and
         # drop them from _pending, and a later twin, missed by the lookup above, would be
         # sent again.
@@ -318,7 +323,10 @@ class ChatRun:
                 self._settle_row(item, self._failed(failed.error, failed.attempts))
             return
         for item, outcome in zip(items, parsed.outcomes, strict=True):
-            await self._settle_outcome(session, item, outcome, attempts)
+            if isinstance(outcome, Answer):  # the usual case, settled without a coroutine
+                self._settle_answer(item, outcome, attempts)
+            else:
+                await self._settle_outcome(session, item, outcome, attempts)
 
     async def _settle_outcome(
         self, session: aiohttp.ClientSession, item: Item, outcome: Any, attempts: int
@@ -329,7 +337,7 @@ class ChatRun:
             self.stats.reasks += 1
             item = outcome.item
             item.key = self._keys.key(item.payload)
-            cached = self._cache.lookup([item.key]).get(item.key)
+            cached = self._cache.lookup([item.key], binary=self._binary).get(item.key)
             if cached is not None:
                 outcome = self._from_cache(cached)
                 break
@@ -341,26 +349,32 @@ class ChatRun:
             attempts += more
             outcome = parsed.outcomes[0]
         if isinstance(outcome, RowResult):  # a re-ask answered from the cache
-            result = outcome
+            self._settle_row(first, outcome)
         elif isinstance(outcome, Answer):
-            result = RowResult(
-                outcome.stored if isinstance(outcome.stored, str) else None,
-                None,
-                attempts,
-                outcome.prompt_tokens,
-                outcome.completion_tokens,
-                outcome.cached_tokens,
-                value=outcome.value,
-            )
             if item is not first and item.key is not None:
                 self._cache.save(item.key, _to_cache(outcome))  # the re-ask, under its own key
+            self._settle_answer(first, outcome, attempts)
         else:
-            result = RowResult(None, _row_error(outcome, attempts), attempts)
-        if result.error is None and first.key is not None and isinstance(outcome, Answer):
-            # Only a checked answer is saved under the row's own request: a re-run of an
-            # answer that needed fixing finds the fixed one and pays for nothing.
-            self._cache.save(first.key, _to_cache(outcome))
-        self._settle_row(first, result)
+            self._settle_row(first, RowResult(None, _row_error(outcome, attempts), attempts))
+
+    def _settle_answer(self, item: Item, answer: Answer, attempts: int) -> None:
+        """A checked answer: the row's result, saved under the row's own request, so that a
+        re-run of an answer that needed fixing finds the fixed one and pays for nothing."""
+        if item.key is not None:
+            self._cache.save(item.key, _to_cache(answer))
+        text = answer.stored if isinstance(answer.stored, str) else None
+        self._settle_row(
+            item,
+            RowResult(
+                text,
+                None,
+                attempts,
+                answer.prompt_tokens,
+                answer.completion_tokens,
+                answer.cached_tokens,
+                value=answer.value,
+            ),
+        )
 
     def _settle_row(self, item: Item, result: RowResult) -> None:
         self._finish(item.index, result)

@@ -174,14 +174,15 @@ def _counts(path: Path, *tables: str) -> tuple[int, ...]:
         return tuple(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables)
 
 
-def test_binary_answers_are_appended_and_their_keys_merged(
+def test_vectors_go_to_the_vectors_file_and_their_keys_are_merged_in_batches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Bytes go to blob_answers; their keys reach blob_keys in batches, at close and on open."""
-    from nbtoolkit import cache as cache_module
+    """Bytes go to the vectors file, one span row per commit; keys reach vector_keys in
+    batches, at close and on open."""
+    from nbtoolkit import vector_store
     from nbtoolkit.cache import CachedAnswer, ResponseCache
 
-    monkeypatch.setattr(cache_module, "_MERGE_EVERY", 4)
+    monkeypatch.setattr(vector_store, "MERGE_EVERY", 4)
     path = tmp_path / "c.sqlite3"
     answers = {bytes([i]) * 32: CachedAnswer(bytes([i]) * 1024, None, None, None) for i in range(6)}
     keys = list(answers)
@@ -189,29 +190,35 @@ def test_binary_answers_are_appended_and_their_keys_merged(
     for key in keys:
         writer.put(key, answers[key], model="m")
         writer.commit()
-    assert _counts(path, "blob_answers", "blob_keys", "responses", "journal") == (6, 4, 0, 0)
-    assert writer.get_many(keys) == answers  # its own unmerged answers, by id
+    assert _counts(path, "vector_keys", "vector_spans", "responses", "journal") == (4, 2, 0, 0)
+    assert writer.get_many(keys) == answers  # its own unmerged answers, from memory
     assert list(reader.get_many(keys)) == keys[:4]  # another's are not read...
     ResponseCache(path).close()  # ...until a cache is opened (a killed run's answers)
-    assert _counts(path, "blob_keys") == (6,)
+    assert _counts(path, "vector_keys", "vector_spans") == (6, 0)
     assert reader.get_many(keys) == answers
     assert writer.get_many(keys) == answers
     assert writer.info().entries == 6
     writer.put(b"t" * 32, CachedAnswer("text", 1, 2, None))  # text still goes to the journal
-    writer.put(b"x" * 32, CachedAnswer(b"late", None, None, None))
+    writer.put(b"x" * 32, CachedAnswer(b"late", 3, None, 0))
     writer.close()
     reader.close()
-    assert _counts(path, "blob_answers", "blob_keys", "responses") == (7, 7, 1)
+    assert _counts(path, "vector_keys", "responses") == (7, 1)
     with ResponseCache(path) as cache:
         assert cache.get_many([b"t" * 32, b"x" * 32]) == {
             b"t" * 32: CachedAnswer("text", 1, 2, None),
-            b"x" * 32: CachedAnswer(b"late", None, None, None),
+            b"x" * 32: CachedAnswer(b"late", 3, None, 0),  # token counts kept too
+        }
+        assert cache.get_many([b"t" * 32, b"x" * 32], binary=True) == {
+            b"x" * 32: CachedAnswer(b"late", 3, None, 0)
+        }
+        assert cache.get_many([b"t" * 32, b"x" * 32], binary=False) == {
+            b"t" * 32: CachedAnswer("text", 1, 2, None)
         }
         assert cache.info().entries == 8
         cache.clear()
         assert cache.info().entries == 0
         assert cache.get_many(keys) == {}
-    assert _counts(path, "blob_answers", "blob_keys") == (0, 0)
+    assert _counts(path, "vector_keys", "vector_spans") == (0, 0)
 
 
 def test_a_reader_finds_vectors_another_process_saved_after_it_looked(tmp_path: Path) -> None:
@@ -228,7 +235,7 @@ def test_a_reader_finds_vectors_another_process_saved_after_it_looked(tmp_path: 
 
 
 def test_a_binary_answer_saved_twice_is_kept_once_the_newest(tmp_path: Path) -> None:
-    """Two processes saving one key: after the merge one row is left, the later answer."""
+    """Two processes saving one key: after the merge one entry is left, the later answer."""
     from nbtoolkit.cache import CachedAnswer, ResponseCache
 
     path = tmp_path / "c.sqlite3"
@@ -240,14 +247,14 @@ def test_a_binary_answer_saved_twice_is_kept_once_the_newest(tmp_path: Path) -> 
     second.put(key, CachedAnswer(b"new", None, None, None))
     second.commit()
     first.close()  # merges both connections' answers
-    assert _counts(path, "blob_answers", "blob_keys") == (2, 2)
+    assert _counts(path, "vector_keys", "vector_spans") == (2, 0)
     assert second.get_many([key, other]) == {
         key: CachedAnswer(b"new", None, None, None),
         other: CachedAnswer(b"other", None, None, None),
     }
     second.put(key, CachedAnswer(b"newer", None, None, None))  # over a merged answer
     second.close()
-    assert _counts(path, "blob_answers", "blob_keys") == (2, 2)
+    assert _counts(path, "vector_keys") == (2,)
     with ResponseCache(path) as cache:
         assert cache.get_many([key])[key].text == b"newer"
         assert cache.info().entries == 2
@@ -292,15 +299,62 @@ def test_a_cache_file_of_the_previous_layout_is_still_read(tmp_path: Path) -> No
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
-def test_a_new_cache_file_has_16_kb_pages(tmp_path: Path) -> None:
-    """A fresh file is made with 16 KB pages, room for 15 vectors of 256 floats each."""
-    from nbtoolkit.cache import ResponseCache
+def test_vectors_live_in_a_private_file_and_a_damaged_record_is_a_miss(tmp_path: Path) -> None:
+    """The vectors file is owner-only; a record that fails its check is not returned, is
+    saved again when fetched again, and clear() empties the file."""
+    from nbtoolkit.cache import CachedAnswer, ResponseCache, vectors_path
 
-    path = tmp_path / "new.sqlite3"
-    ResponseCache(path).close()
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA page_size").fetchone() == (16384,)
-        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    path = tmp_path / "c.sqlite3"
+    answers = {bytes([i]) * 32: CachedAnswer(bytes([i]) * 1024, 5, None, None) for i in range(4)}
+    keys = list(answers)
+    with ResponseCache(path) as cache:
+        for key, answer in answers.items():
+            cache.put(key, answer)
+        cache.commit()
+    vectors = vectors_path(path)
+    assert stat.S_IMODE(vectors.stat().st_mode) == 0o600
+    record = 34 + 32 + 1024  # header, key, bytes
+    assert vectors.stat().st_size == 4 * record
+    data = bytearray(vectors.read_bytes())
+    data[record + 34 + 32 + 100] ^= 0xFF  # vector 1: one byte changed
+    vectors.write_bytes(bytes(data[: 3 * record + 500]))  # vector 3: cut short
+    with ResponseCache(path) as cache:
+        assert cache.get_many(keys) == {k: answers[k] for k in (keys[0], keys[2])}
+        cache.put(keys[1], answers[keys[1]])  # fetched again, saved again
+    with ResponseCache(path) as cache:
+        assert cache.get_many(keys) == {k: answers[k] for k in keys[:3]}
+        cache.clear()
+        assert cache.get_many(keys) == {}
+    assert vectors.stat().st_size == 0
+    with ResponseCache(path) as cache:
+        cache.put(keys[0], answers[keys[0]])
+    vectors.unlink()  # a lost vectors file: every vector is a miss, none an error
+    with ResponseCache(path) as cache:
+        assert cache.get_many(keys) == {}
+
+
+def test_a_killed_writers_vectors_are_found_by_the_next_cache_opened(tmp_path: Path) -> None:
+    """Spans committed but never merged (kill -9 before close) are indexed on open."""
+    from nbtoolkit.cache import CachedAnswer, ResponseCache
+
+    path = tmp_path / "c.sqlite3"
+    answers = {bytes([i]) * 32: CachedAnswer(bytes([i]) * 64, i, None, None) for i in range(5)}
+    script = textwrap.dedent(
+        f"""
+        import os
+        from nbtoolkit.cache import CachedAnswer, ResponseCache
+        cache = ResponseCache({str(path)!r})
+        for i in range(5):
+            cache.put(bytes([i]) * 32, CachedAnswer(bytes([i]) * 64, i, None, None))
+            cache.commit()
+        os._exit(0)  # no close, no merge
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    assert _counts(path, "vector_keys", "vector_spans") == (0, 5)
+    with ResponseCache(path) as cache:
+        assert cache.get_many(list(answers)) == answers
+    assert _counts(path, "vector_keys", "vector_spans") == (5, 0)
 
 
 def test_a_failed_request_fails_its_duplicates_too(server: ChatServer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -19,6 +20,7 @@ import pytest
 
 import nbtoolkit
 from nbtoolkit._testserver_embeddings import expected_vector
+from nbtoolkit.cache import ResponseCache, vectors_path
 from nbtoolkit.embeddings import EmbeddingEndpoint
 from nbtoolkit.testing import (
     ChatServer,
@@ -112,18 +114,38 @@ def test_the_cache_keeps_float32_bytes_per_model_dimensions_and_text(server: Cha
     """A vector is a BLOB of 4 bytes per dimension; another model or length is a new text."""
     frame = pd.DataFrame({"review": texts(3)})
     frame.chat.embed("review", dimensions=5, **settings(server))
-    with sqlite3.connect(cache_file()) as db:
-        rows = db.execute(
-            "SELECT typeof(text), length(text) FROM responses UNION ALL "
-            "SELECT typeof(text), length(text) FROM journal UNION ALL "
-            "SELECT typeof(text), length(text) FROM blob_answers"
+    with contextlib.closing(sqlite3.connect(cache_file())) as db:
+        text_rows = db.execute(
+            "SELECT count(*) FROM responses UNION ALL SELECT count(*) FROM journal"
         ).fetchall()
-    assert rows == [("blob", 20)] * 3
+        sizes = db.execute("SELECT record_size FROM vector_keys").fetchall()
+    assert text_rows == [(0,), (0,)]
+    assert sizes == [(34 + 32 + 20,)] * 3  # header, key, 5 float32s
+    # The file: one record per text, its key and its vector's float32 bytes at the end.
+    data = vectors_path(cache_file()).read_bytes()
+    stored = {data[at + 66 : at + 86] for at in range(0, len(data), 86)}
+    assert stored == {expected_vector(t, 5).tobytes() for t in texts(3)}
     frame.chat.embed("review", dimensions=5, **settings(server))
     assert server.request_count == 1
     frame.chat.embed("review", dimensions=6, **settings(server))
     frame.chat.embed("review", **settings(server, model="other-model"))
     assert server.request_count == 3
+
+
+def test_a_vectors_file_that_cannot_be_written_costs_the_cache_not_the_run(
+    server: ChatServer,
+) -> None:
+    """A full disk or an unwritable vectors file: one warning, every vector in the output."""
+    frame = pd.DataFrame({"review": texts(40)})
+    ResponseCache(cache_file()).close()
+    vectors_path(cache_file()).mkdir()  # opening it for appending fails (IsADirectoryError)
+    with pytest.warns(RuntimeWarning, match="response cache write failed"):
+        out = frame.chat.embed("review", **settings(server))
+    assert_vectors(out["embedding"], texts(40))
+    vectors_path(cache_file()).rmdir()
+    again = frame.chat.embed("review", **settings(server))  # nothing was kept: paid again
+    assert_vectors(again["embedding"], texts(40))
+    assert server.request_count == 2  # one batch of 40 each time
 
 
 def test_the_request_body_is_what_openai_expects(server: ChatServer) -> None:
