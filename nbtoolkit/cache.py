@@ -258,7 +258,10 @@ class ResponseCache:
         if blobs:
             self._vectors.committed()
             self._unwritten_blobs.clear()
-        if len(self._journaled) >= _MERGE_EVERY or self._vectors.unmerged >= vector_store.MERGE_EVERY:
+        if (
+            len(self._journaled) >= _MERGE_EVERY
+            or self._vectors.unmerged >= vector_store.MERGE_EVERY
+        ):
             self.merge()
 
     def merge(self) -> None:

@@ -234,20 +234,22 @@ class ChatRun:
         self, requests: Iterable[Any], queue: asyncio.Queue[_Job | None], workers: int
     ) -> None:
         batch: list[Item] = []
+        make_item, results = self.endpoint.item, self.results  # read once: once per row
+        per_lookup = max(_LOOKUP_BATCH, self.endpoint.max_items)
         for index, request in enumerate(requests):
-            self.results.append(None)
+            results.append(None)
             if request is None:
                 self._finish(index, SKIPPED)
                 continue
             try:
-                item = self.endpoint.item(index, request)
+                item = make_item(index, request)
             except (ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
                 # One bad row (a lone surrogate, an object JSON cannot carry) fails alone.
                 error = UnsendableRow(f"this row's request cannot be encoded: {exc}"[:500])
                 self._finish(index, RowResult(None, _row_error(error, 0)))
                 continue
             batch.append(item)
-            if len(batch) >= max(_LOOKUP_BATCH, self.endpoint.max_items):
+            if len(batch) >= per_lookup:
                 await self._dispatch(batch, queue)
                 batch = []
         await self._dispatch(batch, queue)
@@ -260,33 +262,38 @@ class ChatRun:
         """Answer what the cache knows, attach duplicates to their twin, queue the rest."""
         if not batch:
             return
-        if self._cache.enabled or self.config.dedupe:
+        dedupe = self.config.dedupe
+        if self._cache.enabled or dedupe:
+            key = self._keys.key
             for item in batch:
-                item.key = self._keys.key(item.payload)
+                item.key = key(item.payload)
         hits = self._cache.lookup(
             [item.key for item in batch if item.key is not None], binary=self._binary
         )
         # Queued after the loop, not in it: a put that waits lets workers settle rows and
         # drop them from _pending, and a later twin, missed by the lookup above, would be
-        # sent again.
+        # sent again. (Attributes read once: this loop runs for every row of the run.)
         jobs: list[_Job] = []
+        pending = self._pending
+        max_items, max_tokens = self.endpoint.max_items, self.endpoint.max_request_tokens
         for item in batch:
-            if item.key is not None and (answer := hits.get(item.key)) is not None:
-                self.stats.cache_hits += 1
-                self._finish(item.index, self._from_cache(answer))
-                continue
-            if item.key is not None and self.config.dedupe:
-                twins = self._pending.get(item.key)
-                if twins is not None:
-                    twins.append(item.index)
+            if item.key is not None:
+                if hits and (answer := hits.get(item.key)) is not None:
+                    self.stats.cache_hits += 1
+                    self._finish(item.index, self._from_cache(answer))
                     continue
-                self._pending[item.key] = []
-            if self.endpoint.max_items == 1:
+                if dedupe:
+                    twins = pending.get(item.key)
+                    if twins is not None:
+                        twins.append(item.index)
+                        continue
+                    pending[item.key] = []
+            if max_items == 1:
                 jobs.append(_Job([item]))
                 continue
             if self._group and (
-                len(self._group) >= self.endpoint.max_items
-                or self._group_tokens + item.prompt_tokens > self.endpoint.max_request_tokens
+                len(self._group) >= max_items
+                or self._group_tokens + item.prompt_tokens > max_tokens
             ):
                 jobs.append(self._take_group())
             self._group.append(item)
