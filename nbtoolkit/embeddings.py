@@ -111,12 +111,7 @@ class EmbeddingEndpoint:
             raise MalformedResponse(f"reply is not an embedding list: {text[:200]!r}") from exc
         if len(data) != len(items):
             raise MalformedResponse(f"{len(items)} texts sent, {len(data)} vectors received")
-        positions: list[int] = []
-        for datum in data:
-            position = datum.get("index") if isinstance(datum, dict) else None
-            if not isinstance(position, int) or not 0 <= position < len(items):
-                raise MalformedResponse(f"a vector has no valid index: {str(datum)[:200]}")
-            positions.append(position)
+        positions = _positions(data, len(items))
         if len(set(positions)) != len(positions):
             twice = next(p for p in positions if positions.count(p) > 1)
             raise MalformedResponse(f"two vectors have index {twice}")
@@ -136,6 +131,22 @@ class EmbeddingEndpoint:
             raise MalformedResponse("a cached embedding is text, not float32 bytes")
         # A copy, so a vector from the cache is writable like one fresh from the server.
         return np.frombuffer(stored, dtype=np.float32).copy()
+
+
+def _positions(data: list[Any], count: int) -> list[int]:
+    """Which text each datum answers: its ``index``. A reply none of whose data has an
+    ``index`` (a server that leaves it out) is taken in input order, the order the API
+    specifies; one that has some but not all is malformed.
+    """
+    if all(isinstance(datum, dict) and "index" not in datum for datum in data):
+        return list(range(count))
+    positions: list[int] = []
+    for datum in data:
+        position = datum.get("index") if isinstance(datum, dict) else None
+        if not isinstance(position, int) or not 0 <= position < count:
+            raise MalformedResponse(f"a vector has no valid index: {str(datum)[:200]}")
+        positions.append(position)
+    return positions
 
 
 def _vectors(data: list[dict[str, Any]]) -> Sequence[Vector]:

@@ -260,6 +260,25 @@ def test_parse_maps_vectors_back_by_index() -> None:
     decoded = endpoint.decode(parsed.outcomes[1].stored)  # type: ignore[union-attr]
     np.testing.assert_array_equal(decoded, [2.0, 2.5])
     assert decoded.dtype == np.float32
+    # A server that sends no index at all answers in input order, as the API specifies.
+    unnumbered = {"data": [{"embedding": [1.0, 1.5]}, {"embedding": [2.0, 2.5]}]}
+    parsed = endpoint.parse(json.dumps(unnumbered), items)
+    values = [outcome.value for outcome in parsed.outcomes]  # type: ignore[union-attr]
+    np.testing.assert_array_equal(values, [[1.0, 1.5], [2.0, 2.5]])
+
+
+def test_keys_are_the_canonical_json_of_model_dimensions_and_text() -> None:
+    """The key material is encode_body's bytes, built without it for speed: the same bytes
+    for any text and any model name (quotes, escapes, non-ASCII), so caches stay valid."""
+    from nbtoolkit.cache import encode_body
+
+    for model, dimensions in (("m", None), ('a"input":""b', 1024), ("é0", 7)):
+        endpoint = EmbeddingEndpoint(model=model, dimensions=dimensions)
+        for text in ("hi", 'é "q" \\ \n\t\x01 \u2028 😀', "", "{}"):
+            item = endpoint.item(0, text)
+            body = {"model": model, "dimensions": dimensions, "input": text}
+            assert item.payload == encode_body(body)
+            assert item.prompt_tokens == len(text) / 4 + 7
 
 
 @pytest.mark.parametrize(

@@ -380,3 +380,50 @@ def test_a_stop_swallowed_before_a_cell_was_sent_does_not_stop_it(
     cell = kernel.run(SYNC_RUN.replace("df.chat", "df.head(5).chat"), timeout=30)
     assert cell.status == "ok", cell.text()
     assert server.request_count == 5
+
+
+EMBED_RUN = f'vecs = df.chat.embed("q", model="test-model", max_parallel={PARALLEL}, batch_size=2)'
+# What the kernel kept of an interrupted embed run, as JSON on stdout.
+EMBED_REPORT = """
+from nbtoolkit._testserver_embeddings import expected_vector
+report = nbtoolkit.last_run()
+vectors = report.output["embedding"]
+print(json.dumps({
+    "outcome": report.outcome,
+    "kept": sum(v is not None for v in vectors),
+    "right": all(
+        v is None or (v.dtype.name == "float32" and (v == expected_vector(f"row {i}", 8)).all())
+        for i, v in enumerate(vectors)
+    ),
+}))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_stop_button_ends_an_embed_run_keeps_its_vectors_and_a_rerun_sends_the_rest(
+    kernel: Kernel, server: ChatServer
+) -> None:
+    """Stop during df.chat.embed: RunInterrupted at once, every vector received kept and
+    right, and running the cell again sends only the texts that had no vector."""
+    started = kernel.execute(EMBED_RUN)
+    pressed = _interrupt_mid_run(kernel, server)
+    cell = kernel.wait(started, timeout=WHOLE_RUN + 10)
+
+    error = _assert_stopped_promptly(cell, pressed, {"RunInterrupted"})
+    _assert_one_line(error)
+    _assert_requests_stopped(server)
+    report = kernel.run(EMBED_REPORT, timeout=20)
+    assert report.status == "ok", report.text()
+    kept = json.loads(report.stdout)
+    assert kept["outcome"] == "interrupted"
+    assert kept["right"]
+    answered = 2 * server.statuses["ok"]  # two texts per request
+    assert answered - 2 * PARALLEL <= kept["kept"] <= answered
+    assert 0 < kept["kept"] < ROWS
+
+    before = len(server.requests)
+    again = kernel.run(EMBED_RUN + "\nprint(sum(v is not None for v in vecs['embedding']))", 60)
+    assert again.status == "ok", again.text()
+    assert again.stdout.strip() == str(ROWS)
+    sent = [text for r in server.requests[before:] for text in r.body["input"]]
+    assert len(sent) == len(set(sent)) == ROWS - kept["kept"]
