@@ -39,6 +39,9 @@ class EmbeddingBehaviour:
         shuffle: send the data in a shuffled (seeded) order; clients must use ``index``.
         reject_marker: an input containing it makes its whole request a 400 that names it.
         max_input_chars: an input longer than this makes its whole request a 400.
+        max_inputs: a request with more inputs than this is a 413 (Hugging Face's
+            text-embeddings-inference refuses batches over its ``max_client_batch_size``
+            so; other providers cap them at 10, 25 or 64 with a 400).
         per_token: answer a ``[tokens, dimensions]`` list per input (three token vectors
             around the text's vector), like llama.cpp's server with an unpooled model.
         seed: varies the vectors and the shuffles.
@@ -48,6 +51,7 @@ class EmbeddingBehaviour:
     shuffle: bool = True
     reject_marker: str | None = "<reject>"
     max_input_chars: int | None = None
+    max_inputs: int | None = None
     per_token: bool = False
     seed: int = 0
 
@@ -111,6 +115,9 @@ async def answer(
     if inputs is None:
         message = "'input' must be a string or a non-empty list of strings"
         return await server._send(request, ex, _error(400, message, type_=_INVALID, err_code=None))
+    if behaviour.max_inputs is not None and len(inputs) > behaviour.max_inputs:
+        message = f"batch size {len(inputs)} > maximum allowed batch size {behaviour.max_inputs}"
+        return await server._send(request, ex, _error(413, message, type_=_INVALID, err_code=None))
     reason = _rejection(inputs, behaviour)
     if reason is not None:
         return await server._send(request, ex, _error(400, reason, type_=_INVALID, err_code=None))

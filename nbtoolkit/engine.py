@@ -168,6 +168,9 @@ class ChatRun:
         # Cache key -> rows waiting for the same request, which is queued or in flight.
         self._pending: dict[bytes, list[int]] = {}
         self._group: list[Item] = []  # rows waiting to fill a request (max_items > 1)
+        # Rows per request, at most: the endpoint's, lowered when a server refuses a request
+        # for its size that it takes in halves (see _run_job).
+        self._max_items = self.endpoint.max_items
         self._group_tokens = 0.0
         self._sending: set[int] = set()  # rows a worker holds right now
         self._executed = False
@@ -275,7 +278,7 @@ class ChatRun:
         # sent again. (Attributes read once: this loop runs for every row of the run.)
         jobs: list[_Job] = []
         pending = self._pending
-        max_items, max_tokens = self.endpoint.max_items, self.endpoint.max_request_tokens
+        max_items, max_tokens = self._max_items, self.endpoint.max_request_tokens
         for item in batch:
             if item.key is not None:
                 if hits and (answer := hits.get(item.key)) is not None:
@@ -315,25 +318,37 @@ class ChatRun:
             await self._run_job(session, job.items)
             self._sending.difference_update(indexes)
 
-    async def _run_job(self, session: aiohttp.ClientSession, items: list[Item]) -> None:
-        """Send one request for ``items`` and finish each of its rows."""
+    async def _run_job(self, session: aiohttp.ClientSession, items: list[Item]) -> bool:
+        """Send one request for ``items`` and finish each of its rows; True when every row
+        got an answer from the server (in this request or in parts of it)."""
+        if len(items) > self._max_items:  # grouped before the server's cap was learned
+            cap = self._max_items
+            parts = [items[start : start + cap] for start in range(0, len(items), cap)]
+            return all([await self._run_job(session, part) for part in parts])
         try:
             parsed, attempts = await self._send(session, _Job(items))
         except _Attempts as failed:
             if isinstance(failed.error, BadRequestError) and len(items) > 1:
                 # One bad input must not sink its neighbours: halve until it stands alone.
                 middle = len(items) // 2
-                await self._run_job(session, items[:middle])
-                await self._run_job(session, items[middle:])
-                return
+                first = await self._run_job(session, items[:middle])
+                second = await self._run_job(session, items[middle:])
+                if first and second:
+                    # Both halves went through: the server refused the request for its size
+                    # (a cap on inputs per request, or on its tokens), not for a row. Later
+                    # requests are no larger than the halves were.
+                    self._max_items = min(self._max_items, len(items) - middle)
+                    self.stats.items_per_request = self._max_items
+                return first and second
             for item in items:
                 self._settle_row(item, self._failed(failed.error, failed.attempts))
-            return
+            return False
         for item, outcome in zip(items, parsed.outcomes, strict=True):
             if isinstance(outcome, Answer):  # the usual case, settled without a coroutine
                 self._settle_answer(item, outcome, attempts)
             else:
                 await self._settle_outcome(session, item, outcome, attempts)
+        return True
 
     async def _settle_outcome(
         self, session: aiohttp.ClientSession, item: Item, outcome: Any, attempts: int

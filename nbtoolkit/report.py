@@ -65,9 +65,11 @@ class RunReport:
                 parts.append(f"{counts[name]} {name}")
         statuses = ", ".join(f"{key}: {n}" for key, n in sorted(stats.statuses.items()))
         cost = f", cost {stats.cost:.4f}" if stats.cost is not None else ""
+        capped = stats.items_per_request
+        cap = f" (cut to {capped} rows each: the server refused larger ones)" if capped else ""
         return (
             f"{self.outcome}: {', '.join(parts)}; {stats.requests_sent} requests "
-            f"({statuses or 'none'}), {stats.cache_hits} cache hits, "
+            f"({statuses or 'none'}){cap}, {stats.cache_hits} cache hits, "
             f"{stats.duplicates} duplicates, {stats.retries} retries, "
             f"{stats.statuses.get('429', 0)} rate-limited; "
             f"{stats.prompt_tokens + stats.completion_tokens:,} tokens{cost}; "

@@ -91,6 +91,9 @@ class RunStats:
     # The rate limits the run learned from the server's headers: rate per second, window,
     # and which header family said so (empty when the server sent none).
     limits: dict[str, Any] = field(default_factory=dict)
+    # Rows per request the server was found to take, when it refused larger requests and
+    # took their halves (a server's own cap on inputs per request); None otherwise.
+    items_per_request: int | None = None
 
     @property
     def wall_seconds(self) -> float:

@@ -189,6 +189,7 @@ def test_bad_inputs_fail_alone_with_the_servers_reason(server: ChatServer) -> No
     # Every good text was answered exactly once, whatever the halving sent.
     assert max(server.answered.values()) == 1
     assert len(server.answered) == 98
+    assert report().stats.items_per_request is None  # bad rows, not a size limit
 
 
 def test_a_text_over_the_servers_length_limit_fails_alone() -> None:
@@ -198,6 +199,26 @@ def test_a_text_over_the_servers_length_limit_fails_alone() -> None:
         out = pd.DataFrame({"t": column}).chat.embed("t", **settings(server, cache=False))
     assert_vectors(out["embedding"], [None if len(t) > 200 else t for t in column])
     assert "too long: 500 characters" in report().errors.loc[10, "message"]
+
+
+def test_a_server_that_caps_inputs_per_request_is_met_at_its_cap() -> None:
+    """A server taking at most 32 texts a request (a 413 above, as text-embeddings-inference
+    does): every row gets its vector, and once halves went through, requests stay that size."""
+    column = texts(3000)
+    behaviour = EmbeddingBehaviour(max_inputs=32)
+    with ChatServer(embeddings=behaviour).run_in_thread() as server:
+        frame = pd.DataFrame({"t": column})
+        out = frame.chat.embed("t", **settings(server, cache=False, max_parallel=4))
+    assert_vectors(out["embedding"], column)
+    stats = report().stats
+    assert 16 <= stats.items_per_request <= 32
+    assert f"cut to {stats.items_per_request} rows each" in report().summary()
+    refused = server.statuses["413"]
+    # Each group first made at 2,048 (at most two before the cap is known, plus what the
+    # producer queued meanwhile) is halved six times at most; every later request fits.
+    assert 0 < refused <= 6 * (2 + 2 * 4)
+    assert stats.requests_sent - refused <= len(column) / 16 + 1
+    assert max(server.answered.values()) == 1  # no text answered twice
 
 
 def test_per_token_vectors_are_mean_pooled() -> None:
