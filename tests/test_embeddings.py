@@ -437,3 +437,45 @@ def test_a_killed_run_resumes_where_it_stopped() -> None:
     paid_twice = sum(n - 1 for n in server.answered.values())
     assert paid_twice in (0, 10)
     assert report().stats.cache_hits == paid_before - paid_twice
+
+
+SHARING_CHILD = """
+import os, sys
+import pandas as pd
+import nbtoolkit
+first, count = int(sys.argv[1]), int(sys.argv[2])
+df = pd.DataFrame({"t": [f"text {i}" for i in range(first, first + count)]})
+out = df.chat.embed("t", model="test-model", base_url=os.environ["URL"], batch_size=25,
+                    max_parallel=4, progress=False)
+print("filled", sum(v is not None for v in out["embedding"]), flush=True)
+"""
+
+
+def test_two_processes_embedding_into_one_cache_leave_every_vector_readable() -> None:
+    """Two runs appending vectors to one cache file at once (notebooks, Dask workers): both
+    finish, and afterwards every vector is found, intact, with nothing sent again."""
+    with ChatServer(latency=0.005).run_in_thread() as server:
+        runs = [
+            subprocess.Popen(
+                [sys.executable, "-c", textwrap.dedent(SHARING_CHILD), str(first), "600"],
+                env={**os.environ, "URL": server.base_url},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for first in (0, 300)  # texts 300-599 are embedded by both
+        ]
+        for run in runs:
+            stdout, stderr = run.communicate(timeout=120)
+            assert run.returncode == 0, stderr
+            assert "filled 600" in stdout
+        sent_before = server.request_count
+        column = [f"text {i}" for i in range(900)]
+        out = pd.DataFrame({"t": column}).chat.embed(
+            "t", model=MODEL, base_url=server.base_url, progress=False
+        )
+        assert server.request_count == sent_before  # all 900 from the cache
+    assert_vectors(out["embedding"], column)
+    assert report().stats.cache_hits == 900
+    with contextlib.closing(sqlite3.connect(cache_file())) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
