@@ -13,7 +13,7 @@ against the server's after the clock stops.
     nbtoolkit          df.chat.embed(...) with the response cache (a fresh file per run)
     nbtoolkit_nocache  the same with cache=False
 
-Writes ``benchmarks/results-embeddings.md``.
+Writes ``benchmarks/results-embeddings.md`` (``--output`` for another file).
 """
 
 from __future__ import annotations
@@ -186,6 +186,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--output", default="benchmarks/results-embeddings.md", help="where the table goes"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -229,7 +232,7 @@ def main() -> None:
             "nbtoolkit's one RowResult and report row per row.",
         ]
     )
-    (ROOT / "benchmarks" / "results-embeddings.md").write_text(document + "\n")
+    (ROOT / args.output).write_text(document + "\n")
     print(document)
 
 

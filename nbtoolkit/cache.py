@@ -76,6 +76,11 @@ _LOOKUP_CHUNK = 450
 CACHE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, OSError)
 
 
+# An answer as `ResponseCache.put_many` takes it: key, text (or bytes), prompt, completion
+# and cached tokens.
+AnswerRow = tuple[bytes, str | bytes, int | None, int | None, int | None]
+
+
 class CachedAnswer(NamedTuple):
     """One answer as the cache holds it (a tuple: one per row of a 100,000-row re-run)."""
 
@@ -236,11 +241,17 @@ class ResponseCache:
         (writing them one by one cost more CPU than the requests themselves against a fast
         server).
         """
-        row = (key, *answer, model, time.time())
-        if isinstance(answer.text, bytes):
-            self._unwritten_blobs[key] = row
-        else:
-            self._unwritten[key] = row
+        self.put_many([(key, *answer)], model=model)
+
+    def put_many(self, rows: Iterable[AnswerRow], *, model: str | None = None) -> None:
+        """`put` for many answers at once: (key, text or bytes, prompt, completion and
+        cached tokens) each."""
+        now = time.time()
+        for row in rows:
+            if isinstance(row[1], bytes):
+                self._unwritten_blobs[row[0]] = row  # the vectors file keeps no model or time
+            else:
+                self._unwritten[row[0]] = (*row, model, now)
 
     def commit(self) -> None:
         """Make every answer held since the last commit durable, in one transaction."""

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nbtoolkit.cache import CACHE_ERRORS, CachedAnswer, ResponseCache
+from nbtoolkit.endpoints import Answer
 
 # The longest an answer waits for its commit: what a killed process can lose, at most.
 COMMIT_EVERY = 0.020
@@ -58,12 +59,18 @@ class CacheWriter:
             self._failed("read", exc)
             return {}
 
-    def save(self, key: bytes, answer: CachedAnswer) -> None:
-        """Hold an answer for the next group commit, and make sure that commit comes."""
-        if self._cache is None:
+    def save_many(self, answers: Sequence[tuple[bytes, Answer]]) -> None:
+        """Hold answers for the next group commit, and make sure that commit comes."""
+        if self._cache is None or not answers:
             return
         try:
-            self._cache.put(key, answer, model=self._model)
+            self._cache.put_many(
+                [
+                    (key, a.stored, a.prompt_tokens, a.completion_tokens, a.cached_tokens)
+                    for key, a in answers
+                ],
+                model=self._model,
+            )
         except CACHE_ERRORS as exc:
             self._failed("write", exc)
             return

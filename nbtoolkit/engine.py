@@ -343,11 +343,13 @@ class ChatRun:
             for item in items:
                 self._settle_row(item, self._failed(failed.error, failed.attempts))
             return False
+        answers: list[tuple[Item, Answer]] = []
         for item, outcome in zip(items, parsed.outcomes, strict=True):
-            if isinstance(outcome, Answer):  # the usual case, settled without a coroutine
-                self._settle_answer(item, outcome, attempts)
+            if isinstance(outcome, Answer):  # the usual case, settled below, all at once
+                answers.append((item, outcome))
             else:
                 await self._settle_outcome(session, item, outcome, attempts)
+        self._settle_answers(answers, attempts)
         return True
 
     async def _settle_outcome(
@@ -374,33 +376,43 @@ class ChatRun:
             self._settle_row(first, outcome)
         elif isinstance(outcome, Answer):
             if item is not first and item.key is not None:
-                self._cache.save(item.key, _to_cache(outcome))  # the re-ask, under its own key
+                self._cache.save_many([(item.key, outcome)])  # the re-ask, under its own key
             self._settle_answer(first, outcome, attempts)
         else:
             self._settle_row(first, RowResult(None, _row_error(outcome, attempts), attempts))
 
     def _settle_answer(self, item: Item, answer: Answer, attempts: int) -> None:
-        """A checked answer: the row's result, saved under the row's own request, so that a
-        re-run of an answer that needed fixing finds the fixed one and pays for nothing."""
-        if item.key is not None:
-            self._cache.save(item.key, _to_cache(answer))
-        text = answer.stored if isinstance(answer.stored, str) else None
-        self._settle_row(
-            item,
-            RowResult(
-                text,
-                None,
-                attempts,
-                answer.prompt_tokens,
-                answer.completion_tokens,
-                answer.cached_tokens,
-                value=answer.value,
-            ),
+        self._settle_answers([(item, answer)], attempts)
+
+    def _settle_answers(self, answers: Sequence[tuple[Item, Answer]], attempts: int) -> None:
+        """Checked answers: each row's result, saved under the row's own request, so that a
+        re-run of an answer that needed fixing finds the fixed one and pays for nothing.
+
+        One call per reply (an embeddings reply answers 2,048 rows): the per-row work is
+        a large share of a run's CPU against a fast server.
+        """
+        self._cache.save_many(
+            [(item.key, answer) for item, answer in answers if item.key is not None]
         )
+        settle = self._settle_row
+        for item, answer in answers:
+            stored = answer.stored
+            settle(
+                item,
+                RowResult(
+                    stored if isinstance(stored, str) else None,
+                    None,
+                    attempts,
+                    answer.prompt_tokens,
+                    answer.completion_tokens,
+                    answer.cached_tokens,
+                    value=answer.value,
+                ),
+            )
 
     def _settle_row(self, item: Item, result: RowResult) -> None:
         self._finish(item.index, result)
-        if item.key is not None:
+        if item.key is not None and self._pending:
             for twin in self._pending.pop(item.key, ()):
                 self.stats.duplicates += 1
                 self._finish(twin, _shared(result))
@@ -598,12 +610,6 @@ class ChatRun:
         for index, result in enumerate(self.results):
             if result is None:
                 self.results[index] = in_flight if index in self._sending else waiting
-
-
-def _to_cache(answer: Answer) -> CachedAnswer:
-    return CachedAnswer(
-        answer.stored, answer.prompt_tokens, answer.completion_tokens, answer.cached_tokens
-    )
 
 
 def _shared(result: RowResult) -> RowResult:

@@ -31,6 +31,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 SCHEMA = (
     # id: the key's first 8 bytes as a signed integer. A rowid b-tree of small rows takes
     # an insert for half the CPU of one keyed by the whole 32-byte key; two keys that share
@@ -50,6 +52,10 @@ MERGE_EVERY = 65536
 # Key length, data length, CRC-32 of the data, prompt, completion and cached tokens (-1: none).
 _HEADER = struct.Struct("<HIIqqq")
 _NONE = -1
+_HEAD = struct.Struct("<HII")
+_COUNTS = struct.Struct("<qqq")
+_NO_TOKENS = [None, None, None]
+_NO_COUNTS = _COUNTS.pack(_NONE, _NONE, _NONE)
 _PLACE = "id, file_offset, record_size"
 # SQLite caps the number of ? in one statement (999 before 3.32).
 _LOOKUP_CHUNK = 900
@@ -96,15 +102,11 @@ class VectorStore:
         start = offset = os.lseek(fd, 0, os.SEEK_END)
         parts: list[bytes] = []
         placed: list[tuple[bytes, tuple[int, int]]] = []
-        for key, data, prompt, completion, cached, *_ in rows:
-            header = _HEADER.pack(
-                len(key),
-                len(data),
-                zlib.crc32(data),
-                _NONE if prompt is None else prompt,
-                _NONE if completion is None else completion,
-                _NONE if cached is None else cached,
-            )
+        for key, data, *tokens in rows:
+            # Vectors carry no token counts of their own (the reply's usage is the batch's):
+            # the header's tail is then the same for every record.
+            counts = _NO_COUNTS if tokens == _NO_TOKENS else _counts(tokens)
+            header = _HEAD.pack(len(key), len(data), zlib.crc32(data)) + counts
             parts += (header, key, data)
             size = _HEADER.size + len(key) + len(data)
             placed.append((key, (offset, size)))
@@ -161,7 +163,13 @@ class VectorStore:
             newest = {}
             for _, start, stop in spans:  # in id order: the last one wins
                 newest.update((key, place) for key, place in self._records(start, stop))
-        entries = sorted((_id(key), offset, size) for key, (offset, size) in newest.items())
+        # Ids and their order with numpy: per key, Python's sort and int.from_bytes cost
+        # more than SQLite's insert.
+        ids = np.frombuffer(b"".join(_id_bytes(key) for key in newest), dtype=">i8")
+        order = np.argsort(ids, kind="stable").tolist()
+        places = list(newest.values())
+        ids_in_order = ids[order].tolist()
+        entries = [(row_id, *places[n]) for row_id, n in zip(ids_in_order, order, strict=True)]
         self._db.executemany("INSERT OR REPLACE INTO vector_keys VALUES (?, ?, ?)", entries)
         self._db.execute("DELETE FROM vector_spans")
 
@@ -245,8 +253,17 @@ class VectorStore:
             position += size
 
 
+def _counts(tokens: list[int | None]) -> bytes:
+    return _COUNTS.pack(*(_NONE if n is None else n for n in tokens))
+
+
+def _id_bytes(key: bytes) -> bytes:
+    """A key's first 8 bytes (a shorter key padded with zeros): its id, big-endian."""
+    return key[:8].ljust(8, b"\0")
+
+
 def _id(key: bytes) -> int:
-    return int.from_bytes(key[:8], "big", signed=True)
+    return int.from_bytes(_id_bytes(key), "big", signed=True)
 
 
 def _read_at(fd: int, size: int, offset: int) -> bytes:
