@@ -42,6 +42,8 @@ class EmbeddingBehaviour:
         max_inputs: a request with more inputs than this is a 413 (Hugging Face's
             text-embeddings-inference refuses batches over its ``max_client_batch_size``
             so; other providers cap them at 10, 25 or 64 with a 400).
+        ignore_dimensions: answer vectors of ``dimensions`` whatever the request asks (a
+            model that cannot shorten them, served by a server that does not say so).
         per_token: answer a ``[tokens, dimensions]`` list per input (three token vectors
             around the text's vector), like llama.cpp's server with an unpooled model.
         seed: varies the vectors and the shuffles.
@@ -52,6 +54,7 @@ class EmbeddingBehaviour:
     reject_marker: str | None = "<reject>"
     max_input_chars: int | None = None
     max_inputs: int | None = None
+    ignore_dimensions: bool = False
     per_token: bool = False
     seed: int = 0
 
@@ -122,6 +125,8 @@ async def answer(
     if reason is not None:
         return await server._send(request, ex, _error(400, reason, type_=_INVALID, err_code=None))
     dimensions = body.get("dimensions", behaviour.dimensions)
+    if behaviour.ignore_dimensions:
+        dimensions = behaviour.dimensions
     if not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1:
         message = f"dimensions must be a positive integer, got {dimensions!r}"
         return await server._send(request, ex, _error(400, message, type_=_INVALID, err_code=None))

@@ -29,7 +29,7 @@ import pandas as pd
 
 from nbtoolkit.cache import encode_body
 from nbtoolkit.endpoints import Answer, Item, Outcome, Parsed
-from nbtoolkit.errors import ConfigError, MalformedResponse
+from nbtoolkit.errors import ConfigError, IgnoredParameter, MalformedResponse
 from nbtoolkit.rows import RowResult
 
 __all__ = ["EmbeddingEndpoint", "embedding_writer", "to_matrix"]
@@ -117,6 +117,13 @@ class EmbeddingEndpoint:
             raise MalformedResponse(f"two vectors have index {twice}")
         vectors: list[Vector | None] = [None] * len(items)
         for position, received in zip(positions, _vectors(data), strict=True):
+            if self.dimensions is not None and received.shape[0] != self.dimensions:
+                # Cached under dimensions=N, a vector of another length would be wrong for
+                # good; and every row would get the same: the run stops (IgnoredParameter).
+                raise IgnoredParameter(
+                    f"asked for {self.dimensions} dimensions, the server sent vectors of "
+                    f"{received.shape[0]}: it ignored dimensions="
+                )
             vectors[position] = received
         outcomes: list[Outcome] = []
         for vector in vectors:

@@ -36,12 +36,22 @@ from nbtoolkit.cache import CachedAnswer, RequestKeys
 from nbtoolkit.cachewriter import CacheWriter
 from nbtoolkit.client import Reply, post_json
 from nbtoolkit.config import ChatConfig
-from nbtoolkit.endpoints import Answer, ChatEndpoint, Endpoint, Item, Parsed, Reask, usage_counts
+from nbtoolkit.endpoints import (
+    Answer,
+    ChatEndpoint,
+    Endpoint,
+    Item,
+    Outcome,
+    Parsed,
+    Reask,
+    usage_counts,
+)
 from nbtoolkit.errors import (
     APIError,
     AuthError,
     BadRequestError,
     ConfigError,
+    IgnoredParameter,
     NbToolkitError,
     NotFoundError,
     RateLimitError,
@@ -344,12 +354,16 @@ class ChatRun:
                 self._settle_row(item, self._failed(failed.error, failed.attempts))
             return False
         answers: list[tuple[Item, Answer]] = []
+        others: list[tuple[Item, Outcome]] = []
         for item, outcome in zip(items, parsed.outcomes, strict=True):
-            if isinstance(outcome, Answer):  # the usual case, settled below, all at once
+            if isinstance(outcome, Answer):
                 answers.append((item, outcome))
             else:
-                await self._settle_outcome(session, item, outcome, attempts)
+                others.append((item, outcome))
+        # The answers first, all at once (saved and shown before any re-ask is sent).
         self._settle_answers(answers, attempts)
+        for item, outcome in others:
+            await self._settle_outcome(session, item, outcome, attempts)
         return True
 
     async def _settle_outcome(
@@ -634,6 +648,11 @@ def _abort_message(error: NbToolkitError) -> str:
         advice = "check base_url (it usually ends in /v1) and the model name"
     elif isinstance(error, TransportError):
         advice = "check base_url and that the server is running"
+    elif isinstance(error, IgnoredParameter):
+        advice = (
+            "this model does not shorten its vectors; leave dimensions= out, or use a model "
+            "that takes it (text-embedding-3-*)"
+        )
     else:
         advice = "the account is out of quota or credit; add credit or use another key"
     return f"run stopped, every row would fail the same way: {error}. What to do: {advice}."

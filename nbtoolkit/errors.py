@@ -19,6 +19,7 @@
     │   ├── Truncated           cut at max_tokens where a whole answer was needed
     │   └── SchemaError         the answer does not fit the schema, after every re-ask
     ├── UnsendableRow           a row that cannot be encoded as JSON (a lone surrogate)
+    ├── IgnoredParameter        the server ignored what the run asked (dimensions=); stops it
     └── RunAborted              a systemic failure stopped the run; .partial keeps what finished
 
     RunInterrupted(KeyboardInterrupt)   Ctrl-C or the stop button; .partial keeps what finished
@@ -174,3 +175,8 @@ class SchemaError(AnswerError):
 
 class UnsendableRow(NbToolkitError):
     """A row whose request cannot be encoded (a lone surrogate in its text, say)."""
+
+
+class IgnoredParameter(NbToolkitError):
+    """The server answered, but not what was asked: vectors of another length than
+    ``dimensions=``. Every row would get the same, so the run stops (nothing is cached)."""

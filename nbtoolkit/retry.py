@@ -20,6 +20,7 @@ from nbtoolkit.config import RetryPolicy
 from nbtoolkit.errors import (
     APIError,
     AuthError,
+    IgnoredParameter,
     MalformedResponse,
     NotFoundError,
     RateLimitError,
@@ -40,7 +41,7 @@ def is_retryable(exc: BaseException) -> bool:
 
 def is_systemic(exc: BaseException) -> bool:
     """True when this error will hit every row alike: a bad key, a wrong URL or model, no quota."""
-    if isinstance(exc, AuthError | NotFoundError):
+    if isinstance(exc, AuthError | NotFoundError | IgnoredParameter):
         return True
     return isinstance(exc, RateLimitError) and is_quota_exhausted(exc)
 

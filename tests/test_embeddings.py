@@ -389,6 +389,22 @@ def test_a_systemic_failure_aborts_with_the_reason(server: ChatServer) -> None:
         pd.DataFrame({"t": texts(10)}).chat.embed("t", **settings(server))
 
 
+def test_a_server_that_ignores_dimensions_stops_the_run_and_caches_nothing() -> None:
+    """Asked for 4 dimensions, a server sends 8: silent wrong lengths, cached under the
+    wrong key, for every row. The run stops at the first reply, saying what to do."""
+    behaviour = EmbeddingBehaviour(ignore_dimensions=True, dimensions=8)
+    frame = pd.DataFrame({"t": texts(200)})
+    with ChatServer(embeddings=behaviour).run_in_thread() as server:
+        with pytest.raises(nbtoolkit.RunAborted, match="asked for 4 dimensions") as raised:
+            frame.chat.embed("t", dimensions=4, batch_size=10, **settings(server, max_parallel=4))
+        assert server.request_count <= 4  # the batches in flight at once, at most
+        assert "leave dimensions= out" in str(raised.value)
+        assert isinstance(raised.value.cause, nbtoolkit.IgnoredParameter)
+        out = frame.chat.embed("t", batch_size=10, **settings(server))  # without: fine
+    assert_vectors(out["embedding"], texts(200))
+    assert report().stats.cache_hits == 0  # nothing of the stopped run was kept
+
+
 CHILD = """
 import os, sys
 import pandas as pd
