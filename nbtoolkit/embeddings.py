@@ -81,15 +81,15 @@ class EmbeddingEndpoint:
         self._key_head, self._key_tail = head + b'"input":', tail
 
     def item(self, index: int, request: str) -> Item:
-        if type(request) is str:
-            payload = self._key_head + _json_string(request).encode() + self._key_tail
-        else:
-            payload = encode_body(
-                {"dimensions": self.dimensions, "input": request, "model": self.model}
-            )
         # The chat estimator's figure for one message of this text (len / 4 + 7), without
         # building the message; no completion tokens.
-        return Item(index, {"input": request}, payload, len(request) / 4 + 7.0, 0.0)
+        if type(request) is str:
+            payload = self._key_head + _json_string(request).encode() + self._key_tail
+            return Item(index, {"input": request}, payload, len(request) / 4 + 7.0, 0.0)
+        # Not text (only a direct caller of the engine sends that): encoded as it is.
+        body = {"dimensions": self.dimensions, "input": request, "model": self.model}
+        payload = encode_body(body)
+        return Item(index, {"input": request}, payload, 7.0, 0.0)
 
     def payload(self, items: Sequence[Item]) -> bytes:
         body: dict[str, Any] = {
