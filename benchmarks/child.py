@@ -36,7 +36,7 @@ from typing import Any
 import pandas as pd
 
 from benchmarks.clients import ASYNC_CLIENTS, PREPARE, SYNC_CLIENTS, Job
-from nbtoolkit.cache import ResponseCache
+from nbtoolkit.core.store._cache import ResponseCache
 
 # The calls the engine makes; merge() runs inside commit() and close(), so it is not wrapped.
 _CACHE_CALLS = ("__init__", "get_many", "put", "commit", "close")

@@ -75,7 +75,7 @@ async def _floor(url: str, texts: list[str], batch: int, parallel: int) -> list[
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one client over the spec's rows; its figures."""
-    from nbtoolkit._testserver_embeddings import expected_vector
+    from nbtoolkit.testing import expected_vector
 
     url, client, rows = spec["url"], spec["client"], int(spec["rows"])
     batch, parallel, dimensions = spec["batch"], spec["parallel"], spec["dimensions"]

@@ -7,14 +7,12 @@ Importing it registers the ``df.chat`` and ``series.chat`` accessors::
     nbtoolkit.last_run().errors      # why each None is None
 """
 
-from nbtoolkit import accessor as _accessor  # noqa: F401  (registers df.chat / series.chat)
-from nbtoolkit._dask import last_dask_run
-from nbtoolkit._dask import register as _register_dask
-from nbtoolkit.batch import BatchJob, BatchOptions, BatchStatus, batch_jobs
-from nbtoolkit.cache import CacheInfo, cache_info, clear_cache
 from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts, configure, get_config
-from nbtoolkit.embeddings import to_matrix
-from nbtoolkit.engine import ChatRun
+from nbtoolkit.core._engine import ChatRun
+from nbtoolkit.core._rows import ChatRequest, RowError, RowResult, RunStats
+from nbtoolkit.core.store._cache import CacheInfo, cache_info, clear_cache
+from nbtoolkit.dask._accessor import last_dask_run
+from nbtoolkit.dask._accessor import register as _register_dask
 from nbtoolkit.errors import (
     AnswerError,
     APIError,
@@ -37,8 +35,10 @@ from nbtoolkit.errors import (
     Truncated,
     UnsendableRow,
 )
-from nbtoolkit.report import RunReport, last_run
-from nbtoolkit.rows import ChatRequest, RowError, RowResult, RunStats
+from nbtoolkit.frame import _accessor as _accessor
+from nbtoolkit.frame._batch import BatchJob, BatchOptions, BatchStatus, batch_jobs
+from nbtoolkit.frame._report import RunReport, last_run
+from nbtoolkit.frame._vectors import to_matrix
 
 __version__ = "0.1.0"
 

@@ -49,7 +49,7 @@ from typing import IO, Any, Literal, Self
 
 import pandas as pd
 
-from nbtoolkit.cache import register_local_server
+from nbtoolkit.core.store._cache import register_local_server
 from nbtoolkit.errors import NbToolkitError
 
 __all__ = [

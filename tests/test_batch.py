@@ -17,7 +17,7 @@ import pytest
 
 import nbtoolkit
 from nbtoolkit import BatchOptions
-from nbtoolkit.batch_files import Line, split
+from nbtoolkit.batch._files import Line, split
 from nbtoolkit.testing import BatchBehaviour, ChatServer
 from tests.conftest import MODEL, settings
 

@@ -137,8 +137,8 @@ def test_the_journal_moves_into_the_keyed_table(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Answers are journaled, moved in batches, at close, and when a cache is opened."""
-    from nbtoolkit import cache as cache_module
-    from nbtoolkit.cache import CachedAnswer, ResponseCache
+    from nbtoolkit.core.store import _cache as cache_module
+    from nbtoolkit.core.store._cache import CachedAnswer, ResponseCache
 
     monkeypatch.setattr(cache_module, "_MERGE_EVERY", 4)
     path = tmp_path / "c.sqlite3"
@@ -179,8 +179,8 @@ def test_vectors_go_to_the_vectors_file_and_their_keys_are_merged_in_batches(
 ) -> None:
     """Bytes go to the vectors file, one span row per commit; keys reach vector_keys in
     batches, at close and on open."""
-    from nbtoolkit import vector_store
-    from nbtoolkit.cache import CachedAnswer, ResponseCache
+    from nbtoolkit.core.store import _vectors as vector_store
+    from nbtoolkit.core.store._cache import CachedAnswer, ResponseCache
 
     monkeypatch.setattr(vector_store, "MERGE_EVERY", 4)
     path = tmp_path / "c.sqlite3"
@@ -223,7 +223,7 @@ def test_vectors_go_to_the_vectors_file_and_their_keys_are_merged_in_batches(
 
 def test_a_reader_finds_vectors_another_process_saved_after_it_looked(tmp_path: Path) -> None:
     """A lookup that found no vectors in the file still finds those written meanwhile."""
-    from nbtoolkit.cache import CachedAnswer, ResponseCache
+    from nbtoolkit.core.store._cache import CachedAnswer, ResponseCache
 
     path = tmp_path / "c.sqlite3"
     key = b"v" * 32
@@ -236,7 +236,7 @@ def test_a_reader_finds_vectors_another_process_saved_after_it_looked(tmp_path: 
 
 def test_a_binary_answer_saved_twice_is_kept_once_the_newest(tmp_path: Path) -> None:
     """Two processes saving one key: after the merge one entry is left, the later answer."""
-    from nbtoolkit.cache import CachedAnswer, ResponseCache
+    from nbtoolkit.core.store._cache import CachedAnswer, ResponseCache
 
     path = tmp_path / "c.sqlite3"
     key, other = b"k" * 32, b"o" * 32
@@ -262,7 +262,7 @@ def test_a_binary_answer_saved_twice_is_kept_once_the_newest(tmp_path: Path) -> 
 
 def test_a_cache_file_of_the_previous_layout_is_still_read(tmp_path: Path) -> None:
     """A 4 KB-page file with vectors in responses/journal: found, counted, and added to."""
-    from nbtoolkit.cache import CachedAnswer, ResponseCache
+    from nbtoolkit.core.store._cache import CachedAnswer, ResponseCache
 
     path = tmp_path / "old.sqlite3"
     columns = (
@@ -302,7 +302,7 @@ def test_a_cache_file_of_the_previous_layout_is_still_read(tmp_path: Path) -> No
 def test_vectors_live_in_a_private_file_and_a_damaged_record_is_a_miss(tmp_path: Path) -> None:
     """The vectors file is owner-only; a record that fails its check is not returned, is
     saved again when fetched again, and clear() empties the file."""
-    from nbtoolkit.cache import CachedAnswer, ResponseCache, vectors_path
+    from nbtoolkit.core.store._cache import CachedAnswer, ResponseCache, vectors_path
 
     path = tmp_path / "c.sqlite3"
     answers = {bytes([i]) * 32: CachedAnswer(bytes([i]) * 1024, 5, None, None) for i in range(4)}
@@ -335,14 +335,14 @@ def test_vectors_live_in_a_private_file_and_a_damaged_record_is_a_miss(tmp_path:
 
 def test_a_killed_writers_vectors_are_found_by_the_next_cache_opened(tmp_path: Path) -> None:
     """Spans committed but never merged (kill -9 before close) are indexed on open."""
-    from nbtoolkit.cache import CachedAnswer, ResponseCache
+    from nbtoolkit.core.store._cache import CachedAnswer, ResponseCache
 
     path = tmp_path / "c.sqlite3"
     answers = {bytes([i]) * 32: CachedAnswer(bytes([i]) * 64, i, None, None) for i in range(5)}
     script = textwrap.dedent(
         f"""
         import os
-        from nbtoolkit.cache import CachedAnswer, ResponseCache
+        from nbtoolkit.core.store._cache import CachedAnswer, ResponseCache
         cache = ResponseCache({str(path)!r})
         for i in range(5):
             cache.put(bytes([i]) * 32, CachedAnswer(bytes([i]) * 64, i, None, None))
@@ -510,7 +510,7 @@ def test_an_unusable_cache_location_does_not_stop_the_work(server: ChatServer) -
 
 def test_keys_follow_the_canonical_body_and_the_host() -> None:
     """Key order in the body does not matter; the host does; a loopback port does not."""
-    from nbtoolkit.cache import RequestKeys, encode_body
+    from nbtoolkit.core.store._cache import RequestKeys, encode_body
 
     url = "https://api.example.com/v1/chat/completions"
     body = {"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "héllo"}]}
@@ -529,7 +529,7 @@ def test_the_body_is_encoded_as_canonical_json() -> None:
     """The bytes sent and hashed are json.dumps with sorted keys and no spaces, exactly."""
     import json
 
-    from nbtoolkit.cache import encode_body
+    from nbtoolkit.core.store._cache import encode_body
 
     body = {
         "model": "m",
@@ -559,7 +559,7 @@ def test_a_local_server_on_a_new_port_still_hits_the_cache() -> None:
 
 def test_two_local_servers_with_different_model_files_do_not_share_answers() -> None:
     """On loopback the port is ignored but the served model file is part of the key."""
-    from nbtoolkit.cache import RequestKeys, register_local_server
+    from nbtoolkit.core.store._cache import RequestKeys, register_local_server
 
     body = b'{"model":"local","messages":[]}'
     try:

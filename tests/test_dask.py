@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 import nbtoolkit
-from nbtoolkit._dask_ledger import SlotLedger, fair_shares
+from nbtoolkit.dask._ledger import SlotLedger, fair_shares
 from nbtoolkit.testing import ChatServer, FaultRates, Stall, Status
 from tests.conftest import FAST_RETRY, MODEL
 

@@ -19,9 +19,8 @@ import pandas as pd
 import pytest
 
 import nbtoolkit
-from nbtoolkit._testserver_embeddings import expected_vector
-from nbtoolkit.cache import ResponseCache, vectors_path
-from nbtoolkit.embeddings import EmbeddingEndpoint
+from nbtoolkit.core.endpoints._embeddings import EmbeddingEndpoint
+from nbtoolkit.core.store._cache import ResponseCache, vectors_path
 from nbtoolkit.testing import (
     ChatServer,
     EmbeddingBehaviour,
@@ -29,6 +28,7 @@ from nbtoolkit.testing import (
     Malformed,
     RecordedRequest,
     Status,
+    expected_vector,
 )
 from tests.conftest import MODEL, settings
 
@@ -291,7 +291,7 @@ def test_parse_maps_vectors_back_by_index() -> None:
 def test_keys_are_the_canonical_json_of_model_dimensions_and_text() -> None:
     """The key material is encode_body's bytes, built without it for speed: the same bytes
     for any text and any model name (quotes, escapes, non-ASCII), so caches stay valid."""
-    from nbtoolkit.cache import encode_body
+    from nbtoolkit.core.store._cache import encode_body
 
     for model, dimensions in (("m", None), ('a"input":""b', 1024), ("é0", 7)):
         endpoint = EmbeddingEndpoint(model=model, dimensions=dimensions)

@@ -9,7 +9,7 @@ import pytest
 
 import nbtoolkit
 from nbtoolkit import ChatConfig, ChatRequest, ChatRun, RetryPolicy, Timeouts
-from nbtoolkit.engine import _LOOKUP_BATCH
+from nbtoolkit.core._engine import _LOOKUP_BATCH
 from nbtoolkit.testing import ChatServer, FaultRates, Malformed, Reset, Stall, Status
 from tests.conftest import FAST_RETRY, MODEL
 

@@ -385,7 +385,7 @@ def test_a_stop_swallowed_before_a_cell_was_sent_does_not_stop_it(
 EMBED_RUN = f'vecs = df.chat.embed("q", model="test-model", max_parallel={PARALLEL}, batch_size=2)'
 # What the kernel kept of an interrupted embed run, as JSON on stdout.
 EMBED_REPORT = """
-from nbtoolkit._testserver_embeddings import expected_vector
+from nbtoolkit.testing import expected_vector
 report = nbtoolkit.last_run()
 vectors = report.output["embedding"]
 print(json.dumps({

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from nbtoolkit import ChatConfig, ChatRequest, ChatRun
-from nbtoolkit.limits import (
+from nbtoolkit.core._limits import (
     RateGovernor,
     ServerLimits,
     Ticket,

@@ -16,13 +16,13 @@ import pandas as pd
 import pytest
 
 import nbtoolkit
+from nbtoolkit.core.endpoints._structured import forget_learned_shapes
 from nbtoolkit.local import (
     REVIEW_FIELDS_TEMPLATE,
     SENTIMENT_TEMPLATE,
     LocalServer,
     sample_reviews,
 )
-from nbtoolkit.structured import forget_learned_shapes
 
 pytest.importorskip(
     "llama_cpp", reason="the local extra is not installed: pip install -e '.[local]'"

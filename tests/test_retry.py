@@ -9,7 +9,14 @@ import pytest
 from tenacity import RetryCallState
 
 from nbtoolkit import RetryPolicy
-from nbtoolkit.client import error_for_status, parse_completion
+from nbtoolkit.core._client import error_for_status, parse_completion
+from nbtoolkit.core._retry import (
+    GiveUp,
+    RetryAfterOrBackoff,
+    is_retryable,
+    is_systemic,
+    retry_after_seconds,
+)
 from nbtoolkit.errors import (
     AuthError,
     BadRequestError,
@@ -21,13 +28,6 @@ from nbtoolkit.errors import (
     RequestTimeout,
     ServerError,
     TransportError,
-)
-from nbtoolkit.retry import (
-    GiveUp,
-    RetryAfterOrBackoff,
-    is_retryable,
-    is_systemic,
-    retry_after_seconds,
 )
 
 QUOTA_BODY = (

@@ -13,8 +13,8 @@ import pydantic
 import pytest
 
 import nbtoolkit
-from nbtoolkit.schema import normalise
-from nbtoolkit.structured import forget_learned_shapes
+from nbtoolkit.core.endpoints._schema import normalise
+from nbtoolkit.core.endpoints._structured import forget_learned_shapes
 from nbtoolkit.testing import (
     ChatServer,
     FaultRates,

@@ -30,7 +30,7 @@ from nbtoolkit.testing import (
     Stall,
     Status,
 )
-from nbtoolkit.testing import _duration as duration
+from nbtoolkit.testing._server import _duration as duration
 
 
 def _body(prompt: str, model: str = "test-model") -> dict[str, Any]:

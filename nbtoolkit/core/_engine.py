@@ -30,13 +30,15 @@ from typing import Any
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from nbtoolkit.breaker import CircuitBreaker
-from nbtoolkit.budget import Budget
-from nbtoolkit.cache import CachedAnswer, RequestKeys
-from nbtoolkit.cachewriter import CacheWriter
-from nbtoolkit.client import Reply, post_json
 from nbtoolkit.config import ChatConfig
-from nbtoolkit.endpoints import (
+from nbtoolkit.core._breaker import CircuitBreaker
+from nbtoolkit.core._budget import Budget
+from nbtoolkit.core._cachewriter import CacheWriter
+from nbtoolkit.core._client import Reply, post_json
+from nbtoolkit.core._limits import RateGovernor, ServerLimits
+from nbtoolkit.core._retry import GiveUp, RetryAfterOrBackoff, is_retryable, is_systemic
+from nbtoolkit.core._rows import SKIPPED, ProgressListener, RowError, RowResult, RunStats
+from nbtoolkit.core.endpoints._base import (
     Answer,
     ChatEndpoint,
     Endpoint,
@@ -46,6 +48,7 @@ from nbtoolkit.endpoints import (
     Reask,
     usage_counts,
 )
+from nbtoolkit.core.store._cache import CachedAnswer, RequestKeys
 from nbtoolkit.errors import (
     APIError,
     AuthError,
@@ -60,9 +63,6 @@ from nbtoolkit.errors import (
     TransportError,
     UnsendableRow,
 )
-from nbtoolkit.limits import RateGovernor, ServerLimits
-from nbtoolkit.retry import GiveUp, RetryAfterOrBackoff, is_retryable, is_systemic
-from nbtoolkit.rows import SKIPPED, ProgressListener, RowError, RowResult, RunStats
 
 # Requests looked up in the cache with one query: large enough to make a fully cached
 # re-run cheap, small enough not to hold the first requests back.

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
-from nbtoolkit.cache import encode_body
-from nbtoolkit.client import parse_completion
-from nbtoolkit.endpoints import (
+from nbtoolkit.core._client import parse_completion
+from nbtoolkit.core._limits import estimate_tokens
+from nbtoolkit.core._rows import ChatRequest
+from nbtoolkit.core.endpoints._base import (
     Answer,
     Item,
     Outcome,
@@ -35,10 +36,9 @@ from nbtoolkit.endpoints import (
     plain_json,
     usage_counts,
 )
+from nbtoolkit.core.endpoints._schema import AnswerMismatch, StructuredSchema
+from nbtoolkit.core.store._cache import encode_body
 from nbtoolkit.errors import APIError, ConfigError, SchemaError, Truncated
-from nbtoolkit.limits import estimate_tokens
-from nbtoolkit.rows import ChatRequest
-from nbtoolkit.schema import AnswerMismatch, StructuredSchema
 
 
 class Shape(StrEnum):
@@ -81,7 +81,7 @@ class StructuredEndpoint:
 
     Args:
         base_body: the model and the request parameters.
-        schema: the checked schema (`nbtoolkit.schema.normalise`).
+        schema: the checked schema (`nbtoolkit.core.endpoints._schema.normalise`).
         structured: "auto", or the one shape to use.
         validation_retries: how many times an answer that does not fit is sent back.
         base_url: the server's base URL, under which an "auto" run remembers its shape.

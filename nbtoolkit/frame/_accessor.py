@@ -20,12 +20,15 @@ from typing import Any, ParamSpec, TypeVar
 
 import pandas as pd
 
-from nbtoolkit.batch import BatchJob, BatchOptions, run_batch, submit
 from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts, get_config, merge
-from nbtoolkit.endpoints import Endpoint
-from nbtoolkit.engine import ChatRun, results_in_order
+from nbtoolkit.core._engine import ChatRun, results_in_order
+from nbtoolkit.core._rows import ChatRequest, RowResult
+from nbtoolkit.core._runner import run_sync
+from nbtoolkit.core.endpoints._base import Endpoint
+from nbtoolkit.core.endpoints._structured import Structured
 from nbtoolkit.errors import ConfigError, RunAborted, RunInterrupted
-from nbtoolkit.extraction import (
+from nbtoolkit.frame._batch import BatchJob, BatchOptions, run_batch, submit
+from nbtoolkit.frame._extraction import (
     DEFAULT_LABEL_COLUMN,
     classification_schema,
     classification_system,
@@ -34,11 +37,8 @@ from nbtoolkit.extraction import (
     label_values,
     structured_endpoint,
 )
-from nbtoolkit.progress import ProgressBar
-from nbtoolkit.report import RunReport, last_run, remember, rows_frame
-from nbtoolkit.rows import ChatRequest, RowResult
-from nbtoolkit.runner import run_sync
-from nbtoolkit.structured import Structured
+from nbtoolkit.frame._progress import ProgressBar
+from nbtoolkit.frame._report import RunReport, last_run, remember, rows_frame
 
 DEFAULT_OUTPUT = "response"
 
@@ -340,7 +340,8 @@ class _ChatAccessorBase:
             RunInterrupted: Ctrl-C or the stop button; ``.partial`` holds the rows that
                 finished.
         """
-        from nbtoolkit.embeddings import EmbeddingEndpoint, embedding_writer
+        from nbtoolkit.core.endpoints._embeddings import EmbeddingEndpoint
+        from nbtoolkit.frame._vectors import embedding_writer
 
         settings = run_settings(
             model=model,

@@ -15,6 +15,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 
+from nbtoolkit.core._limits import ServerLimits
+from nbtoolkit.core._retry import retry_after_seconds
 from nbtoolkit.errors import (
     AnswerError,
     APIError,
@@ -29,8 +31,6 @@ from nbtoolkit.errors import (
     ServerError,
     TransportError,
 )
-from nbtoolkit.limits import ServerLimits
-from nbtoolkit.retry import retry_after_seconds
 
 
 @dataclass(frozen=True, slots=True)

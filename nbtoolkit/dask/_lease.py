@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
-from nbtoolkit._dask_ledger import SlotLedger, wall_to_monotonic
+from nbtoolkit.core._limits import RateGovernor, Ticket
+from nbtoolkit.core._rows import ProgressListener, RowResult
+from nbtoolkit.dask._ledger import SlotLedger, wall_to_monotonic
 from nbtoolkit.errors import RunAborted
-from nbtoolkit.limits import RateGovernor, Ticket
-from nbtoolkit.rows import ProgressListener, RowResult
 
 # How often a running partition re-balances with the ledger: the longest a late partition
 # waits for its share, and the longest a 429 seen elsewhere takes to pause this one.

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from nbtoolkit.schema import resolve_ref
+from nbtoolkit.core.endpoints._schema import resolve_ref
 
 __all__ = ["StructuredFaults", "schema_instance"]
 

@@ -1,4 +1,4 @@
-"""The OpenAI Batch API for `nbtoolkit.testing.ChatServer`: files, batches, and their life.
+"""The OpenAI Batch API for `nbtoolkit.testing._server.ChatServer`: files, batches, and their life.
 
 Routes (under ``/v1``, each demanding the server's API key like the chat route)::
 

@@ -1,6 +1,6 @@
 """The Batch API's own calls: upload a file, create, look at and cancel a batch, download.
 
-Beside `nbtoolkit.client` (one chat request, one reply) and mapping replies onto the same
+Beside `nbtoolkit.core._client` (one chat request, one reply) and mapping replies onto the same
 exception tree with the same key scrubbing. Control calls are few and cheap, so each is
 retried on the same terms as a row (`is_retryable`, the run's `RetryPolicy`), except
 creating a batch: a create that timed out may have created it, and creating it again would
@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from nbtoolkit.client import _redact, error_for_status
 from nbtoolkit.config import ChatConfig
+from nbtoolkit.core._client import _redact, error_for_status
+from nbtoolkit.core._retry import is_retryable
 from nbtoolkit.errors import MalformedResponse, RateLimitError, RequestTimeout, TransportError
-from nbtoolkit.retry import is_retryable
 
 T = TypeVar("T")
 

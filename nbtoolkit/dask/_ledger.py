@@ -2,7 +2,7 @@
 pause, an abort flag, and each partition's report.
 
 Plain Python with no dask import: the scheduler keeps one `SlotLedger` (installed by
-`nbtoolkit._dask_lease.LedgerPlugin`), and a run on dask's threaded scheduler keeps one in
+`nbtoolkit.dask._lease.LedgerPlugin`), and a run on dask's threaded scheduler keeps one in
 the process. Each partition of a run is a *holder*: it tells the ledger how many rows it
 still has to finish (its demand) and gets slots back, never more in all than the run's
 ``max_parallel``. Slots are shared out by water-filling: a holder that needs fewer than an

@@ -47,11 +47,11 @@ from typing import Any, Literal, Self, get_args
 
 from aiohttp import web
 
-from nbtoolkit import _testserver_embeddings as _embeddings
-from nbtoolkit import _testserver_structured as _structured
-from nbtoolkit._testserver_batch import BatchAPI, BatchBehaviour
-from nbtoolkit._testserver_embeddings import EmbeddingBehaviour
-from nbtoolkit._testserver_structured import StructuredFaults, schema_instance
+from nbtoolkit.testing import _embeddings as _embeddings
+from nbtoolkit.testing import _structured as _structured
+from nbtoolkit.testing._batch import BatchAPI, BatchBehaviour
+from nbtoolkit.testing._embeddings import EmbeddingBehaviour
+from nbtoolkit.testing._structured import StructuredFaults, schema_instance
 
 __all__ = [
     "HEADER_FAMILIES",

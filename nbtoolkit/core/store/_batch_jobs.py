@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nbtoolkit.cache import ResponseCache, cache_scope, write_transaction
+from nbtoolkit.core.store._cache import ResponseCache, cache_scope, write_transaction
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS batch_jobs (

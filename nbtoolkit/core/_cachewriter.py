@@ -15,8 +15,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from nbtoolkit.cache import CACHE_ERRORS, CachedAnswer, ResponseCache
-from nbtoolkit.endpoints import Answer
+from nbtoolkit.core.endpoints._base import Answer
+from nbtoolkit.core.store._cache import CACHE_ERRORS, CachedAnswer, ResponseCache
 
 # The longest an answer waits for its commit: what a killed process can lose, at most.
 COMMIT_EVERY = 0.020

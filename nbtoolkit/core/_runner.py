@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
-from nbtoolkit import kernel_stops
+from nbtoolkit.core import _kernel_stops as kernel_stops
 
 T = TypeVar("T")
 

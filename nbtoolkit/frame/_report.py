@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from nbtoolkit.rows import NOT_SENT_KINDS, RowResult, RunStats
+from nbtoolkit.core._rows import NOT_SENT_KINDS, RowResult, RunStats
 
 ROW_COLUMNS = [
     "status",  # "ok", "failed", or never sent: "skipped", "not_run", "cancelled", "over_budget"

@@ -5,7 +5,7 @@ collection built with ``map_partitions`` and an explicit ``meta`` (no request is
 the graph is built). Each partition runs the pandas method itself, with three changes:
 
 - its concurrency comes from a lease on the run's cluster-wide slots
-  (`nbtoolkit._dask_lease`), so ``max_parallel``, ``rpm`` and ``tpm`` hold for the whole
+  (`nbtoolkit.dask._lease`), so ``max_parallel``, ``rpm`` and ``tpm`` hold for the whole
   computation, and a 429 seen anywhere pauses every partition;
 - a systemic failure (bad key, quota) sets the run's abort flag: the partition raises
   `RunAborted` once, running partitions stop within a poll, later ones send nothing;
@@ -35,15 +35,15 @@ from typing import Any
 
 import pandas as pd
 
-from nbtoolkit import report as _report
-from nbtoolkit._dask_lease import Lease, LeasedGovernor, LocalTransport, RowCounter, connect
-from nbtoolkit.accessor import _ChatAccessorBase, run_settings
 from nbtoolkit.config import ChatConfig
-from nbtoolkit.engine import RUN_CREATED, ChatRun, results_in_order
+from nbtoolkit.core._engine import RUN_CREATED, ChatRun, results_in_order
+from nbtoolkit.core._rows import RunStats
+from nbtoolkit.core._runner import run_sync
+from nbtoolkit.dask._lease import Lease, LeasedGovernor, LocalTransport, RowCounter, connect
 from nbtoolkit.errors import RunAborted
-from nbtoolkit.report import rows_frame
-from nbtoolkit.rows import RunStats
-from nbtoolkit.runner import run_sync
+from nbtoolkit.frame import _report as _report
+from nbtoolkit.frame._accessor import _ChatAccessorBase, run_settings
+from nbtoolkit.frame._report import rows_frame
 
 # The run options `run_settings` turns into a ChatConfig on the client, once per call.
 RUN_OPTIONS = frozenset(inspect.signature(run_settings).parameters) - {"params"}

@@ -9,7 +9,7 @@ provider within 24 hours, and read back::
                       └─ JSONL lines ─ split (model, 50,000 lines, 200 MB) ─ upload ─ create
     status / wait ─ output + error files ─ by custom_id ─ endpoint.parse ─ cache ─► result
 
-The job lives in the cache file (`nbtoolkit.batch_store`), keyed by the requests it holds:
+The job lives in the cache file (`core.store._batch_jobs`), keyed by the requests it holds:
 running the same cell again, in a new kernel too, re-attaches to it instead of paying twice.
 """
 
@@ -26,18 +26,18 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from nbtoolkit import batch_files
-from nbtoolkit.batch_client import BatchClient
-from nbtoolkit.batch_files import Line, LineResult
-from nbtoolkit.batch_store import TERMINAL, BatchStore, Part, job_key
-from nbtoolkit.budget import Budget
-from nbtoolkit.cache import CachedAnswer, RequestKeys, ResponseCache
+from nbtoolkit.batch import _files as batch_files
+from nbtoolkit.batch._client import BatchClient
+from nbtoolkit.batch._files import Line, LineResult
 from nbtoolkit.config import ChatConfig, default_cache_path
-from nbtoolkit.endpoints import ChatEndpoint, Endpoint, Item
+from nbtoolkit.core._budget import Budget
+from nbtoolkit.core._rows import SKIPPED, RowError, RowResult, RunStats
+from nbtoolkit.core._runner import run_sync
+from nbtoolkit.core.endpoints._base import ChatEndpoint, Endpoint, Item
+from nbtoolkit.core.store._batch_jobs import TERMINAL, BatchStore, Part, job_key
+from nbtoolkit.core.store._cache import CachedAnswer, RequestKeys, ResponseCache
 from nbtoolkit.errors import ConfigError, NbToolkitError, RunInterrupted, UnsendableRow
-from nbtoolkit.report import RunReport, remember, rows_frame
-from nbtoolkit.rows import SKIPPED, RowError, RowResult, RunStats
-from nbtoolkit.runner import run_sync
+from nbtoolkit.frame._report import RunReport, remember, rows_frame
 
 # How long a run waits for another process that is uploading the same job right now.
 _OTHER_SUBMITTER_WAIT = 120.0

@@ -13,10 +13,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nbtoolkit.client import error_for_status
-from nbtoolkit.endpoints import Answer, Endpoint, Item, Reask
+from nbtoolkit.core._client import error_for_status
+from nbtoolkit.core._rows import RowError
+from nbtoolkit.core.endpoints._base import Answer, Endpoint, Item, Reask
 from nbtoolkit.errors import ConfigError, NbToolkitError
-from nbtoolkit.rows import RowError
 
 # The Batch API's limits per input file.
 MAX_LINES = 50_000

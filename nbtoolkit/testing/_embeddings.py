@@ -23,7 +23,7 @@ import numpy.typing as npt
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from nbtoolkit.testing import ChatServer, _Exchange
+    from nbtoolkit.testing._server import ChatServer, _Exchange
 
 __all__ = ["EmbeddingBehaviour", "expected_vector"]
 
@@ -111,7 +111,7 @@ async def answer(
     server: ChatServer, request: web.Request, ex: _Exchange, body: dict[str, Any]
 ) -> web.StreamResponse:
     """Reply to an embeddings request the server already authorised, admitted and delayed."""
-    from nbtoolkit.testing import _error
+    from nbtoolkit.testing._server import _error
 
     behaviour = server.embeddings
     inputs = _inputs(body)

@@ -21,10 +21,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
-from nbtoolkit.cache import encode_body
-from nbtoolkit.client import parse_completion
+from nbtoolkit.core._client import parse_completion
+from nbtoolkit.core._rows import ChatRequest
+from nbtoolkit.core.store._cache import encode_body
 from nbtoolkit.errors import ConfigError, NbToolkitError
-from nbtoolkit.rows import ChatRequest
 
 # Completion tokens assumed for a request that sets no max_tokens: what the budget and the
 # token bucket reserve for it until its reply says what it used.

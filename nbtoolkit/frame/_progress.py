@@ -12,7 +12,7 @@ from types import TracebackType
 
 from tqdm.auto import tqdm
 
-from nbtoolkit.rows import RowResult
+from nbtoolkit.core._rows import RowResult
 
 # Re-format the ok/failed/retried counts at most this often: formatting them on every row
 # would cost more CPU than the request itself on a fast server.

@@ -1,7 +1,7 @@
 """``extract`` and ``classify`` on the pandas side: check the options, write typed columns.
 
 The accessor methods are thin calls into here. A run's answers come back as dicts of
-checked fields (`nbtoolkit.structured`); this module turns them into one column per field
+checked fields (`core.endpoints._structured`); this module turns them into one column per field
 with the dtype the schema implies, aligned by position with the caller's rows.
 """
 
@@ -14,16 +14,16 @@ from typing import Any
 import pandas as pd
 
 from nbtoolkit.config import ChatConfig
+from nbtoolkit.core._rows import RowResult
+from nbtoolkit.core.endpoints._schema import Field, StructuredSchema, label_schema, normalise
+from nbtoolkit.core.endpoints._structured import STRUCTURED_CHOICES, StructuredEndpoint
 from nbtoolkit.errors import ConfigError
-from nbtoolkit.rows import RowResult
-from nbtoolkit.schema import Field, StructuredSchema, label_schema, normalise
-from nbtoolkit.structured import STRUCTURED_CHOICES, StructuredEndpoint
 
 DEFAULT_LABEL_COLUMN = "label"
 
 
 def extraction_schema(schema: Any) -> StructuredSchema:
-    """``schema=`` checked (see `nbtoolkit.schema.normalise`)."""
+    """``schema=`` checked (see `nbtoolkit.core.endpoints._schema.normalise`)."""
     return normalise(schema)
 
 

@@ -21,7 +21,7 @@ in every commit, and cost the run more CPU than anything else the cache does. Ev
 run), the journal is moved into ``responses`` in key order, in one transaction.
 
 Binary answers (float32 vectors, 1 KB and more each) are not rows of their own: they
-are appended to a file beside the database, see `nbtoolkit.vector_store`.
+are appended to a file beside the database, see `nbtoolkit.core.store._vectors`.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from nbtoolkit import vector_store
 from nbtoolkit.config import default_cache_path
-from nbtoolkit.vector_store import VectorStore, vectors_path
+from nbtoolkit.core.store import _vectors as vector_store
+from nbtoolkit.core.store._vectors import VectorStore, vectors_path
 
 _COLUMNS = """
     key BLOB NOT NULL,             -- sha256 of base URL + canonical request body

@@ -1,0 +1,1 @@
+"""Batch APIs: the same endpoints written to a JSONL file, uploaded, and read back."""

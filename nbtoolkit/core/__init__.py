@@ -1,0 +1,13 @@
+"""The engine, with no pandas: rows in, row results out.
+
+Layers, lowest first (import-linter keeps the arrows pointing down; see pyproject.toml):
+
+- ``_rows``: what a request and its result are; ``_runner``: sync <-> async, interrupts;
+- ``_client`` and ``_limits``: one HTTP exchange, error mapping, redaction, every rate-header
+  family; ``_retry``, ``_breaker``, ``_budget``: when to try again, when to stop, when to spend;
+- ``endpoints/``: how rows become a request body and a reply becomes row results;
+- ``store/``: the response cache, its vectors file and the batch-job records;
+- ``_engine``: the bounded queue of workers that runs any endpoint over any rows.
+
+A partition of a distributed frame calls the engine as it is: nothing here knows pandas.
+"""

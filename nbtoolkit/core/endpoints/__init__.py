@@ -1,0 +1,5 @@
+"""Endpoints: how rows become a request body and how a reply becomes row results.
+
+One module per wire format: ``_base`` (chat completions and the protocol every endpoint follows),
+``_structured`` (typed answers to a schema, with re-asks), ``_embeddings`` (vectors).
+"""

@@ -1,0 +1,1 @@
+"""``ddf.chat``: the engine on each partition, with one limit across the cluster."""
