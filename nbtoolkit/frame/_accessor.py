@@ -21,7 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 import pandas as pd
 
 from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts, get_config, merge
-from nbtoolkit.core._engine import ChatRun, results_in_order
+from nbtoolkit.core._engine import ChatRun, RunHooks, results_in_order
 from nbtoolkit.core._rows import ChatRequest, RowResult
 from nbtoolkit.core._runner import run_sync
 from nbtoolkit.core.endpoints._base import Endpoint
@@ -94,8 +94,18 @@ def blocking(coroutine_method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[
     return method
 
 
-async def run_plan(plan: Plan) -> Any:
+async def run_plan(
+    plan: Plan,
+    *,
+    hooks: RunHooks | None = None,
+    report_to: Callable[[RunReport], object] = remember,
+) -> Any:
     """Run a plan's requests through the engine and return its output; keep its report.
+
+    Args:
+        plan: the checked requests, options and output writer.
+        hooks: the engine's seams (a Dask partition's governor and row counter).
+        report_to: where the run's report goes; default `last_run()`'s.
 
     Raises:
         RunAborted: a systemic failure; ``.partial`` is the output with the rows that
@@ -106,7 +116,7 @@ async def run_plan(plan: Plan) -> Any:
     """
     bar = ProgressBar(len(plan.frame), enabled=plan.config.progress)
     try:
-        run = ChatRun(plan.config, endpoint=plan.endpoint, listener=bar)
+        run = ChatRun(plan.config, endpoint=plan.endpoint, listener=bar, hooks=hooks)
     except BaseException:
         bar.close()
         raise
@@ -117,23 +127,42 @@ async def run_plan(plan: Plan) -> Any:
     except RunAborted as exc:
         aborted = exc
     except KeyboardInterrupt as exc:
-        report = _report(plan, run, run.results, "interrupted")
+        report = _report(plan, run, run.results, "interrupted", report_to)
         raise RunInterrupted(_interrupted_message(report), partial=report.output) from exc
     except asyncio.CancelledError as exc:
-        report = _report(plan, run, run.results, "interrupted")
+        report = _report(plan, run, run.results, "interrupted", report_to)
         # Cancellation must stay a CancelledError; a note still tells where the rows are.
         exc.add_note(_interrupted_message(report))
         raise
     if aborted is not None:  # raised outside the except block: one line in a notebook
-        report = _report(plan, run, run.results, "aborted")
+        report = _report(plan, run, run.results, "aborted", report_to)
         raise RunAborted(str(aborted), partial=report.output, cause=aborted.cause) from (
             aborted.cause
         )
-    return _report(plan, run, results, "finished").output
+    return _report(plan, run, results, "finished", report_to).output
 
 
 class _ChatAccessorBase:
-    """Shared by the DataFrame and Series accessors; keeps no state between calls."""
+    """Shared by the DataFrame and Series accessors; keeps no state between calls.
+
+    Both take, besides their pandas object, two seams for a caller that runs the pandas
+    methods itself (a Dask partition): ``hooks`` for the engine (`RunHooks`), and
+    ``report_to``, where each run's report goes instead of `last_run()`.
+    """
+
+    _hooks: RunHooks | None = None
+    _report_to: Callable[[RunReport], object] = staticmethod(remember)
+
+    def _seams(
+        self, hooks: RunHooks | None, report_to: Callable[[RunReport], object] | None
+    ) -> None:
+        self._hooks = hooks
+        if report_to is not None:
+            self._report_to = report_to
+
+    async def _run(self, plan: Plan) -> Any:
+        """`run_plan` with this accessor's seams."""
+        return await run_plan(plan, hooks=self._hooks, report_to=self._report_to)
 
     def _frame(self) -> pd.DataFrame:
         raise NotImplementedError
@@ -275,7 +304,7 @@ class _ChatAccessorBase:
         if batch is not False:
             options = batch if isinstance(batch, BatchOptions) else None
             return await run_batch(plan.frame, plan.requests, settings, plan.write, options=options)
-        return await run_plan(plan)
+        return await self._run(plan)
 
     complete = blocking(acomplete)
 
@@ -382,7 +411,7 @@ class _ChatAccessorBase:
             write=embedding_writer(self._frame(), output, as_series=self._as_series(), name=name),
             endpoint=endpoint,
         )
-        return await run_plan(plan)
+        return await self._run(plan)
 
     embed = blocking(aembed)
 
@@ -559,7 +588,7 @@ class _ChatAccessorBase:
         )
         prompts = self._prompts(column, template)
         plan = Plan(self._frame(), chat_requests(prompts, system), settings, write, endpoint)
-        result: pd.DataFrame = await run_plan(plan)
+        result: pd.DataFrame = await self._run(plan)
         return result
 
     extract = blocking(aextract)
@@ -655,7 +684,7 @@ class _ChatAccessorBase:
             system = classification_system(label_values(labels), multi_label=multi_label)
         prompts = self._prompts(column, template)
         plan = Plan(self._frame(), chat_requests(prompts, system), settings, write, endpoint)
-        result: pd.DataFrame = await run_plan(plan)
+        result: pd.DataFrame = await self._run(plan)
         return result
 
     classify = blocking(aclassify)
@@ -665,8 +694,15 @@ class _ChatAccessorBase:
 class ChatAccessor(_ChatAccessorBase):
     """``df.chat``: chat completions over the rows of a DataFrame."""
 
-    def __init__(self, frame: pd.DataFrame) -> None:
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        *,
+        hooks: RunHooks | None = None,
+        report_to: Callable[[RunReport], object] | None = None,
+    ) -> None:
         self._obj = frame
+        self._seams(hooks, report_to)
 
     def _frame(self) -> pd.DataFrame:
         return self._obj
@@ -685,8 +721,15 @@ class SeriesChatAccessor(_ChatAccessorBase):
     In a template, the value is ``{value}`` (or ``{<series name>}``).
     """
 
-    def __init__(self, series: pd.Series) -> None:
+    def __init__(
+        self,
+        series: pd.Series,
+        *,
+        hooks: RunHooks | None = None,
+        report_to: Callable[[RunReport], object] | None = None,
+    ) -> None:
         self._obj = series
+        self._seams(hooks, report_to)
 
     def _frame(self) -> pd.DataFrame:
         frame = self._obj.to_frame(name="value")
@@ -897,13 +940,17 @@ def _as_prompt(value: Any) -> str | None:
 
 
 def _report(
-    plan: Plan, run: ChatRun, results: Sequence[RowResult | None], outcome: str
+    plan: Plan,
+    run: ChatRun,
+    results: Sequence[RowResult | None],
+    outcome: str,
+    report_to: Callable[[RunReport], object],
 ) -> RunReport:
     rows = results_in_order(results)
     rows += results_in_order([None]) * (len(plan.frame) - len(rows))
-    return remember(
-        RunReport(plan.write(rows), rows_frame(rows, plan.frame.index), run.stats, outcome)
-    )
+    report = RunReport(plan.write(rows), rows_frame(rows, plan.frame.index), run.stats, outcome)
+    report_to(report)
+    return report
 
 
 def _interrupted_message(report: RunReport) -> str:
