@@ -57,6 +57,7 @@ __all__ = [
     "HEADER_FAMILIES",
     "BatchBehaviour",
     "ChatServer",
+    "Echo",
     "EmbeddingBehaviour",
     "FaultRates",
     "HeaderFamily",
@@ -129,7 +130,13 @@ class Malformed:
     content_type: str = "application/json"
 
 
-Action = Reply | Status | Reset | Stall | Malformed
+@dataclass(frozen=True)
+class Echo:
+    """A 200 whose body is the request's URL and headers, not a completion: what a gateway
+    or debugging proxy that echoes the request sends (the key in it, for redaction tests)."""
+
+
+Action = Reply | Status | Reset | Stall | Malformed | Echo
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -788,6 +795,10 @@ class ChatServer:
             response = web.Response(
                 status=action.status, text=action.body, content_type=action.content_type
             )
+            return await self._send(request, ex, response, outcome="malformed")
+        if isinstance(action, Echo):
+            echoed = {"url": str(request.url), "headers": dict(request.headers)}
+            response = web.json_response(echoed)
             return await self._send(request, ex, response, outcome="malformed")
         if isinstance(action, Stall):
             ex.outcome = "stall"
