@@ -34,7 +34,7 @@ from typing import Any
 
 from nbtoolkit.config import ChatConfig
 from nbtoolkit.core._cachewriter import CacheWriter
-from nbtoolkit.core._engine import ChatRun
+from nbtoolkit.core._engine import ChatRun, request_keys
 from nbtoolkit.core._pricing import PRICE_UNKNOWN, Price, config_price, format_money, provider_of
 from nbtoolkit.core._rows import RowResult
 from nbtoolkit.core._tokens import TokenCounter, token_counter
@@ -44,7 +44,7 @@ from nbtoolkit.core.endpoints._base import (
     Endpoint,
     Item,
 )
-from nbtoolkit.core.store._cache import CACHE_ERRORS, RequestKeys, ResponseCache
+from nbtoolkit.core.store._cache import CACHE_ERRORS, ResponseCache
 from nbtoolkit.errors import ConfigError
 
 # Providers whose prompt cache works without being asked (a repeated prefix of 1,024
@@ -125,7 +125,8 @@ class CostEstimate:
     @property
     def shared_share(self) -> float:
         """The share of each row's prompt that is the same in every row."""
-        per_row = self.prompt_tokens.expected / self.to_send if self.to_send else 0.0
+        counted = [n for n in self.prompt_tokens_by_row if n is not None]
+        per_row = sum(counted) / len(counted) if counted else 0.0
         return min(1.0, self.shared_tokens / per_row) if per_row else 0.0
 
     def lines(self) -> list[tuple[str, str, str, str, str]]:
@@ -366,7 +367,7 @@ def completion_span(samples: Sequence[float], rows: int, bound: float | None) ->
 
 def _survey(config: ChatConfig, endpoint: Endpoint, requests: Iterable[Any]) -> _Survey:
     """Walk the requests as the engine does, without sending: cache hits, duplicates, rest."""
-    keys = RequestKeys(config.key_url(endpoint.path))
+    keys = request_keys(config, endpoint)
     cache = CacheWriter(config.cache_path, model=config.model)
     binary = bool(getattr(endpoint, "binary_answers", False))
     survey = _Survey(0, [], [], Counter())
