@@ -36,6 +36,7 @@ from nbtoolkit.core._budget import Budget
 from nbtoolkit.core._cachewriter import CacheWriter
 from nbtoolkit.core._client import Redactor, Reply, post_json
 from nbtoolkit.core._limits import RateGovernor, ServerLimits
+from nbtoolkit.core._pricing import config_price
 from nbtoolkit.core._retry import GiveUp, RetryAfterOrBackoff, is_retryable, is_systemic
 from nbtoolkit.core._rows import SKIPPED, ProgressListener, RowError, RowResult, RunStats
 from nbtoolkit.core.endpoints._base import (
@@ -46,6 +47,7 @@ from nbtoolkit.core.endpoints._base import (
     Outcome,
     Parsed,
     Reask,
+    reasoning_tokens,
     usage_counts,
 )
 from nbtoolkit.core.store._cache import CachedAnswer, RequestKeys
@@ -110,6 +112,16 @@ class _Systemic(Exception):
         self.error = error
 
 
+def request_keys(config: ChatConfig, endpoint: Endpoint) -> RequestKeys:
+    """The one key function for answers, live or from a batch: a row's cache key.
+
+    Keyed on the URL without its query, which may carry a secret, and Azure's
+    ``api-version``: an answer does not change with the API version that delivered it, so
+    a batch answer is a cache hit for ``complete`` and the other way round, whatever query.
+    """
+    return RequestKeys(config.key_url(endpoint.path))
+
+
 class ChatRun:
     """One run over many requests; keeps its results reachable even if the run is cut short.
 
@@ -144,7 +156,7 @@ class ChatRun:
         self.stats = RunStats()
         self.budget = Budget(
             model=config.model,
-            prices=config.prices,
+            price=config_price(config),
             max_tokens_total=config.max_tokens_total,
             max_cost=config.max_cost,
         )
@@ -176,8 +188,7 @@ class ChatRun:
         # through it: a gateway may echo the key in any body, a 200's included.
         self._redact = Redactor(self._url, self._headers)
         self._cache = CacheWriter(None, model=None)
-        # Keyed without the query, which may carry a secret (and Azure's api-version).
-        self._keys = RequestKeys(config.key_url(self.endpoint.path))
+        self._keys = request_keys(config, self.endpoint)
         # Cache key -> rows waiting for the same request, which is queued or in flight.
         self._pending: dict[bytes, list[int]] = {}
         self._group: list[Item] = []  # rows waiting to fill a request (max_items > 1)
@@ -234,7 +245,7 @@ class ChatRun:
             raise
         finally:
             self.stats.finished = time.monotonic()
-            self.stats.cost = self.budget.cost if self.budget.price(0, 0) is not None else None
+            self.stats.cost = self.budget.cost if self.budget.unit_price is not None else None
             self.stats.limits = self.governor.learned()
             self._cache.close()  # commits what is still waiting for the timer
         if stopped_by is not None:
@@ -602,7 +613,8 @@ class ChatRun:
         self.stats.prompt_tokens += prompt
         self.stats.completion_tokens += completion
         self.stats.cached_tokens += cached or 0
-        self.budget.spend(prompt, completion)
+        self.stats.reasoning_tokens += reasoning_tokens(usage or {})
+        self.budget.spend(prompt, completion, cached or 0)
         return float(prompt + completion)
 
     def _shared_pause(self, exc: RateLimitError) -> float | None:
