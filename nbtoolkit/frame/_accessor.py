@@ -27,7 +27,7 @@ from nbtoolkit.core._runner import run_sync
 from nbtoolkit.core.endpoints._base import Endpoint
 from nbtoolkit.core.endpoints._structured import Structured
 from nbtoolkit.errors import ConfigError, RunAborted, RunInterrupted
-from nbtoolkit.frame._batch import BatchJob, BatchOptions, run_batch, submit
+from nbtoolkit.frame._batch import BatchJob, BatchOptions, batch_mode, run_batch, submit
 from nbtoolkit.frame._extraction import (
     DEFAULT_LABEL_COLUMN,
     classification_schema,
@@ -272,8 +272,7 @@ class _ChatAccessorBase:
             config=settings,
             write=self._text_column(output),
         )
-        if batch is not False:
-            options = batch if isinstance(batch, BatchOptions) else None
+        if (options := batch_mode(batch)) is not None:
             return await run_batch(plan.frame, plan.requests, settings, plan.write, options=options)
         return await run_plan(plan)
 
@@ -397,6 +396,10 @@ class _ChatAccessorBase:
         progress: bool | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None,
+        azure_endpoint: str | None = None,
+        api_version: str | None = None,
         timeout: float | Timeouts | None = None,
         retry: int | RetryPolicy | None = None,
         cache: bool | str | os.PathLike[str] | None = None,
@@ -414,8 +417,9 @@ class _ChatAccessorBase:
         here or in a new kernel, re-attaches to the job instead of submitting it twice.
 
         Args:
-            column, template, system, model, output, base_url, api_key, cache, config,
-                **params: as for ``complete``.
+            column, template, system, model, output, base_url, api_key, headers, query,
+                azure_endpoint, api_version, cache, config, **params: as for ``complete``;
+                headers go on the Batch API's own HTTP calls, never into the uploaded file.
             progress: the default for ``job.wait()``'s bar.
             timeout, retry: for the Batch API's own calls (upload, create, status).
             prices, max_cost, max_tokens_total: the job's worst case (estimated prompts
@@ -436,10 +440,10 @@ class _ChatAccessorBase:
             progress=progress,
             base_url=base_url,
             api_key=api_key,
-            headers=None,
-            query=None,
-            azure_endpoint=None,
-            api_version=None,
+            headers=headers,
+            query=query,
+            azure_endpoint=azure_endpoint,
+            api_version=api_version,
             timeout=timeout,
             retry=retry,
             rpm=None,
