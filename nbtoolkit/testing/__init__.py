@@ -33,6 +33,7 @@ from nbtoolkit.testing._anthropic import AnthropicServer
 from nbtoolkit.testing._batch import BatchBehaviour
 from nbtoolkit.testing._embeddings import EmbeddingBehaviour, expected_vector
 from nbtoolkit.testing._gemini import GeminiServer
+from nbtoolkit.testing._lengths import CompletionLengths
 from nbtoolkit.testing._ratelimit import HEADER_FAMILIES, HeaderFamily, RateLimit
 from nbtoolkit.testing._scripted import RecordedRequest, ScriptedServer
 from nbtoolkit.testing._server import ChatServer
@@ -43,6 +44,7 @@ __all__ = [
     "AnthropicServer",
     "BatchBehaviour",
     "ChatServer",
+    "CompletionLengths",
     "EmbeddingBehaviour",
     "FaultRates",
     "GeminiServer",

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hmac
 import http
 import itertools
+import json
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -47,6 +48,7 @@ from nbtoolkit.testing import _embeddings, _structured
 from nbtoolkit.testing._actions import FaultRates, Reply, Status
 from nbtoolkit.testing._batch import BatchAPI, BatchBehaviour
 from nbtoolkit.testing._embeddings import EmbeddingBehaviour
+from nbtoolkit.testing._lengths import CompletionLengths, SizedAnswers
 from nbtoolkit.testing._ratelimit import RateLimit, Rejection, duration, seconds_header
 from nbtoolkit.testing._scripted import Exchange, ScriptedServer, text_of, tokens
 from nbtoolkit.testing._structured import StructuredFaults
@@ -103,6 +105,8 @@ class ChatServer(ScriptedServer):
             Its files, batches and counters are on ``server.batch``.
         structured: how answers to a JSON Schema go wrong; see `StructuredFaults`. A
             request with a schema always gets a valid instance (`schema_instance`) otherwise.
+        lengths: answers whose length varies by row (seeded, long-tailed), with reasoning
+            tokens and a prompt cache reported in ``usage``; see `CompletionLengths`.
 
     Counters (`request_count`, `in_flight`, `peak_in_flight`, `answered`, `statuses`) are
     only written by the server's loop, so reading them from another thread is safe.
@@ -123,6 +127,7 @@ class ChatServer(ScriptedServer):
         embeddings: EmbeddingBehaviour | None = None,
         batch: BatchBehaviour | None = None,
         structured: StructuredFaults | None = None,
+        lengths: CompletionLengths | None = None,
     ) -> None:
         super().__init__(
             latency=latency,
@@ -131,6 +136,7 @@ class ChatServer(ScriptedServer):
             record=record,
             rate_limit=rate_limit,
         )
+        self._sized = None if lengths is None else SizedAnswers(lengths)
         self.azure = azure
         self.embeddings = embeddings or EmbeddingBehaviour()
         self._responder = responder or echo
@@ -245,8 +251,26 @@ class ChatServer(ScriptedServer):
         shaped = _structured.answer(body, self._structured) if action.text is None else None
         if shaped is not None:
             return self._completion(model, messages, shaped.text, *shaped[1:])
+        if self._sized is not None and action.text is None:
+            return self._sized_completion(model, messages, body, ex.prompt)
         text = action.text if action.text is not None else self._responder(messages, body)
         return self._completion(model, messages, text)
+
+    def _sized_completion(
+        self, model: Any, messages: list[dict[str, Any]], body: dict[str, Any], prompt: str
+    ) -> web.Response:
+        """A reply of the length `CompletionLengths` draws for this prompt, usage and all."""
+        assert self._sized is not None
+        counts = [tokens(text_of(m.get("content"))) for m in messages if isinstance(m, dict)]
+        prefix = json.dumps(messages[:-1], sort_keys=True).encode()
+        text, finish, usage = self._sized.reply(
+            prompt=prompt,
+            prompt_tokens=sum(counts),
+            prefix_tokens=sum(counts[:-1]),
+            prefix=prefix,
+            body=body,
+        )
+        return self._completion(model, messages, text, finish, usage=usage)
 
     def _authorized(self, request: web.Request) -> bool:
         if self._api_key is None:
@@ -296,6 +320,8 @@ class ChatServer(ScriptedServer):
         text: str | None,
         finish_reason: str = "stop",
         refusal: str | None = None,
+        *,
+        usage: dict[str, Any] | None = None,
     ) -> web.Response:
         prompt_tokens = sum(
             tokens(text_of(m.get("content"))) for m in messages if isinstance(m, dict)
@@ -304,7 +330,7 @@ class ChatServer(ScriptedServer):
         message = {"role": "assistant", "content": text}
         if refusal is not None:
             message["refusal"] = refusal
-        usage = {
+        usage = usage or {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
