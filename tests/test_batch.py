@@ -323,3 +323,46 @@ def test_the_api_key_is_in_no_repr_file_or_error(tmp_path: Path) -> None:
         assert needle not in "\n".join(said)
         assert needle.encode() not in files
         assert needle.encode() not in on_disk
+
+
+def test_a_query_in_the_url_keeps_batch_and_complete_answers_shared(server: ChatServer) -> None:
+    """With api-version in the URL, a batch answer is a cache hit for complete (0 requests),
+    and a changed api-version re-attaches to the same job instead of paying again."""
+    df = small(6)
+    held = BatchOptions(poll_initial=0.05, poll_max=0.2)
+    job = df.chat.submit_batch("q", **settings(server), api_version="2024-10-21", batch=held)
+    again = df.chat.submit_batch("q", **settings(server), api_version="2025-04-01", batch=held)
+    assert again.job_id == job.job_id and again.id == job.id
+    assert (server.batch.uploads, server.batch.batches_created) == (1, 1)
+    job.result()
+    out = df.chat.complete("q", **settings(server), api_version="2025-04-01")
+    assert server.request_count == 0
+    assert out["response"].tolist() == [f"echo: row {i}" for i in range(6)]
+
+
+@pytest.mark.parametrize("value", [None, 0, 1, "yes"])
+def test_batch_takes_only_true_false_or_options(server: ChatServer, value: object) -> None:
+    """complete(batch=None / 0 / 1 / "yes") is a ConfigError with nothing sent: only True
+    or a BatchOptions start a Batch API job, and False (the default) runs live."""
+    with pytest.raises(nbtoolkit.ConfigError, match="batch= takes True"):
+        small(2).chat.complete("q", **settings(server), batch=value)
+    assert server.request_count == 0 and server.batch.uploads == 0
+    small(2).chat.complete("q", **settings(server), batch=False)
+    assert server.request_count == 2 and server.batch.uploads == 0
+
+
+def test_headers_go_on_the_calls_never_into_the_uploaded_lines(tmp_path: Path) -> None:
+    """submit_batch(headers=...) sends the headers with the Batch API calls; no header value
+    is in the JSONL file, the cache file or the job list."""
+    secret = "org-secret-HEADER-VALUE-7f3a9c"
+    with ChatServer().run_in_thread() as server:
+        kw = {**settings(server), "cache": tmp_path / "c.sqlite3"}
+        job = small(3).chat.submit_batch("q", **kw, headers={"X-Org-Token": secret}, batch=FAST)
+        job.result()
+        (batch,) = server.batch.batches.values()
+        lines = lines_of(server.batch.files[batch.input_file_id])
+        seen = server.batch.headers_seen
+    assert all(set(line["body"]) == {"model", "messages"} for line in lines)
+    assert secret.encode() not in b"".join(server.batch.files.values())
+    assert seen and all(h.get("X-Org-Token") == secret for h in seen)
+    assert not any(secret.encode() in p.read_bytes() for p in tmp_path.iterdir())

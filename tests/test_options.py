@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import inspect
-import json
 from typing import Any
 
 import pandas as pd
 import pytest
 
-from nbtoolkit import BatchOptions, ConfigError, Timeouts
+from nbtoolkit import ConfigError, Timeouts
 from nbtoolkit.frame._accessor import ChatAccessor
 from nbtoolkit.frame._options import CONFIGURE_ONLY, METHOD_OPTIONS, takers
-from nbtoolkit.testing import BatchBehaviour, ChatServer
+from nbtoolkit.testing import ChatServer
 from tests.conftest import settings
 
 # What each method needs besides the options under test.
@@ -163,31 +162,3 @@ def test_embed_refuses_a_body_field_it_sets(server: ChatServer) -> None:
     with pytest.raises(ConfigError, match="input is set by embed"):
         frame.chat.embed("value", extra_body={"input": ["x"]}, **settings(server))
     assert server.request_count == 0
-
-
-@pytest.mark.parametrize("flag", [None, 0, "yes"])
-def test_batch_takes_only_a_bool_or_batch_options(server: ChatServer, flag: object) -> None:
-    """complete(batch=None) is a ConfigError, not a Batch API job that may take 24 h."""
-    frame = pd.DataFrame({"value": ["a"]})
-    with pytest.raises(ConfigError, match="batch must be True, False or a BatchOptions"):
-        frame.chat.complete("value", batch=flag, **settings(server))
-    assert server.request_count == 0
-
-
-def test_submit_batch_headers_go_on_the_calls_not_into_the_file() -> None:
-    """submit_batch(headers={...}): sent as HTTP headers; no line of the uploaded file has them."""
-    secret = "gateway-secret-7f3a"
-    with ChatServer(batch=BatchBehaviour()).run_in_thread() as server:
-        frame = pd.DataFrame({"value": ["a", "b"]})
-        job = frame.chat.submit_batch(
-            "value",
-            headers={"X-Gateway-Key": secret},
-            batch=BatchOptions(poll_initial=0.05, poll_max=0.2),
-            **settings(server),
-        )
-        assert job.id
-        (content,) = server.batch.files.values()
-    lines = [json.loads(raw) for raw in content.decode().splitlines() if raw.strip()]
-    assert len(lines) == 2
-    assert secret not in content.decode()
-    assert all(set(line["body"]) == {"model", "messages"} for line in lines)

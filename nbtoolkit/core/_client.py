@@ -80,30 +80,87 @@ async def post_json(
             raw = await reply.read()
             status = reply.status
             reply_headers = reply.headers
-    except aiohttp.ConnectionTimeoutError as exc:
-        # Never connected: a host that is down or filtered, not a slow answer.
-        raise TransportError(f"could not connect within {timeout.sock_connect}s: {exc}") from exc
-    except TimeoutError as exc:  # aiohttp raises asyncio.TimeoutError (= TimeoutError on 3.11)
-        raise RequestTimeout(
-            f"no complete reply within the timeout ({_describe(timeout)})",
-            elapsed=time.monotonic() - started,
-        ) from exc
-    except aiohttp.ClientError as exc:
-        # str(exc) names the host and the OS error, never the request headers; some errors
-        # name the URL, whose query may hold a key.
-        raise TransportError(
-            _redact(f"{type(exc).__name__}: {exc}", url, headers),
-            elapsed=time.monotonic() - started,
-        ) from exc
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise _transport_error(exc, url, headers, timeout, started) from exc
     text = raw.decode("utf-8", errors="replace")
     limits = ServerLimits.from_headers(reply_headers)
     if status >= 300:
-        # Some proxies echo the key (or any header) in error bodies: never let it reach a
-        # message, a traceback or the run report.
-        error = error_for_status(status, _redact(text, url, headers), reply_headers)
-        error.limits = limits
-        raise error
+        raise _status_error(status, text, url, headers, reply_headers, limits)
     return Reply(text, limits)
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    data: Any = None,
+    headers: Mapping[str, str],
+    timeout: aiohttp.ClientTimeout,
+) -> Reply:
+    """Any other request (a file upload, a status check, a download) and its 2xx reply.
+
+    The same error mapping and redaction as `post_json`, for callers that are not one JSON
+    body per row: the Batch API's files and batches (`nbtoolkit.batch`).
+
+    Raises:
+        APIError: (a subclass per status) the server answered with an error status.
+        TransportError: no complete HTTP reply (refused, reset, timed out).
+    """
+    started = time.monotonic()
+    try:
+        async with session.request(
+            method, url, data=data, headers=headers, timeout=timeout
+        ) as reply:
+            raw = await reply.read()
+            status = reply.status
+            reply_headers = reply.headers
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise _transport_error(exc, url, headers, timeout, started) from exc
+    text = raw.decode("utf-8", errors="replace")
+    limits = ServerLimits.from_headers(reply_headers)
+    if status >= 300:
+        raise _status_error(status, text, url, headers, reply_headers, limits)
+    return Reply(text, limits)
+
+
+def _transport_error(
+    exc: BaseException,
+    url: str,
+    headers: Mapping[str, str],
+    timeout: aiohttp.ClientTimeout,
+    started: float,
+) -> TransportError:
+    """Our exception for a request that got no complete HTTP reply."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        # Never connected: a host that is down or filtered, not a slow answer.
+        return TransportError(f"could not connect within {timeout.sock_connect}s: {exc}")
+    if isinstance(exc, TimeoutError):  # aiohttp raises asyncio.TimeoutError (= TimeoutError)
+        return RequestTimeout(
+            f"no complete reply within the timeout ({_describe(timeout)})",
+            elapsed=time.monotonic() - started,
+        )
+    # str(exc) names the host and the OS error, never the request headers; some errors
+    # name the URL, whose query may hold a key.
+    return TransportError(
+        _redact(f"{type(exc).__name__}: {exc}", url, headers),
+        elapsed=time.monotonic() - started,
+    )
+
+
+def _status_error(
+    status: int,
+    text: str,
+    url: str,
+    headers: Mapping[str, str],
+    reply_headers: Mapping[str, str],
+    limits: ServerLimits | None,
+) -> APIError:
+    # Some proxies echo the key (or any header) in error bodies: never let it reach a
+    # message, a traceback or the run report.
+    error = error_for_status(status, _redact(text, url, headers), reply_headers)
+    error.limits = limits
+    return error
 
 
 def parse_completion(text: str) -> Completion:

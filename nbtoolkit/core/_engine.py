@@ -110,6 +110,16 @@ class _Systemic(Exception):
         self.error = error
 
 
+def request_keys(config: ChatConfig, endpoint: Endpoint) -> RequestKeys:
+    """The one key function for answers, live or from a batch: a row's cache key.
+
+    Keyed on the URL without its query, which may carry a secret, and Azure's
+    ``api-version``: an answer does not change with the API version that delivered it, so
+    a batch answer is a cache hit for ``complete`` and the other way round, whatever query.
+    """
+    return RequestKeys(config.key_url(endpoint.path))
+
+
 class ChatRun:
     """One run over many requests; keeps its results reachable even if the run is cut short.
 
@@ -173,8 +183,7 @@ class ChatRun:
         self._url = config.url(self.endpoint.path)
         self._headers = config.request_headers()
         self._cache = CacheWriter(None, model=None)
-        # Keyed without the query, which may carry a secret (and Azure's api-version).
-        self._keys = RequestKeys(config.key_url(self.endpoint.path))
+        self._keys = request_keys(config, self.endpoint)
         # Cache key -> rows waiting for the same request, which is queued or in flight.
         self._pending: dict[bytes, list[int]] = {}
         self._group: list[Item] = []  # rows waiting to fill a request (max_items > 1)

@@ -21,7 +21,7 @@ from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts
 from nbtoolkit.core._rows import RowResult
 from nbtoolkit.core.endpoints._structured import Structured
 from nbtoolkit.errors import ConfigError
-from nbtoolkit.frame._batch import BatchJob, BatchOptions, run_batch, submit
+from nbtoolkit.frame._batch import BatchJob, BatchOptions, batch_mode, run_batch, submit
 from nbtoolkit.frame._extraction import (
     DEFAULT_LABEL_COLUMN,
     classification_schema,
@@ -160,11 +160,7 @@ class _ChatAccessorBase:
             config=settings,
             write=self._text_column(output),
         )
-        if not isinstance(batch, bool | BatchOptions):
-            # batch=None or 0 must not start a Batch API job that may take 24 h.
-            raise ConfigError(f"batch must be True, False or a BatchOptions, got {batch!r}")
-        if batch:
-            options = batch if isinstance(batch, BatchOptions) else None
+        if (options := batch_mode(batch)) is not None:
             return await run_batch(plan.frame, plan.requests, settings, plan.write, options=options)
         return await run_plan(plan)
 
@@ -314,8 +310,8 @@ class _ChatAccessorBase:
 
         Args:
             column, template, system, model, output, base_url, api_key, headers, query,
-                azure_endpoint, api_version, cache, config, **params: as for ``complete``
-                (headers go on the Batch API's own calls, never into the uploaded file).
+                azure_endpoint, api_version, cache, config, **params: as for ``complete``;
+                headers go on the Batch API's own HTTP calls, never into the uploaded file.
             progress: the default for ``job.wait()``'s bar.
             timeout, retry: for the Batch API's own calls (upload, create, status).
             prices, max_cost, max_tokens_total: the job's worst case (estimated prompts

@@ -31,6 +31,7 @@ from nbtoolkit.batch._client import BatchClient
 from nbtoolkit.batch._files import Line, LineResult
 from nbtoolkit.config import ChatConfig, default_cache_path
 from nbtoolkit.core._budget import Budget
+from nbtoolkit.core._engine import request_keys
 from nbtoolkit.core._rows import SKIPPED, RowError, RowResult, RunStats
 from nbtoolkit.core._runner import run_sync
 from nbtoolkit.core.endpoints._base import ChatEndpoint, Endpoint, Item
@@ -67,6 +68,27 @@ class BatchOptions:
             raise ConfigError("max_lines and max_bytes must be >= 1")
         if not 0 < self.poll_initial <= self.poll_max:
             raise ConfigError("poll_initial must be > 0 and at most poll_max")
+
+
+def batch_mode(batch: object) -> BatchOptions | None:
+    """What ``complete(batch=...)`` asks for: None for live requests, else the job's options.
+
+    Only True or a `BatchOptions` mean Batch API mode (answers within 24 hours): a falsy
+    ``None`` or ``0`` must not start a day-long job by accident.
+
+    Raises:
+        ConfigError: anything but True, False or a `BatchOptions`.
+    """
+    if batch is False:
+        return None
+    if batch is True:
+        return BatchOptions()
+    if isinstance(batch, BatchOptions):
+        return batch
+    raise ConfigError(
+        f"batch= takes True (send the rows as a Batch API job: half price, answers within "
+        f"24 hours), False (the default: live requests) or a BatchOptions; got {batch!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -411,6 +433,8 @@ async def submit(
             ``max_tokens_total``: raised before anything is uploaded.
     """
     config = config.resolved()
+    if options is not None and not isinstance(options, BatchOptions):
+        raise ConfigError(f"batch= takes a BatchOptions (or nothing); got {options!r}")
     options = options or BatchOptions()
     if not config.model:
         raise ConfigError(
@@ -422,7 +446,7 @@ async def submit(
         raise ConfigError(
             f"batch mode sends one row per line; {type(endpoint).__name__} groups rows"
         )
-    rows = _plan(requests, endpoint, RequestKeys(config.url(endpoint.path)))
+    rows = _plan(requests, endpoint, request_keys(config, endpoint))
     with ResponseCache(path) as cache:
         rows.cached = set(cache.get_many(list(rows.items)))
     line_url = "/v1" + endpoint.path
@@ -438,7 +462,7 @@ async def submit(
     )
     if not to_send:
         return job
-    key = job_key(config.url(endpoint.path), to_send)
+    key = job_key(config.key_url(endpoint.path), to_send)
     lines = [batch_files.line(rows.items[k], k, line_url) for k in to_send]
     files = batch_files.split(lines, max_lines=options.max_lines, max_bytes=options.max_bytes)
     with BatchStore(path) as store:
