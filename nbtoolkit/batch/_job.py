@@ -32,8 +32,9 @@ from nbtoolkit.batch._provider import BatchProvider, provider_for
 from nbtoolkit.config import ChatConfig
 from nbtoolkit.core._budget import Budget
 from nbtoolkit.core._engine import request_keys
+from nbtoolkit.core._pricing import config_price
 from nbtoolkit.core._rows import SKIPPED, RowError, RowResult, RunStats
-from nbtoolkit.core.endpoints._base import Answer, ChatEndpoint, Endpoint, Item
+from nbtoolkit.core.endpoints._base import Answer, ChatEndpoint, Endpoint, Item, usage_counts
 from nbtoolkit.core.store._batch_jobs import TERMINAL, BatchStore, Part, job_key
 from nbtoolkit.core.store._cache import CachedAnswer, ResponseCache
 from nbtoolkit.errors import ConfigError, NbToolkitError, UnsendableRow
@@ -263,7 +264,7 @@ class Job:
         if self.job_id is not None:
             with self._store() as store:
                 store.mark_collected(self.job_id)
-        stats.cost = budget.cost if budget.price(0, 0) is not None else None
+        stats.cost = budget.cost if budget.unit_price is not None else None
         results = self._results(outcomes)
         stats.cache_hits = sum(1 for r in results if r.source == "cache" and r.error is None)
         stats.duplicates = sum(1 for r in results if r.source == "duplicate")
@@ -455,14 +456,17 @@ def cache_path(config: ChatConfig) -> Path:
 
 
 def job_budget(config: ChatConfig, options: BatchOptions, *, limited: bool) -> Budget:
-    """The engine's `Budget`, at the batch's prices (the price table times the discount)."""
-    prices = {
-        model: (prompt * options.discount, completion * options.discount)
-        for model, (prompt, completion) in (config.prices or {}).items()
-    }
+    """The engine's `Budget`, at the batch's prices (every price times the discount)."""
+    price = config_price(config)
+    if price is not None:
+        d = options.discount
+        cached = None if price.cached_input is None else price.cached_input * d
+        price = dataclasses.replace(
+            price, input=price.input * d, output=price.output * d, cached_input=cached
+        )
     return Budget(
         model=config.model or "",
-        prices=prices,
+        price=price,
         max_tokens_total=config.max_tokens_total if limited else None,
         max_cost=config.max_cost if limited else None,
     )
@@ -497,11 +501,11 @@ def _check_budget(config: ChatConfig, options: BatchOptions, items: Sequence[Ite
 def _line_result(line: batch_files.LineResult, stats: RunStats, budget: Budget) -> RowResult:
     """A result line as its row's result, counting its tokens into the run's stats."""
     if line.usage is not None:
-        prompt = int(line.usage.get("prompt_tokens") or 0)
-        completion = int(line.usage.get("completion_tokens") or 0)
+        prompt, completion, cached = (n or 0 for n in usage_counts(line.usage))
         stats.prompt_tokens += prompt
         stats.completion_tokens += completion
-        budget.spend(prompt, completion)
+        stats.cached_tokens += cached
+        budget.spend(prompt, completion, cached)
     answer = line.answer
     if answer is None:
         return RowResult(None, line.error, 1)
