@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["EmbeddingBehaviour", "expected_vector"]
 
 _INVALID = "invalid_request_error"
+_KEY_TAG = re.compile(r"\[key=[^\]]+\]")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +48,9 @@ class EmbeddingBehaviour:
             model that cannot shorten them, served by a server that does not say so).
         per_token: answer a ``[tokens, dimensions]`` list per input (three token vectors
             around the text's vector), like llama.cpp's server with an unpooled model.
+        topic: texts that hold the same ``[key=...]`` tag get vectors near one another
+            (the tag's vector plus a small one of the text's own), so a text's nearest
+            neighbours are its true matches (the semantic join's tests).
         seed: varies the vectors and the shuffles.
     """
 
@@ -56,6 +61,7 @@ class EmbeddingBehaviour:
     max_inputs: int | None = None
     ignore_dimensions: bool = False
     per_token: bool = False
+    topic: bool = False
     seed: int = 0
 
 
@@ -67,6 +73,13 @@ def _draw(text: str, dimensions: int, seed: int) -> npt.NDArray[np.float64]:
     """
     raw = hashlib.shake_128(f"{seed}\0{text}".encode()).digest(2 * dimensions)
     return np.round(np.frombuffer(raw, dtype="<i2") / 16384.0, 6)
+
+
+def _topic_vector(text: str, dimensions: int, seed: int, topic: bool) -> npt.NDArray[np.float64]:
+    key = _KEY_TAG.search(text) if topic else None
+    if key is None:
+        return _draw(text, dimensions, seed)
+    return np.round(_draw(key.group(0), dimensions, seed) + 0.15 * _draw(text, dimensions, seed), 6)
 
 
 def expected_vector(text: str, dimensions: int = 8, *, seed: int = 0) -> npt.NDArray[np.float32]:
@@ -132,7 +145,7 @@ async def answer(
         return await server._send(request, ex, _error(400, message, type_=_INVALID, err_code=None))
     data = []
     for position, text in enumerate(inputs):
-        vector = _draw(text, dimensions, behaviour.seed)
+        vector = _topic_vector(text, dimensions, behaviour.seed, behaviour.topic)
         embedding: Any = vector.tolist()
         if behaviour.per_token:
             embedding = [(vector - 0.25).tolist(), embedding, (vector + 0.25).tolist()]

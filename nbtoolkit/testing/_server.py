@@ -51,6 +51,7 @@ from nbtoolkit.testing import _embeddings as _embeddings
 from nbtoolkit.testing import _structured as _structured
 from nbtoolkit.testing._batch import BatchAPI, BatchBehaviour
 from nbtoolkit.testing._embeddings import EmbeddingBehaviour
+from nbtoolkit.testing._semantic import SemanticRules
 from nbtoolkit.testing._structured import StructuredFaults, schema_instance
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "RecordedRequest",
     "Reply",
     "Reset",
+    "SemanticRules",
     "Stall",
     "Status",
     "StructuredFaults",
@@ -507,6 +509,7 @@ class ChatServer:
         embeddings: EmbeddingBehaviour | None = None,
         batch: BatchBehaviour | None = None,
         structured: StructuredFaults | None = None,
+        semantic: SemanticRules | None = None,
     ) -> None:
         self.latency = latency
         self.azure = azure
@@ -516,6 +519,7 @@ class ChatServer:
         self._responder = responder or _echo
         self._faults = faults
         self._structured = structured
+        self._semantic = semantic
         self._record = record
         self._models = None if model_names is None else tuple(model_names)
         # script() is called from the test's thread while requests pop on the server's loop.
@@ -802,6 +806,14 @@ class ChatServer:
             return await _embeddings.answer(self, request, ex, body)
         messages = body.get("messages")
         messages = messages if isinstance(messages, list) else []
+        if self._semantic is not None and action.text is None:
+            too_long = self._semantic.too_long(messages)
+            if too_long is not None:
+                response = _error(400, too_long, type_=_INVALID, err_code="context_length_exceeded")
+                return await self._send(request, ex, response)
+            text, logprobs = self._semantic.answer(model, messages, body)
+            reply = self._completion(model, messages, text, logprobs=logprobs)
+            return await self._send(request, ex, reply, outcome="ok")
         shaped = _structured.answer(body, self._structured) if action.text is None else None
         if shaped is not None:
             reply = self._completion(model, messages, shaped.text, *shaped[1:])
@@ -860,6 +872,7 @@ class ChatServer:
         text: str | None,
         finish_reason: str = "stop",
         refusal: str | None = None,
+        logprobs: dict[str, Any] | None = None,
     ) -> web.Response:
         prompt_tokens = sum(
             _tokens(_text(m.get("content"))) for m in messages if isinstance(m, dict)
@@ -878,7 +891,14 @@ class ChatServer:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": logprobs,
+                    "finish_reason": finish_reason,
+                }
+            ],
             "usage": usage,
         }
         return web.json_response(body)
