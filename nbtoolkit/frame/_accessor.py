@@ -39,6 +39,7 @@ from nbtoolkit.frame._extraction import (
 )
 from nbtoolkit.frame._progress import ProgressBar
 from nbtoolkit.frame._report import RunReport, last_run, remember, rows_frame
+from nbtoolkit.frame.semantic._methods import FrameSemanticMethods, SemanticMethods
 
 DEFAULT_OUTPUT = "response"
 
@@ -132,7 +133,7 @@ async def run_plan(plan: Plan) -> Any:
     return _report(plan, run, results, "finished").output
 
 
-class _ChatAccessorBase:
+class _ChatAccessorBase(SemanticMethods):
     """Shared by the DataFrame and Series accessors; keeps no state between calls."""
 
     def _frame(self) -> pd.DataFrame:
@@ -384,6 +385,11 @@ class _ChatAccessorBase:
         return await run_plan(plan)
 
     embed = blocking(aembed)
+
+    # The semantic operators (frame/semantic): their sync twins, as for every a... method.
+    filter = blocking(SemanticMethods.afilter)
+    top_k = blocking(SemanticMethods.atop_k)
+    aggregate = blocking(SemanticMethods.aaggregate)
 
     async def asubmit_batch(
         self,
@@ -666,7 +672,7 @@ class _ChatAccessorBase:
 
 
 @pd.api.extensions.register_dataframe_accessor("chat")
-class ChatAccessor(_ChatAccessorBase):
+class ChatAccessor(_ChatAccessorBase, FrameSemanticMethods):
     """``df.chat``: chat completions over the rows of a DataFrame."""
 
     def __init__(self, frame: pd.DataFrame) -> None:
@@ -680,6 +686,8 @@ class ChatAccessor(_ChatAccessorBase):
 
     def _default_column(self) -> str | None:
         return None
+
+    join = blocking(FrameSemanticMethods.ajoin)
 
 
 @pd.api.extensions.register_series_accessor("chat")

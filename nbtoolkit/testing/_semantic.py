@@ -51,6 +51,7 @@ class SemanticRules:
     cheap_unsure: float = 0.6  # the cheap model's probability for its answer when unsure
     sure: float = 0.99
     context_tokens: int | None = None
+    logprobs: bool = True  # False: a server that sends none even when asked
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -84,7 +85,9 @@ class SemanticRules:
         if "answer" in properties:
             truth, probability = self.judge(str(model), text)
             reply = json.dumps({"answer": truth})
-            logprobs = _logprobs(truth, probability) if body.get("logprobs") else None
+            logprobs = (
+                _logprobs(truth, probability) if self.logprobs and body.get("logprobs") else None
+            )
             return reply, logprobs
         return f"count={_count(text, self.marker)}", None
 
