@@ -99,8 +99,9 @@ class ChatConfig:
     # The response cache: True for the per-user default file, a path, or False for none.
     cache: bool | str | os.PathLike[str] = True
     dedupe: bool = True  # identical requests in one run are sent once and shared
-    # Per model, (input, output) price per million tokens; turns tokens into money.
-    prices: Mapping[str, tuple[float, float]] | None = None
+    # Per model, (input, output) or (input, cached_input, output) per million tokens, or a
+    # nbtoolkit.Price; wins over the shipped price table (nbtoolkit/core/prices.json).
+    prices: Mapping[str, Any] | None = None
     max_cost: float | None = None  # stop sending once this much would be spent (needs prices)
     max_tokens_total: int | None = None  # stop sending once this many tokens would be used
     # Extra request-body fields sent with every request (temperature, seed, ...).

@@ -36,6 +36,7 @@ from nbtoolkit.core._budget import Budget
 from nbtoolkit.core._cachewriter import CacheWriter
 from nbtoolkit.core._client import Reply, post_json
 from nbtoolkit.core._limits import RateGovernor, ServerLimits
+from nbtoolkit.core._pricing import config_price
 from nbtoolkit.core._retry import GiveUp, RetryAfterOrBackoff, is_retryable, is_systemic
 from nbtoolkit.core._rows import SKIPPED, ProgressListener, RowError, RowResult, RunStats
 from nbtoolkit.core.endpoints._base import (
@@ -46,6 +47,7 @@ from nbtoolkit.core.endpoints._base import (
     Outcome,
     Parsed,
     Reask,
+    reasoning_tokens,
     usage_counts,
 )
 from nbtoolkit.core.store._cache import CachedAnswer, RequestKeys
@@ -154,7 +156,7 @@ class ChatRun:
         self.stats = RunStats()
         self.budget = Budget(
             model=config.model,
-            prices=config.prices,
+            price=config_price(config),
             max_tokens_total=config.max_tokens_total,
             max_cost=config.max_cost,
         )
@@ -240,7 +242,7 @@ class ChatRun:
             raise
         finally:
             self.stats.finished = time.monotonic()
-            self.stats.cost = self.budget.cost if self.budget.price(0, 0) is not None else None
+            self.stats.cost = self.budget.cost if self.budget.unit_price is not None else None
             self.stats.limits = self.governor.learned()
             self._cache.close()  # commits what is still waiting for the timer
         if stopped_by is not None:
@@ -590,7 +592,8 @@ class ChatRun:
         self.stats.prompt_tokens += prompt
         self.stats.completion_tokens += completion
         self.stats.cached_tokens += cached or 0
-        self.budget.spend(prompt, completion)
+        self.stats.reasoning_tokens += reasoning_tokens(usage or {})
+        self.budget.spend(prompt, completion, cached or 0)
         return float(prompt + completion)
 
     def _shared_pause(self, exc: RateLimitError) -> float | None:

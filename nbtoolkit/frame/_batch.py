@@ -32,6 +32,7 @@ from nbtoolkit.batch._files import Line, LineResult
 from nbtoolkit.config import ChatConfig, default_cache_path
 from nbtoolkit.core._budget import Budget
 from nbtoolkit.core._engine import request_keys
+from nbtoolkit.core._pricing import config_price
 from nbtoolkit.core._rows import SKIPPED, RowError, RowResult, RunStats
 from nbtoolkit.core._runner import run_sync
 from nbtoolkit.core.endpoints._base import ChatEndpoint, Endpoint, Item
@@ -356,7 +357,7 @@ class BatchJob:
         if self.job_id is not None:
             with self._store() as store:
                 store.mark_collected(self.job_id)
-        priced = budget.price(0, 0) is not None
+        priced = budget.unit_price is not None
         stats.cost = budget.cost * self.options.discount if priced else None
         return outcomes, stats
 
@@ -622,7 +623,7 @@ def _cache_path(config: ChatConfig) -> Path:
 
 def _budget(config: ChatConfig) -> Budget:
     return Budget(
-        model=config.model or "", prices=config.prices, max_tokens_total=None, max_cost=None
+        model=config.model or "", price=config_price(config), max_tokens_total=None, max_cost=None
     )
 
 
@@ -637,7 +638,7 @@ def _check_budget(config: ChatConfig, options: BatchOptions, items: Sequence[Ite
     completion = sum(item.completion_tokens for item in items)
     budget = Budget(
         model=config.model or "",
-        prices=config.prices,
+        price=config_price(config),
         max_tokens_total=config.max_tokens_total,
         max_cost=config.max_cost,
     )

@@ -51,6 +51,7 @@ from nbtoolkit.testing import _embeddings as _embeddings
 from nbtoolkit.testing import _structured as _structured
 from nbtoolkit.testing._batch import BatchAPI, BatchBehaviour
 from nbtoolkit.testing._embeddings import EmbeddingBehaviour
+from nbtoolkit.testing._lengths import CompletionLengths, SizedAnswers
 from nbtoolkit.testing._semantic import SemanticRules
 from nbtoolkit.testing._structured import StructuredFaults, schema_instance
 
@@ -58,6 +59,7 @@ __all__ = [
     "HEADER_FAMILIES",
     "BatchBehaviour",
     "ChatServer",
+    "CompletionLengths",
     "EmbeddingBehaviour",
     "FaultRates",
     "HeaderFamily",
@@ -489,6 +491,8 @@ class ChatServer:
             Its files, batches and counters are on ``server.batch``.
         structured: how answers to a JSON Schema go wrong; see `StructuredFaults`. A
             request with a schema always gets a valid instance (`schema_instance`) otherwise.
+        lengths: answers whose length varies by row (seeded, long-tailed), with reasoning
+            tokens and a prompt cache reported in ``usage``; see `CompletionLengths`.
 
     Counters (`request_count`, `in_flight`, `peak_in_flight`, `answered`, `statuses`) are
     only written by the server's loop, so reading them from another thread is safe.
@@ -509,9 +513,11 @@ class ChatServer:
         embeddings: EmbeddingBehaviour | None = None,
         batch: BatchBehaviour | None = None,
         structured: StructuredFaults | None = None,
+        lengths: CompletionLengths | None = None,
         semantic: SemanticRules | None = None,
     ) -> None:
         self.latency = latency
+        self._sized = None if lengths is None else SizedAnswers(lengths)
         self.azure = azure
         self.embeddings = embeddings or EmbeddingBehaviour()
         self.rate_limit = rate_limit
@@ -818,8 +824,27 @@ class ChatServer:
         if shaped is not None:
             reply = self._completion(model, messages, shaped.text, *shaped[1:])
             return await self._send(request, ex, reply, outcome="ok")
+        if self._sized is not None and action.text is None:
+            reply = self._sized_completion(model, messages, body, ex.prompt)
+            return await self._send(request, ex, reply, outcome="ok")
         text = action.text if action.text is not None else self._responder(messages, body)
         return await self._send(request, ex, self._completion(model, messages, text), outcome="ok")
+
+    def _sized_completion(
+        self, model: Any, messages: list[dict[str, Any]], body: dict[str, Any], prompt: str
+    ) -> web.Response:
+        """A reply of the length `CompletionLengths` draws for this prompt, usage and all."""
+        assert self._sized is not None
+        counts = [_tokens(_text(m.get("content"))) for m in messages if isinstance(m, dict)]
+        prefix = json.dumps(messages[:-1], sort_keys=True).encode()
+        text, finish, usage = self._sized.reply(
+            prompt=prompt,
+            prompt_tokens=sum(counts),
+            prefix_tokens=sum(counts[:-1]),
+            prefix=prefix,
+            body=body,
+        )
+        return self._completion(model, messages, text, finish, usage=usage)
 
     async def _send(
         self,
@@ -872,6 +897,8 @@ class ChatServer:
         text: str | None,
         finish_reason: str = "stop",
         refusal: str | None = None,
+        *,
+        usage: dict[str, Any] | None = None,
         logprobs: dict[str, Any] | None = None,
     ) -> web.Response:
         prompt_tokens = sum(
@@ -881,7 +908,7 @@ class ChatServer:
         message = {"role": "assistant", "content": text}
         if refusal is not None:
             message["refusal"] = refusal
-        usage = {
+        usage = usage or {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,

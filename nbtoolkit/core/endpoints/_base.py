@@ -152,6 +152,13 @@ def usage_counts(usage: Mapping[str, Any]) -> tuple[int | None, int | None, int 
     )
 
 
+def reasoning_tokens(usage: Mapping[str, Any]) -> int:
+    """The completion tokens a reply spent reasoning (billed as output, never shown)."""
+    details = usage.get("completion_tokens_details")
+    found = details.get("reasoning_tokens") if isinstance(details, Mapping) else None
+    return _int_or_none(found) or 0
+
+
 def _int_or_none(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 

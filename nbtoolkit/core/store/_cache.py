@@ -233,6 +233,17 @@ class ResponseCache:
                 found[key] = CachedAnswer(*row[1:5])
         return found
 
+    def completion_samples(self, model: str, *, limit: int = 2000) -> list[int]:
+        """Completion tokens of the newest text answers bought from ``model`` (a cost
+        estimate learns answer lengths from them); newest first, at most ``limit``."""
+        sql = (
+            "SELECT completion_tokens, created FROM responses WHERE model = ? AND "
+            "completion_tokens IS NOT NULL UNION ALL SELECT completion_tokens, created FROM "
+            "journal WHERE model = ? AND completion_tokens IS NOT NULL "
+            "ORDER BY created DESC LIMIT ?"
+        )
+        return [int(n) for n, _ in self._db.execute(sql, (model, model, limit)).fetchall()]
+
     def put(self, key: bytes, answer: CachedAnswer, *, model: str | None = None) -> None:
         """Hold one answer for the next `commit`, which writes and makes it durable.
 

@@ -7,14 +7,16 @@ other methods do, and hands over to `_operators`. Run options (``model``, ``max_
 
 from __future__ import annotations
 
+import os
 import string
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, Literal
 
 import pandas as pd
 
-from nbtoolkit.config import ChatConfig
+from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts
 from nbtoolkit.errors import ConfigError
+from nbtoolkit.frame._options import RunOptions
 from nbtoolkit.frame.semantic._filter import Cascade
 from nbtoolkit.frame.semantic._operators import (
     Keep,
@@ -23,36 +25,6 @@ from nbtoolkit.frame.semantic._operators import (
     join_frames,
     top_rows,
 )
-
-# The run options every operator takes, as complete() does.
-RUN_OPTIONS = (
-    "max_parallel",
-    "progress",
-    "base_url",
-    "api_key",
-    "headers",
-    "query",
-    "azure_endpoint",
-    "api_version",
-    "timeout",
-    "retry",
-    "rpm",
-    "tpm",
-    "cache",
-    "dedupe",
-    "prices",
-    "max_cost",
-    "max_tokens_total",
-)
-
-
-def settings_for(model: str | None, config: ChatConfig | None, options: Mapping[str, Any]) -> Any:
-    """The run's settings from the call's options, exactly as ``complete`` builds them."""
-    from nbtoolkit.frame._accessor import run_settings  # the accessor imports this module
-
-    named = {name: options.get(name) for name in RUN_OPTIONS}
-    params = {key: value for key, value in options.items() if key not in RUN_OPTIONS}
-    return run_settings(model=model, config=config, params=params, **named)
 
 
 def cascade_for(
@@ -85,15 +57,32 @@ class SemanticMethods:
         template: str | None = None,
         *,
         column: str | None = None,
-        model: str | None = None,
         system: str | None = None,
         keep: Keep = "rows",
         cheap_model: str | None = None,
         sample: int | float = 0.05,
         agreement: float = 0.98,
-        seed: int = 0,
+        sample_seed: int = 0,
+        model: str | None = None,
+        max_parallel: int | None = None,
+        progress: bool | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None,
+        azure_endpoint: str | None = None,
+        api_version: str | None = None,
+        timeout: float | Timeouts | None = None,
+        retry: int | RetryPolicy | None = None,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        cache: bool | str | os.PathLike[str] | None = None,
+        dedupe: bool | None = None,
+        prices: Mapping[str, tuple[float, float]] | None = None,
+        max_cost: float | None = None,
+        max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
-        **options: Any,
+        **params: Any,
     ) -> pd.DataFrame | pd.Series:
         """The rows for which the model answers yes to ``template``'s question.
 
@@ -109,19 +98,39 @@ class SemanticMethods:
                 ``sample`` rows that ``model`` labels so that they agree on ``agreement`` of them.
             sample: labelled rows for the threshold: a count, or a share of the rows.
             agreement: the agreement required on the labelled rows the cheap model decides.
-            seed: which rows are sampled.
-            config: a `ChatConfig` to start from.
-            **options: run options as for ``complete`` (``max_parallel``, ``cache``,
-                ``max_cost``, ...), and request-body fields (``temperature``).
+            sample_seed: which rows are sampled.
+            model, max_parallel, ..., config: run options, as for ``complete``
+                (``cache``, ``max_cost``, ...).
+            **params: request-body fields (``temperature``).
 
         Returns:
             The rows answered yes (or the mask). Rows with no answer are left out;
             ``nbtoolkit.last_run()`` counts them, lists why in ``.errors`` and says how many
             rows each model decided.
         """
-        settings = settings_for(model, config, options)
+        settings = RunOptions(
+            model=model,
+            max_parallel=max_parallel,
+            progress=progress,
+            base_url=base_url,
+            api_key=api_key,
+            headers=headers,
+            query=query,
+            azure_endpoint=azure_endpoint,
+            api_version=api_version,
+            timeout=timeout,
+            retry=retry,
+            rpm=rpm,
+            tpm=tpm,
+            cache=cache,
+            dedupe=dedupe,
+            prices=prices,
+            max_cost=max_cost,
+            max_tokens_total=max_tokens_total,
+            config=config,
+        ).settings(params, method="filter")
         prompts = self._prompts(column, template)
-        cascade = cascade_for(cheap_model, sample, agreement, seed)
+        cascade = cascade_for(cheap_model, sample, agreement, sample_seed)
         return await filter_rows(
             self._source(), prompts, settings, system=system, cascade=cascade, keep=keep
         )
@@ -132,11 +141,28 @@ class SemanticMethods:
         template: str | None = None,
         *,
         column: str | None = None,
-        model: str | None = None,
         system: str | None = None,
         output: str = "score",
+        model: str | None = None,
+        max_parallel: int | None = None,
+        progress: bool | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None,
+        azure_endpoint: str | None = None,
+        api_version: str | None = None,
+        timeout: float | Timeouts | None = None,
+        retry: int | RetryPolicy | None = None,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        cache: bool | str | os.PathLike[str] | None = None,
+        dedupe: bool | None = None,
+        prices: Mapping[str, tuple[float, float]] | None = None,
+        max_cost: float | None = None,
+        max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
-        **options: Any,
+        **params: Any,
     ) -> pd.DataFrame | pd.Series:
         """The ``k`` rows that best fit a criterion, best first.
 
@@ -148,9 +174,29 @@ class SemanticMethods:
             template: the criterion over the row's columns: ``"How urgent is {ticket}?"``.
             column: instead of a template, a column with each row's text.
             output: the score column added to the rows (a frame only).
-            model, system, config, **options: as for ``filter``.
+            model, system, config, **params: as for ``filter``.
         """
-        settings = settings_for(model, config, options)
+        settings = RunOptions(
+            model=model,
+            max_parallel=max_parallel,
+            progress=progress,
+            base_url=base_url,
+            api_key=api_key,
+            headers=headers,
+            query=query,
+            azure_endpoint=azure_endpoint,
+            api_version=api_version,
+            timeout=timeout,
+            retry=retry,
+            rpm=rpm,
+            tpm=tpm,
+            cache=cache,
+            dedupe=dedupe,
+            prices=prices,
+            max_cost=max_cost,
+            max_tokens_total=max_tokens_total,
+            config=config,
+        ).settings(params, method="top_k")
         prompts = self._prompts(column, template)
         return await top_rows(self._source(), prompts, k, settings, system=system, output=output)
 
@@ -160,12 +206,29 @@ class SemanticMethods:
         *,
         column: str | None = None,
         by: Hashable | Sequence[Hashable] | None = None,
-        model: str | None = None,
         system: str | None = None,
         context_tokens: int = 8192,
         output: str = "aggregate",
+        model: str | None = None,
+        max_parallel: int | None = None,
+        progress: bool | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None,
+        azure_endpoint: str | None = None,
+        api_version: str | None = None,
+        timeout: float | Timeouts | None = None,
+        retry: int | RetryPolicy | None = None,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        cache: bool | str | os.PathLike[str] | None = None,
+        dedupe: bool | None = None,
+        prices: Mapping[str, tuple[float, float]] | None = None,
+        max_cost: float | None = None,
+        max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
-        **options: Any,
+        **params: Any,
     ) -> str | pd.Series | None:
         """One answer over many rows: for the whole frame, or per group with ``by=``.
 
@@ -178,14 +241,34 @@ class SemanticMethods:
             by: a column (or columns) to group by: one answer per group.
             context_tokens: the model's context window; no request is larger.
             output: the name of the Series returned with ``by=``.
-            max_tokens (in ``options``): the longest answer of a chunk (default 512).
-            model, system, config, **options: as for ``filter``.
+            max_tokens (in ``params``): the longest answer of a chunk (default 512).
+            model, system, config, **params: as for ``filter``.
 
         Returns:
             The answer (a str, None if it failed) or, with ``by=``, a Series of answers
             indexed by group.
         """
-        settings = settings_for(model, config, options)
+        settings = RunOptions(
+            model=model,
+            max_parallel=max_parallel,
+            progress=progress,
+            base_url=base_url,
+            api_key=api_key,
+            headers=headers,
+            query=query,
+            azure_endpoint=azure_endpoint,
+            api_version=api_version,
+            timeout=timeout,
+            retry=retry,
+            rpm=rpm,
+            tpm=tpm,
+            cache=cache,
+            dedupe=dedupe,
+            prices=prices,
+            max_cost=max_cost,
+            max_tokens_total=max_tokens_total,
+            config=config,
+        ).settings(params, method="aggregate")
         frame = self._frame()
         if column is not None:
             texts = self._prompts(column, None)
@@ -213,7 +296,6 @@ class FrameSemanticMethods(SemanticMethods):
         right: pd.DataFrame,
         template: str,
         *,
-        model: str | None = None,
         embed_model: str | None = None,
         candidates: int | Literal["all"] = 10,
         max_pairs: int | None = None,
@@ -224,9 +306,27 @@ class FrameSemanticMethods(SemanticMethods):
         cheap_model: str | None = None,
         sample: int | float = 0.05,
         agreement: float = 0.98,
-        seed: int = 0,
+        sample_seed: int = 0,
+        model: str | None = None,
+        max_parallel: int | None = None,
+        progress: bool | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None,
+        azure_endpoint: str | None = None,
+        api_version: str | None = None,
+        timeout: float | Timeouts | None = None,
+        retry: int | RetryPolicy | None = None,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        cache: bool | str | os.PathLike[str] | None = None,
+        dedupe: bool | None = None,
+        prices: Mapping[str, tuple[float, float]] | None = None,
+        max_cost: float | None = None,
+        max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
-        **options: Any,
+        **params: Any,
     ) -> pd.DataFrame:
         """The pairs of rows, one from this frame and one from ``right``, the model matches.
 
@@ -244,16 +344,36 @@ class FrameSemanticMethods(SemanticMethods):
             left_on, right_on: the column embedded on each side (default: the columns the
                 template names, one ``col: value`` line each).
             suffixes: for column names both frames have, as ``pandas.merge``.
-            model, system, cheap_model, sample, agreement, seed, config, **options: as for
+            model, system, cheap_model, sample, agreement, sample_seed, config, **params: as for
                 ``filter``.
 
         Returns:
             One row per matching pair: ``left_index``, ``right_index``, the left columns,
             the right columns and the pair's ``similarity``.
         """
+        settings = RunOptions(
+            model=model,
+            max_parallel=max_parallel,
+            progress=progress,
+            base_url=base_url,
+            api_key=api_key,
+            headers=headers,
+            query=query,
+            azure_endpoint=azure_endpoint,
+            api_version=api_version,
+            timeout=timeout,
+            retry=retry,
+            rpm=rpm,
+            tpm=tpm,
+            cache=cache,
+            dedupe=dedupe,
+            prices=prices,
+            max_cost=max_cost,
+            max_tokens_total=max_tokens_total,
+            config=config,
+        ).settings(params, method="join")
         if not isinstance(right, pd.DataFrame):
             raise ConfigError(f"join's right must be a DataFrame; got {type(right).__name__}")
-        settings = settings_for(model, config, options)
         return await join_frames(
             self._frame(),
             right,
@@ -266,7 +386,7 @@ class FrameSemanticMethods(SemanticMethods):
             right_on=right_on,
             suffixes=suffixes,
             system=system,
-            cascade=cascade_for(cheap_model, sample, agreement, seed),
+            cascade=cascade_for(cheap_model, sample, agreement, sample_seed),
         )
 
 

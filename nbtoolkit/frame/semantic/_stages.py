@@ -14,6 +14,7 @@ from nbtoolkit.core._rows import ChatRequest, RowError, RowResult, RunStats
 from nbtoolkit.core.endpoints._base import Endpoint
 from nbtoolkit.errors import RunAborted, RunInterrupted
 from nbtoolkit.frame._report import RunReport, last_run, remember, rows_frame
+from nbtoolkit.frame._run import Plan, run_plan
 
 
 @dataclasses.dataclass
@@ -37,8 +38,6 @@ class Stages:
             RunAborted, RunInterrupted: as a run does, with ``partial`` (the operator's
                 output so far, from ``partial()``) instead of this stage's rows.
         """
-        from nbtoolkit.frame._accessor import Plan, run_plan  # the accessor imports this module
-
         plan = Plan(
             frame=pd.DataFrame(index=pd.RangeIndex(len(requests))),
             requests=iter(requests),
