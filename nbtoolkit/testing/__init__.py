@@ -28,7 +28,7 @@ that finds them short gets a 429 and takes no action and no attempt number, so f
 reproducible however the limiter interleaves.
 """
 
-from nbtoolkit.testing._actions import FaultRates, Malformed, Reply, Reset, Stall, Status
+from nbtoolkit.testing._actions import Echo, FaultRates, Malformed, Reply, Reset, Stall, Status
 from nbtoolkit.testing._anthropic import AnthropicServer
 from nbtoolkit.testing._batch import BatchBehaviour
 from nbtoolkit.testing._embeddings import EmbeddingBehaviour, expected_vector
@@ -45,6 +45,7 @@ __all__ = [
     "BatchBehaviour",
     "ChatServer",
     "CompletionLengths",
+    "Echo",
     "EmbeddingBehaviour",
     "FaultRates",
     "GeminiServer",
