@@ -23,7 +23,7 @@ import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception
 
 from nbtoolkit.config import ChatConfig, Timeouts
-from nbtoolkit.core._client import _redact, send
+from nbtoolkit.core._client import Redactor, send
 from nbtoolkit.core._retry import GiveUp, RetryAfterOrBackoff, is_retryable
 from nbtoolkit.errors import MalformedResponse, RateLimitError
 
@@ -67,6 +67,8 @@ class BatchHTTP:
         self._download = aiohttp.ClientTimeout(
             total=None, sock_connect=config.timeouts.connect, sock_read=config.timeouts.total
         )
+        # Every URL of the API carries the config's query: one redactor serves them all.
+        self._redact = Redactor(config.url(""), self.headers)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> BatchHTTP:
@@ -121,7 +123,7 @@ class BatchHTTP:
 
         async def once() -> str:
             reply = await self._send("GET", url, timeout=self._download)
-            return _redact(reply, url, self.headers)
+            return self._redact(reply)
 
         return await self._retried(once)
 
@@ -137,7 +139,7 @@ class BatchHTTP:
         text = await self._send(method, url, data=data, headers=headers, timeout=timeout)
         # Scrubbed before anything reads it: a gateway that echoes the request would put
         # the key into an error message about the reply.
-        text = _redact(text, url, self.headers)
+        text = self._redact(text)
         try:
             return json.loads(text)
         except ValueError as exc:

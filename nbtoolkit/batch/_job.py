@@ -21,26 +21,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from nbtoolkit.batch import _files as batch_files
 from nbtoolkit.batch._http import BatchHTTP
+from nbtoolkit.batch._plan import BatchOptions, PlannedRows, cache_path, job_budget
 from nbtoolkit.batch._provider import BatchProvider, provider_for
 from nbtoolkit.config import ChatConfig
 from nbtoolkit.core._budget import Budget
-from nbtoolkit.core._engine import request_keys
-from nbtoolkit.core._pricing import config_price
-from nbtoolkit.core._rows import SKIPPED, RowError, RowResult, RunStats
-from nbtoolkit.core.endpoints._base import Answer, ChatEndpoint, Endpoint, Item, usage_counts
-from nbtoolkit.core.store._batch_jobs import TERMINAL, BatchStore, Part, job_key
+from nbtoolkit.core._rows import RowError, RowResult, RunStats
+from nbtoolkit.core.endpoints._base import Answer, Endpoint, usage_counts
+from nbtoolkit.core.store._batch_jobs import TERMINAL, BatchStore, Part
 from nbtoolkit.core.store._cache import CachedAnswer, ResponseCache
-from nbtoolkit.errors import ConfigError, NbToolkitError, UnsendableRow
+from nbtoolkit.errors import NbToolkitError
 
-# How long a run waits for another process that is uploading the same job right now.
-_OTHER_SUBMITTER_WAIT = 120.0
 # Statuses in the order a batch goes through them, for "the least advanced" of several.
 _ORDER = (
     "submitting",
@@ -54,32 +49,6 @@ _ORDER = (
     "cancelled",
     "completed",
 )
-
-
-@dataclass(frozen=True, kw_only=True)
-class BatchOptions:
-    """How a batch job is split, priced and watched.
-
-    Attributes:
-        discount: what a batch costs against the price table (OpenAI: half price).
-        max_lines, max_bytes: the most one input file may hold (the API's limits).
-        poll_initial, poll_max: seconds between status checks while waiting; the wait
-            grows by half each time, from the first to the second.
-    """
-
-    discount: float = 0.5
-    max_lines: int = batch_files.MAX_LINES
-    max_bytes: int = batch_files.MAX_BYTES
-    poll_initial: float = 2.0
-    poll_max: float = 60.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.discount <= 1:
-            raise ConfigError(f"discount is a share of the price, 0 to 1; got {self.discount}")
-        if self.max_lines < 1 or self.max_bytes < 1:
-            raise ConfigError("max_lines and max_bytes must be >= 1")
-        if not 0 < self.poll_initial <= self.poll_max:
-            raise ConfigError("poll_initial must be > 0 and at most poll_max")
 
 
 @dataclass(frozen=True)
@@ -98,16 +67,6 @@ class BatchStatus:
 
     def __str__(self) -> str:
         return f"{self.status}: {self.completed} completed, {self.failed} failed of {self.total}"
-
-
-@dataclass
-class PlannedRows:
-    """Which request each row of the caller's input stands for."""
-
-    keys: list[bytes | None]  # per row: its request's cache key; None when not sent
-    fixed: dict[int, RowResult]  # rows with an outcome from the start (skipped, unsendable)
-    items: dict[bytes, Item]  # each distinct request, by key
-    cached: set[bytes]  # keys answered by the cache before submission
 
 
 class Job:
@@ -296,206 +255,6 @@ class Job:
                 message = "no answer: not in this job and not in the cache (was it cleared?)"
                 results.append(RowResult(None, RowError("not_run", message)))
         return results
-
-
-async def submit(
-    requests: Iterable[Any],
-    config: ChatConfig,
-    *,
-    endpoint: Endpoint | None = None,
-    options: BatchOptions | None = None,
-) -> Job:
-    """Submit the uncached requests as a batch job, or re-attach to the one already submitted.
-
-    Args:
-        requests: one request (or None: nothing to send) per row.
-        config: where requests go; its cache file keeps the job.
-        endpoint: how requests become bodies; default chat completions.
-        options: splitting, discount and polling; default `BatchOptions()`.
-
-    Returns:
-        The job, at once (it runs on the server for up to 24 hours).
-
-    Raises:
-        ConfigError: no model, no cache, or a worst case over ``max_cost`` /
-            ``max_tokens_total``: raised before anything is uploaded.
-    """
-    config = config.resolved()
-    if options is not None and not isinstance(options, BatchOptions):
-        raise ConfigError(f"batch= takes a BatchOptions (or nothing); got {options!r}")
-    options = options or BatchOptions()
-    if not config.model:
-        raise ConfigError(
-            "no model: pass model='...' or set it with nbtoolkit.configure(model=...)"
-        )
-    path = cache_path(config)
-    endpoint = endpoint or ChatEndpoint({"model": config.model, **config.params})
-    if endpoint.max_items != 1:
-        raise ConfigError(
-            f"batch mode sends one row per line; {type(endpoint).__name__} groups rows"
-        )
-    rows = _plan(requests, endpoint, request_keys(config, endpoint).key)
-    with ResponseCache(path) as cache:
-        rows.cached = set(cache.get_many(list(rows.items)))
-    job = Job(job_id=None, config=config, endpoint=endpoint, options=options, rows=rows)
-    to_send = [k for k in rows.items if k not in rows.cached]
-    if not to_send:
-        return job
-    key = job_key(config.key_url(endpoint.path), to_send)
-    lines = []
-    for k in to_send:
-        custom_id = batch_files.custom_id(k)
-        model = rows.items[k].body.get("model")
-        data = job.provider.line(custom_id, rows.items[k])
-        lines.append(
-            batch_files.Line(custom_id, k, model if isinstance(model, str) else None, data)
-        )
-    files = batch_files.split(lines, max_lines=options.max_lines, max_bytes=options.max_bytes)
-    with BatchStore(path) as store:
-        if store.live_job(key) is None:
-            # Checked only for a new job: re-attaching uploads nothing and pays nothing more.
-            _check_budget(config, options, [rows.items[k] for k in to_send])
-        job.job_id, created = store.claim(
-            key,
-            model=config.model,
-            endpoint=endpoint.path,
-            parts=[[(one.custom_id, one.key) for one in file] for file in files],
-        )
-    await _send_parts(job, {one.custom_id: one.data for one in lines}, mine=created)
-    return job
-
-
-async def _send_parts(job: Job, lines: Mapping[str, bytes], *, mine: bool) -> None:
-    """Submit each batch of the job that has none yet.
-
-    ``mine``: this call claimed the job and sends every part. Otherwise it sends only parts
-    left unsent (their submitter failed, or died long ago) and waits for a part another
-    process is submitting right now.
-    """
-    assert job.job_id is not None
-    deadline = time.monotonic() + _OTHER_SUBMITTER_WAIT
-    async with BatchHTTP(job.config) as http:
-        for part in job._parts():
-            while part.batch_id is None:
-                if not mine:
-                    with job._store() as store:
-                        taken = store.take_over(part)
-                if mine or taken:
-                    await _send_part(http, job, part, lines)
-                    break
-                if time.monotonic() > deadline:
-                    raise NbToolkitError(
-                        f"another process is still submitting batch job {job.job_id}; "
-                        "run the cell again in a minute to re-attach"
-                    )
-                await asyncio.sleep(0.2)
-                part = next(p for p in job._parts() if p.part == part.part)
-
-
-async def _send_part(http: BatchHTTP, job: Job, part: Part, lines: Mapping[str, bytes]) -> None:
-    assert job.job_id is not None
-    with job._store() as store:
-        ids = store.requests(job.job_id, part.part)
-    try:
-        submitted = await job.provider.submit(
-            http,
-            [lines[cid] for cid in ids],
-            name=f"{job.job_id}-{part.part}",
-            metadata={"nbtoolkit_job": job.job_id, "part": str(part.part)},
-        )
-    except BaseException:
-        with job._store() as store:
-            store.update(job.job_id, part.part, status="unsent")  # a re-run sends it
-        raise
-    with job._store() as store:
-        store.update(
-            job.job_id,
-            part.part,
-            batch_id=submitted.batch_id,
-            input_file_id=submitted.input_file_id,
-            status=submitted.state.status,
-            total=submitted.state.total or len(ids),
-        )
-
-
-def _plan(
-    requests: Iterable[Any], endpoint: Endpoint, key: Callable[[bytes], bytes]
-) -> PlannedRows:
-    rows = PlannedRows(keys=[], fixed={}, items={}, cached=set())
-    for index, request in enumerate(requests):
-        if request is None:
-            rows.fixed[index] = SKIPPED
-            rows.keys.append(None)
-            continue
-        try:
-            item = endpoint.item(index, request)
-        except (ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
-            error = UnsendableRow(f"this row's request cannot be encoded: {exc}"[:500])
-            rows.fixed[index] = RowResult(None, RowError(type(error).__name__, str(error)))
-            rows.keys.append(None)
-            continue
-        item.key = key(item.payload)
-        rows.items.setdefault(item.key, item)
-        rows.keys.append(item.key)
-    return rows
-
-
-def cache_path(config: ChatConfig) -> Path:
-    """The cache file that keeps the config's batch jobs and their answers.
-
-    Raises:
-        ConfigError: the cache is off.
-    """
-    path = config.cache_path
-    if path is None:
-        raise ConfigError(
-            "batch mode keeps its jobs and answers in the cache file, so that a new kernel "
-            "finds them again; leave cache on (True or a path)"
-        )
-    return path
-
-
-def job_budget(config: ChatConfig, options: BatchOptions, *, limited: bool) -> Budget:
-    """The engine's `Budget`, at the batch's prices (every price times the discount)."""
-    price = config_price(config)
-    if price is not None:
-        d = options.discount
-        cached = None if price.cached_input is None else price.cached_input * d
-        price = dataclasses.replace(
-            price, input=price.input * d, output=price.output * d, cached_input=cached
-        )
-    return Budget(
-        model=config.model or "",
-        price=price,
-        max_tokens_total=config.max_tokens_total if limited else None,
-        max_cost=config.max_cost if limited else None,
-    )
-
-
-def _check_budget(config: ChatConfig, options: BatchOptions, items: Sequence[Item]) -> None:
-    """Refuse a job whose worst case (estimated prompts + max_tokens) is over a limit.
-
-    Raises:
-        ConfigError: over ``max_tokens_total`` or ``max_cost`` (at the batch discount), or
-            ``max_cost`` without a price for the model.
-    """
-    budget = job_budget(config, options, limited=True)
-    prompt = sum(item.prompt_tokens for item in items)
-    completion = sum(item.completion_tokens for item in items)
-    if budget.try_reserve(prompt, completion):
-        return
-    what = f"{len(items):,} requests, at worst {prompt + completion:,.0f} tokens"
-    if config.max_tokens_total is not None and prompt + completion > config.max_tokens_total:
-        raise ConfigError(
-            f"batch not submitted, nothing uploaded: {what}, over max_tokens_total="
-            f"{config.max_tokens_total:,}. Lower max_tokens or submit fewer rows."
-        )
-    cost = budget.price(prompt, completion) or 0.0
-    raise ConfigError(
-        f"batch not submitted, nothing uploaded: {what}, worst case {cost:.4f} at the "
-        f"batch discount ({options.discount:g}), over max_cost={config.max_cost:g}. "
-        "Lower max_tokens, submit fewer rows or raise max_cost."
-    )
 
 
 def _line_result(line: batch_files.LineResult, stats: RunStats, budget: Budget) -> RowResult:

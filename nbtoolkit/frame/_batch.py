@@ -16,8 +16,8 @@ from typing import Any
 
 import pandas as pd
 
-from nbtoolkit.batch._job import BatchOptions, BatchStatus, Job
-from nbtoolkit.batch._job import submit as submit_job
+from nbtoolkit.batch import BatchOptions, BatchStatus, Job
+from nbtoolkit.batch import submit as submit_job
 from nbtoolkit.config import ChatConfig, default_cache_path
 from nbtoolkit.core._rows import RowResult, RunStats
 from nbtoolkit.core._runner import run_sync
@@ -150,7 +150,7 @@ async def submit(
     endpoint: Endpoint | None = None,
     options: BatchOptions | None = None,
 ) -> BatchJob:
-    """Submit the frame's requests as a batch job (see `nbtoolkit.batch._job.submit`).
+    """Submit the frame's requests as a batch job (see `nbtoolkit.batch.submit`).
 
     Args:
         frame: the caller's rows (for the index of the result).
