@@ -4,10 +4,10 @@
 (``df.chat.filter``, ``join``, ``top_k``, ``aggregate``) by rules, not by hashes:
 
 - **Yes or no.** A text is a match when it holds ``marker``, or when it holds two or more
-  ``[key=...]`` tags (matches of ``key_pattern``) that are all equal (a pair, for a join). A
-  request whose JSON Schema asks for ``{"answer": boolean}`` gets that answer; one that asks for ``logprobs``
-  also gets the token log-probabilities of ``true`` and ``false``, as OpenAI, vLLM and
-  llama.cpp send them.
+  ``[key=...]`` tags (matches of ``key_pattern``) that are all equal (a pair, for a join).
+  A request whose JSON Schema asks for ``{"answer": boolean}`` gets that answer; one that
+  asks for ``logprobs`` also gets the token log-probabilities of ``true`` and ``false``,
+  as OpenAI, vLLM and llama.cpp send them.
 - **A cheap model.** For the model named ``cheap_model`` the answer is wrong on a seeded share
   ``cheap_error_rate`` of texts, and its confidence there is low (``cheap_unsure``); on a
   further share ``cheap_unsure_rate`` it is right but as unsure. Elsewhere it is sure.
