@@ -437,6 +437,11 @@ async def submit(
     if options is not None and not isinstance(options, BatchOptions):
         raise ConfigError(f"batch= takes a BatchOptions (or nothing); got {options!r}")
     options = options or BatchOptions()
+    if config.provider != "openai":
+        raise ConfigError(
+            f"batch mode speaks OpenAI's Batch API; {config.provider}'s batches are not "
+            "supported yet: run the rows live (leave batch= out)"
+        )
     if not config.model:
         raise ConfigError(
             "no model: pass model='...' or set it with nbtoolkit.configure(model=...)"
