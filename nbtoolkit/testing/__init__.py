@@ -28,7 +28,7 @@ that finds them short gets a 429 and takes no action and no attempt number, so f
 reproducible however the limiter interleaves.
 """
 
-from nbtoolkit.testing._actions import FaultRates, Malformed, Reply, Reset, Stall, Status
+from nbtoolkit.testing._actions import Echo, FaultRates, Malformed, Reply, Reset, Stall, Status
 from nbtoolkit.testing._anthropic import AnthropicServer
 from nbtoolkit.testing._batch import BatchBehaviour
 from nbtoolkit.testing._embeddings import EmbeddingBehaviour, expected_vector
@@ -36,6 +36,7 @@ from nbtoolkit.testing._gemini import GeminiServer
 from nbtoolkit.testing._lengths import CompletionLengths
 from nbtoolkit.testing._ratelimit import HEADER_FAMILIES, HeaderFamily, RateLimit
 from nbtoolkit.testing._scripted import RecordedRequest, ScriptedServer
+from nbtoolkit.testing._semantic import SemanticRules
 from nbtoolkit.testing._server import ChatServer
 from nbtoolkit.testing._structured import StructuredFaults, schema_instance
 
@@ -45,6 +46,7 @@ __all__ = [
     "BatchBehaviour",
     "ChatServer",
     "CompletionLengths",
+    "Echo",
     "EmbeddingBehaviour",
     "FaultRates",
     "GeminiServer",
@@ -55,6 +57,7 @@ __all__ = [
     "Reply",
     "Reset",
     "ScriptedServer",
+    "SemanticRules",
     "Stall",
     "Status",
     "StructuredFaults",

@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass, field
 
-__all__ = ["Action", "FaultRates", "Malformed", "Reply", "Reset", "Stall", "Status"]
+__all__ = ["Action", "Echo", "FaultRates", "Malformed", "Reply", "Reset", "Stall", "Status"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,13 @@ class Malformed:
     content_type: str = "application/json"
 
 
-Action = Reply | Status | Reset | Stall | Malformed
+@dataclass(frozen=True)
+class Echo:
+    """A 200 whose body is the request's URL and headers, not a completion: what a gateway
+    or debugging proxy that echoes the request sends (the key in it, for redaction tests)."""
+
+
+Action = Reply | Status | Reset | Stall | Malformed | Echo
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,7 +21,16 @@ from typing import Any, Self
 
 from aiohttp import web
 
-from nbtoolkit.testing._actions import Action, FaultRates, Malformed, Reply, Reset, Stall, Status
+from nbtoolkit.testing._actions import (
+    Action,
+    Echo,
+    FaultRates,
+    Malformed,
+    Reply,
+    Reset,
+    Stall,
+    Status,
+)
 from nbtoolkit.testing._ratelimit import Limiter, RateLimit, Rejection
 
 __all__ = ["RecordedRequest", "ScriptedServer"]
@@ -366,6 +375,10 @@ class ScriptedServer:
             response = web.Response(
                 status=action.status, text=action.body, content_type=action.content_type
             )
+            return await self._send(request, ex, response, outcome="malformed")
+        if isinstance(action, Echo):
+            echoed = {"url": str(request.url), "headers": dict(request.headers)}
+            response = web.json_response(echoed)
             return await self._send(request, ex, response, outcome="malformed")
         if isinstance(action, Stall):
             ex.outcome = "stall"
