@@ -75,12 +75,20 @@ class RunReport:
             f"({statuses or 'none'}){cap}, {stats.cache_hits} cache hits, "
             f"{stats.duplicates} duplicates, {stats.retries} retries, "
             f"{stats.statuses.get('429', 0)} rate-limited; "
-            f"{stats.prompt_tokens + stats.completion_tokens:,} tokens{cost}; "
+            f"{stats.prompt_tokens + stats.completion_tokens:,} tokens{_cached(stats)}{cost}; "
             f"{stats.wall_seconds:.1f} s{notes}"
         )
 
     def __repr__(self) -> str:
         return f"<RunReport {self.summary()}>"
+
+
+def _cached(stats: RunStats) -> str:
+    """`` (1,234 cached, saved 0.0123)``: prompt tokens the provider's prompt cache served."""
+    if not stats.cached_tokens:
+        return ""
+    saved = f", saved {stats.cache_saved:.4f}" if stats.cache_saved is not None else ""
+    return f" ({stats.cached_tokens:,} cached{saved})"
 
 
 def rows_frame(results: Sequence[RowResult], index: pd.Index) -> pd.DataFrame:
