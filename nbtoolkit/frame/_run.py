@@ -20,6 +20,7 @@ from nbtoolkit.core._engine import ChatRun, results_in_order
 from nbtoolkit.core._rows import RowResult
 from nbtoolkit.core._runner import run_sync
 from nbtoolkit.core.endpoints._base import Endpoint
+from nbtoolkit.core.endpoints._providers import provider_notes
 from nbtoolkit.errors import RunAborted, RunInterrupted
 from nbtoolkit.frame._progress import ProgressBar
 from nbtoolkit.frame._report import RunReport, last_run, remember, rows_frame
@@ -110,7 +111,13 @@ def _report(
     rows = results_in_order(results)
     rows += results_in_order([None]) * (len(plan.frame) - len(rows))
     return remember(
-        RunReport(plan.write(rows), rows_frame(rows, plan.frame.index), run.stats, outcome)
+        RunReport(
+            plan.write(rows),
+            rows_frame(rows, plan.frame.index),
+            run.stats,
+            outcome,
+            notes=tuple(provider_notes(run.config)),
+        )
     )
 
 
