@@ -42,11 +42,10 @@ from nbtoolkit.core._runner import run_sync
 from nbtoolkit.dask._lease import Lease, LeasedGovernor, LocalTransport, RowCounter, connect
 from nbtoolkit.errors import RunAborted
 from nbtoolkit.frame import _report as _report
-from nbtoolkit.frame._accessor import _ChatAccessorBase, run_settings
+from nbtoolkit.frame._accessor import _ChatAccessorBase
+from nbtoolkit.frame._options import RUN_OPTIONS, RunOptions
 from nbtoolkit.frame._report import rows_frame
 
-# The run options `run_settings` turns into a ChatConfig on the client, once per call.
-RUN_OPTIONS = frozenset(inspect.signature(run_settings).parameters) - {"params"}
 # Failed rows kept per partition in its report: the reasons stay readable without the
 # report of a 20-million-row run growing with its failures.
 MAX_ERRORS_PER_PARTITION = 10_000
@@ -171,7 +170,8 @@ def lazy_method(collection: Any, method: str, args: tuple[Any, ...], kwargs: dic
     """``collection.map_partitions`` of the pandas accessor's ``method``, with its meta."""
     kwargs = dict(kwargs)
     options = {name: kwargs.pop(name, None) for name in RUN_OPTIONS}
-    config = run_settings(**options, params={}).resolved()
+    # The run options become a ChatConfig on the client, once per call.
+    config = RunOptions(**options).settings({}, method=method).resolved()
     if config.cache_path is not None:
         # Resolved here, so every worker on this machine uses the file the client would.
         config = dataclasses.replace(config, cache=str(config.cache_path.absolute()))
