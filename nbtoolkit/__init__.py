@@ -5,10 +5,12 @@ Importing it registers the ``df.chat`` and ``series.chat`` accessors::
     import nbtoolkit
     out = df.chat.complete("review", model="gpt-4o-mini", max_parallel=32)
     nbtoolkit.last_run().errors      # why each None is None
+    df.chat.complete("review", model="gpt-4o-mini", dry_run=True, pilot=20)  # the bill first
 """
 
 from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts, configure, get_config
 from nbtoolkit.core._engine import ChatRun
+from nbtoolkit.core._pricing import Price, price_table
 from nbtoolkit.core._rows import ChatRequest, RowError, RowResult, RunStats
 from nbtoolkit.core.store._cache import CacheInfo, cache_info, clear_cache
 from nbtoolkit.dask._accessor import last_dask_run
@@ -37,6 +39,7 @@ from nbtoolkit.errors import (
 )
 from nbtoolkit.frame import _accessor as _accessor
 from nbtoolkit.frame._batch import BatchJob, BatchOptions, BatchStatus, batch_jobs
+from nbtoolkit.frame._estimate import CostEstimate
 from nbtoolkit.frame._report import RunReport, last_run
 from nbtoolkit.frame._vectors import to_matrix
 
@@ -57,11 +60,13 @@ __all__ = [
     "ChatRequest",
     "ChatRun",
     "ConfigError",
+    "CostEstimate",
     "IgnoredParameter",
     "MalformedResponse",
     "NbToolkitError",
     "NoText",
     "NotFoundError",
+    "Price",
     "RateLimitError",
     "Refused",
     "RequestTimeout",
@@ -85,5 +90,6 @@ __all__ = [
     "get_config",
     "last_dask_run",
     "last_run",
+    "price_table",
     "to_matrix",
 ]

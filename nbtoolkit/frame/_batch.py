@@ -293,8 +293,10 @@ class BatchJob:
         stats.cache_hits = sum(1 for r in results if r.source == "cache" and r.error is None)
         stats.duplicates = sum(1 for r in results if r.source == "duplicate")
         stats.finished = time.monotonic()
-        rows = rows_frame(results, self._index)
-        return remember(RunReport(self._write(results), rows, stats, "finished")).output
+        price = config_price(self.config.resolved())
+        rows = rows_frame(results, self._index, price)
+        report = RunReport(self._write(results), rows, stats, "finished", price=price)
+        return remember(report).output
 
     def result(self) -> Any:
         """The answers as a new frame (see `aresult`); waits for the job first.

@@ -99,12 +99,14 @@ class LiveCost:
         if limit is None or self.warned or total <= limit or self.spent >= limit / 2:
             return
         self.warned = True
-        warnings.warn(
+        # One line in a notebook: no file and source line of ours under it.
+        warnings.warn_explicit(
             f"this run is heading for ~{format_money(total)} ({basis}), over max_cost="
             f"{format_money(limit)}: it will stop there and leave the other rows unsent. "
             "Stop it now and lower max_tokens or send fewer rows, or raise max_cost.",
             RuntimeWarning,
-            stacklevel=2,
+            filename="nbtoolkit",
+            lineno=0,
         )
 
 

@@ -112,7 +112,9 @@ class RunReport:
             saved = stats.cached_tokens * (price.input - price.cached_input) / 1e6
             if self.rows["source"].eq("batch").any():
                 saved *= price.batch_discount
-            notes.append(f"{stats.cached_tokens:,} cached prompt tokens saved {format_money(saved)}")
+            notes.append(
+                f"{stats.cached_tokens:,} cached prompt tokens saved {format_money(saved)}"
+            )
         if self.rows["source"].eq("batch").any():
             notes.append(f"Batch price, {price.batch_discount:g} of the list price")
         return text + (f" ({'; '.join(notes)})" if notes else "")
