@@ -34,7 +34,7 @@ from nbtoolkit.config import ChatConfig
 from nbtoolkit.core._breaker import CircuitBreaker
 from nbtoolkit.core._budget import Budget
 from nbtoolkit.core._cachewriter import CacheWriter
-from nbtoolkit.core._client import Reply, post_json
+from nbtoolkit.core._client import Redactor, Reply, post_json
 from nbtoolkit.core._limits import RateGovernor, ServerLimits
 from nbtoolkit.core._pricing import config_price
 from nbtoolkit.core._retry import GiveUp, RetryAfterOrBackoff, is_retryable, is_systemic
@@ -184,6 +184,9 @@ class ChatRun:
         self._binary = bool(getattr(self.endpoint, "binary_answers", False))
         self._url = config.url(self.endpoint.path)
         self._headers = config.request_headers()
+        # Every text about a request that reaches a row, the report or an exception goes
+        # through it: a gateway may echo the key in any body, a 200's included.
+        self._redact = Redactor(self._url, self._headers)
         self._cache = CacheWriter(None, model=None)
         self._keys = request_keys(config, self.endpoint)
         # Cache key -> rows waiting for the same request, which is queued or in flight.
@@ -403,8 +406,9 @@ class ChatRun:
             if item is not first and item.key is not None:
                 self._cache.save_many([(item.key, outcome)])  # the re-ask, under its own key
             self._settle_answer(first, outcome, attempts)
-        else:
-            self._settle_row(first, RowResult(None, _row_error(outcome, attempts), attempts))
+        else:  # a refusal or a bad answer: its message quotes the reply
+            error = _row_error(self._redact.error(outcome), attempts)
+            self._settle_row(first, RowResult(None, error, attempts))
 
     def _settle_answer(self, item: Item, answer: Answer, attempts: int) -> None:
         self._settle_answers([(item, answer)], attempts)
@@ -522,6 +526,7 @@ class ChatRun:
             raise
         self.stats.requests_sent += 1
         limits: ServerLimits | None = None
+        body = ""
         used: float | None = None
         congested = False
         pause: float | None = None
@@ -532,10 +537,12 @@ class ChatRun:
                 self.endpoint.payload(job.items),
                 headers=self._headers,
                 timeout=self._timeout,
+                redact=self._redact,
             )
             limits = reply.limits
             self.breaker.reached()
-            parsed = self.endpoint.parse(reply.text, job.items)
+            body = reply.text
+            parsed = self.endpoint.parse(body, job.items)
         except RateLimitError as exc:
             self.breaker.reached()
             self.stats.statuses["429"] += 1
@@ -559,7 +566,8 @@ class ChatRun:
         except Exception as exc:  # a 2xx that is not what the endpoint expects
             self.stats.statuses[type(exc).__name__] += 1
             used = self._spend(None, prompt_tokens, completion_tokens)
-            raise
+            # Its message quotes the body, which a gateway may have filled with our headers.
+            raise self._scrubbed(exc, body, job.items) from None
         else:
             self.stats.statuses["200"] += 1
             used = self._spend(parsed.usage, prompt_tokens, completion_tokens)
@@ -575,6 +583,19 @@ class ChatRun:
                 congested=congested,
                 pause=pause,
             )
+
+    def _scrubbed(self, error: Exception, body: str, items: list[Item]) -> Exception:
+        """The error a 2xx body that is not an answer raises, with the request's secrets
+        scrubbed from the body before the parser quotes (and cuts) it: scrubbed after the
+        cut, a key cut in half would escape."""
+        clean = self._redact(body)
+        if clean != body:
+            try:
+                self.endpoint.parse(clean, items)
+            except Exception as again:  # the same failure, told from the scrubbed body
+                error = again
+        self._redact.error(error)
+        return error
 
     def _spend(
         self, usage: Mapping[str, Any] | None, prompt_reserved: float, completion_reserved: float

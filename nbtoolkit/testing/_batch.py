@@ -62,6 +62,9 @@ class BatchBehaviour:
     shuffle: bool = True  # output lines in a random order, as the real API may
     seed: int = 0
     upload_delay: float = 0.0  # seconds an upload waits before its reply (a slow link)
+    # Uploads get a 400 whose message echoes the request's URL and headers, as some
+    # gateways' errors do: the client must scrub them before anyone sees the message.
+    refuse_uploads: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fail_rate <= 1.0:
@@ -163,6 +166,9 @@ class BatchAPI:
         self._released = True
 
     async def _upload(self, request: web.Request) -> web.Response:
+        if self.behaviour.refuse_uploads:
+            echoed = f"{request.path_qs} with headers {dict(request.headers)}"
+            return _invalid(f"upload refused: {echoed}")
         purpose, content, name = "", b"", "upload.jsonl"
         # aiohttp caps a request body at 1 MB; a batch file may hold 200 MB.
         reader = await request.clone(client_max_size=_MAX_UPLOAD).multipart()
