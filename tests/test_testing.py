@@ -86,6 +86,7 @@ async def test_success_reply_has_the_openai_chat_completion_shape(
         {
             "index": 0,
             "message": {"role": "assistant", "content": "echo: hello"},
+            "logprobs": None,  # as OpenAI sends it when none were asked for
             "finish_reason": "stop",
         }
     ]

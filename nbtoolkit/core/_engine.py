@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,13 @@ import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from nbtoolkit.config import ChatConfig
-from nbtoolkit.core._breaker import CircuitBreaker
+from nbtoolkit.core._breaker import (
+    REFUSALS_TO_STOP,
+    CircuitBreaker,
+    RefusalWatch,
+    Verdict,
+    refused_parameter,
+)
 from nbtoolkit.core._budget import Budget
 from nbtoolkit.core._cachewriter import CacheWriter
 from nbtoolkit.core._client import Redactor, Reply, post_json
@@ -171,6 +178,10 @@ class ChatRun:
             pause_max=config.retry.retry_after_max,
         )
         self.breaker = CircuitBreaker(threshold=config.max_parallel)
+        self._refusals = RefusalWatch()
+        # Refused groups held while nothing is answered yet, with their refusal.
+        self._parked: list[tuple[list[Item], _Attempts]] = []
+        self._refused_fields: list[str] = []  # a stopping refusal's request body fields
         self._timeout = aiohttp.ClientTimeout(
             total=config.timeouts.total,
             sock_connect=config.timeouts.connect,
@@ -253,7 +264,9 @@ class ChatRun:
             # being handled drags the group along as its context, and IPython then shows
             # the whole chain instead of the one line RunAborted renders.
             raise RunAborted(
-                _abort_message(stopped_by), partial=self.results, cause=stopped_by
+                _abort_message(stopped_by, self._refused_fields),
+                partial=self.results,
+                cause=stopped_by,
             ) from stopped_by
         return [result if result is not None else SKIPPED for result in self.results]
 
@@ -337,9 +350,22 @@ class ChatRun:
         self, session: aiohttp.ClientSession, queue: asyncio.Queue[_Job | None]
     ) -> None:
         while (job := await queue.get()) is not None:
+            await self._refusals.wait_decided()
             indexes = [item.index for item in job.items]
             self._sending.update(indexes)
             await self._run_job(session, job.items)
+            self._sending.difference_update(indexes)
+        # Groups held while nothing was answered yet: decided now that no other work is left
+        # (each worker drains them as it finishes, so the last one sees every one).
+        while self._parked:
+            while self._refusals.deciding:  # one probe at a time, here too
+                await self._refusals.wait_decided()
+            if not self._parked:
+                break
+            items, failed = self._parked.pop()
+            indexes = [item.index for item in items]
+            self._sending.update(indexes)
+            await self._refused(session, items, failed, parked=True)
             self._sending.difference_update(indexes)
 
     async def _run_job(self, session: aiohttp.ClientSession, items: list[Item]) -> bool:
@@ -352,18 +378,8 @@ class ChatRun:
         try:
             parsed, attempts = await self._send(session, _Job(items))
         except _Attempts as failed:
-            if isinstance(failed.error, BadRequestError) and len(items) > 1:
-                # One bad input must not sink its neighbours: halve until it stands alone.
-                middle = len(items) // 2
-                first = await self._run_job(session, items[:middle])
-                second = await self._run_job(session, items[middle:])
-                if first and second:
-                    # Both halves went through: the server refused the request for its size
-                    # (a cap on inputs per request, or on its tokens), not for a row. Later
-                    # requests are no larger than the halves were.
-                    self._max_items = min(self._max_items, len(items) - middle)
-                    self.stats.items_per_request = self._max_items
-                return first and second
+            if isinstance(failed.error, BadRequestError):
+                return await self._refused(session, items, failed)
             for item in items:
                 self._settle_row(item, self._failed(failed.error, failed.attempts))
             return False
@@ -379,6 +395,88 @@ class ChatRun:
         for item, outcome in others:
             await self._settle_outcome(session, item, outcome, attempts)
         return True
+
+    async def _refused(
+        self,
+        session: aiohttp.ClientSession,
+        items: list[Item],
+        failed: _Attempts,
+        *,
+        parked: bool = False,
+    ) -> bool:
+        """A 400 for ``items``: the row fails, or the group is held, probed or halved, or the
+        run stops, as the refusal watch decides (see `RefusalWatch`)."""
+        error = failed.error
+        assert isinstance(error, BadRequestError)
+        if parked:  # already counted when it was held
+            verdict = Verdict.PROBE if self._refusals.armed else Verdict.BISECT
+            if verdict is Verdict.PROBE:
+                self._refusals.probing(True)
+        else:
+            verdict = self._refusals.refused(error, rows=len(items))
+        if verdict is Verdict.STOP:
+            self._stop_refused(items, failed)
+        if verdict is Verdict.PARK:
+            self._parked.append((items, failed))
+            return False
+        if verdict is Verdict.PROBE:
+            return await self._probe(session, items, failed)
+        if verdict is Verdict.BISECT:
+            return await self._bisect(session, items)
+        for item in items:
+            self._settle_row(item, self._failed(error, failed.attempts))
+        return False
+
+    async def _probe(
+        self, session: aiohttp.ClientSession, items: list[Item], failed: _Attempts
+    ) -> bool:
+        """Send rows of a refused group alone, every other request held, until one is
+        answered (the group was refused for a bad input or its size: the rest goes on) or
+        enough are refused alike that the run stops."""
+        try:
+            # The middle, then the ends: a bad input the server names by position is rarely
+            # at all three.
+            order = [len(items) // 2, 0, len(items) - 1]
+            order += [i for i in range(len(items)) if i not in order]
+            left = list(items)
+            for position in order:
+                if not self._refusals.armed:
+                    break
+                item = items[position]
+                left.remove(item)
+                await self._run_job(session, [item])
+        finally:
+            self._refusals.probing(False)
+        return await self._run_job(session, left) if left else False
+
+    async def _bisect(self, session: aiohttp.ClientSession, items: list[Item]) -> bool:
+        """A group refused after the run had answers: halve it until a bad input stands
+        alone, so that it does not sink its neighbours."""
+        middle = len(items) // 2
+        first = await self._run_job(session, items[:middle])
+        second = await self._run_job(session, items[middle:])
+        if first and second:
+            # Both halves went through: the server refused the request for its size (a cap
+            # on inputs per request, or on its tokens), not for a row. Later requests are
+            # no larger than the halves were.
+            self._max_items = min(self._max_items, len(items) - middle)
+            self.stats.items_per_request = self._max_items
+        return first and second
+
+    def _stop_refused(self, items: list[Item], failed: _Attempts) -> None:
+        """The run stops on a refusal: the refused rows (held ones too) say why, then raise."""
+        try:  # the fields of the refused body, for the message to name the one refused
+            body = json.loads(self.endpoint.payload(items[:1]))
+            self._refused_fields = list(body) if isinstance(body, dict) else []
+        except ValueError:
+            pass
+        for held, held_failure in [(items, failed), *self._parked]:
+            for item in held:
+                attempts = held_failure.attempts
+                error = _row_error(held_failure.error, attempts)
+                self._settle_row(item, RowResult(None, error, attempts))
+        self._parked.clear()
+        raise _Systemic(failed.error)  # type: ignore[arg-type]
 
     async def _settle_outcome(
         self, session: aiohttp.ClientSession, item: Item, outcome: Any, attempts: int
@@ -570,6 +668,7 @@ class ChatRun:
             raise self._scrubbed(exc, body, job.items) from None
         else:
             self.stats.statuses["200"] += 1
+            self._refusals.answered()
             used = self._spend(parsed.usage, prompt_tokens, completion_tokens)
             return parsed
         finally:
@@ -674,7 +773,9 @@ def results_in_order(results: Sequence[RowResult | None]) -> list[RowResult]:
     return [r if r is not None else not_run for r in results]
 
 
-def _abort_message(error: NbToolkitError) -> str:
+def _abort_message(error: NbToolkitError, fields: Iterable[str] = ()) -> str:
+    """RunAborted's message: what stopped the run, and what to do (``fields``: the request
+    body's, for a refusal that names one without saying it is a parameter)."""
     if isinstance(error, AuthError):
         advice = "check the API key (OPENAI_API_KEY or api_key=) and that it may use this model"
     elif isinstance(error, NotFoundError):
@@ -685,6 +786,16 @@ def _abort_message(error: NbToolkitError) -> str:
         advice = (
             "this model does not shorten its vectors; leave dimensions= out, or use a model "
             "that takes it (text-embedding-3-*)"
+        )
+    elif isinstance(error, BadRequestError):
+        parameter = refused_parameter(error, fields)
+        named = f" (parameter: {parameter!r})" if parameter else ""
+        return (
+            f"run stopped, every row would fail the same way: the server refused the first "
+            f"{REFUSALS_TO_STOP} requests with the same words and answered none: {error}"
+            f"{named}. What to do: the request itself is refused, not a row: check "
+            f"{repr(parameter) if parameter else 'the parameters'} (leave it out, or use a "
+            "model that takes it), the model name, and any params= or extra body fields."
         )
     else:
         advice = "the account is out of quota or credit; add credit or use another key"

@@ -42,6 +42,7 @@ class RunReport:
         rows: one row per input row, same index and order, columns ``ROW_COLUMNS``.
         stats: requests sent, retries, statuses seen, wall time.
         outcome: "finished", "aborted" or "interrupted".
+        notes: lines an operator adds to the summary (its stages, what decided the rows).
         price: the model's price the costs were figured at; None: "price unknown".
         estimate: the dry run's estimate this run started from, if there was one.
     """
@@ -50,6 +51,7 @@ class RunReport:
     rows: pd.DataFrame
     stats: RunStats
     outcome: str
+    notes: tuple[str, ...] = ()
     price: Price | None = None
     estimate: CostEstimate | None = None
 
@@ -92,21 +94,24 @@ class RunReport:
         cost = f", cost {self._cost_text()}"
         capped = stats.items_per_request
         cap = f" (cut to {capped} rows each: the server refused larger ones)" if capped else ""
+        notes = "".join(f"\n{note}" for note in self.notes)
         return (
             f"{self.outcome}: {', '.join(parts)}; {stats.requests_sent} requests "
             f"({statuses or 'none'}){cap}, {stats.cache_hits} cache hits, "
             f"{stats.duplicates} duplicates, {stats.retries} retries, "
             f"{stats.statuses.get('429', 0)} rate-limited; "
             f"{stats.prompt_tokens + stats.completion_tokens:,} tokens{cost}; "
-            f"{stats.wall_seconds:.1f} s{self._estimate_text()}"
+            f"{stats.wall_seconds:.1f} s{self._estimate_text()}{notes}"
         )
 
     def _cost_text(self) -> str:
         stats = self.stats
-        if stats.cost is None or self.price is None:
+        if stats.cost is None:
             return PRICE_UNKNOWN
         text = format_money(stats.cost)
         price = self.price
+        if price is None:  # a report put together from other runs' (an operator's stages)
+            return text
         notes = []
         if stats.cached_tokens and price.cached_input is not None:
             saved = stats.cached_tokens * (price.input - price.cached_input) / 1e6

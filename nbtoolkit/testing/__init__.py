@@ -36,6 +36,7 @@ from nbtoolkit.testing._gemini import GeminiServer
 from nbtoolkit.testing._lengths import CompletionLengths
 from nbtoolkit.testing._ratelimit import HEADER_FAMILIES, HeaderFamily, RateLimit
 from nbtoolkit.testing._scripted import RecordedRequest, ScriptedServer
+from nbtoolkit.testing._semantic import SemanticRules
 from nbtoolkit.testing._server import ChatServer
 from nbtoolkit.testing._structured import StructuredFaults, schema_instance
 
@@ -56,6 +57,7 @@ __all__ = [
     "Reply",
     "Reset",
     "ScriptedServer",
+    "SemanticRules",
     "Stall",
     "Status",
     "StructuredFaults",

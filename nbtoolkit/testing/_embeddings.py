@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = ["EmbeddingBehaviour", "expected_vector"]
 
 # Builds the server's error reply from (status, message): each server injects its own format.
 ErrorReply = Callable[[int, str], web.Response]
+_KEY_TAG = re.compile(r"\[key=[^\]]+\]")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +48,9 @@ class EmbeddingBehaviour:
             model that cannot shorten them, served by a server that does not say so).
         per_token: answer a ``[tokens, dimensions]`` list per input (three token vectors
             around the text's vector), like llama.cpp's server with an unpooled model.
+        topic: texts that hold the same ``[key=...]`` tag get vectors near one another
+            (the tag's vector plus a small one of the text's own), so a text's nearest
+            neighbours are its true matches (the semantic join's tests).
         seed: varies the vectors and the shuffles.
     """
 
@@ -56,6 +61,7 @@ class EmbeddingBehaviour:
     max_inputs: int | None = None
     ignore_dimensions: bool = False
     per_token: bool = False
+    topic: bool = False
     seed: int = 0
 
 
@@ -67,6 +73,13 @@ def draw(text: str, dimensions: int, seed: int) -> npt.NDArray[np.float64]:
     """
     raw = hashlib.shake_128(f"{seed}\0{text}".encode()).digest(2 * dimensions)
     return np.round(np.frombuffer(raw, dtype="<i2") / 16384.0, 6)
+
+
+def _topic_vector(text: str, dimensions: int, seed: int, topic: bool) -> npt.NDArray[np.float64]:
+    key = _KEY_TAG.search(text) if topic else None
+    if key is None:
+        return draw(text, dimensions, seed)
+    return np.round(draw(key.group(0), dimensions, seed) + 0.15 * draw(text, dimensions, seed), 6)
 
 
 def expected_vector(text: str, dimensions: int = 8, *, seed: int = 0) -> npt.NDArray[np.float32]:
@@ -128,7 +141,7 @@ def answer(
         return error(400, f"dimensions must be a positive integer, got {dimensions!r}"), None
     data = []
     for position, text in enumerate(inputs):
-        vector = draw(text, dimensions, behaviour.seed)
+        vector = _topic_vector(text, dimensions, behaviour.seed, behaviour.topic)
         embedding: Any = vector.tolist()
         if behaviour.per_token:
             embedding = [(vector - 0.25).tolist(), embedding, (vector + 0.25).tolist()]

@@ -51,6 +51,7 @@ from nbtoolkit.testing._embeddings import EmbeddingBehaviour
 from nbtoolkit.testing._lengths import CompletionLengths, SizedAnswers
 from nbtoolkit.testing._ratelimit import RateLimit, Rejection, duration, seconds_header
 from nbtoolkit.testing._scripted import Exchange, ScriptedServer, text_of, tokens
+from nbtoolkit.testing._semantic import SemanticRules
 from nbtoolkit.testing._structured import StructuredFaults
 
 __all__ = ["ChatServer"]
@@ -128,6 +129,7 @@ class ChatServer(ScriptedServer):
         batch: BatchBehaviour | None = None,
         structured: StructuredFaults | None = None,
         lengths: CompletionLengths | None = None,
+        semantic: SemanticRules | None = None,
     ) -> None:
         super().__init__(
             latency=latency,
@@ -141,6 +143,7 @@ class ChatServer(ScriptedServer):
         self.embeddings = embeddings or EmbeddingBehaviour()
         self._responder = responder or echo
         self._structured = structured
+        self._semantic = semantic
         self._models = None if model_names is None else tuple(model_names)
         self._ids = itertools.count(1)
         self.batch = BatchAPI(
@@ -248,6 +251,12 @@ class ChatServer(ScriptedServer):
         model = request.match_info.get("deployment") or body.get("model", "test-model")
         messages = body.get("messages")
         messages = messages if isinstance(messages, list) else []
+        if self._semantic is not None and action.text is None:
+            too_long = self._semantic.too_long(messages)
+            if too_long is not None:
+                return _error(400, too_long, type_=_INVALID, err_code="context_length_exceeded")
+            text, logprobs = self._semantic.answer(model, messages, body)
+            return self._completion(model, messages, text, logprobs=logprobs)
         shaped = _structured.answer(body, self._structured) if action.text is None else None
         if shaped is not None:
             return self._completion(model, messages, shaped.text, *shaped[1:])
@@ -322,6 +331,7 @@ class ChatServer(ScriptedServer):
         refusal: str | None = None,
         *,
         usage: dict[str, Any] | None = None,
+        logprobs: dict[str, Any] | None = None,
     ) -> web.Response:
         prompt_tokens = sum(
             tokens(text_of(m.get("content"))) for m in messages if isinstance(m, dict)
@@ -340,7 +350,14 @@ class ChatServer(ScriptedServer):
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": logprobs,
+                    "finish_reason": finish_reason,
+                }
+            ],
             "usage": usage,
         }
         return web.json_response(body)
