@@ -344,10 +344,14 @@ def test_a_query_in_the_url_keeps_batch_and_complete_answers_shared(server: Chat
 @pytest.mark.parametrize("value", [None, 0, 1, "yes"])
 def test_batch_takes_only_true_false_or_options(server: ChatServer, value: object) -> None:
     """complete(batch=None / 0 / 1 / "yes") is a ConfigError with nothing sent: only True
-    or a BatchOptions start a Batch API job, and False (the default) runs live."""
+    or a BatchOptions start a Batch API job, and False (the default) runs live;
+    submit_batch(batch=...) takes only a BatchOptions."""
     with pytest.raises(nbtoolkit.ConfigError, match="batch= takes True"):
         small(2).chat.complete("q", **settings(server), batch=value)
     assert server.request_count == 0 and server.batch.uploads == 0
+    with pytest.raises(nbtoolkit.ConfigError, match="BatchOptions"):
+        small(2).chat.submit_batch("q", **settings(server), batch=value or True)
+    assert server.batch.uploads == 0
     small(2).chat.complete("q", **settings(server), batch=False)
     assert server.request_count == 2 and server.batch.uploads == 0
 
@@ -477,3 +481,26 @@ def test_row_sources_and_batch_kinds_are_the_documented_ones() -> None:
     report = report[: report.index("\n#")]
     assert all(f"`{source}`" in report for source in SOURCES)
     assert all(f"`{kind}`" in report for kind in BATCH_KINDS)
+
+
+def test_batch_calls_retry_like_rows_but_a_create_only_after_a_429(tmp_path: Path) -> None:
+    """A 503 on a status check and a 429 on create are retried under the run's RetryPolicy;
+    a 500 on create is not (the batch may exist: creating it again would pay twice), and
+    the part stays unsent until the same call is run again."""
+    cache = tmp_path / "c.sqlite3"
+    retried = BatchBehaviour(statuses={"create": (429,), "status": (503, 503)})
+    with ChatServer(batch=retried).run_in_thread() as server:
+        job = small(3).chat.submit_batch("q", **settings(server), cache=cache, batch=FAST)
+        assert job.result()["response"].notna().all()
+        assert server.batch.calls["create"] == 2 and server.batch.batches_created == 1
+        assert server.batch.calls["status"] >= 3  # two 503s, then answers
+    refused = BatchBehaviour(statuses={"create": (500,)})
+    with ChatServer(batch=refused).run_in_thread() as server:
+        df = small(4)
+        with pytest.raises(nbtoolkit.ServerError, match="500"):
+            df.chat.submit_batch("q", **settings(server), cache=cache, batch=FAST)
+        assert (server.batch.calls["create"], server.batch.batches_created) == (1, 0)
+        assert "unsent" in set(nbtoolkit.batch_jobs(cache)["status"])
+        job = df.chat.submit_batch("q", **settings(server), cache=cache, batch=FAST)
+        assert (server.batch.uploads, server.batch.batches_created) == (2, 1)
+        assert job.result()["response"].notna().all()

@@ -38,6 +38,8 @@ class PartState:
     total: int | None
     completed: int
     failed: int
+    # Where the results are, for the provider's own `results`: OpenAI's file ids; another
+    # provider may keep a results URL here.
     output_file_id: str | None
     error_file_id: str | None
     errors: str | None  # why the server failed the batch (validation), if it did

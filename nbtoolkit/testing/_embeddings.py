@@ -48,7 +48,8 @@ class EmbeddingBehaviour:
             model that cannot shorten them, served by a server that does not say so).
         per_token: answer a ``[tokens, dimensions]`` list per input (three token vectors
             around the text's vector), like llama.cpp's server with an unpooled model.
-        topic: texts that hold the same ``[key=...]`` tag get vectors near one another
+        topic: texts that hold the same ``[key=...]`` tag (or, given a regex, the same match
+            of it) get vectors near one another
             (the tag's vector plus a small one of the text's own), so a text's nearest
             neighbours are its true matches (the semantic join's tests).
         seed: varies the vectors and the shuffles.
@@ -61,7 +62,7 @@ class EmbeddingBehaviour:
     max_inputs: int | None = None
     ignore_dimensions: bool = False
     per_token: bool = False
-    topic: bool = False
+    topic: bool | str = False
     seed: int = 0
 
 
@@ -75,8 +76,11 @@ def draw(text: str, dimensions: int, seed: int) -> npt.NDArray[np.float64]:
     return np.round(np.frombuffer(raw, dtype="<i2") / 16384.0, 6)
 
 
-def _topic_vector(text: str, dimensions: int, seed: int, topic: bool) -> npt.NDArray[np.float64]:
-    key = _KEY_TAG.search(text) if topic else None
+def _topic_vector(
+    text: str, dimensions: int, seed: int, topic: bool | str
+) -> npt.NDArray[np.float64]:
+    pattern = _KEY_TAG if topic is True else re.compile(topic) if topic else None
+    key = pattern.search(text) if pattern is not None else None
     if key is None:
         return draw(text, dimensions, seed)
     return np.round(draw(key.group(0), dimensions, seed) + 0.15 * draw(text, dimensions, seed), 6)

@@ -4,10 +4,10 @@
 (``df.chat.filter``, ``join``, ``top_k``, ``aggregate``) by rules, not by hashes:
 
 - **Yes or no.** A text is a match when it holds ``marker``, or when it holds two or more
-  ``[key=...]`` tags that are all equal (a pair of rows, for a join). A request whose JSON
-  Schema asks for ``{"answer": boolean}`` gets that answer; one that asks for ``logprobs``
-  also gets the token log-probabilities of ``true`` and ``false``, as OpenAI, vLLM and
-  llama.cpp send them.
+  ``[key=...]`` tags (matches of ``key_pattern``) that are all equal (a pair, for a join).
+  A request whose JSON Schema asks for ``{"answer": boolean}`` gets that answer; one that
+  asks for ``logprobs`` also gets the token log-probabilities of ``true`` and ``false``,
+  as OpenAI, vLLM and llama.cpp send them.
 - **A cheap model.** For the model named ``cheap_model`` the answer is wrong on a seeded share
   ``cheap_error_rate`` of texts, and its confidence there is low (``cheap_unsure``); on a
   further share ``cheap_unsure_rate`` it is right but as unsure. Elsewhere it is sure.
@@ -19,8 +19,8 @@
 - **A context window.** A request whose messages hold more than ``context_tokens`` tokens
   (four characters a token) gets OpenAI's 400 ``context_length_exceeded``.
 
-Embeddings (`EmbeddingBehaviour(topic=...)`): texts that share a ``[key=...]`` tag get vectors
-near one another, so their nearest neighbours are the true matches.
+Embeddings (`EmbeddingBehaviour(topic=True)`, or a pattern): texts that share a key get
+vectors near one another, so their nearest neighbours are the true matches.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ class SemanticRules:
     cheap_unsure: float = 0.6  # the cheap model's probability for its answer when unsure
     sure: float = 0.99
     context_tokens: int | None = None
+    key_pattern: str = KEY_TAG.pattern  # what makes two texts the same thing (a join's pair)
+    score_pattern: str = SCORE_TAG.pattern  # where a text's score is (top_k)
     logprobs: bool = True  # False: a server that sends none even when asked
     seed: int = 0
 
@@ -81,7 +83,7 @@ class SemanticRules:
         text = _user_text(messages)
         properties = _schema_properties(body.get("response_format"))
         if "score" in properties:
-            return json.dumps({"score": score_of(text)}), None
+            return json.dumps({"score": score_of(text, self.score_pattern)}), None
         if "answer" in properties:
             truth, probability = self.judge(str(model), text)
             reply = json.dumps({"answer": truth})
@@ -93,7 +95,7 @@ class SemanticRules:
 
     def judge(self, model: str, text: str) -> tuple[bool, float]:
         """The answer a model gives about ``text`` and the probability it puts on it."""
-        truth = matches(text, self.marker)
+        truth = matches(text, self.marker, self.key_pattern)
         if model != self.cheap_model:
             return truth, self.sure
         draw = _draw(self.seed, text)
@@ -104,17 +106,17 @@ class SemanticRules:
         return truth, self.sure
 
 
-def matches(text: str, marker: str) -> bool:
-    """The rule's answer: ``marker`` in the text, or two or more equal ``[key=...]`` tags."""
+def matches(text: str, marker: str, key_pattern: str = KEY_TAG.pattern) -> bool:
+    """The rule's answer: ``marker`` in the text, or two or more equal keys (``[key=...]``)."""
     if marker in text:
         return True
-    keys = KEY_TAG.findall(text)
+    keys = re.findall(key_pattern, text)
     return len(keys) >= 2 and len(set(keys)) == 1
 
 
-def score_of(text: str) -> float:
-    """The number in the text's ``[score=N]`` tag, 0 without one."""
-    found = SCORE_TAG.search(text)
+def score_of(text: str, score_pattern: str = SCORE_TAG.pattern) -> float:
+    """The number in the text's ``[score=N]`` tag (or ``score_pattern``'s group), 0 without."""
+    found = re.search(score_pattern, text)
     return float(found.group(1)) if found else 0.0
 
 
