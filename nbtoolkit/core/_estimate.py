@@ -40,10 +40,10 @@ from nbtoolkit.core._rows import RowResult
 from nbtoolkit.core._tokens import TokenCounter, token_counter
 from nbtoolkit.core.endpoints._base import (
     DEFAULT_COMPLETION_TOKENS,
-    ChatEndpoint,
     Endpoint,
     Item,
 )
+from nbtoolkit.core.endpoints._providers import chat_endpoint
 from nbtoolkit.core.store._cache import CACHE_ERRORS, ResponseCache
 from nbtoolkit.errors import ConfigError
 
@@ -246,7 +246,7 @@ async def estimate_run(
     config = config.resolved()
     if not config.model:
         raise ConfigError("no model: pass model='...' or set it with nbtoolkit.configure()")
-    endpoint = endpoint or ChatEndpoint({"model": config.model, **config.params})
+    endpoint = endpoint or chat_endpoint(config)
     survey = _survey(config, endpoint, requests)
     counter = token_counter(config.model)
     counts = [counter.count(item) for item in survey.items]

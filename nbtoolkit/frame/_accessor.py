@@ -253,7 +253,7 @@ class _ChatAccessorBase(SemanticMethods):
             RunInterrupted: Ctrl-C or the stop button; ``.partial`` holds the rows that
                 finished.
         """
-        from nbtoolkit.core.endpoints._embeddings import EmbeddingEndpoint
+        from nbtoolkit.core.endpoints._providers import embedding_endpoint
         from nbtoolkit.frame._vectors import embedding_writer
 
         check_pilot(pilot, dry_run)
@@ -281,8 +281,8 @@ class _ChatAccessorBase(SemanticMethods):
         body = body_fields(params, method="embed")
         if not isinstance(output, str) or not output:
             raise ConfigError(f"output must be a column name, got {output!r}")
-        endpoint = EmbeddingEndpoint(
-            model=settings.model or "",
+        endpoint = embedding_endpoint(
+            settings.resolved(),
             dimensions=dimensions,
             batch_size=batch_size,
             max_batch_tokens=max_batch_tokens,

@@ -100,7 +100,7 @@ class RunReport:
             f"({statuses or 'none'}){cap}, {stats.cache_hits} cache hits, "
             f"{stats.duplicates} duplicates, {stats.retries} retries, "
             f"{stats.statuses.get('429', 0)} rate-limited; "
-            f"{stats.prompt_tokens + stats.completion_tokens:,} tokens{cost}; "
+            f"{stats.prompt_tokens + stats.completion_tokens:,} tokens{_cached(stats)}{cost}; "
             f"{stats.wall_seconds:.1f} s{self._estimate_text()}{notes}"
         )
 
@@ -112,17 +112,9 @@ class RunReport:
         price = self.price
         if price is None:  # a report put together from other runs' (an operator's stages)
             return text
-        notes = []
-        if stats.cached_tokens and price.cached_input is not None:
-            saved = stats.cached_tokens * (price.input - price.cached_input) / 1e6
-            if self.rows["source"].eq("batch").any():
-                saved *= price.batch_discount
-            notes.append(
-                f"{stats.cached_tokens:,} cached prompt tokens saved {format_money(saved)}"
-            )
         if self.rows["source"].eq("batch").any():
-            notes.append(f"Batch price, {price.batch_discount:g} of the list price")
-        return text + (f" ({'; '.join(notes)})" if notes else "")
+            text += f" (Batch price, {price.batch_discount:g} of the list price)"
+        return text
 
     def _estimate_text(self) -> str:
         estimate, error = self.estimate, self.estimate_error
@@ -138,6 +130,14 @@ class RunReport:
 
     def __repr__(self) -> str:
         return f"<RunReport {self.summary()}>"
+
+
+def _cached(stats: RunStats) -> str:
+    """`` (1,234 cached, saved 0.0123)``: prompt tokens the provider's prompt cache served."""
+    if not stats.cached_tokens:
+        return ""
+    saved = f", saved {stats.cache_saved:.4f}" if stats.cache_saved is not None else ""
+    return f" ({stats.cached_tokens:,} cached{saved})"
 
 
 def rows_frame(
