@@ -344,10 +344,14 @@ def test_a_query_in_the_url_keeps_batch_and_complete_answers_shared(server: Chat
 @pytest.mark.parametrize("value", [None, 0, 1, "yes"])
 def test_batch_takes_only_true_false_or_options(server: ChatServer, value: object) -> None:
     """complete(batch=None / 0 / 1 / "yes") is a ConfigError with nothing sent: only True
-    or a BatchOptions start a Batch API job, and False (the default) runs live."""
+    or a BatchOptions start a Batch API job, and False (the default) runs live;
+    submit_batch(batch=...) takes only a BatchOptions."""
     with pytest.raises(nbtoolkit.ConfigError, match="batch= takes True"):
         small(2).chat.complete("q", **settings(server), batch=value)
     assert server.request_count == 0 and server.batch.uploads == 0
+    with pytest.raises(nbtoolkit.ConfigError, match="BatchOptions"):
+        small(2).chat.submit_batch("q", **settings(server), batch=value or True)
+    assert server.batch.uploads == 0
     small(2).chat.complete("q", **settings(server), batch=False)
     assert server.request_count == 2 and server.batch.uploads == 0
 
@@ -447,16 +451,16 @@ def test_batch_errors_never_show_the_key_a_header_or_a_query_secret(tmp_path: Pa
 
 
 def test_a_large_upload_gets_a_timeout_sized_for_the_file() -> None:
-    """A 4 MB upload the server takes 1 s to accept succeeds at once under a 0.5 s request
-    timeout: an upload gets the request's timeout plus a second per MB."""
-    slow = ChatServer(batch=BatchBehaviour(upload_delay=1.0))
+    """A 4 MB upload the server takes 3 s to accept succeeds at the first try under a 2 s
+    request timeout: an upload gets the request's timeout plus a second per MB."""
+    slow = ChatServer(batch=BatchBehaviour(upload_delay=3.0))
     with slow.run_in_thread() as running:
         df = pd.DataFrame({"q": [f"{i} " + "x" * 10_000 for i in range(400)]})
         job = df.chat.submit_batch(
-            "q", **settings(running), timeout=Timeouts(total=0.5), batch=FAST
+            "q", **settings(running), timeout=Timeouts(total=2.0), batch=FAST
         )
         assert len(running.batch.headers_seen) >= 2  # the upload, then the create
-        assert running.batch.uploads == 1 and running.batch.batches_created == 1
+        assert running.batch.calls["upload"] == 1 and running.batch.batches_created == 1
         (batch,) = running.batch.batches.values()
         assert len(running.batch.files[batch.input_file_id]) > 4_000_000
         assert job.result()["response"].notna().all()
@@ -477,3 +481,26 @@ def test_row_sources_and_batch_kinds_are_the_documented_ones() -> None:
     report = report[: report.index("\n#")]
     assert all(f"`{source}`" in report for source in SOURCES)
     assert all(f"`{kind}`" in report for kind in BATCH_KINDS)
+
+
+def test_batch_calls_retry_like_rows_but_a_create_only_after_a_429(tmp_path: Path) -> None:
+    """A 503 on a status check and a 429 on create are retried under the run's RetryPolicy;
+    a 500 on create is not (the batch may exist: creating it again would pay twice), and
+    the part stays unsent until the same call is run again."""
+    cache = tmp_path / "c.sqlite3"
+    retried = BatchBehaviour(statuses={"create": (429,), "status": (503, 503)})
+    with ChatServer(batch=retried).run_in_thread() as server:
+        job = small(3).chat.submit_batch("q", **settings(server), cache=cache, batch=FAST)
+        assert job.result()["response"].notna().all()
+        assert server.batch.calls["create"] == 2 and server.batch.batches_created == 1
+        assert server.batch.calls["status"] >= 3  # two 503s, then answers
+    refused = BatchBehaviour(statuses={"create": (500,)})
+    with ChatServer(batch=refused).run_in_thread() as server:
+        df = small(4)
+        with pytest.raises(nbtoolkit.ServerError, match="500"):
+            df.chat.submit_batch("q", **settings(server), cache=cache, batch=FAST)
+        assert (server.batch.calls["create"], server.batch.batches_created) == (1, 0)
+        assert "unsent" in set(nbtoolkit.batch_jobs(cache)["status"])
+        job = df.chat.submit_batch("q", **settings(server), cache=cache, batch=FAST)
+        assert (server.batch.uploads, server.batch.batches_created) == (2, 1)
+        assert job.result()["response"].notna().all()
