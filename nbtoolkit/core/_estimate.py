@@ -148,9 +148,9 @@ class CostEstimate:
             ("completion tokens", *_span_cells(completion, _n), self.completion_basis),
         ]  # fmt: skip
         if self.cost is None:
-            rows.append(("cost", PRICE_UNKNOWN, PRICE_UNKNOWN, PRICE_UNKNOWN, _price_note(self)))
+            rows.append(("cost", PRICE_UNKNOWN, PRICE_UNKNOWN, PRICE_UNKNOWN, price_note(self)))
         else:
-            rows.append(("cost", *_span_cells(self.cost, format_money), _price_note(self)))
+            rows.append(("cost", *_span_cells(self.cost, format_money), price_note(self)))
         wall = "unknown" if self.wall_seconds is None else _duration(self.wall_seconds)
         rows.append(("wall time", "", wall, "", self.wall_basis))
         if self.pilot is not None:
@@ -560,7 +560,8 @@ def _wall_time(
     return max(waits)
 
 
-def _price_note(estimate: CostEstimate) -> str:
+def price_note(estimate: CostEstimate) -> str:
+    """Where the estimate's prices come from, or what to pass when there are none."""
     price = estimate.price
     if price is None:
         return (
