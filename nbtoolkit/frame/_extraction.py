@@ -89,7 +89,7 @@ def structured_endpoint(
         schema,
         structured=structured,  # type: ignore[arg-type]  # checked just above
         validation_retries=validation_retries,
-        base_url=str(resolved.base_url),
+        url=resolved.key_url("/chat/completions"),
     )
 
 

@@ -780,7 +780,7 @@ class ChatServer:
 
         refused = _structured.rejection(body, self._structured)
         if refused is not None:
-            response = _error(500, refused, type_="internal_server_error", err_code=None)
+            response = _error(refused.status, refused.message, type_=refused.type, err_code=None)
             return await self._send(request, ex, response)
         action, ex.attempt = self._next_action(ex.prompt)
         if isinstance(action, Reset):
