@@ -7,6 +7,7 @@ process-wide config (`nbtoolkit.configure(...)`), and the keyword arguments of o
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ import platformdirs
 from nbtoolkit.errors import ConfigError
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-_LOOPBACK_HOSTS = frozenset({"localhost", "::1", "0.0.0.0"})
+# Query parameters that are never secret, shown as they are in a repr.
+_PLAIN_QUERY = frozenset({"api-version"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +109,19 @@ class ChatConfig:
     # Extra request-body fields sent with every request (temperature, seed, ...).
     params: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        # By hand, not the dataclass's: base_url and azure_endpoint may carry a key in their
+        # query (some gateways take it there), shown masked; the repr=False fields not at all.
+        shown = []
+        for spec in dataclasses.fields(self):
+            if not spec.repr:
+                continue
+            value = getattr(self, spec.name)
+            if spec.name in ("base_url", "azure_endpoint") and isinstance(value, str):
+                value = masked_url(value)
+            shown.append(f"{spec.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
     def __post_init__(self) -> None:
         for name in ("headers", "query"):
             mapping = getattr(self, name)
@@ -171,8 +186,7 @@ class ChatConfig:
     def use_proxy_env(self) -> bool:
         """Follow HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as the openai SDK does, except on
         loopback: a local server is never reached through a proxy."""
-        host = urlsplit(self._root()[0]).hostname or ""
-        return host not in _LOOPBACK_HOSTS and not host.startswith("127.")
+        return not is_loopback(urlsplit(self._root()[0]).hostname)
 
     def url(self, path: str) -> str:
         """The full URL of an API path (``"/chat/completions"``, ``"/embeddings"``).
@@ -214,6 +228,35 @@ class ChatConfig:
                 headers["Authorization"] = f"Bearer {self.api_key}"
         headers.update(self.headers)
         return headers
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for a host on this machine: ``localhost``, 127.0.0.0/8, ``::1``, or ``0.0.0.0``
+    (which clients connect to as this machine). The one test of "local" in the package: the
+    proxy bypass and the response cache's port-free scope both ask it."""
+    if not host:
+        return False
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
+def masked_url(url: str) -> str:
+    """``url`` with each query value but ``api-version`` shown as ``***``: a key some gateways
+    take in the query must not reach a repr, a message or a log."""
+    parts = urlsplit(url)
+    if not parts.query:
+        return url
+    query = [
+        (name, value if name in _PLAIN_QUERY else "***")
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+    ]
+    return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
 
 
 def _is_azure_url_complete(endpoint: str) -> bool:

@@ -40,6 +40,7 @@ class Budget:
         self._reserved_cost = 0.0
         self._reservations = 0  # requests reserved and not yet settled
         self._released: asyncio.Event | None = None  # made on first wait: bound to its loop
+        self._refused_by: str | None = None  # the limit that refused the last request
 
     @property
     def limited(self) -> bool:
@@ -76,8 +77,10 @@ class Budget:
         if self.max_tokens_total is not None and (
             self.tokens + self._reserved_tokens + tokens > self.max_tokens_total
         ):
+            self._refused_by = "max_tokens_total"
             return False
         if self.max_cost is not None and self.cost + self._reserved_cost + cost > self.max_cost:
+            self._refused_by = "max_cost"
             return False
         self._reserved_tokens += tokens
         self._reserved_cost += cost
@@ -97,6 +100,7 @@ class Budget:
         self.cost += self.price(prompt_tokens, completion_tokens, cached_tokens) or 0.0
 
     def reason(self) -> str:
-        if self.max_cost is not None:
+        """Why a request was refused: the limit that refused it (the last refusal's)."""
+        if self._refused_by == "max_cost" or self.max_tokens_total is None:
             return f"max_cost={self.max_cost:g} reached (spent {self.cost:.4f})"
         return f"max_tokens_total={self.max_tokens_total} reached (spent {self.tokens:.0f})"

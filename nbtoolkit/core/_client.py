@@ -67,8 +67,13 @@ async def post_json(
     *,
     headers: Mapping[str, str],
     timeout: aiohttp.ClientTimeout,
+    redact: Redactor | None = None,
 ) -> Reply:
     """Send one request (``payload``: the JSON body, encoded) and return its 2xx reply.
+
+    ``redact`` scrubs the request's secrets from error texts; default: one built from
+    ``url`` and ``headers`` when an error needs it. A 2xx body comes back as it is: its
+    parser's errors are the caller's to scrub (`Redactor.error`).
 
     Raises:
         APIError: (a subclass per status) the server answered with an error status.
@@ -81,11 +86,13 @@ async def post_json(
             status = reply.status
             reply_headers = reply.headers
     except (TimeoutError, aiohttp.ClientError) as exc:
-        raise _transport_error(exc, url, headers, timeout, started) from exc
+        redact = redact or Redactor(url, headers)
+        raise _transport_error(exc, redact, timeout, started) from exc
     text = raw.decode("utf-8", errors="replace")
     limits = ServerLimits.from_headers(reply_headers)
     if status >= 300:
-        raise _status_error(status, text, url, headers, reply_headers, limits)
+        redact = redact or Redactor(url, headers)
+        raise _status_error(status, text, redact, reply_headers, limits)
     return Reply(text, limits)
 
 
@@ -116,18 +123,17 @@ async def send(
             status = reply.status
             reply_headers = reply.headers
     except (TimeoutError, aiohttp.ClientError) as exc:
-        raise _transport_error(exc, url, headers, timeout, started) from exc
+        raise _transport_error(exc, Redactor(url, headers), timeout, started) from exc
     text = raw.decode("utf-8", errors="replace")
     limits = ServerLimits.from_headers(reply_headers)
     if status >= 300:
-        raise _status_error(status, text, url, headers, reply_headers, limits)
+        raise _status_error(status, text, Redactor(url, headers), reply_headers, limits)
     return Reply(text, limits)
 
 
 def _transport_error(
     exc: BaseException,
-    url: str,
-    headers: Mapping[str, str],
+    redact: Redactor,
     timeout: aiohttp.ClientTimeout,
     started: float,
 ) -> TransportError:
@@ -143,7 +149,7 @@ def _transport_error(
     # str(exc) names the host and the OS error, never the request headers; some errors
     # name the URL, whose query may hold a key.
     return TransportError(
-        _redact(f"{type(exc).__name__}: {exc}", url, headers),
+        redact(f"{type(exc).__name__}: {exc}"),
         elapsed=time.monotonic() - started,
     )
 
@@ -151,14 +157,13 @@ def _transport_error(
 def _status_error(
     status: int,
     text: str,
-    url: str,
-    headers: Mapping[str, str],
+    redact: Redactor,
     reply_headers: Mapping[str, str],
     limits: ServerLimits | None,
 ) -> APIError:
     # Some proxies echo the key (or any header) in error bodies: never let it reach a
     # message, a traceback or the run report.
-    error = error_for_status(status, _redact(text, url, headers), reply_headers)
+    error = error_for_status(status, redact(text), reply_headers)
     error.limits = limits
     return error
 
@@ -218,22 +223,42 @@ _PLAIN_HEADERS = frozenset({"content-type", "accept", "user-agent"})
 _SHORTEST_SECRET = 8
 
 
+class Redactor:
+    """Replaces the secrets a request carries (the key, other header values, query values)
+    by ``***`` in any text about it: an error body, a 2xx body that is not what was expected,
+    a transport error naming the URL. Built once per run: the secrets do not change.
+    """
+
+    def __init__(self, url: str, headers: Mapping[str, str]) -> None:
+        secrets = set()
+        for name, value in headers.items():
+            lowered = name.lower()
+            if lowered in _PLAIN_HEADERS:
+                continue
+            value = value.removeprefix("Bearer ").strip()
+            if len(value) >= (4 if lowered in ("authorization", "api-key") else _SHORTEST_SECRET):
+                secrets.add(value)
+        for name, value in parse_qsl(urlsplit(url).query):
+            if name != "api-version" and len(value) >= _SHORTEST_SECRET:
+                secrets.add(value)
+        # Longest first: a key before any part of it.
+        self._secrets = sorted(secrets, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def error(self, error: BaseException) -> BaseException:
+        """``error`` with its message scrubbed (in place, keeping its type and attributes)."""
+        if self._secrets and error.args:
+            error.args = tuple(self(a) if isinstance(a, str) else a for a in error.args)
+        return error
+
+
 def _redact(text: str, url: str, headers: Mapping[str, str]) -> str:
     """``text`` with the key, header values and query values replaced by ``***``."""
-    secrets = set()
-    for name, value in headers.items():
-        lowered = name.lower()
-        if lowered in _PLAIN_HEADERS:
-            continue
-        value = value.removeprefix("Bearer ").strip()
-        if len(value) >= (4 if lowered in ("authorization", "api-key") else _SHORTEST_SECRET):
-            secrets.add(value)
-    for name, value in parse_qsl(urlsplit(url).query):
-        if name != "api-version" and len(value) >= _SHORTEST_SECRET:
-            secrets.add(value)
-    for secret in sorted(secrets, key=len, reverse=True):  # a key before any part of it
-        text = text.replace(secret, "***")
-    return text
+    return Redactor(url, headers)(text)
 
 
 def _server_message(text: str) -> str:

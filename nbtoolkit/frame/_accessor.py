@@ -35,9 +35,10 @@ from nbtoolkit.frame._options import RunOptions, body_fields
 from nbtoolkit.frame._prompts import chat_requests, row_prompts
 from nbtoolkit.frame._run import Plan, blocking, run_plan
 from nbtoolkit.frame._writers import text_writer
+from nbtoolkit.frame.semantic._methods import FrameSemanticMethods, SemanticMethods
 
 
-class _ChatAccessorBase:
+class _ChatAccessorBase(SemanticMethods):
     """Shared by the DataFrame and Series accessors; keeps no state between calls."""
 
     def _frame(self) -> pd.DataFrame:
@@ -276,6 +277,11 @@ class _ChatAccessorBase:
         return await run_plan(plan)
 
     embed = blocking(aembed)
+
+    # The semantic operators (frame/semantic): their sync twins, as for every a... method.
+    filter = blocking(SemanticMethods.afilter)
+    top_k = blocking(SemanticMethods.atop_k)
+    aggregate = blocking(SemanticMethods.aaggregate)
 
     async def asubmit_batch(
         self,
@@ -551,7 +557,7 @@ class _ChatAccessorBase:
 
 
 @pd.api.extensions.register_dataframe_accessor("chat")
-class ChatAccessor(_ChatAccessorBase):
+class ChatAccessor(_ChatAccessorBase, FrameSemanticMethods):
     """``df.chat``: chat completions over the rows of a DataFrame."""
 
     def __init__(self, frame: pd.DataFrame) -> None:
@@ -565,6 +571,8 @@ class ChatAccessor(_ChatAccessorBase):
 
     def _default_column(self) -> str | None:
         return None
+
+    join = blocking(FrameSemanticMethods.ajoin)
 
 
 @pd.api.extensions.register_series_accessor("chat")

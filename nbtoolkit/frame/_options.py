@@ -129,6 +129,36 @@ METHOD_OPTIONS: Final[Mapping[str, tuple[str, ...]]] = {
         *(n for n in RUN_OPTIONS if n != "model"),
     ),
     "submit_batch": ("column", "template", "system", "output", *BATCH_RUN_OPTIONS, "batch"),
+    # The semantic operators (frame/semantic).
+    "filter": (
+        "template",
+        "column",
+        "system",
+        "keep",
+        "cheap_model",
+        "sample",
+        "agreement",
+        "sample_seed",
+        *RUN_OPTIONS,
+    ),
+    "top_k": ("k", "template", "column", "system", "output", *RUN_OPTIONS),
+    "aggregate": ("template", "column", "by", "system", "context_tokens", "output", *RUN_OPTIONS),
+    "join": (
+        "right",
+        "template",
+        "embed_model",
+        "candidates",
+        "max_pairs",
+        "left_on",
+        "right_on",
+        "suffixes",
+        "system",
+        "cheap_model",
+        "sample",
+        "agreement",
+        "sample_seed",
+        *RUN_OPTIONS,
+    ),
 }
 # Settings a call cannot change, only `nbtoolkit.configure` or a `ChatConfig`: ChatConfig
 # fields no method takes, and merge()'s flat retry_* / timeout_* forms.

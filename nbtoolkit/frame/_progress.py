@@ -33,6 +33,7 @@ class ProgressBar:
         self._last_update = 0.0
         self._unshown = 0
         self._waiting = ""
+        self._note = ""
         self._waiting_until = 0.0
         self.tokens = 0
         self._started = time.monotonic()
@@ -62,6 +63,14 @@ class ProgressBar:
             self._bar.update(self._unshown)
             self._unshown = 0
 
+    def show(self, *, ok: int, failed: int, note: str) -> None:
+        """Counts kept elsewhere (a batch job's, as its server reports them), shown as they are."""
+        self.ok, self.failed, self._note = ok, failed, note
+        if self._enabled:
+            self._bar.n = ok + failed
+            self._bar.postfix = self._counts()
+            self._bar.refresh()
+
     def row_retried(self) -> None:
         self.retried += 1
 
@@ -83,6 +92,8 @@ class ProgressBar:
 
     def _counts(self) -> str:
         text = f"ok={self.ok}, failed={self.failed}, retried={self.retried}"
+        if self._note:
+            text = f"{self._note}, {text}"
         if self.skipped:
             text += f", skipped={self.skipped}"
         if self.tokens:

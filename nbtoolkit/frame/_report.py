@@ -38,12 +38,14 @@ class RunReport:
         rows: one row per input row, same index and order, columns ``ROW_COLUMNS``.
         stats: requests sent, retries, statuses seen, wall time.
         outcome: "finished", "aborted" or "interrupted".
+        notes: lines an operator adds to the summary (its stages, what decided the rows).
     """
 
     output: Any
     rows: pd.DataFrame
     stats: RunStats
     outcome: str
+    notes: tuple[str, ...] = ()
 
     @property
     def errors(self) -> pd.DataFrame:
@@ -67,13 +69,14 @@ class RunReport:
         cost = f", cost {stats.cost:.4f}" if stats.cost is not None else ""
         capped = stats.items_per_request
         cap = f" (cut to {capped} rows each: the server refused larger ones)" if capped else ""
+        notes = "".join(f"\n{note}" for note in self.notes)
         return (
             f"{self.outcome}: {', '.join(parts)}; {stats.requests_sent} requests "
             f"({statuses or 'none'}){cap}, {stats.cache_hits} cache hits, "
             f"{stats.duplicates} duplicates, {stats.retries} retries, "
             f"{stats.statuses.get('429', 0)} rate-limited; "
             f"{stats.prompt_tokens + stats.completion_tokens:,} tokens{cost}; "
-            f"{stats.wall_seconds:.1f} s"
+            f"{stats.wall_seconds:.1f} s{notes}"
         )
 
     def __repr__(self) -> str:

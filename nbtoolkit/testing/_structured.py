@@ -81,7 +81,7 @@ class Shaped(NamedTuple):
     refusal: str | None = None
 
 
-class Rejection(NamedTuple):
+class Refusal(NamedTuple):
     """An error reply to a request the server will not take."""
 
     status: int
@@ -89,20 +89,20 @@ class Rejection(NamedTuple):
     type: str
 
 
-def rejection(body: Mapping[str, Any], faults: StructuredFaults | None) -> Rejection | None:
+def rejection(body: Mapping[str, Any], faults: StructuredFaults | None) -> Refusal | None:
     """The error reply for a request this server will not take, or None."""
     rf = body.get("response_format")
     if faults is None or not isinstance(rf, Mapping):
         return None
     kind = rf.get("type")
     if kind == "json_schema" and faults.reject_json_schema:
-        return Rejection(500, LLAMA_CPP_REFUSAL, "internal_server_error")
+        return Refusal(500, LLAMA_CPP_REFUSAL, "internal_server_error")
     if kind == "json_schema" and body.get("model") in faults.reject_json_schema_for:
         message = (
             "Invalid parameter: 'response_format' of type 'json_schema' is not supported "
             "with this model."
         )
-        return Rejection(400, message, "invalid_request_error")
+        return Refusal(400, message, "invalid_request_error")
     schema = request_schema(rf, [])
     found = _refused_keyword(schema, faults.refuse_keywords, ()) if schema else None
     if found is not None:
@@ -113,7 +113,7 @@ def rejection(body: Mapping[str, Any], faults: StructuredFaults | None) -> Rejec
             f"Invalid schema for response_format '{name}': In context={context!r}, "
             f"'{keyword}' is not permitted."
         )
-        return Rejection(400, message, "invalid_request_error")
+        return Refusal(400, message, "invalid_request_error")
     return None
 
 
@@ -146,7 +146,26 @@ def answer(body: Mapping[str, Any], faults: StructuredFaults | None) -> Shaped |
     schema = request_schema(body.get("response_format"), messages)
     if schema is None:
         return None
+    user_turns = sum(1 for m in messages if isinstance(m, Mapping) and m.get("role") == "user")
+    reasked = any(isinstance(m, Mapping) and m.get("role") == "assistant" for m in messages)
     row = _first_user_text(messages)
+    return shaped(schema, row, reasked=reasked, user_turns=user_turns, faults=faults)
+
+
+def shaped(
+    schema: Mapping[str, Any],
+    row: str,
+    *,
+    reasked: bool,
+    user_turns: int,
+    faults: StructuredFaults | None,
+) -> Shaped:
+    """The answer to ``row`` under ``schema``, gone wrong as ``faults`` say.
+
+    Args:
+        reasked: the request carries an earlier answer (a re-ask), which gets a valid one.
+        user_turns: the user messages so far: which break an always-invalid row gets.
+    """
     faults = faults or StructuredFaults()
     if row in faults.refuse:
         return Shaped(None, refusal="I can't help with that.")
@@ -154,10 +173,8 @@ def answer(body: Mapping[str, Any], faults: StructuredFaults | None) -> Shaped |
     text = json.dumps(instance)
     if row in faults.truncate:
         return Shaped(text[: len(text) // 2], finish_reason="length")
-    reasked = any(isinstance(m, Mapping) and m.get("role") == "assistant" for m in messages)
     if row in faults.always_invalid:
-        attempt = sum(1 for m in messages if isinstance(m, Mapping) and m.get("role") == "user")
-        return Shaped(broken(instance, BREAKS[(attempt - 1) % len(BREAKS)], schema))
+        return Shaped(broken(instance, BREAKS[(user_turns - 1) % len(BREAKS)], schema))
     how = None if reasked else faults.breaks_first_answer(row)
     return Shaped(text if how is None else broken(instance, how, schema))
 
@@ -211,6 +228,8 @@ def _instance(schema: Any, root: Mapping[str, Any], row: str, name: str) -> Any:
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
+    if isinstance(kind, str):  # Gemini's responseSchema spells types in capitals
+        kind = kind.lower()
     if kind == "object" or "properties" in schema:
         properties = schema.get("properties") or {}
         return {key: _instance(sub, root, row, key) for key, sub in properties.items()}
