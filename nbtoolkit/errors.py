@@ -24,6 +24,7 @@
     └── RunAborted              a systemic failure stopped the run; .partial keeps what finished
 
     RunInterrupted(KeyboardInterrupt)   Ctrl-C or the stop button; .partial keeps what finished
+    ImportInterrupted(KeyboardInterrupt)  Ctrl-C or the stop button during ``import nbtoolkit``
 
 Row-level failures (everything but the last two) never escape a run: the row comes back as
 None and the exception is summarised in the run report. Only `RunAborted` and
@@ -146,6 +147,17 @@ class RunAborted(NbToolkitError):
         super().__init__(message)
         self.partial = partial
         self.cause = cause
+
+    def _render_traceback_(self) -> list[str]:
+        return _one_line(self)
+
+
+class ImportInterrupted(KeyboardInterrupt):
+    """Ctrl-C or the stop button while ``import nbtoolkit`` ran: import it again.
+
+    The interrupt lands wherever the import is (pandas, aiohttp, importlib's frames); its
+    traceback says nothing the user can act on, so IPython shows this one line instead.
+    """
 
     def _render_traceback_(self) -> list[str]:
         return _one_line(self)

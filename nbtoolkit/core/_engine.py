@@ -43,12 +43,11 @@ from nbtoolkit.core._budget import Budget
 from nbtoolkit.core._cachewriter import CacheWriter
 from nbtoolkit.core._client import Redactor, Reply, post_json
 from nbtoolkit.core._limits import RateGovernor, ServerLimits
-from nbtoolkit.core._pricing import config_price
+from nbtoolkit.core._pricing import Price, config_price
 from nbtoolkit.core._retry import GiveUp, RetryAfterOrBackoff, is_retryable, is_systemic
 from nbtoolkit.core._rows import SKIPPED, ProgressListener, RowError, RowResult, RunStats
 from nbtoolkit.core.endpoints._base import (
     Answer,
-    ChatEndpoint,
     Endpoint,
     Item,
     Outcome,
@@ -57,6 +56,7 @@ from nbtoolkit.core.endpoints._base import (
     reasoning_tokens,
     usage_counts,
 )
+from nbtoolkit.core.endpoints._providers import chat_endpoint
 from nbtoolkit.core.store._cache import CachedAnswer, RequestKeys
 from nbtoolkit.errors import (
     APIError,
@@ -157,7 +157,7 @@ class ChatRun:
                 "no model: pass model='...' or set it once with nbtoolkit.configure(model='...')"
             )
         self.config = config
-        self.endpoint: Endpoint = endpoint or ChatEndpoint({"model": config.model, **config.params})
+        self.endpoint: Endpoint = endpoint or chat_endpoint(config)
         self.listener = listener
         # One slot per request pulled so far; None until that row finishes.
         self.results: list[RowResult | None] = []
@@ -258,6 +258,7 @@ class ChatRun:
         finally:
             self.stats.finished = time.monotonic()
             self.stats.cost = self.budget.cost if self.budget.unit_price is not None else None
+            self.stats.cache_saved = _cache_saved(self.budget.unit_price, self.stats.cached_tokens)
             self.stats.limits = self.governor.learned()
             self._cache.close()  # commits what is still waiting for the timer
         if stopped_by is not None:
@@ -761,6 +762,14 @@ class ChatRun:
                 self.results[index] = in_flight if index in self._sending else waiting
 
 
+def _cache_saved(price: Price | None, cached_tokens: int) -> float | None:
+    """What the provider's prompt cache saved: cached tokens at the input price less the
+    cached-input price; None without a price."""
+    if price is None or not cached_tokens:
+        return None
+    return price.cost(cached_tokens, 0) - price.cost(cached_tokens, 0, cached_tokens)
+
+
 def _shared(result: RowResult) -> RowResult:
     return dataclasses.replace(result, attempts=0, source="duplicate")
 
@@ -780,7 +789,10 @@ def _abort_message(error: NbToolkitError, fields: Iterable[str] = ()) -> str:
     """RunAborted's message: what stopped the run, and what to do (``fields``: the request
     body's, for a refusal that names one without saying it is a parameter)."""
     if isinstance(error, AuthError):
-        advice = "check the API key (OPENAI_API_KEY or api_key=) and that it may use this model"
+        advice = (
+            "check the API key (api_key=, or the provider's variable: OPENAI_API_KEY, "
+            "ANTHROPIC_API_KEY, GOOGLE_API_KEY or GEMINI_API_KEY) and that it may use this model"
+        )
     elif isinstance(error, NotFoundError):
         advice = "check base_url (it usually ends in /v1) and the model name"
     elif isinstance(error, TransportError):

@@ -40,10 +40,10 @@ from nbtoolkit.core._rows import RowResult
 from nbtoolkit.core._tokens import TokenCounter, token_counter
 from nbtoolkit.core.endpoints._base import (
     DEFAULT_COMPLETION_TOKENS,
-    ChatEndpoint,
     Endpoint,
     Item,
 )
+from nbtoolkit.core.endpoints._providers import chat_endpoint
 from nbtoolkit.core.store._cache import CACHE_ERRORS, ResponseCache
 from nbtoolkit.errors import ConfigError
 
@@ -148,9 +148,9 @@ class CostEstimate:
             ("completion tokens", *_span_cells(completion, _n), self.completion_basis),
         ]  # fmt: skip
         if self.cost is None:
-            rows.append(("cost", PRICE_UNKNOWN, PRICE_UNKNOWN, PRICE_UNKNOWN, _price_note(self)))
+            rows.append(("cost", PRICE_UNKNOWN, PRICE_UNKNOWN, PRICE_UNKNOWN, price_note(self)))
         else:
-            rows.append(("cost", *_span_cells(self.cost, format_money), _price_note(self)))
+            rows.append(("cost", *_span_cells(self.cost, format_money), price_note(self)))
         wall = "unknown" if self.wall_seconds is None else _duration(self.wall_seconds)
         rows.append(("wall time", "", wall, "", self.wall_basis))
         if self.pilot is not None:
@@ -246,7 +246,7 @@ async def estimate_run(
     config = config.resolved()
     if not config.model:
         raise ConfigError("no model: pass model='...' or set it with nbtoolkit.configure()")
-    endpoint = endpoint or ChatEndpoint({"model": config.model, **config.params})
+    endpoint = endpoint or chat_endpoint(config)
     survey = _survey(config, endpoint, requests)
     counter = token_counter(config.model)
     counts = [counter.count(item) for item in survey.items]
@@ -560,7 +560,8 @@ def _wall_time(
     return max(waits)
 
 
-def _price_note(estimate: CostEstimate) -> str:
+def price_note(estimate: CostEstimate) -> str:
+    """Where the estimate's prices come from, or what to pass when there are none."""
     price = estimate.price
     if price is None:
         return (
