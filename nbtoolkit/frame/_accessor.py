@@ -36,7 +36,11 @@ from nbtoolkit.frame._options import RunOptions, body_fields
 from nbtoolkit.frame._prompts import chat_requests, row_prompts
 from nbtoolkit.frame._run import Plan, blocking, estimate_plan, run_plan
 from nbtoolkit.frame._writers import text_writer
-from nbtoolkit.frame.semantic._methods import FrameSemanticMethods, SemanticMethods
+from nbtoolkit.frame.semantic._methods import (
+    FrameSemanticMethods,
+    SemanticMethods,
+    operator_blocking,
+)
 
 
 class _ChatAccessorBase(SemanticMethods):
@@ -305,9 +309,9 @@ class _ChatAccessorBase(SemanticMethods):
     embed = blocking(aembed)
 
     # The semantic operators (frame/semantic): their sync twins, as for every a... method.
-    filter = blocking(SemanticMethods.afilter)
-    top_k = blocking(SemanticMethods.atop_k)
-    aggregate = blocking(SemanticMethods.aaggregate)
+    filter = operator_blocking(SemanticMethods.afilter)
+    top_k = operator_blocking(SemanticMethods.atop_k)
+    aggregate = operator_blocking(SemanticMethods.aaggregate)
 
     async def asubmit_batch(
         self,
@@ -630,7 +634,7 @@ class ChatAccessor(_ChatAccessorBase, FrameSemanticMethods):
     def _default_column(self) -> str | None:
         return None
 
-    join = blocking(FrameSemanticMethods.ajoin)
+    join = operator_blocking(FrameSemanticMethods.ajoin)
 
 
 @pd.api.extensions.register_series_accessor("chat")

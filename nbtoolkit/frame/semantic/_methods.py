@@ -7,15 +7,18 @@ other methods do, and hands over to `_operators`. Run options (``model``, ``max_
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import string
-from collections.abc import Hashable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Coroutine, Hashable, Mapping, Sequence
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import pandas as pd
 
 from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts
-from nbtoolkit.errors import ConfigError
+from nbtoolkit.core._runner import run_sync
+from nbtoolkit.errors import ConfigError, RunInterrupted
 from nbtoolkit.frame._options import RunOptions
 from nbtoolkit.frame.semantic._filter import Cascade
 from nbtoolkit.frame.semantic._operators import (
@@ -410,3 +413,33 @@ def _as_instruction(template: str) -> str:
         if field:
             out.append(f"the {field} of the records below")
     return "".join(out)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def operator_blocking(coroutine_method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, R]:
+    """The sync twin of an operator's ``a...`` method (``filter`` for ``afilter``).
+
+    As `blocking` for the row methods, except for what a stop says: an operator is several
+    runs, and its answers so far live in the cache, not in one output.
+    """
+
+    @functools.wraps(coroutine_method)
+    def method(*args: P.args, **kwargs: P.kwargs) -> R:
+        name = coroutine_method.__name__.removeprefix("a")
+        try:
+            return run_sync(coroutine_method(*args, **kwargs))
+        except RunInterrupted:
+            raise
+        except (KeyboardInterrupt, asyncio.CancelledError) as exc:
+            stopped = exc
+        raise RunInterrupted(  # outside the except block: one line in a notebook
+            f"{name} stopped: the answers received so far are saved in the cache, so running "
+            "the cell again sends only the rest. nbtoolkit.last_run() is the report of the "
+            "step it stopped in."
+        ) from stopped
+
+    method.__name__ = method.__qualname__ = coroutine_method.__name__.removeprefix("a")
+    return method
