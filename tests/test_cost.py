@@ -153,6 +153,18 @@ def test_a_run_heading_past_max_cost_is_told_once_and_early(sized: ChatServer) -
     assert report().stats.cost is not None and report().stats.cost <= limit
 
 
+def test_without_a_pilot_answer_lengths_come_from_the_cache(sized: ChatServer) -> None:
+    """Earlier answers of the same model in the cache give the completion estimate."""
+    reviews(30).chat.complete("review", **settings(sized))
+    sized.reset_records()
+    fresh = pd.DataFrame({"review": [f"another review {i}" for i in range(50)]})
+    estimate = fresh.chat.complete("review", dry_run=True, prices=PRICES, **settings(sized))
+    assert sized.request_count == 0
+    assert "learned from 30 earlier answers" in estimate.completion_basis
+    per_row = estimate.completion_tokens.expected / 50
+    assert 40 < per_row < 200  # the server's answers: a median of 40 + 60 reasoning tokens
+
+
 def test_pilot_needs_dry_run(sized: ChatServer) -> None:
     """pilot= without dry_run=True is a ConfigError, before anything is sent."""
     with pytest.raises(nbtoolkit.ConfigError, match="dry_run=True"):
