@@ -217,7 +217,7 @@ def _survey(config: ChatConfig, endpoint: Endpoint, requests: Iterable[Any]) -> 
     """Walk the requests as the engine does, without sending: cache hits, duplicates, rest."""
     keys = request_keys(config, endpoint)
     cache = CacheWriter(config.cache_path, model=config.model)
-    binary = bool(getattr(endpoint, "binary_answers", False))
+    binary = endpoint.binary_answers
     survey = _Survey(0, [], [], Counter())
     seen: set[bytes] = set()
     batch: list[tuple[Item, Any]] = []

@@ -67,7 +67,7 @@ def structured_endpoint(
         schema,
         structured=structured,
         validation_retries=validation_retries,
-        base_url=str(config.base_url),
+        url=config.key_url("/chat/completions"),
     )
 
 
