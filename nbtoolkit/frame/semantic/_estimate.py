@@ -17,6 +17,7 @@ import pandas as pd
 
 from nbtoolkit.config import ChatConfig
 from nbtoolkit.core import _estimate as core
+from nbtoolkit.core._costestimate import Span
 from nbtoolkit.core._pricing import PRICE_UNKNOWN
 from nbtoolkit.core.endpoints._base import Endpoint
 from nbtoolkit.frame._estimate import CostEstimate
@@ -39,14 +40,14 @@ class OperatorEstimate:
         return sum(estimate.to_send for _, estimate in self.steps)
 
     @property
-    def cost(self) -> core.Span | None:
+    def cost(self) -> Span | None:
         """The total cost as low / expected / high; None if a step's price is unknown."""
         spans = [estimate.cost for _, estimate in self.steps]
         if any(span is None for span in spans):
             return None
         known = [span for span in spans if span is not None]
         highs = [span.high for span in known]
-        return core.Span(
+        return Span(
             sum(s.low for s in known),
             sum(s.expected for s in known),
             None if any(h is None for h in highs) else sum(h for h in highs if h is not None),
