@@ -18,7 +18,8 @@ from typing import Any
 import pandas as pd
 
 from nbtoolkit.config import ChatConfig
-from nbtoolkit.core import _estimate as core
+from nbtoolkit.core import _costestimate as core
+from nbtoolkit.core._estimate import estimate_run
 from nbtoolkit.core._pricing import PRICE_UNKNOWN
 from nbtoolkit.core.endpoints._base import Endpoint
 from nbtoolkit.errors import ConfigError
@@ -86,9 +87,7 @@ async def dry_run(
         ConfigError: a bad pilot size, or no model.
         RunAborted: the pilot met a bad key, wrong URL or model, or no quota.
     """
-    made = await core.estimate_run(
-        config, requests, endpoint=endpoint, pilot=pilot, seed=0, batch=batch
-    )
+    made = await estimate_run(config, requests, endpoint=endpoint, pilot=pilot, seed=0, batch=batch)
     fields = {f.name: getattr(made, f.name) for f in dataclasses.fields(made)}
     estimate = CostEstimate(**fields)
     with _lock:

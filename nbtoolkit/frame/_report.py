@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from nbtoolkit.core._estimate import CostEstimate
+from nbtoolkit.core._costestimate import CostEstimate
 from nbtoolkit.core._pricing import PRICE_UNKNOWN, Price, format_money
 from nbtoolkit.core._rows import NOT_SENT_KINDS, RowResult, RunStats
 
