@@ -85,7 +85,7 @@ async def run_plan(plan: Plan) -> Any:
         run = ChatRun(plan.config, endpoint=plan.endpoint, listener=bar)
         estimate = None
         if plan.owner is not None:
-            estimate = estimate_for(plan.owner, run.config, run.endpoint.path)
+            estimate = estimate_for(plan.owner, run.config, plan.endpoint)
         bar.cost = live_cost(run, len(plan.frame), estimate)
     except BaseException:
         bar.close()
