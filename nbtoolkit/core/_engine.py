@@ -69,6 +69,7 @@ from nbtoolkit.errors import (
     RateLimitError,
     RequestTimeout,
     RunAborted,
+    SchemaRefused,
     TransportError,
     UnsendableRow,
 )
@@ -195,8 +196,8 @@ class ChatRun:
             ceil_threshold=float("inf"),
         )
         # Whether the endpoint's answers are bytes (vectors) or text: a cache look-up reads
-        # only that kind's table. Optional: endpoints without it store text.
-        self._binary = bool(getattr(self.endpoint, "binary_answers", False))
+        # only that kind's table.
+        self._binary = self.endpoint.binary_answers
         self._url = config.url(self.endpoint.path)
         self._headers = config.request_headers()
         # Every text about a request that reaches a row, the report or an exception goes
@@ -570,8 +571,9 @@ class ChatRun:
             return await self._send_once(session, job), 1
         except _Systemic:
             raise
-        except Exception as first_error:
-            if self._reshaped(first_error, job):
+        except Exception as error:
+            first_error = self._explained(error, job)
+            if first_error is None:  # the endpoint asks differently now: at once, no retry
                 return await self._send(session, job)
             if not is_retryable(first_error) or GiveUp(self.config.retry).first(first_error):
                 raise _Attempts(first_error, 1) from first_error
@@ -593,8 +595,11 @@ class ChatRun:
             try:
                 return await self._send_once(session, job)
             except APIError as exc:
-                if not self._reshaped(exc, job):
+                explained = self._explained(exc, job)
+                if explained is exc:
                     raise
+                if explained is not None:
+                    raise explained from exc
             return await self._send_once(session, job)
 
         retrying = AsyncRetrying(
@@ -612,14 +617,12 @@ class ChatRun:
             raise _Attempts(exc, retrying.statistics.get("attempt_number", 1)) from exc
         return parsed, int(retrying.statistics.get("attempt_number", 1))
 
-    def _reshaped(self, error: Exception, job: _Job) -> bool:
-        """True when the endpoint changed its request shape after this error reply (a server
-        that refuses structured output's json_schema): send again at once, not as a retry."""
-        # Optional: only endpoints with more than one request shape have it.
-        reshape = getattr(self.endpoint, "reshape", None)
-        return (
-            isinstance(error, APIError) and reshape is not None and bool(reshape(error, job.items))
-        )
+    def _explained(self, error: Exception, job: _Job) -> Exception | None:
+        """The endpoint's reading of an error reply (`Endpoint.on_error_reply`): None when
+        it now sends the request another way (send again at once, not as a retry)."""
+        if isinstance(error, APIError):
+            return self.endpoint.on_error_reply(error, job.items)
+        return error
 
     def _failed(self, exc: Exception, attempts: int) -> RowResult:
         """The result of a row whose attempt number ``attempts`` failed with ``exc``."""
@@ -844,6 +847,12 @@ def _abort_message(error: NbToolkitError, fields: Iterable[str] = ()) -> str:
         advice = "check base_url (it usually ends in /v1) and the model name"
     elif isinstance(error, TransportError):
         advice = "check base_url and that the server is running"
+    elif isinstance(error, SchemaRefused):
+        advice = (
+            f"remove {error.keyword!r} from the schema (or the pydantic constraint behind it)"
+            if error.keyword
+            else "simplify the schema to what the provider's structured output takes"
+        ) + ", or pass structured='prompt' to send the schema in a message instead"
     elif isinstance(error, IgnoredParameter):
         advice = (
             "this model does not shorten its vectors; leave dimensions= out, or use a model "

@@ -26,6 +26,7 @@ from nbtoolkit.errors import (
     MalformedResponse,
     NotFoundError,
     RateLimitError,
+    SchemaRefused,
     ServerError,
     TransportError,
 )
@@ -47,7 +48,7 @@ def is_retryable(exc: BaseException) -> bool:
 
 def is_systemic(exc: BaseException) -> bool:
     """True when this error will hit every row alike: a bad key, a wrong URL or model, no quota."""
-    if isinstance(exc, AuthError | NotFoundError | IgnoredParameter):
+    if isinstance(exc, AuthError | NotFoundError | IgnoredParameter | SchemaRefused):
         return True
     return isinstance(exc, RateLimitError) and is_quota_exhausted(exc)
 

@@ -36,7 +36,15 @@ from nbtoolkit.core._rows import ChatRequest
 from nbtoolkit.core.endpoints._base import Answer, Item, Outcome, Parsed, Reask, plain_json
 from nbtoolkit.core.endpoints._schema import AnswerMismatch, StructuredSchema
 from nbtoolkit.core.store._cache import encode_body
-from nbtoolkit.errors import ConfigError, MalformedResponse, NoText, Refused, SchemaError, Truncated
+from nbtoolkit.errors import (
+    APIError,
+    ConfigError,
+    MalformedResponse,
+    NoText,
+    Refused,
+    SchemaError,
+    Truncated,
+)
 
 __all__ = ["CACHE_MIN_TOKENS", "DEFAULT_MAX_TOKENS", "AnthropicEndpoint"]
 
@@ -82,6 +90,7 @@ class AnthropicEndpoint:
     path = "/v1/messages"
     max_items = 1
     max_request_tokens = math.inf
+    binary_answers = False
 
     def __init__(
         self,
@@ -221,6 +230,9 @@ class AnthropicEndpoint:
 
     def decode(self, stored: str | bytes) -> Any:
         return stored if self.schema is None else json.loads(stored)
+
+    def on_error_reply(self, error: APIError, items: Sequence[Item]) -> APIError | None:
+        return error  # one way of sending a schema: nothing to change
 
 
 def translate(params: dict[str, Any]) -> dict[str, Any]:

@@ -50,6 +50,7 @@ from nbtoolkit.core.endpoints._embeddings import EmbeddingEndpoint, as_vector
 from nbtoolkit.core.endpoints._schema import AnswerMismatch, StructuredSchema, resolve_ref
 from nbtoolkit.core.store._cache import encode_body
 from nbtoolkit.errors import (
+    APIError,
     ConfigError,
     IgnoredParameter,
     MalformedResponse,
@@ -127,6 +128,7 @@ class GeminiEndpoint:
 
     max_items = 1
     max_request_tokens = math.inf
+    binary_answers = False
 
     def __init__(
         self,
@@ -256,6 +258,9 @@ class GeminiEndpoint:
 
     def decode(self, stored: str | bytes) -> Any:
         return stored if self.schema is None else json.loads(stored)
+
+    def on_error_reply(self, error: APIError, items: Sequence[Item]) -> APIError | None:
+        return error  # one way of sending a schema: nothing to change
 
 
 class GeminiEmbeddingEndpoint(EmbeddingEndpoint):
