@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import os
 import pickle
 import sys
 import time
@@ -63,6 +64,7 @@ class PartitionSpec:
     args: tuple[Any, ...]
     kwargs: dict[str, Any] = field(repr=False)
     config: ChatConfig  # resolved on the client; its repr hides the key
+    driver: int  # the id of the process that built the graph (see `connect`)
 
     def __dask_tokenize__(self) -> str:
         return self.run
@@ -192,7 +194,7 @@ def lazy_method(collection: Any, method: str, args: tuple[Any, ...], kwargs: dic
         # Resolved here, so every worker on this machine uses the file the client would.
         config = dataclasses.replace(config, cache=str(config.cache_path.absolute()))
     meta = _meta(collection._meta, method, args, kwargs, config)
-    spec = PartitionSpec(uuid.uuid4().hex, method, tuple(args), kwargs, config)
+    spec = PartitionSpec(uuid.uuid4().hex, method, tuple(args), kwargs, config, os.getpid())
     _built.append(spec.run)
     return collection.map_partitions(
         _run_partition, spec, meta=meta, enforce_metadata=False, transform_divisions=False
@@ -227,7 +229,7 @@ def _run_partition(part: Any, spec: PartitionSpec, partition_info: Any = None) -
 
 
 async def _partition(part: Any, spec: PartitionSpec, number: int) -> Any:
-    transport = connect()
+    transport = connect(spec.driver)
     lease = Lease(
         transport,
         run=spec.run,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
@@ -26,7 +27,7 @@ from typing import Any, ClassVar, Protocol
 from nbtoolkit.core._limits import RateGovernor
 from nbtoolkit.core._rows import RowResult
 from nbtoolkit.dask._ledger import SlotLedger
-from nbtoolkit.errors import RunAborted
+from nbtoolkit.errors import ConfigError, RunAborted
 
 # How often a running partition re-balances with the ledger: the longest a late partition
 # waits for its share, and the longest a 429 seen elsewhere takes to pause this one.
@@ -96,14 +97,32 @@ class SchedulerTransport:
         return call
 
 
-def connect() -> Transport:
-    """The ledger for a partition running here: the scheduler's, or this process's."""
+def connect(driver: int) -> Transport:
+    """The ledger for a partition running here: the scheduler's, or this process's.
+
+    Args:
+        driver: the process id of the process that built the graph.
+
+    Raises:
+        ConfigError: neither on a distributed worker nor in the driver's process (dask's
+            "processes" scheduler): no ledger is shared there, so ``max_parallel`` and the
+            rate limits could not hold for the whole computation. Nothing has been sent.
+    """
     try:
         from distributed import get_worker
 
         return SchedulerTransport(get_worker())
     except (ImportError, ValueError):  # no distributed, or not on a distributed worker
-        return LocalTransport()
+        pass
+    if os.getpid() != driver:
+        raise ConfigError(
+            "ddf.chat cannot run on dask's 'processes' scheduler: its processes share no "
+            "ledger, so max_parallel and the rate limits would hold per process, not for the "
+            "computation. What to do: compute() on the threaded scheduler (dask.dataframe's "
+            "default: scheduler='threads'), or on a distributed cluster "
+            "(distributed.Client(), also on one machine)"
+        )
+    return LocalTransport()
 
 
 def __getattr__(name: str) -> Any:
