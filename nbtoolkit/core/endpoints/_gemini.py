@@ -181,7 +181,14 @@ class GeminiEndpoint:
         limit = body.get("generationConfig", {}).get("maxOutputTokens")
         completion = float(limit) if isinstance(limit, int) else float(DEFAULT_COMPLETION_TOKENS)
         return GeminiItem(
-            index, body, payload, len(payload) / 4, completion, reasks=reasks, spent=spent
+            index,
+            body,
+            payload,
+            len(payload) / 4,
+            completion,
+            reasks=reasks,
+            capped=isinstance(limit, int),
+            spent=spent,
         )
 
     def payload(self, items: Sequence[Item]) -> bytes:

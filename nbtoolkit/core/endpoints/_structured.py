@@ -40,6 +40,7 @@ from nbtoolkit.core.endpoints._base import (
     Parsed,
     Reask,
     completion_budget,
+    is_capped,
     plain_json,
     usage_counts,
 )
@@ -211,6 +212,7 @@ class StructuredEndpoint:
             estimate_tokens(body["messages"], 0) + self._schema_tokens,
             completion_budget(body),
             reasks=reasks,
+            capped=is_capped(body),
             raw=raw,
             spent=spent,
         )
