@@ -30,8 +30,8 @@ from nbtoolkit.testing import (
     Reset,
     Stall,
     Status,
+    duration,
 )
-from nbtoolkit.testing._ratelimit import duration
 
 
 def _body(prompt: str, model: str = "test-model") -> dict[str, Any]:
