@@ -13,6 +13,11 @@ The path of one row::
     group (endpoint.max_items rows) ─► queue (2 x max_parallel) ─► worker
        ─► budget ─► governor ─► client ─► breaker ─► endpoint.parse ─► cache
 
+A 400 goes through the refusal watch (`RefusalWatch`): until something is answered, the
+same refusal for three rows or groups stops the run, and a refused group is held rather
+than halved until a row sent alone decides. After an answer a refused group is halved until
+its bad input stands alone.
+
 Memory stays proportional to ``max_parallel``: the producer pulls requests from the
 iterable only as the queue drains. Only the results list grows with the row count.
 """
