@@ -729,14 +729,10 @@ class ChatRun:
         the model's output ceiling for a row without one (an estimate cannot bound a reply)."""
         if not self.budget.limited:
             return job.worst_case()[1]
-        ceiling = self.ceiling.tokens
         owed = 0.0
         for item in job.items:
-            if item.capped:
-                owed += item.completion_tokens
-            else:
-                owed += max(item.completion_tokens, ceiling)
-                self._ceiling_used = True
+            owed += self.ceiling.worst(item.completion_tokens, capped=item.capped)
+            self._ceiling_used = self._ceiling_used or not item.capped
         return owed
 
     def _charge_unknown(self, prompt_tokens: float, completion_tokens: float) -> None:
