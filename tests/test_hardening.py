@@ -332,3 +332,17 @@ def test_the_summary_states_what_the_budget_assumed(server: ChatServer) -> None:
         "review", max_tokens=20, max_tokens_total=100_000, **settings(server, cache=False)
     )
     assert "reserved up to" not in nbtoolkit.last_run().summary()  # type: ignore[union-attr]
+
+
+async def test_a_budget_below_the_ceiling_says_to_set_max_tokens() -> None:
+    """A budget smaller than one request's worst case without max_tokens sends nothing,
+    and each row says why and what to do."""
+    async with ChatServer() as server:
+        run = ChatRun(chat(server, max_tokens_total=5_000))
+        results = await run.execute(asks(3))
+    assert server.request_count == 0
+    for result in results:
+        assert result.error is not None and result.error.kind == "over_budget"
+        assert result.error.message.startswith("max_tokens_total=5000 reached (spent 0)")
+        assert "reserves up to 16,384 completion tokens" in result.error.message
+        assert "set max_tokens" in result.error.message

@@ -116,6 +116,10 @@ class _Attempts(Exception):
 class _OverBudget(Exception):
     """A request that would pass max_cost / max_tokens_total; its rows are not sent."""
 
+    def __init__(self, *, uncapped: bool = False) -> None:
+        super().__init__()
+        self.uncapped = uncapped  # it set no max_tokens: it reserved the output ceiling
+
 
 class _Systemic(Exception):
     """Raised out of a worker to stop the whole task group on a run-wide failure."""
@@ -633,7 +637,14 @@ class ChatRun:
         """The result of a row whose attempt number ``attempts`` failed with ``exc``."""
         if isinstance(exc, _OverBudget):  # that attempt was never sent
             sent = attempts - 1
-            return RowResult(None, RowError("over_budget", self.budget.reason(), None, sent), sent)
+            reason = self.budget.reason()
+            if exc.uncapped:
+                reason += (
+                    f"; a request without max_tokens reserves up to {self.ceiling.tokens:,} "
+                    "completion tokens (the model's output ceiling): set max_tokens to send "
+                    "more rows within the budget"
+                )
+            return RowResult(None, RowError("over_budget", reason, None, sent), sent)
         if isinstance(exc, NbToolkitError) and is_systemic(exc):
             raise _Systemic(exc) from exc
         return RowResult(None, _row_error(exc, attempts), attempts)
@@ -645,7 +656,7 @@ class ChatRun:
         # request without max_tokens is the model's output ceiling.
         owed = self._budget_completion(job)
         if self.budget.limited and not await self.budget.reserve(prompt_tokens, owed):
-            raise _OverBudget()
+            raise _OverBudget(uncapped=any(not item.capped for item in job.items))
         reserved = prompt_tokens + completion_tokens
         try:
             ticket = await self.governor.admit(reserved)
