@@ -18,6 +18,10 @@ same refusal for three rows or groups stops the run, and a refused group is held
 than halved until a row sent alone decides. After an answer a refused group is halved until
 its bad input stands alone.
 
+Longer than the project's other modules: it is the one path every endpoint's rows take,
+and its parts that stand alone already live beside it (`_breaker`, `_budget`, `_limits`,
+`_retry`, `_cachewriter`, `_client`).
+
 Memory stays proportional to ``max_parallel``: the producer pulls requests from the
 iterable only as the queue drains. Only the results list grows with the row count.
 """
