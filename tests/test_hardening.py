@@ -333,3 +333,32 @@ def test_the_summary_states_what_the_budget_assumed(server: ChatServer) -> None:
         "review", max_tokens=20, max_tokens_total=100_000, **settings(server, cache=False)
     )
     assert "reserved up to" not in nbtoolkit.last_run().summary()  # type: ignore[union-attr]
+
+
+async def test_a_budget_below_the_ceiling_says_to_set_max_tokens() -> None:
+    """A budget smaller than one request's worst case without max_tokens sends nothing,
+    and each row says why and what to do."""
+    async with ChatServer() as server:
+        run = ChatRun(chat(server, max_tokens_total=5_000))
+        results = await run.execute(asks(3))
+    assert server.request_count == 0
+    for result in results:
+        assert result.error is not None and result.error.kind == "over_budget"
+        assert result.error.message.startswith("max_tokens_total=5000 reached (spent 0)")
+        assert "reserves up to 16,384 completion tokens" in result.error.message
+        assert "set max_tokens" in result.error.message
+
+
+async def test_a_reply_longer_than_the_assumed_ceiling_raises_it() -> None:
+    """A model not in the table answering 20,000 tokens: after its first reply, requests
+    without max_tokens reserve 20,000, and the summary says the ceiling was seen."""
+    lengths = CompletionLengths(median=20_000, sigma=0.0)
+    async with ChatServer(lengths=lengths) as server:
+        run = ChatRun(chat(server, max_parallel=1, max_tokens_total=100_000))
+        results = await run.execute(asks(10))
+    answered = [r for r in results if r.ok]
+    assert run.ceiling.tokens == 20_000 and run.ceiling.source == "seen"
+    assert run.stats.budget_note is not None and "the longest reply" in run.stats.budget_note
+    # Four fit at 20,000 each; a fifth would pass 100,000 with its prompt.
+    assert len(answered) == server.answered.total() == 4
+    assert run.budget.tokens <= 100_000

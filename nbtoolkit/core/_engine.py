@@ -18,6 +18,10 @@ same refusal for three rows or groups stops the run, and a refused group is held
 than halved until a row sent alone decides. After an answer a refused group is halved until
 its bad input stands alone.
 
+Longer than the project's other modules: it is the one path every endpoint's rows take,
+and its parts that stand alone already live beside it (`_breaker`, `_budget`, `_limits`,
+`_retry`, `_cachewriter`, `_client`).
+
 Memory stays proportional to ``max_parallel``: the producer pulls requests from the
 iterable only as the queue drains. Only the results list grows with the row count.
 """
@@ -115,6 +119,10 @@ class _Attempts(Exception):
 
 class _OverBudget(Exception):
     """A request that would pass max_cost / max_tokens_total; its rows are not sent."""
+
+    def __init__(self, *, uncapped: bool = False) -> None:
+        super().__init__()
+        self.uncapped = uncapped  # it set no max_tokens: it reserved the output ceiling
 
 
 class _Systemic(Exception):
@@ -633,7 +641,14 @@ class ChatRun:
         """The result of a row whose attempt number ``attempts`` failed with ``exc``."""
         if isinstance(exc, _OverBudget):  # that attempt was never sent
             sent = attempts - 1
-            return RowResult(None, RowError("over_budget", self.budget.reason(), None, sent), sent)
+            reason = self.budget.reason()
+            if exc.uncapped:
+                reason += (
+                    f"; a request without max_tokens reserves up to {self.ceiling.tokens:,} "
+                    "completion tokens (the model's output ceiling): set max_tokens to send "
+                    "more rows within the budget"
+                )
+            return RowResult(None, RowError("over_budget", reason, None, sent), sent)
         if isinstance(exc, NbToolkitError) and is_systemic(exc):
             raise _Systemic(exc) from exc
         return RowResult(None, _row_error(exc, attempts), attempts)
@@ -645,7 +660,7 @@ class ChatRun:
         # request without max_tokens is the model's output ceiling.
         owed = self._budget_completion(job)
         if self.budget.limited and not await self.budget.reserve(prompt_tokens, owed):
-            raise _OverBudget()
+            raise _OverBudget(uncapped=any(not item.capped for item in job.items))
         reserved = prompt_tokens + completion_tokens
         try:
             ticket = await self.governor.admit(reserved)
