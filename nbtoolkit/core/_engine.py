@@ -454,24 +454,22 @@ class ChatRun:
             self._parked.append((items, failed))
             return False
         if verdict is Verdict.PROBE:
-            return await self._probe(session, items, failed)
+            return await self._probe(session, items)
         if verdict is Verdict.BISECT:
             return await self._bisect(session, items)
         for item in items:
             self._settle_row(item, self._failed(error, failed.attempts))
         return False
 
-    async def _probe(
-        self, session: aiohttp.ClientSession, items: list[Item], failed: _Attempts
-    ) -> bool:
+    async def _probe(self, session: aiohttp.ClientSession, items: list[Item]) -> bool:
         """Send rows of a refused group alone, every other request held, until one is
         answered (the group was refused for a bad input or its size: the rest goes on) or
         enough are refused alike that the run stops."""
         try:
             # The middle, then the ends: a bad input the server names by position is rarely
             # at all three.
-            order = [len(items) // 2, 0, len(items) - 1]
-            order += [i for i in range(len(items)) if i not in order]
+            ends = [len(items) // 2, 0, len(items) - 1]
+            order = list(dict.fromkeys([*ends, *range(len(items))]))  # each row once
             left = list(items)
             for position in order:
                 if not self._refusals.armed:
