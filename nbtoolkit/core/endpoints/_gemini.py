@@ -36,7 +36,7 @@ from urllib.parse import quote, urlsplit
 
 import numpy as np
 
-from nbtoolkit.core._rows import ChatRequest
+from nbtoolkit.core._rows import ChatRequest, estimate_tokens
 from nbtoolkit.core.endpoints._base import (
     DEFAULT_COMPLETION_TOKENS,
     Answer,
@@ -181,7 +181,7 @@ class GeminiEndpoint:
         limit = body.get("generationConfig", {}).get("maxOutputTokens")
         completion = float(limit) if isinstance(limit, int) else float(DEFAULT_COMPLETION_TOKENS)
         return GeminiItem(
-            index, body, payload, len(payload) / 4, completion, reasks=reasks, spent=spent
+            index, body, payload, estimate_tokens(payload), completion, reasks=reasks, spent=spent
         )
 
     def payload(self, items: Sequence[Item]) -> bytes:
