@@ -604,3 +604,23 @@ def test_two_local_servers_with_different_model_files_do_not_share_answers() -> 
     unknown = RequestKeys("http://127.0.0.1:8004/v1/chat/completions").key(body)
     assert RequestKeys("http://localhost:8005/v1/chat/completions").key(body) != unknown
     assert RequestKeys("http://127.0.0.1:8004/v1/chat/completions").key(body) == unknown
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.1.1", "localhost", "[::1]", "0.0.0.0"])
+def test_one_idea_of_loopback_for_the_proxy_and_the_cache(host: str) -> None:
+    """Every spelling of this machine skips the proxy and finds a registered local server's
+    answers; a remote host does neither."""
+    from nbtoolkit.core.store._cache import RequestKeys, register_local_server
+
+    body = b'{"model":"local","messages":[]}'
+    try:
+        register_local_server(8011, "gemma.gguf:100")
+        reference = RequestKeys("http://127.0.0.1:8011/v1/chat/completions").key(body)
+        url = f"http://{host}:8011/v1"
+        assert RequestKeys(f"{url}/chat/completions").key(body) == reference
+        assert not nbtoolkit.ChatConfig(base_url=url).use_proxy_env
+        remote = "http://api.example.test:8011/v1"
+        assert RequestKeys(f"{remote}/chat/completions").key(body) != reference
+        assert nbtoolkit.ChatConfig(base_url=remote).use_proxy_env
+    finally:
+        register_local_server(8011, None)

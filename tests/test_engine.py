@@ -314,3 +314,15 @@ async def test_bad_inputs_in_the_first_groups_do_not_stop_an_embeddings_run() ->
     assert first_three == [10, 10, 10, 1]  # three groups refused alike, then a probe
     assert [i for i, r in enumerate(results) if not r.ok] == [0, 10, 20]
     assert all(r.value is not None for r in results[30:])
+
+
+async def test_a_refused_pair_is_probed_row_by_row_once() -> None:
+    """A group of two refused before any answer, each row then refused for its own reason:
+    each row is sent alone once, both fail with their own words, and the run ends."""
+    async with ChatServer() as server:
+        server.script(Status(400, message="bad A"), Status(400, message="bad A"), prompt="t0")
+        server.script(Status(400, message="bad B"), prompt="t1")
+        endpoint = EmbeddingEndpoint(model=MODEL, batch_size=2)
+        results = await ChatRun(config(server), endpoint=endpoint).execute(["t0", "t1"])
+    assert [len(r.body["input"]) for r in server.requests] == [2, 1, 1]
+    assert [r.error.message for r in results] == ["HTTP 400: bad A", "HTTP 400: bad B"]

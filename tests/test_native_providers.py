@@ -66,6 +66,11 @@ def gemini_config(server: GeminiServer, **changes: object) -> ChatConfig:
     return nbtoolkit.config.merge(base, **changes)
 
 
+def folder_bytes(folder: pathlib.Path) -> bytes:
+    """Every file in ``folder`` (the cache and its journal), concatenated."""
+    return b"".join(path.read_bytes() for path in folder.iterdir() if path.is_file())
+
+
 class Ticket(pydantic.BaseModel):
     topic: str
     urgency: int = pydantic.Field(ge=1, le=5)
@@ -186,6 +191,7 @@ def test_anthropic_shared_prefix_is_cached_for_200_rows() -> None:
     saved = report.stats.cached_tokens * (3.0 - 0.3) / 1e6
     assert report.stats.cache_saved == pytest.approx(saved)
     assert f"{report.stats.cached_tokens:,} cached, saved {saved:.4f}" in report.summary()
+    assert "max_tokens: 1024 per request (Anthropic requires one" in report.summary()
 
 
 async def test_anthropic_short_prefix_is_not_marked() -> None:
@@ -214,6 +220,64 @@ def test_anthropic_from_its_environment(monkeypatch: pytest.MonkeyPatch) -> None
         out = df.chat.complete("text", model=CLAUDE, progress=False)
     assert list(out["response"]) == ["echo: a"]
     assert server.requests[0].headers["x-api-key"] == ANTHROPIC_KEY
+
+
+def test_gemini_from_its_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GOOGLE_API_KEY alone selects Gemini (GOOGLE_GEMINI_BASE_URL its root, as google-genai
+    reads them); GOOGLE_API_KEY wins over GEMINI_API_KEY, as in the SDK."""
+    df = pd.DataFrame({"text": ["a"]})
+    with GeminiServer(api_key=GEMINI_KEY).run_in_thread() as server:
+        monkeypatch.setenv("GOOGLE_API_KEY", GEMINI_KEY)
+        monkeypatch.setenv("GEMINI_API_KEY", "gm-other-key-SENTINEL")
+        monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", server.base_url)
+        out = df.chat.complete("text", model=GEMINI, progress=False)
+    assert list(out["response"]) == ["echo: a"]
+    assert server.requests[0].headers["x-goog-api-key"] == GEMINI_KEY
+
+
+def test_provider_is_openai_when_anything_points_at_openai(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OpenAI key or base URL anywhere keeps OpenAI, whatever other keys are set; two
+    other providers' keys and nothing else is ambiguous, so OpenAI too."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "a")
+    assert ChatConfig(base_url="http://127.0.0.1:1/v1").resolved().provider == "openai"
+    monkeypatch.setenv("OPENAI_API_KEY", "o")
+    assert ChatConfig().resolved().provider == "openai"
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert ChatConfig().resolved().provider == "anthropic"
+    monkeypatch.setenv("GEMINI_API_KEY", "g")
+    assert ChatConfig().resolved().provider == "openai"
+    with pytest.raises(ConfigError, match="provider must be one of"):
+        ChatConfig(provider="claude")  # type: ignore[arg-type]
+
+
+async def test_native_keys_stay_out_of_reprs_and_the_cache(tmp_path: pathlib.Path) -> None:
+    """A run against each provider caches its answers under keys and files that never hold
+    the API key, and no repr shows it."""
+    cache = tmp_path / "answers.sqlite3"
+    async with AnthropicServer(api_key=ANTHROPIC_KEY) as claude_server:
+        claude = anthropic_config(claude_server, cache=str(cache))
+        assert all(r.ok for r in await ChatRun(claude).execute(rows(5)))
+    async with GeminiServer(api_key=GEMINI_KEY) as gemini_server:
+        gemini = gemini_config(gemini_server, cache=str(cache))
+        assert all(r.ok for r in await ChatRun(gemini).execute(rows(5)))
+    stored = folder_bytes(tmp_path)
+    assert b"echo: p4" in stored  # the answers really are in there
+    for key in (ANTHROPIC_KEY, GEMINI_KEY):
+        assert key.encode() not in stored
+        assert key not in repr(claude) + repr(gemini) + repr(claude.resolved())
+
+
+async def test_dry_run_prices_anthropic_and_gemini_models() -> None:
+    """The cost estimate builds each provider's own requests and prices them from the table,
+    without sending anything."""
+    from nbtoolkit.core._estimate import estimate_run
+
+    for provider, model in (("anthropic", CLAUDE), ("gemini", GEMINI)):
+        config = ChatConfig(provider=provider, model=model, api_key="k", cache=False)  # type: ignore[arg-type]
+        estimate = await estimate_run(config, rows(20, system="Be brief."))
+        assert estimate.to_send == 20
+        assert estimate.cost is not None, provider
+        assert f"{provider} price table read" in str(estimate)
 
 
 # Gemini

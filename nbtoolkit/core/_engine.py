@@ -13,6 +13,15 @@ The path of one row::
     group (endpoint.max_items rows) ─► queue (2 x max_parallel) ─► worker
        ─► budget ─► governor ─► client ─► breaker ─► endpoint.parse ─► cache
 
+A 400 goes through the refusal watch (`RefusalWatch`): until something is answered, the
+same refusal for three rows or groups stops the run, and a refused group is held rather
+than halved until a row sent alone decides. After an answer a refused group is halved until
+its bad input stands alone.
+
+Longer than the project's other modules: it is the one path every endpoint's rows take,
+and its parts that stand alone already live beside it (`_breaker`, `_budget`, `_limits`,
+`_retry`, `_cachewriter`, `_client`).
+
 Memory stays proportional to ``max_parallel``: the producer pulls requests from the
 iterable only as the queue drains. Only the results list grows with the row count.
 """
@@ -39,7 +48,7 @@ from nbtoolkit.core._breaker import (
     Verdict,
     refused_parameter,
 )
-from nbtoolkit.core._budget import Budget
+from nbtoolkit.core._budget import Budget, OutputCeiling
 from nbtoolkit.core._cachewriter import CacheWriter
 from nbtoolkit.core._client import Redactor, Reply, post_json
 from nbtoolkit.core._limits import RateGovernor, ServerLimits
@@ -111,6 +120,10 @@ class _Attempts(Exception):
 class _OverBudget(Exception):
     """A request that would pass max_cost / max_tokens_total; its rows are not sent."""
 
+    def __init__(self, *, uncapped: bool = False) -> None:
+        super().__init__()
+        self.uncapped = uncapped  # it set no max_tokens: it reserved the output ceiling
+
 
 class _Systemic(Exception):
     """Raised out of a worker to stop the whole task group on a run-wide failure."""
@@ -168,6 +181,10 @@ class ChatRun:
             max_tokens_total=config.max_tokens_total,
             max_cost=config.max_cost,
         )
+        # What a request without max_tokens may cost at most (a documented limit, or the
+        # assumption the run's summary states).
+        self.ceiling = OutputCeiling.for_model(config.model)
+        self._ceiling_used = False
         self.governor = RateGovernor(
             max_parallel=config.max_parallel,
             rpm=config.rpm,
@@ -260,6 +277,8 @@ class ChatRun:
             self.stats.cost = self.budget.cost if self.budget.unit_price is not None else None
             self.stats.cache_saved = _cache_saved(self.budget.unit_price, self.stats.cached_tokens)
             self.stats.limits = self.governor.learned()
+            if self._ceiling_used:
+                self.stats.budget_note = self.ceiling.describe()
             self._cache.close()  # commits what is still waiting for the timer
         if stopped_by is not None:
             # Raised here, not inside the except block: an exception raised while a group is
@@ -377,6 +396,19 @@ class ChatRun:
             cap = self._max_items
             parts = [items[start : start + cap] for start in range(0, len(items), cap)]
             return all([await self._run_job(session, part) for part in parts])
+        if len(items) > 1 and self.budget.limited:
+            # A group larger than what is left goes as the rows that fit, then the rest.
+            fits = await self.budget.fitting(
+                [(item.prompt_tokens, self._budget_completion(_Job([item]))) for item in items]
+            )
+            if fits == 0:
+                for item in items:
+                    self._settle_row(item, self._failed(_OverBudget(), 1))
+                return False
+            if fits < len(items):
+                first = await self._run_job(session, items[:fits])
+                rest = await self._run_job(session, items[fits:])
+                return first and rest
         try:
             parsed, attempts = await self._send(session, _Job(items))
         except _Attempts as failed:
@@ -422,24 +454,22 @@ class ChatRun:
             self._parked.append((items, failed))
             return False
         if verdict is Verdict.PROBE:
-            return await self._probe(session, items, failed)
+            return await self._probe(session, items)
         if verdict is Verdict.BISECT:
             return await self._bisect(session, items)
         for item in items:
             self._settle_row(item, self._failed(error, failed.attempts))
         return False
 
-    async def _probe(
-        self, session: aiohttp.ClientSession, items: list[Item], failed: _Attempts
-    ) -> bool:
+    async def _probe(self, session: aiohttp.ClientSession, items: list[Item]) -> bool:
         """Send rows of a refused group alone, every other request held, until one is
         answered (the group was refused for a bad input or its size: the rest goes on) or
         enough are refused alike that the run stops."""
         try:
             # The middle, then the ends: a bad input the server names by position is rarely
             # at all three.
-            order = [len(items) // 2, 0, len(items) - 1]
-            order += [i for i in range(len(items)) if i not in order]
+            ends = [len(items) // 2, 0, len(items) - 1]
+            order = list(dict.fromkeys([*ends, *range(len(items))]))  # each row once
             left = list(items)
             for position in order:
                 if not self._refusals.armed:
@@ -609,7 +639,14 @@ class ChatRun:
         """The result of a row whose attempt number ``attempts`` failed with ``exc``."""
         if isinstance(exc, _OverBudget):  # that attempt was never sent
             sent = attempts - 1
-            return RowResult(None, RowError("over_budget", self.budget.reason(), None, sent), sent)
+            reason = self.budget.reason()
+            if exc.uncapped:
+                reason += (
+                    f"; a request without max_tokens reserves up to {self.ceiling.tokens:,} "
+                    "completion tokens (the model's output ceiling): set max_tokens to send "
+                    "more rows within the budget"
+                )
+            return RowResult(None, RowError("over_budget", reason, None, sent), sent)
         if isinstance(exc, NbToolkitError) and is_systemic(exc):
             raise _Systemic(exc) from exc
         return RowResult(None, _row_error(exc, attempts), attempts)
@@ -617,14 +654,17 @@ class ChatRun:
     async def _send_once(self, session: aiohttp.ClientSession, job: _Job) -> Parsed:
         """One attempt: within budget, admitted by the governor, reported back to both."""
         prompt_tokens, completion_tokens = job.worst_case()
-        if self.budget.limited and not await self.budget.reserve(prompt_tokens, completion_tokens):
-            raise _OverBudget()
+        # The governor paces on the estimate; the budget holds the worst case, which for a
+        # request without max_tokens is the model's output ceiling.
+        owed = self._budget_completion(job)
+        if self.budget.limited and not await self.budget.reserve(prompt_tokens, owed):
+            raise _OverBudget(uncapped=any(not item.capped for item in job.items))
         reserved = prompt_tokens + completion_tokens
         try:
             ticket = await self.governor.admit(reserved)
         except BaseException:
             if self.budget.limited:
-                self.budget.release(prompt_tokens, completion_tokens)
+                self.budget.release(prompt_tokens, owed)
             raise
         self.stats.requests_sent += 1
         limits: ServerLimits | None = None
@@ -654,6 +694,8 @@ class ChatRun:
         except RequestTimeout:
             self.stats.statuses["RequestTimeout"] += 1
             congested = True
+            # The provider may have answered, and billed, after we stopped waiting.
+            self._charge_unknown(prompt_tokens, owed)
             raise
         except TransportError as exc:
             self.stats.statuses[type(exc).__name__] += 1
@@ -667,17 +709,17 @@ class ChatRun:
             raise
         except Exception as exc:  # a 2xx that is not what the endpoint expects
             self.stats.statuses[type(exc).__name__] += 1
-            used = self._spend(None, prompt_tokens, completion_tokens)
+            used = self._spend(None, job, prompt_tokens, owed)
             # Its message quotes the body, which a gateway may have filled with our headers.
             raise self._scrubbed(exc, body, job.items) from None
         else:
             self.stats.statuses["200"] += 1
             self._refusals.answered()
-            used = self._spend(parsed.usage, prompt_tokens, completion_tokens)
+            used = self._spend(parsed.usage, job, prompt_tokens, owed)
             return parsed
         finally:
             if self.budget.limited:
-                self.budget.release(prompt_tokens, completion_tokens)
+                self.budget.release(prompt_tokens, owed)
             self.governor.settle(
                 ticket,
                 reserved_tokens=reserved,
@@ -700,19 +742,41 @@ class ChatRun:
         self._redact.error(error)
         return error
 
+    def _budget_completion(self, job: _Job) -> float:
+        """The completion tokens the budget holds for a request: each row's max_tokens, or
+        the model's output ceiling for a row without one (an estimate cannot bound a reply)."""
+        if not self.budget.limited:
+            return job.worst_case()[1]
+        owed = 0.0
+        for item in job.items:
+            owed += self.ceiling.worst(item.completion_tokens, capped=item.capped)
+            self._ceiling_used = self._ceiling_used or not item.capped
+        return owed
+
+    def _charge_unknown(self, prompt_tokens: float, completion_tokens: float) -> None:
+        """Charge a request whose usage is unknown its worst case: a budget stays hard."""
+        self.budget.spend(round(prompt_tokens), round(completion_tokens))
+        self.stats.charged_unconfirmed += round(prompt_tokens + completion_tokens)
+
     def _spend(
-        self, usage: Mapping[str, Any] | None, prompt_reserved: float, completion_reserved: float
-    ) -> float:
-        """Count a reply's billed tokens; returns their total.
+        self,
+        usage: Mapping[str, Any] | None,
+        job: _Job,
+        prompt_reserved: float,
+        completion_reserved: float,
+    ) -> float | None:
+        """Count a reply's billed tokens; returns their total, None when it said nothing.
 
         A reply that reports no usage was still billed: the budget charges it what was
         reserved for it (its worst case), never zero, so a budget stays a hard limit.
         """
         prompt, completion, cached = usage_counts(usage or {})
         if prompt is None and completion is None:
-            self.budget.spend(round(prompt_reserved), round(completion_reserved))
-            return prompt_reserved + completion_reserved
+            self._charge_unknown(prompt_reserved, completion_reserved)
+            return None
         prompt, completion = prompt or 0, completion or 0
+        if len(job.items) == 1 and not job.items[0].capped:
+            self.ceiling.observe(completion)  # a reply longer than the ceiling raises it
         self.stats.prompt_tokens += prompt
         self.stats.completion_tokens += completion
         self.stats.cached_tokens += cached or 0

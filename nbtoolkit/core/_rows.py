@@ -109,6 +109,11 @@ class RunStats:
     # Rows per request the server was found to take, when it refused larger requests and
     # took their halves (a server's own cap on inputs per request); None otherwise.
     items_per_request: int | None = None
+    # Tokens charged at their worst case because no usage came back (a timeout, a reply
+    # without usage): the provider may have billed them; they count against budgets.
+    charged_unconfirmed: int = 0
+    # What a hard budget assumed a request without max_tokens may use, when it did.
+    budget_note: str | None = None
 
     @property
     def wall_seconds(self) -> float:

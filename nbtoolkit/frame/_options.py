@@ -154,9 +154,19 @@ METHOD_OPTIONS: Final[Mapping[str, tuple[str, ...]]] = {
         "agreement",
         "sample_seed",
         *RUN_OPTIONS,
+        "dry_run",
     ),
-    "top_k": ("k", "template", "column", "system", "output", *RUN_OPTIONS),
-    "aggregate": ("template", "column", "by", "system", "context_tokens", "output", *RUN_OPTIONS),
+    "top_k": ("k", "template", "column", "system", "output", *RUN_OPTIONS, "dry_run"),
+    "aggregate": (
+        "template",
+        "column",
+        "by",
+        "system",
+        "context_tokens",
+        "output",
+        *RUN_OPTIONS,
+        "dry_run",
+    ),
     "join": (
         "right",
         "template",
@@ -172,6 +182,7 @@ METHOD_OPTIONS: Final[Mapping[str, tuple[str, ...]]] = {
         "agreement",
         "sample_seed",
         *RUN_OPTIONS,
+        "dry_run",
     ),
 }
 # Settings a call cannot change, only `nbtoolkit.configure` or a `ChatConfig`: ChatConfig

@@ -20,6 +20,7 @@ from nbtoolkit.core._engine import ChatRun, results_in_order
 from nbtoolkit.core._rows import RowResult
 from nbtoolkit.core._runner import run_sync
 from nbtoolkit.core.endpoints._base import Endpoint
+from nbtoolkit.core.endpoints._providers import provider_notes
 from nbtoolkit.errors import RunAborted, RunInterrupted
 from nbtoolkit.frame._estimate import CostEstimate, dry_run, estimate_for
 from nbtoolkit.frame._progress import LiveCost, ProgressBar
@@ -84,7 +85,7 @@ async def run_plan(plan: Plan) -> Any:
         run = ChatRun(plan.config, endpoint=plan.endpoint, listener=bar)
         estimate = None
         if plan.owner is not None:
-            estimate = estimate_for(plan.owner, run.config, run.endpoint.path)
+            estimate = estimate_for(plan.owner, run.config, plan.endpoint)
         bar.cost = live_cost(run, len(plan.frame), estimate)
     except BaseException:
         bar.close()
@@ -162,6 +163,7 @@ def _report(
             outcome,
             price=price,
             estimate=estimate,
+            notes=tuple(provider_notes(run.config)),
         )
     )
 

@@ -151,8 +151,9 @@ class AnthropicEndpoint:
         return items[0].payload
 
     def parse(self, text: str, items: Sequence[Item]) -> Parsed:
-        item = items[0]
-        assert isinstance(item, AnthropicItem)
+        # No item only for a batch result line that is none of this run's rows.
+        item = items[0] if items else None
+        spent = item.spent if isinstance(item, AnthropicItem) else (0, 0)
         try:
             reply = json.loads(text)
             content = reply["content"]
@@ -171,16 +172,22 @@ class AnthropicEndpoint:
         elif self.schema is None:
             has_text = any(isinstance(b, dict) and b.get("type") == "text" for b in content)
             outcome = (
-                Answer(words, words, *_counts(usage, item.spent))
+                Answer(words, words, *_counts(usage, spent))
                 if has_text
                 else NoText(f"the reply has no text (stop_reason: {stop})")
             )
         else:
-            outcome = self._typed(item, content, stop, usage)
+            outcome = self._typed(
+                item if isinstance(item, AnthropicItem) else None, content, stop, usage
+            )
         return Parsed([outcome], usage)
 
     def _typed(
-        self, item: AnthropicItem, content: list[Any], stop: Any, usage: Mapping[str, Any] | None
+        self,
+        item: AnthropicItem | None,
+        content: list[Any],
+        stop: Any,
+        usage: Mapping[str, Any] | None,
     ) -> Outcome:
         assert self.schema is not None
         assert self.tool is not None
@@ -199,18 +206,19 @@ class AnthropicEndpoint:
             value = self.schema.check(answer)
         except AnswerMismatch as exc:
             return self._reask(item, content, call, str(exc), usage)
-        return Answer(_dump(value), value, *_counts(usage, item.spent))
+        return Answer(_dump(value), value, *_counts(usage, item.spent if item else (0, 0)))
 
     def _reask(
         self,
-        item: AnthropicItem,
+        item: AnthropicItem | None,
         content: list[Any],
         call: Mapping[str, Any],
         problem: str,
         usage: Mapping[str, Any] | None,
     ) -> Outcome:
-        error = SchemaError(f"{problem} (after {item.reasks} re-asks)"[:500])
-        if item.reasks >= self.validation_retries:
+        reasks = item.reasks if item is not None else 0
+        error = SchemaError(f"{problem} (after {reasks} re-asks)"[:500])
+        if item is None or item.reasks >= self.validation_retries:
             return error
         result = {
             "type": "tool_result",

@@ -181,15 +181,23 @@ class GeminiEndpoint:
         limit = body.get("generationConfig", {}).get("maxOutputTokens")
         completion = float(limit) if isinstance(limit, int) else float(DEFAULT_COMPLETION_TOKENS)
         return GeminiItem(
-            index, body, payload, estimate_tokens(payload), completion, reasks=reasks, spent=spent
+            index,
+            body,
+            payload,
+            estimate_tokens(payload),
+            completion,
+            reasks=reasks,
+            capped=isinstance(limit, int),
+            spent=spent,
         )
 
     def payload(self, items: Sequence[Item]) -> bytes:
         return items[0].payload
 
     def parse(self, text: str, items: Sequence[Item]) -> Parsed:
-        item = items[0]
-        assert isinstance(item, GeminiItem)
+        # No item only for a batch result line that is none of this run's rows.
+        item = items[0] if items else None
+        spent = item.spent if isinstance(item, GeminiItem) else (0, 0)
         try:
             reply = json.loads(text)
             candidates = reply.get("candidates") or []
@@ -218,7 +226,7 @@ class GeminiEndpoint:
         elif not words:
             outcome = NoText(f"the reply has no text (finishReason: {finish})")
         elif self.schema is None:
-            outcome = Answer(answer, answer, *_counts(usage, item.spent))
+            outcome = Answer(answer, answer, *_counts(usage, spent))
         elif finish == "MAX_TOKENS":
             outcome = Truncated(
                 "the answer was cut off at maxOutputTokens before the JSON was complete; "
@@ -228,16 +236,18 @@ class GeminiEndpoint:
             try:
                 value = self.schema.check(answer)
             except AnswerMismatch as exc:
-                outcome = self._reask(item, answer, str(exc), usage)
+                mine = item if isinstance(item, GeminiItem) else None
+                outcome = self._reask(mine, answer, str(exc), usage)
             else:
-                outcome = Answer(_dump(value), value, *_counts(usage, item.spent))
+                outcome = Answer(_dump(value), value, *_counts(usage, spent))
         return Parsed([outcome], usage)
 
     def _reask(
-        self, item: GeminiItem, answer: str, problem: str, usage: Mapping[str, Any] | None
+        self, item: GeminiItem | None, answer: str, problem: str, usage: Mapping[str, Any] | None
     ) -> Outcome:
-        error = SchemaError(f"{problem} (after {item.reasks} re-asks)"[:500])
-        if item.reasks >= self.validation_retries:
+        reasks = item.reasks if item is not None else 0
+        error = SchemaError(f"{problem} (after {reasks} re-asks)"[:500])
+        if item is None or item.reasks >= self.validation_retries:
             return error
         contents = [
             *item.body["contents"],

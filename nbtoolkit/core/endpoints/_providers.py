@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nbtoolkit.config import ChatConfig
-from nbtoolkit.core.endpoints._anthropic import AnthropicEndpoint
+from nbtoolkit.core.endpoints._anthropic import DEFAULT_MAX_TOKENS, AnthropicEndpoint
 from nbtoolkit.core.endpoints._base import ChatEndpoint, Endpoint
 from nbtoolkit.core.endpoints._embeddings import EmbeddingEndpoint
 from nbtoolkit.core.endpoints._gemini import GeminiEmbeddingEndpoint, GeminiEndpoint
@@ -19,7 +19,7 @@ from nbtoolkit.core.endpoints._schema import StructuredSchema
 from nbtoolkit.core.endpoints._structured import Structured, StructuredEndpoint
 from nbtoolkit.errors import ConfigError
 
-__all__ = ["chat_endpoint", "embedding_endpoint", "structured_endpoint"]
+__all__ = ["chat_endpoint", "embedding_endpoint", "provider_notes", "structured_endpoint"]
 
 
 def chat_endpoint(config: ChatConfig) -> Endpoint:
@@ -105,3 +105,16 @@ def embedding_endpoint(
         max_batch_tokens=max_batch_tokens,
         params=params,
     )
+
+
+def provider_notes(config: ChatConfig) -> list[str]:
+    """Lines for a run's summary: the defaults nbtoolkit chose for the provider."""
+    params = config.params
+    if config.provider == "anthropic" and not (
+        {"max_tokens", "max_completion_tokens"} & params.keys()
+    ):
+        return [
+            f"max_tokens: {DEFAULT_MAX_TOKENS} per request (Anthropic requires one; "
+            "nbtoolkit's default: pass max_tokens= to change it)"
+        ]
+    return []

@@ -39,6 +39,7 @@ from nbtoolkit.core.endpoints._base import (
     Parsed,
     Reask,
     completion_budget,
+    is_capped,
     plain_json,
     usage_counts,
 )
@@ -210,6 +211,7 @@ class StructuredEndpoint:
             estimate_tokens(raw) + self._schema_tokens,
             completion_budget(body),
             reasks=reasks,
+            capped=is_capped(body),
             raw=raw,
             spent=spent,
         )

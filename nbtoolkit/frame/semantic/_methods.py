@@ -20,6 +20,7 @@ from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts
 from nbtoolkit.core._runner import run_sync
 from nbtoolkit.errors import ConfigError, RunInterrupted
 from nbtoolkit.frame._options import RunOptions
+from nbtoolkit.frame.semantic._estimate import OperatorEstimate
 from nbtoolkit.frame.semantic._filter import Cascade
 from nbtoolkit.frame.semantic._operators import (
     Keep,
@@ -85,8 +86,9 @@ class SemanticMethods:
         max_cost: float | None = None,
         max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
+        dry_run: bool = False,
         **params: Any,
-    ) -> pd.DataFrame | pd.Series:
+    ) -> pd.DataFrame | pd.Series | OperatorEstimate:
         """The rows for which the model answers yes to ``template``'s question.
 
         Args:
@@ -104,6 +106,8 @@ class SemanticMethods:
             sample_seed: which rows are sampled.
             model, max_parallel, ..., config: run options, as for ``complete``
                 (``cache``, ``max_cost``, ...).
+            dry_run: send nothing; return an `OperatorEstimate`: each step's rows, tokens
+                and cost (low / expected / high) and their total.
             **params: request-body fields (``temperature``).
 
         Returns:
@@ -135,7 +139,13 @@ class SemanticMethods:
         prompts = self._prompts(column, template)
         cascade = cascade_for(cheap_model, sample, agreement, sample_seed)
         return await filter_rows(
-            self._source(), prompts, settings, system=system, cascade=cascade, keep=keep
+            self._source(),
+            prompts,
+            settings,
+            system=system,
+            cascade=cascade,
+            keep=keep,
+            dry_run=dry_run,
         )
 
     async def atop_k(
@@ -165,8 +175,9 @@ class SemanticMethods:
         max_cost: float | None = None,
         max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
+        dry_run: bool = False,
         **params: Any,
-    ) -> pd.DataFrame | pd.Series:
+    ) -> pd.DataFrame | pd.Series | OperatorEstimate:
         """The ``k`` rows that best fit a criterion, best first.
 
         Each row gets one request and a 0-100 score (so cost grows linearly with the rows);
@@ -201,7 +212,9 @@ class SemanticMethods:
             config=config,
         ).settings(params, method="top_k")
         prompts = self._prompts(column, template)
-        return await top_rows(self._source(), prompts, k, settings, system=system, output=output)
+        return await top_rows(
+            self._source(), prompts, k, settings, system=system, output=output, dry_run=dry_run
+        )
 
     async def aaggregate(
         self,
@@ -231,8 +244,9 @@ class SemanticMethods:
         max_cost: float | None = None,
         max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
+        dry_run: bool = False,
         **params: Any,
-    ) -> str | pd.Series | None:
+    ) -> str | pd.Series | OperatorEstimate | None:
         """One answer over many rows: for the whole frame, or per group with ``by=``.
 
         Args:
@@ -288,6 +302,7 @@ class SemanticMethods:
             system=system,
             context_tokens=context_tokens,
             output=output,
+            dry_run=dry_run,
         )
 
 
@@ -329,8 +344,9 @@ class FrameSemanticMethods(SemanticMethods):
         max_cost: float | None = None,
         max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
+        dry_run: bool = False,
         **params: Any,
-    ) -> pd.DataFrame:
+    ) -> pd.DataFrame | OperatorEstimate:
         """The pairs of rows, one from this frame and one from ``right``, the model matches.
 
         Candidates come from embeddings: each left row is asked about with its
@@ -390,6 +406,7 @@ class FrameSemanticMethods(SemanticMethods):
             suffixes=suffixes,
             system=system,
             cascade=cascade_for(cheap_model, sample, agreement, sample_seed),
+            dry_run=dry_run,
         )
 
 
