@@ -13,6 +13,15 @@ The path of one row::
     group (endpoint.max_items rows) ─► queue (2 x max_parallel) ─► worker
        ─► budget ─► governor ─► client ─► breaker ─► endpoint.parse ─► cache
 
+A 400 goes through the refusal watch (`RefusalWatch`): until something is answered, the
+same refusal for three rows or groups stops the run, and a refused group is held rather
+than halved until a row sent alone decides. After an answer a refused group is halved until
+its bad input stands alone.
+
+Longer than the project's other modules: it is the one path every endpoint's rows take,
+and its parts that stand alone already live beside it (`_breaker`, `_budget`, `_limits`,
+`_retry`, `_cachewriter`, `_client`).
+
 Memory stays proportional to ``max_parallel``: the producer pulls requests from the
 iterable only as the queue drains. Only the results list grows with the row count.
 """
@@ -43,7 +52,13 @@ from nbtoolkit.core._cachewriter import CacheWriter
 from nbtoolkit.core._client import Redactor, Reply, post_json
 from nbtoolkit.core._limits import RateGovernor, ServerLimits
 from nbtoolkit.core._pricing import Price, config_price
-from nbtoolkit.core._retry import GiveUp, RetryAfterOrBackoff, is_retryable, is_systemic
+from nbtoolkit.core._retry import (
+    GiveUp,
+    RetryAfterOrBackoff,
+    google_quotas,
+    is_retryable,
+    is_systemic,
+)
 from nbtoolkit.core._rows import SKIPPED, ProgressListener, RowError, RowResult, RunStats
 from nbtoolkit.core.endpoints._base import (
     Answer,
@@ -171,6 +186,10 @@ class _Attempts(Exception):
 
 class _OverBudget(Exception):
     """A request that would pass max_cost / max_tokens_total; its rows are not sent."""
+
+    def __init__(self, *, uncapped: bool = False) -> None:
+        super().__init__()
+        self.uncapped = uncapped  # it set no max_tokens: it reserved the output ceiling
 
 
 class _Systemic(Exception):
@@ -499,24 +518,22 @@ class ChatRun:
             self._parked.append((items, failed))
             return False
         if verdict is Verdict.PROBE:
-            return await self._probe(session, items, failed)
+            return await self._probe(session, items)
         if verdict is Verdict.BISECT:
             return await self._bisect(session, items)
         for item in items:
             self._settle_row(item, self._failed(error, failed.attempts))
         return False
 
-    async def _probe(
-        self, session: aiohttp.ClientSession, items: list[Item], failed: _Attempts
-    ) -> bool:
+    async def _probe(self, session: aiohttp.ClientSession, items: list[Item]) -> bool:
         """Send rows of a refused group alone, every other request held, until one is
         answered (the group was refused for a bad input or its size: the rest goes on) or
         enough are refused alike that the run stops."""
         try:
             # The middle, then the ends: a bad input the server names by position is rarely
             # at all three.
-            order = [len(items) // 2, 0, len(items) - 1]
-            order += [i for i in range(len(items)) if i not in order]
+            ends = [len(items) // 2, 0, len(items) - 1]
+            order = list(dict.fromkeys([*ends, *range(len(items))]))  # each row once
             left = list(items)
             for position in order:
                 if not self._refusals.armed:
@@ -686,7 +703,14 @@ class ChatRun:
         """The result of a row whose attempt number ``attempts`` failed with ``exc``."""
         if isinstance(exc, _OverBudget):  # that attempt was never sent
             sent = attempts - 1
-            return RowResult(None, RowError("over_budget", self.budget.reason(), None, sent), sent)
+            reason = self.budget.reason()
+            if exc.uncapped:
+                reason += (
+                    f"; a request without max_tokens reserves up to {self.ceiling.tokens:,} "
+                    "completion tokens (the model's output ceiling): set max_tokens to send "
+                    "more rows within the budget"
+                )
+            return RowResult(None, RowError("over_budget", reason, None, sent), sent)
         if isinstance(exc, NbToolkitError) and is_systemic(exc):
             raise _Systemic(exc) from exc
         return RowResult(None, _row_error(exc, attempts), attempts)
@@ -698,7 +722,7 @@ class ChatRun:
         # request without max_tokens is the model's output ceiling.
         owed = self._budget_completion(job)
         if self.budget.limited and not await self.budget.reserve(prompt_tokens, owed):
-            raise _OverBudget()
+            raise _OverBudget(uncapped=any(not item.capped for item in job.items))
         reserved = prompt_tokens + completion_tokens
         try:
             ticket = await self.governor.admit(reserved)
@@ -787,14 +811,10 @@ class ChatRun:
         the model's output ceiling for a row without one (an estimate cannot bound a reply)."""
         if not self.budget.limited:
             return job.worst_case()[1]
-        ceiling = self.ceiling.tokens
         owed = 0.0
         for item in job.items:
-            if item.capped:
-                owed += item.completion_tokens
-            else:
-                owed += max(item.completion_tokens, ceiling)
-                self._ceiling_used = True
+            owed += self.ceiling.worst(item.completion_tokens, capped=item.capped)
+            self._ceiling_used = self._ceiling_used or not item.capped
         return owed
 
     def _charge_unknown(self, prompt_tokens: float, completion_tokens: float) -> None:
@@ -925,6 +945,11 @@ def _abort_message(error: NbToolkitError, fields: Iterable[str] = ()) -> str:
             f"{named}. What to do: the request itself is refused, not a row: check "
             f"{repr(parameter) if parameter else 'the parameters'} (leave it out, or use a "
             "model that takes it), the model name, and any params= or extra body fields."
+        )
+    elif isinstance(error, APIError) and any("PerDay" in q for q in google_quotas(error.body)):
+        advice = (
+            "the daily quota is spent (Gemini's reset at midnight Pacific time); run the rest "
+            "tomorrow (answers so far are cached), or use a key on a paid tier"
         )
     else:
         advice = "the account is out of quota or credit; add credit or use another key"
