@@ -431,15 +431,13 @@ def _saved_answers() -> int:
 def test_two_processes_share_one_cache() -> None:
     """Two runs writing the same cache at once both finish, and the file stays sound."""
     with ChatServer(latency=0.002).run_in_thread() as server:
-        started = time.monotonic()
         runs = [child(server, 400, prefix, parallel=16) for prefix in ("a", "b")]
+        # A hang guard, not a speed check: a run stuck on the other's lock fails here.
         outputs = [run.communicate(timeout=60) for run in runs]
-        elapsed = time.monotonic() - started
     for run, (stdout, stderr) in zip(runs, outputs, strict=True):
         assert run.returncode == 0, stderr
         assert "filled 400" in stdout
         assert "locked" not in stderr
-    assert elapsed < 30
     with sqlite3.connect(cache_file()) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert db.execute("SELECT count(*) FROM responses").fetchone() == (800,)

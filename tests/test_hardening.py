@@ -4,7 +4,6 @@ no single row, parameter or template that can sink a run."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 import pandas as pd
@@ -73,10 +72,12 @@ async def test_a_server_that_dies_mid_run_stops_it_within_seconds() -> None:
     while sum(server.answered.values()) < 100:  # noqa: ASYNC110 (the server's counter, polled)
         await asyncio.sleep(0.005)
     await server.stop()
-    died = time.monotonic()
+    sent_before = run.stats.requests_sent
     with pytest.raises(nbtoolkit.RunAborted, match="stopped answering") as caught:
-        await asyncio.wait_for(task, 60)
-    assert time.monotonic() - died < 30
+        await asyncio.wait_for(task, 60)  # a hang guard: without the breaker, hours of retries
+    # Counted, not timed: the breaker stops the pool's rows within their retries, before
+    # any of the other ~1,900 rows is tried (6 attempts each, at 0.5-8 s apart).
+    assert run.stats.requests_sent - sent_before <= 8 * patient.attempts
     partial = caught.value.partial
     assert sum(1 for r in partial if r.ok) >= 100
     kinds = {r.error.kind for r in partial if not r.ok}
