@@ -358,6 +358,7 @@ async def test_gemini_daily_quota_stops_with_googles_words() -> None:
         with pytest.raises(RunAborted) as stopped:
             await ChatRun(gemini_config(server, max_parallel=4)).execute(rows(100))
     assert words in str(stopped.value)
+    assert "daily quota is spent" in str(stopped.value)
     assert server.request_count <= 4
 
 
@@ -426,3 +427,27 @@ def test_extract_gives_the_same_typed_columns_on_three_providers() -> None:
     pd.testing.assert_frame_equal(outs[0], outs[2])
     assert gemini_server.statuses["400"] == 0 and gemini_server.request_count == 3
     assert str(outs[2]["urgency"].dtype) == "Int64"
+
+
+def test_classify_gives_the_same_labels_on_three_providers() -> None:
+    """classify's enum schema goes through the tool (Anthropic) and responseSchema (Gemini)
+    and gives the same category column as OpenAI's json_schema; the default system prompt
+    travels as each provider's system field."""
+    df = pd.DataFrame({"text": ["great", "awful", "fine", "meh"]})
+    labels = ["pos", "neg", "neutral"]
+    outs = []
+    with ChatServer().run_in_thread() as server:
+        outs.append(
+            df.chat.classify(
+                "text", labels=labels, model="m", base_url=server.base_url, progress=False
+            )
+        )
+    with AnthropicServer().run_in_thread() as claude_server:
+        outs.append(df.chat.classify("text", labels=labels, config=anthropic_config(claude_server)))
+    with GeminiServer().run_in_thread() as gemini_server:
+        outs.append(df.chat.classify("text", labels=labels, config=gemini_config(gemini_server)))
+    pd.testing.assert_frame_equal(outs[0], outs[1])
+    pd.testing.assert_frame_equal(outs[0], outs[2])
+    assert list(outs[1]["label"].cat.categories) == labels
+    assert "Classify" in claude_server.requests[0].body["system"]
+    assert "Classify" in gemini_server.requests[0].body["systemInstruction"]["parts"][0]["text"]

@@ -31,8 +31,8 @@ from nbtoolkit.testing import (
     Stall,
     Status,
     _ratelimit,
+    duration,
 )
-from nbtoolkit.testing._ratelimit import duration
 
 
 def _body(prompt: str, model: str = "test-model") -> dict[str, Any]:

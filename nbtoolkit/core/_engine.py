@@ -53,7 +53,13 @@ from nbtoolkit.core._cachewriter import CacheWriter
 from nbtoolkit.core._client import Redactor, Reply, post_json
 from nbtoolkit.core._limits import RateGovernor, ServerLimits
 from nbtoolkit.core._pricing import Price, config_price
-from nbtoolkit.core._retry import GiveUp, RetryAfterOrBackoff, is_retryable, is_systemic
+from nbtoolkit.core._retry import (
+    GiveUp,
+    RetryAfterOrBackoff,
+    google_quotas,
+    is_retryable,
+    is_systemic,
+)
 from nbtoolkit.core._rows import SKIPPED, ProgressListener, RowError, RowResult, RunStats
 from nbtoolkit.core.endpoints._base import (
     Answer,
@@ -881,6 +887,11 @@ def _abort_message(error: NbToolkitError, fields: Iterable[str] = ()) -> str:
             f"{named}. What to do: the request itself is refused, not a row: check "
             f"{repr(parameter) if parameter else 'the parameters'} (leave it out, or use a "
             "model that takes it), the model name, and any params= or extra body fields."
+        )
+    elif isinstance(error, APIError) and any("PerDay" in q for q in google_quotas(error.body)):
+        advice = (
+            "the daily quota is spent (Gemini's reset at midnight Pacific time); run the rest "
+            "tomorrow (answers so far are cached), or use a key on a paid tier"
         )
     else:
         advice = "the account is out of quota or credit; add credit or use another key"

@@ -632,16 +632,3 @@ class RateGovernor:
             for budget in (self.server_requests, self.server_tokens)
             if budget.rate is not None
         }
-
-
-def estimate_tokens(messages: object, max_tokens: object) -> float:
-    """Prompt tokens (about 4 characters each, plus framing) plus the completion budget."""
-    characters = 0
-    count = 0
-    if isinstance(messages, list | tuple):
-        for message in messages:
-            count += 1
-            content = message.get("content") if isinstance(message, Mapping) else None
-            characters += len(content) if isinstance(content, str) else 0
-    completion = max_tokens if isinstance(max_tokens, int | float) else 256
-    return characters / 4 + 4 * count + 3 + float(completion)

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nbtoolkit.core._rows import ChatRequest
+from nbtoolkit.core._rows import ChatRequest, estimate_tokens
 from nbtoolkit.core.endpoints._base import Answer, Item, Outcome, Parsed, Reask, plain_json
 from nbtoolkit.core.endpoints._schema import AnswerMismatch, StructuredSchema
 from nbtoolkit.core.store._cache import encode_body
@@ -112,7 +112,7 @@ class AnthropicEndpoint:
                 "description": _TOOL_DESCRIPTION,
                 "input_schema": schema.strict,
             }
-        self._tool_tokens = len(json.dumps(self.tool)) / 4 if self.tool else 0.0
+        self._tool_tokens = estimate_tokens(json.dumps(self.tool)) if self.tool else 0.0
 
     def item(self, index: int, request: ChatRequest) -> AnthropicItem:
         body = {**self.base_body, **translate(dict(request.params))}
@@ -125,7 +125,7 @@ class AnthropicEndpoint:
             if m.get("role") != "system"
         ]
         # The prefix every row shares (tools, then system) is cached when long enough.
-        cached = self._tool_tokens + len(system) / 4 >= CACHE_MIN_TOKENS
+        cached = self._tool_tokens + estimate_tokens(system) >= CACHE_MIN_TOKENS
         tool = self.tool
         if tool is not None:
             mark = cached and not system
@@ -144,7 +144,7 @@ class AnthropicEndpoint:
         budget = body.get("max_tokens")
         completion = float(budget) if isinstance(budget, int) else float(DEFAULT_MAX_TOKENS)
         return AnthropicItem(
-            index, body, payload, len(payload) / 4, completion, reasks=reasks, spent=spent
+            index, body, payload, estimate_tokens(payload), completion, reasks=reasks, spent=spent
         )
 
     def payload(self, items: Sequence[Item]) -> bytes:

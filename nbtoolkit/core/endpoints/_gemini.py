@@ -36,7 +36,7 @@ from urllib.parse import quote, urlsplit
 
 import numpy as np
 
-from nbtoolkit.core._rows import ChatRequest
+from nbtoolkit.core._rows import ChatRequest, estimate_tokens
 from nbtoolkit.core.endpoints._base import (
     DEFAULT_COMPLETION_TOKENS,
     Answer,
@@ -184,7 +184,7 @@ class GeminiEndpoint:
             index,
             body,
             payload,
-            len(payload) / 4,
+            estimate_tokens(payload),
             completion,
             reasks=reasks,
             capped=isinstance(limit, int),

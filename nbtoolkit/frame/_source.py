@@ -1,0 +1,43 @@
+"""What every accessor method reads: the caller's rows, as a frame, and their prompts.
+
+`RowSource` is the base of the method mixins (`nbtoolkit.frame._chat_methods` and the
+others); ``df.chat`` and ``series.chat`` (`nbtoolkit.frame._accessor`) fill in where the
+rows come from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pandas as pd
+
+from nbtoolkit.core._rows import RowResult
+from nbtoolkit.frame._prompts import row_prompts
+from nbtoolkit.frame._writers import text_writer
+
+
+class RowSource:
+    """The rows a method runs over; keeps no state between calls."""
+
+    def _frame(self) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def _as_series(self) -> bool:
+        raise NotImplementedError
+
+    def _owner(self) -> object:
+        """The caller's DataFrame or Series itself (a dry run's estimate is kept for it)."""
+        raise NotImplementedError
+
+    def _default_column(self) -> str | None:
+        raise NotImplementedError
+
+    def _prompts(self, column: str | None, template: str | None) -> pd.Series:
+        """One prompt (or None: nothing to send) per row, from a column or a template."""
+        column = column if column is not None else self._default_column()
+        return row_prompts(self._frame(), column, template, as_series=self._as_series())
+
+    def _text_column(self, output: str | None) -> Callable[[Sequence[RowResult]], Any]:
+        """Writes each row's answer text into the column ``output`` of a copy of the frame."""
+        return text_writer(self._frame(), output, as_series=self._as_series())
