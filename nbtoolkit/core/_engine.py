@@ -512,7 +512,7 @@ class ChatRun:
         self.stats.requests_sent += 1
         limits: ServerLimits | None = None
         used: float | None = None
-        congested = False
+        congested = throttled = False
         pause: float | None = None
         try:
             reply: Reply = await post_json(
@@ -528,7 +528,7 @@ class ChatRun:
         except RateLimitError as exc:
             self.breaker.reached()
             self.stats.statuses["429"] += 1
-            limits, congested = exc.limits, True
+            limits, congested, throttled = exc.limits, True, True
             pause = self._shared_pause(exc)
             raise
         except RequestTimeout:
@@ -563,6 +563,7 @@ class ChatRun:
                 limits=limits,
                 congested=congested,
                 pause=pause,
+                throttled=throttled,
             )
 
     def _spend(

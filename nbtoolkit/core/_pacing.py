@@ -1,0 +1,125 @@
+"""A request rate learned from 429s alone, for servers whose headers do not state one.
+
+Many servers send no rate headers (local gateways, most proxies), or only remaining counts
+(Azure), so `ServerBudget` has nothing to learn a rate from. Cutting concurrency on each
+429 (the governor's AIMD) does not pace such a server: with 100 ms replies, 5 requests in
+flight already make 50 a second, and every wave of freed workers goes out at once, into the
+wall. About a quarter of all requests came back 429 that way.
+
+`LearnedPace` instead paces the requests themselves, as AWS's "adaptive" retry mode and
+TCP congestion control do, with AIMD on the admitted rate:
+
+- the first 429 starts the pacing at half the rate the run was admitting requests at (the
+  server refused it, and we know nothing better yet), and each 429 halves it again until
+  a request sent at the new rate succeeds (a descent of a few 429s from a burst's rate);
+  from then on a 429 takes ``_BACK_OFF`` off the rate. Once per reaction: a 429 for a
+  request admitted before the last cut was already answered by that cut;
+- the server's Retry-After is honoured (the governor's shared pause), but not read as a
+  rate: a token bucket's is the time until its next token, 1 ms when it is nearly there,
+  and a fixed window's is the time until the window ends;
+- each success adds a little: ``_GROWTH`` of the rate at the last cut per second of
+  successes, doubling every second without a 429, so the rate keeps probing up to the
+  server's limit, and a guess that landed far too low (a stalled machine measures a low
+  admitted rate) recovers in seconds;
+- the pace spaces requests evenly, with no burst of its own.
+
+Against a token bucket of 50 a second (burst 50), this stays within a few percent of the
+server's rate, with one or two 429s each time it probes past it.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Callable
+
+# The rate a first 429 starts from, as a share of the rate the run was admitting at.
+_FIRST_CUT = 0.5
+# Each later 429 keeps this share of the rate.
+_BACK_OFF = 0.85
+# Each second of successes adds this share of the rate at the last cut: back to it ~1 s
+# after a cut of 15%, so a server that allows more is found again in a few seconds.
+_GROWTH = 0.15
+# The growth doubles each second without a cut, this many times at most.
+_MAX_DOUBLINGS = 6.0
+# Seconds without a cut that double the growth.
+_DOUBLING = 2.0
+# Admissions counted for the admitted rate (seconds).
+_WINDOW = 1.0
+# The least the pace falls to, requests per second; the server's Retry-After and the
+# retries' backoff hold the run back further if it must.
+_FLOOR = 0.1
+
+
+class LearnedPace:
+    """The request rate a server allows, learned from its 429s (AIMD); None until one."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.rate: float | None = None  # requests per second, once a 429 started the pacing
+        self.cuts = 0
+        self._clock = clock
+        self._next_at = -math.inf  # when the next request may go
+        self._cut_at = -math.inf
+        self._rate_at_cut = 0.0
+        self._found = False  # has a request sent since the last cut succeeded?
+        self._admitted: collections.deque[float] = collections.deque()
+        self._first_admitted: float | None = None
+
+    def wait(self) -> float:
+        """Seconds until the next request may go; 0 if now (or not pacing)."""
+        if self.rate is None:
+            return 0.0
+        return max(0.0, self._next_at - self._clock())
+
+    def admitted(self) -> None:
+        """A request went: count it, and space the next one."""
+        now = self._clock()
+        if self._first_admitted is None:
+            self._first_admitted = now
+        self._admitted.append(now)
+        while self._admitted[0] < now - _WINDOW:
+            self._admitted.popleft()
+        if self.rate is not None:
+            # No credit for idle time: the next request goes one interval after this one.
+            self._next_at = max(self._next_at, now) + 1.0 / self.rate
+
+    def throttled(self, admitted_at: float) -> None:
+        """A 429 for the request admitted at ``admitted_at`` (clock time)."""
+        if admitted_at < self._cut_at:
+            return  # sent before the last cut, at the rate that cut already lowered
+        now = self._clock()
+        measured = self._admitted_rate(now)
+        current = measured if self.rate is None else min(self.rate, measured)
+        rate = (_BACK_OFF if self._found else _FIRST_CUT) * current
+        self.rate = max(_FLOOR, rate)
+        self._rate_at_cut = self.rate
+        self._cut_at = now
+        self._next_at = now + 1.0 / self.rate
+        self.cuts += 1
+
+    def succeeded(self, admitted_at: float) -> None:
+        """The server accepted the request admitted at ``admitted_at``: probe a little higher."""
+        if self.rate is not None:
+            self._found = self._found or admitted_at >= self._cut_at
+            # One success per 1/rate seconds while paced: _GROWTH x the cut rate per second,
+            # twice that after a second without a cut, four times after two, ...
+            boost = 2.0 ** min((self._clock() - self._cut_at) / _DOUBLING, _MAX_DOUBLINGS)
+            self.rate += _GROWTH * boost * self._rate_at_cut / self.rate
+
+    def _admitted_rate(self, now: float) -> float:
+        """Requests admitted per second over the last _WINDOW (or since the first)."""
+        start = self._first_admitted if self._first_admitted is not None else now
+        span = min(_WINDOW, max(now - start, 0.01))
+        recent = sum(1 for at in self._admitted if at >= now - span)
+        return max(recent, 1) / span
+
+    def learned(self) -> dict[str, float | int | str | None]:
+        """For the run's report: the pace now, and how many 429s cut it."""
+        return {
+            "rate_per_second": self.rate,
+            "window_seconds": None,
+            "limit": None,
+            "burst": None,
+            "basis": f"429s (AIMD, {self.cuts} cuts)",
+            "headers": "none",
+        }
