@@ -12,8 +12,8 @@ import pytest
 from aiohttp import ClientSession, web
 
 import nbtoolkit
-from nbtoolkit import ChatConfig, ChatRequest, ChatRun, ConfigError, RetryPolicy
-from nbtoolkit.testing import ChatServer, FaultRates, Malformed, RateLimit
+from nbtoolkit import ChatConfig, ChatRequest, ChatRun, ConfigError, RetryPolicy, Timeouts
+from nbtoolkit.testing import ChatServer, CompletionLengths, FaultRates, Malformed, RateLimit, Stall
 from tests.conftest import FAST_RETRY, MODEL, settings
 
 
@@ -261,3 +261,74 @@ def test_the_report_says_what_limits_the_server_announced() -> None:
     assert learned["headers"] == "ietf"
     assert learned["window_seconds"] == 1.0
     assert 45 <= learned["rate_per_second"] <= 55
+
+
+async def test_the_over_budget_reason_names_the_limit_that_refused() -> None:
+    """With both limits set, rows refused by max_tokens_total say max_tokens_total, not
+    max_cost (which was far from reached)."""
+    async with ChatServer() as server:
+        config = chat(
+            server,
+            max_parallel=1,
+            prices={MODEL: (1.0, 1.0)},
+            max_cost=1_000.0,
+            max_tokens_total=60,
+            params={"max_tokens": 10},
+        )
+        results = await ChatRun(config).execute(asks(20))
+    refused = [r.error.message for r in results if r.error is not None]
+    assert refused and len(refused) + server.request_count == 20
+    assert all(message.startswith("max_tokens_total=60 reached") for message in refused)
+
+
+async def test_a_budget_holds_without_max_tokens_against_long_answers() -> None:
+    """No max_tokens, 2,000-token answers, 32 in flight: the budget reserves the model's
+    output ceiling, so the tokens the server billed never pass max_tokens_total."""
+    lengths = CompletionLengths(median=2_000, sigma=0.0)
+    async with ChatServer(latency=0.02, lengths=lengths) as server:
+        run = ChatRun(chat(server, max_parallel=32, max_tokens_total=60_000))
+        results = await run.execute(asks(200))
+        ok = [r for r in results if r.ok]
+    billed = sum(r.prompt_tokens + r.completion_tokens for r in ok)
+    assert server.answered.total() == len(ok) > 0
+    assert all(r.completion_tokens == 2_000 for r in ok)  # what the server answered
+    assert billed == run.budget.tokens <= 60_000
+    assert {r.error.kind for r in results if not r.ok} == {"over_budget"}
+    assert run.stats.budget_note is not None and "16,384 completion tokens" in run.stats.budget_note
+
+
+async def test_a_timed_out_request_is_charged_its_reservation() -> None:
+    """A request that timed out may still be billed: the budget charges its worst case."""
+    async with ChatServer() as server:
+        server.script(Stall(5.0), prompt="review number 0")
+        config = chat(
+            server,
+            max_tokens_total=10_000,
+            params={"max_tokens": 50},
+            timeouts=Timeouts(total=0.2),
+            retry=RetryPolicy(attempts=1),
+        )
+        run = ChatRun(config)
+        (result,) = await run.execute(asks(1))
+    assert result.error is not None and result.error.kind == "RequestTimeout"
+    prompt = run.endpoint.item(0, asks(1)[0]).prompt_tokens
+    assert run.budget.tokens == round(prompt) + 50
+    assert run.stats.charged_unconfirmed == run.budget.tokens
+    assert server.statuses["dropped"] + server.statuses["stall"] == 1
+
+
+def test_the_summary_states_what_the_budget_assumed(server: ChatServer) -> None:
+    """Without max_tokens, the run's summary says how many completion tokens a request was
+    assumed to use at most, and why; with max_tokens it says nothing of it."""
+    df = pd.DataFrame({"review": ["a", "b", "c"]})
+    df.chat.complete("review", max_tokens_total=100_000, **settings(server, cache=False))
+    report = nbtoolkit.last_run()
+    assert report is not None
+    assert (
+        "a request without max_tokens reserved up to 16,384 completion tokens "
+        "(test-model: not in the table of output limits: an assumption)"
+    ) in report.summary()
+    df.chat.complete(
+        "review", max_tokens=20, max_tokens_total=100_000, **settings(server, cache=False)
+    )
+    assert "reserved up to" not in nbtoolkit.last_run().summary()  # type: ignore[union-attr]

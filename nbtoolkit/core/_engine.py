@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,23 +32,31 @@ import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from nbtoolkit.config import ChatConfig
-from nbtoolkit.core._breaker import CircuitBreaker
-from nbtoolkit.core._budget import Budget
+from nbtoolkit.core._breaker import (
+    REFUSALS_TO_STOP,
+    CircuitBreaker,
+    RefusalWatch,
+    Verdict,
+    refused_parameter,
+)
+from nbtoolkit.core._budget import Budget, OutputCeiling
 from nbtoolkit.core._cachewriter import CacheWriter
-from nbtoolkit.core._client import Reply, post_json
+from nbtoolkit.core._client import Redactor, Reply, post_json
 from nbtoolkit.core._limits import RateGovernor, ServerLimits
+from nbtoolkit.core._pricing import Price, config_price
 from nbtoolkit.core._retry import GiveUp, RetryAfterOrBackoff, is_retryable, is_systemic
 from nbtoolkit.core._rows import SKIPPED, ProgressListener, RowError, RowResult, RunStats
 from nbtoolkit.core.endpoints._base import (
     Answer,
-    ChatEndpoint,
     Endpoint,
     Item,
     Outcome,
     Parsed,
     Reask,
+    reasoning_tokens,
     usage_counts,
 )
+from nbtoolkit.core.endpoints._providers import chat_endpoint
 from nbtoolkit.core.store._cache import CachedAnswer, RequestKeys
 from nbtoolkit.errors import (
     APIError,
@@ -60,6 +69,7 @@ from nbtoolkit.errors import (
     RateLimitError,
     RequestTimeout,
     RunAborted,
+    SchemaRefused,
     TransportError,
     UnsendableRow,
 )
@@ -110,6 +120,16 @@ class _Systemic(Exception):
         self.error = error
 
 
+def request_keys(config: ChatConfig, endpoint: Endpoint) -> RequestKeys:
+    """The one key function for answers, live or from a batch: a row's cache key.
+
+    Keyed on the URL without its query, which may carry a secret, and Azure's
+    ``api-version``: an answer does not change with the API version that delivered it, so
+    a batch answer is a cache hit for ``complete`` and the other way round, whatever query.
+    """
+    return RequestKeys(config.key_url(endpoint.path))
+
+
 class ChatRun:
     """One run over many requests; keeps its results reachable even if the run is cut short.
 
@@ -137,17 +157,21 @@ class ChatRun:
                 "no model: pass model='...' or set it once with nbtoolkit.configure(model='...')"
             )
         self.config = config
-        self.endpoint: Endpoint = endpoint or ChatEndpoint({"model": config.model, **config.params})
+        self.endpoint: Endpoint = endpoint or chat_endpoint(config)
         self.listener = listener
         # One slot per request pulled so far; None until that row finishes.
         self.results: list[RowResult | None] = []
         self.stats = RunStats()
         self.budget = Budget(
             model=config.model,
-            prices=config.prices,
+            price=config_price(config),
             max_tokens_total=config.max_tokens_total,
             max_cost=config.max_cost,
         )
+        # What a request without max_tokens may cost at most (a documented limit, or the
+        # assumption the run's summary states).
+        self.ceiling = OutputCeiling.for_model(config.model)
+        self._ceiling_used = False
         self.governor = RateGovernor(
             max_parallel=config.max_parallel,
             rpm=config.rpm,
@@ -159,6 +183,10 @@ class ChatRun:
             pause_max=config.retry.retry_after_max,
         )
         self.breaker = CircuitBreaker(threshold=config.max_parallel)
+        self._refusals = RefusalWatch()
+        # Refused groups held while nothing is answered yet, with their refusal.
+        self._parked: list[tuple[list[Item], _Attempts]] = []
+        self._refused_fields: list[str] = []  # a stopping refusal's request body fields
         self._timeout = aiohttp.ClientTimeout(
             total=config.timeouts.total,
             sock_connect=config.timeouts.connect,
@@ -168,13 +196,15 @@ class ChatRun:
             ceil_threshold=float("inf"),
         )
         # Whether the endpoint's answers are bytes (vectors) or text: a cache look-up reads
-        # only that kind's table. Optional: endpoints without it store text.
-        self._binary = bool(getattr(self.endpoint, "binary_answers", False))
+        # only that kind's table.
+        self._binary = self.endpoint.binary_answers
         self._url = config.url(self.endpoint.path)
         self._headers = config.request_headers()
+        # Every text about a request that reaches a row, the report or an exception goes
+        # through it: a gateway may echo the key in any body, a 200's included.
+        self._redact = Redactor(self._url, self._headers)
         self._cache = CacheWriter(None, model=None)
-        # Keyed without the query, which may carry a secret (and Azure's api-version).
-        self._keys = RequestKeys(config.key_url(self.endpoint.path))
+        self._keys = request_keys(config, self.endpoint)
         # Cache key -> rows waiting for the same request, which is queued or in flight.
         self._pending: dict[bytes, list[int]] = {}
         self._group: list[Item] = []  # rows waiting to fill a request (max_items > 1)
@@ -231,15 +261,20 @@ class ChatRun:
             raise
         finally:
             self.stats.finished = time.monotonic()
-            self.stats.cost = self.budget.cost if self.budget.price(0, 0) is not None else None
+            self.stats.cost = self.budget.cost if self.budget.unit_price is not None else None
+            self.stats.cache_saved = _cache_saved(self.budget.unit_price, self.stats.cached_tokens)
             self.stats.limits = self.governor.learned()
+            if self._ceiling_used:
+                self.stats.budget_note = self.ceiling.describe()
             self._cache.close()  # commits what is still waiting for the timer
         if stopped_by is not None:
             # Raised here, not inside the except block: an exception raised while a group is
             # being handled drags the group along as its context, and IPython then shows
             # the whole chain instead of the one line RunAborted renders.
             raise RunAborted(
-                _abort_message(stopped_by), partial=self.results, cause=stopped_by
+                _abort_message(stopped_by, self._refused_fields),
+                partial=self.results,
+                cause=stopped_by,
             ) from stopped_by
         return [result if result is not None else SKIPPED for result in self.results]
 
@@ -323,9 +358,22 @@ class ChatRun:
         self, session: aiohttp.ClientSession, queue: asyncio.Queue[_Job | None]
     ) -> None:
         while (job := await queue.get()) is not None:
+            await self._refusals.wait_decided()
             indexes = [item.index for item in job.items]
             self._sending.update(indexes)
             await self._run_job(session, job.items)
+            self._sending.difference_update(indexes)
+        # Groups held while nothing was answered yet: decided now that no other work is left
+        # (each worker drains them as it finishes, so the last one sees every one).
+        while self._parked:
+            while self._refusals.deciding:  # one probe at a time, here too
+                await self._refusals.wait_decided()
+            if not self._parked:
+                break
+            items, failed = self._parked.pop()
+            indexes = [item.index for item in items]
+            self._sending.update(indexes)
+            await self._refused(session, items, failed, parked=True)
             self._sending.difference_update(indexes)
 
     async def _run_job(self, session: aiohttp.ClientSession, items: list[Item]) -> bool:
@@ -335,21 +383,24 @@ class ChatRun:
             cap = self._max_items
             parts = [items[start : start + cap] for start in range(0, len(items), cap)]
             return all([await self._run_job(session, part) for part in parts])
+        if len(items) > 1 and self.budget.limited:
+            # A group larger than what is left goes as the rows that fit, then the rest.
+            fits = await self.budget.fitting(
+                [(item.prompt_tokens, self._budget_completion(_Job([item]))) for item in items]
+            )
+            if fits == 0:
+                for item in items:
+                    self._settle_row(item, self._failed(_OverBudget(), 1))
+                return False
+            if fits < len(items):
+                first = await self._run_job(session, items[:fits])
+                rest = await self._run_job(session, items[fits:])
+                return first and rest
         try:
             parsed, attempts = await self._send(session, _Job(items))
         except _Attempts as failed:
-            if isinstance(failed.error, BadRequestError) and len(items) > 1:
-                # One bad input must not sink its neighbours: halve until it stands alone.
-                middle = len(items) // 2
-                first = await self._run_job(session, items[:middle])
-                second = await self._run_job(session, items[middle:])
-                if first and second:
-                    # Both halves went through: the server refused the request for its size
-                    # (a cap on inputs per request, or on its tokens), not for a row. Later
-                    # requests are no larger than the halves were.
-                    self._max_items = min(self._max_items, len(items) - middle)
-                    self.stats.items_per_request = self._max_items
-                return first and second
+            if isinstance(failed.error, BadRequestError):
+                return await self._refused(session, items, failed)
             for item in items:
                 self._settle_row(item, self._failed(failed.error, failed.attempts))
             return False
@@ -365,6 +416,88 @@ class ChatRun:
         for item, outcome in others:
             await self._settle_outcome(session, item, outcome, attempts)
         return True
+
+    async def _refused(
+        self,
+        session: aiohttp.ClientSession,
+        items: list[Item],
+        failed: _Attempts,
+        *,
+        parked: bool = False,
+    ) -> bool:
+        """A 400 for ``items``: the row fails, or the group is held, probed or halved, or the
+        run stops, as the refusal watch decides (see `RefusalWatch`)."""
+        error = failed.error
+        assert isinstance(error, BadRequestError)
+        if parked:  # already counted when it was held
+            verdict = Verdict.PROBE if self._refusals.armed else Verdict.BISECT
+            if verdict is Verdict.PROBE:
+                self._refusals.probing(True)
+        else:
+            verdict = self._refusals.refused(error, rows=len(items))
+        if verdict is Verdict.STOP:
+            self._stop_refused(items, failed)
+        if verdict is Verdict.PARK:
+            self._parked.append((items, failed))
+            return False
+        if verdict is Verdict.PROBE:
+            return await self._probe(session, items, failed)
+        if verdict is Verdict.BISECT:
+            return await self._bisect(session, items)
+        for item in items:
+            self._settle_row(item, self._failed(error, failed.attempts))
+        return False
+
+    async def _probe(
+        self, session: aiohttp.ClientSession, items: list[Item], failed: _Attempts
+    ) -> bool:
+        """Send rows of a refused group alone, every other request held, until one is
+        answered (the group was refused for a bad input or its size: the rest goes on) or
+        enough are refused alike that the run stops."""
+        try:
+            # The middle, then the ends: a bad input the server names by position is rarely
+            # at all three.
+            order = [len(items) // 2, 0, len(items) - 1]
+            order += [i for i in range(len(items)) if i not in order]
+            left = list(items)
+            for position in order:
+                if not self._refusals.armed:
+                    break
+                item = items[position]
+                left.remove(item)
+                await self._run_job(session, [item])
+        finally:
+            self._refusals.probing(False)
+        return await self._run_job(session, left) if left else False
+
+    async def _bisect(self, session: aiohttp.ClientSession, items: list[Item]) -> bool:
+        """A group refused after the run had answers: halve it until a bad input stands
+        alone, so that it does not sink its neighbours."""
+        middle = len(items) // 2
+        first = await self._run_job(session, items[:middle])
+        second = await self._run_job(session, items[middle:])
+        if first and second:
+            # Both halves went through: the server refused the request for its size (a cap
+            # on inputs per request, or on its tokens), not for a row. Later requests are
+            # no larger than the halves were.
+            self._max_items = min(self._max_items, len(items) - middle)
+            self.stats.items_per_request = self._max_items
+        return first and second
+
+    def _stop_refused(self, items: list[Item], failed: _Attempts) -> None:
+        """The run stops on a refusal: the refused rows (held ones too) say why, then raise."""
+        try:  # the fields of the refused body, for the message to name the one refused
+            body = json.loads(self.endpoint.payload(items[:1]))
+            self._refused_fields = list(body) if isinstance(body, dict) else []
+        except ValueError:
+            pass
+        for held, held_failure in [(items, failed), *self._parked]:
+            for item in held:
+                attempts = held_failure.attempts
+                error = _row_error(held_failure.error, attempts)
+                self._settle_row(item, RowResult(None, error, attempts))
+        self._parked.clear()
+        raise _Systemic(failed.error)  # type: ignore[arg-type]
 
     async def _settle_outcome(
         self, session: aiohttp.ClientSession, item: Item, outcome: Any, attempts: int
@@ -392,8 +525,9 @@ class ChatRun:
             if item is not first and item.key is not None:
                 self._cache.save_many([(item.key, outcome)])  # the re-ask, under its own key
             self._settle_answer(first, outcome, attempts)
-        else:
-            self._settle_row(first, RowResult(None, _row_error(outcome, attempts), attempts))
+        else:  # a refusal or a bad answer: its message quotes the reply
+            error = _row_error(self._redact.error(outcome), attempts)
+            self._settle_row(first, RowResult(None, error, attempts))
 
     def _settle_answer(self, item: Item, answer: Answer, attempts: int) -> None:
         self._settle_answers([(item, answer)], attempts)
@@ -437,8 +571,9 @@ class ChatRun:
             return await self._send_once(session, job), 1
         except _Systemic:
             raise
-        except Exception as first_error:
-            if self._reshaped(first_error, job):
+        except Exception as error:
+            first_error = self._explained(error, job)
+            if first_error is None:  # the endpoint asks differently now: at once, no retry
                 return await self._send(session, job)
             if not is_retryable(first_error) or GiveUp(self.config.retry).first(first_error):
                 raise _Attempts(first_error, 1) from first_error
@@ -460,8 +595,11 @@ class ChatRun:
             try:
                 return await self._send_once(session, job)
             except APIError as exc:
-                if not self._reshaped(exc, job):
+                explained = self._explained(exc, job)
+                if explained is exc:
                     raise
+                if explained is not None:
+                    raise explained from exc
             return await self._send_once(session, job)
 
         retrying = AsyncRetrying(
@@ -479,14 +617,12 @@ class ChatRun:
             raise _Attempts(exc, retrying.statistics.get("attempt_number", 1)) from exc
         return parsed, int(retrying.statistics.get("attempt_number", 1))
 
-    def _reshaped(self, error: Exception, job: _Job) -> bool:
-        """True when the endpoint changed its request shape after this error reply (a server
-        that refuses structured output's json_schema): send again at once, not as a retry."""
-        # Optional: only endpoints with more than one request shape have it.
-        reshape = getattr(self.endpoint, "reshape", None)
-        return (
-            isinstance(error, APIError) and reshape is not None and bool(reshape(error, job.items))
-        )
+    def _explained(self, error: Exception, job: _Job) -> Exception | None:
+        """The endpoint's reading of an error reply (`Endpoint.on_error_reply`): None when
+        it now sends the request another way (send again at once, not as a retry)."""
+        if isinstance(error, APIError):
+            return self.endpoint.on_error_reply(error, job.items)
+        return error
 
     def _failed(self, exc: Exception, attempts: int) -> RowResult:
         """The result of a row whose attempt number ``attempts`` failed with ``exc``."""
@@ -500,17 +636,21 @@ class ChatRun:
     async def _send_once(self, session: aiohttp.ClientSession, job: _Job) -> Parsed:
         """One attempt: within budget, admitted by the governor, reported back to both."""
         prompt_tokens, completion_tokens = job.worst_case()
-        if self.budget.limited and not await self.budget.reserve(prompt_tokens, completion_tokens):
+        # The governor paces on the estimate; the budget holds the worst case, which for a
+        # request without max_tokens is the model's output ceiling.
+        owed = self._budget_completion(job)
+        if self.budget.limited and not await self.budget.reserve(prompt_tokens, owed):
             raise _OverBudget()
         reserved = prompt_tokens + completion_tokens
         try:
             ticket = await self.governor.admit(reserved)
         except BaseException:
             if self.budget.limited:
-                self.budget.release(prompt_tokens, completion_tokens)
+                self.budget.release(prompt_tokens, owed)
             raise
         self.stats.requests_sent += 1
         limits: ServerLimits | None = None
+        body = ""
         used: float | None = None
         congested = throttled = False
         pause: float | None = None
@@ -521,10 +661,12 @@ class ChatRun:
                 self.endpoint.payload(job.items),
                 headers=self._headers,
                 timeout=self._timeout,
+                redact=self._redact,
             )
             limits = reply.limits
             self.breaker.reached()
-            parsed = self.endpoint.parse(reply.text, job.items)
+            body = reply.text
+            parsed = self.endpoint.parse(body, job.items)
         except RateLimitError as exc:
             self.breaker.reached()
             self.stats.statuses["429"] += 1
@@ -534,6 +676,8 @@ class ChatRun:
         except RequestTimeout:
             self.stats.statuses["RequestTimeout"] += 1
             congested = True
+            # The provider may have answered, and billed, after we stopped waiting.
+            self._charge_unknown(prompt_tokens, owed)
             raise
         except TransportError as exc:
             self.stats.statuses[type(exc).__name__] += 1
@@ -547,15 +691,17 @@ class ChatRun:
             raise
         except Exception as exc:  # a 2xx that is not what the endpoint expects
             self.stats.statuses[type(exc).__name__] += 1
-            used = self._spend(None, prompt_tokens, completion_tokens)
-            raise
+            used = self._spend(None, job, prompt_tokens, owed)
+            # Its message quotes the body, which a gateway may have filled with our headers.
+            raise self._scrubbed(exc, body, job.items) from None
         else:
             self.stats.statuses["200"] += 1
-            used = self._spend(parsed.usage, prompt_tokens, completion_tokens)
+            self._refusals.answered()
+            used = self._spend(parsed.usage, job, prompt_tokens, owed)
             return parsed
         finally:
             if self.budget.limited:
-                self.budget.release(prompt_tokens, completion_tokens)
+                self.budget.release(prompt_tokens, owed)
             self.governor.settle(
                 ticket,
                 reserved_tokens=reserved,
@@ -566,23 +712,63 @@ class ChatRun:
                 throttled=throttled,
             )
 
+    def _scrubbed(self, error: Exception, body: str, items: list[Item]) -> Exception:
+        """The error a 2xx body that is not an answer raises, with the request's secrets
+        scrubbed from the body before the parser quotes (and cuts) it: scrubbed after the
+        cut, a key cut in half would escape."""
+        clean = self._redact(body)
+        if clean != body:
+            try:
+                self.endpoint.parse(clean, items)
+            except Exception as again:  # the same failure, told from the scrubbed body
+                error = again
+        self._redact.error(error)
+        return error
+
+    def _budget_completion(self, job: _Job) -> float:
+        """The completion tokens the budget holds for a request: each row's max_tokens, or
+        the model's output ceiling for a row without one (an estimate cannot bound a reply)."""
+        if not self.budget.limited:
+            return job.worst_case()[1]
+        ceiling = self.ceiling.tokens
+        owed = 0.0
+        for item in job.items:
+            if item.capped:
+                owed += item.completion_tokens
+            else:
+                owed += max(item.completion_tokens, ceiling)
+                self._ceiling_used = True
+        return owed
+
+    def _charge_unknown(self, prompt_tokens: float, completion_tokens: float) -> None:
+        """Charge a request whose usage is unknown its worst case: a budget stays hard."""
+        self.budget.spend(round(prompt_tokens), round(completion_tokens))
+        self.stats.charged_unconfirmed += round(prompt_tokens + completion_tokens)
+
     def _spend(
-        self, usage: Mapping[str, Any] | None, prompt_reserved: float, completion_reserved: float
-    ) -> float:
-        """Count a reply's billed tokens; returns their total.
+        self,
+        usage: Mapping[str, Any] | None,
+        job: _Job,
+        prompt_reserved: float,
+        completion_reserved: float,
+    ) -> float | None:
+        """Count a reply's billed tokens; returns their total, None when it said nothing.
 
         A reply that reports no usage was still billed: the budget charges it what was
         reserved for it (its worst case), never zero, so a budget stays a hard limit.
         """
         prompt, completion, cached = usage_counts(usage or {})
         if prompt is None and completion is None:
-            self.budget.spend(round(prompt_reserved), round(completion_reserved))
-            return prompt_reserved + completion_reserved
+            self._charge_unknown(prompt_reserved, completion_reserved)
+            return None
         prompt, completion = prompt or 0, completion or 0
+        if len(job.items) == 1 and not job.items[0].capped:
+            self.ceiling.observe(completion)  # a reply longer than the ceiling raises it
         self.stats.prompt_tokens += prompt
         self.stats.completion_tokens += completion
         self.stats.cached_tokens += cached or 0
-        self.budget.spend(prompt, completion)
+        self.stats.reasoning_tokens += reasoning_tokens(usage or {})
+        self.budget.spend(prompt, completion, cached or 0)
         return float(prompt + completion)
 
     def _shared_pause(self, exc: RateLimitError) -> float | None:
@@ -627,6 +813,14 @@ class ChatRun:
                 self.results[index] = in_flight if index in self._sending else waiting
 
 
+def _cache_saved(price: Price | None, cached_tokens: int) -> float | None:
+    """What the provider's prompt cache saved: cached tokens at the input price less the
+    cached-input price; None without a price."""
+    if price is None or not cached_tokens:
+        return None
+    return price.cost(cached_tokens, 0) - price.cost(cached_tokens, 0, cached_tokens)
+
+
 def _shared(result: RowResult) -> RowResult:
     return dataclasses.replace(result, attempts=0, source="duplicate")
 
@@ -642,17 +836,38 @@ def results_in_order(results: Sequence[RowResult | None]) -> list[RowResult]:
     return [r if r is not None else not_run for r in results]
 
 
-def _abort_message(error: NbToolkitError) -> str:
+def _abort_message(error: NbToolkitError, fields: Iterable[str] = ()) -> str:
+    """RunAborted's message: what stopped the run, and what to do (``fields``: the request
+    body's, for a refusal that names one without saying it is a parameter)."""
     if isinstance(error, AuthError):
-        advice = "check the API key (OPENAI_API_KEY or api_key=) and that it may use this model"
+        advice = (
+            "check the API key (api_key=, or the provider's variable: OPENAI_API_KEY, "
+            "ANTHROPIC_API_KEY, GOOGLE_API_KEY or GEMINI_API_KEY) and that it may use this model"
+        )
     elif isinstance(error, NotFoundError):
         advice = "check base_url (it usually ends in /v1) and the model name"
     elif isinstance(error, TransportError):
         advice = "check base_url and that the server is running"
+    elif isinstance(error, SchemaRefused):
+        advice = (
+            f"remove {error.keyword!r} from the schema (or the pydantic constraint behind it)"
+            if error.keyword
+            else "simplify the schema to what the provider's structured output takes"
+        ) + ", or pass structured='prompt' to send the schema in a message instead"
     elif isinstance(error, IgnoredParameter):
         advice = (
             "this model does not shorten its vectors; leave dimensions= out, or use a model "
             "that takes it (text-embedding-3-*)"
+        )
+    elif isinstance(error, BadRequestError):
+        parameter = refused_parameter(error, fields)
+        named = f" (parameter: {parameter!r})" if parameter else ""
+        return (
+            f"run stopped, every row would fail the same way: the server refused the first "
+            f"{REFUSALS_TO_STOP} requests with the same words and answered none: {error}"
+            f"{named}. What to do: the request itself is refused, not a row: check "
+            f"{repr(parameter) if parameter else 'the parameters'} (leave it out, or use a "
+            "model that takes it), the model name, and any params= or extra body fields."
         )
     else:
         advice = "the account is out of quota or credit; add credit or use another key"
