@@ -16,6 +16,7 @@ from nbtoolkit.core._limits import (
     parse_duration,
     parse_reset,
 )
+from nbtoolkit.core._pacing import LearnedPace
 from nbtoolkit.testing import ChatServer, HeaderFamily, RateLimit, Status
 
 
@@ -424,33 +425,58 @@ def settle_429(governor: RateGovernor, ticket: Ticket) -> None:
 
 
 async def test_without_rate_headers_a_429_paces_the_requests() -> None:
-    """With no rate in the headers, a 429 starts pacing at half the admitted rate; 429s for
-    requests sent before that cut do not cut again; successes grow the pace back."""
+    """With no rate in the headers, a 429 paces requests at 85% of the last second's rate
+    (not by cutting concurrency); 429s for requests sent before that cut do not cut again;
+    a 429 after a success takes 15% off; successes grow the pace back."""
     clock = FakeClock()
-    governor = RateGovernor(max_parallel=100, probe_seconds=0, clock=clock)
+    governor = RateGovernor(max_parallel=200, probe_seconds=0, clock=clock)
     tickets = []
-    for _ in range(40):  # 40 requests over 0.4 s: 100 a second
+    for _ in range(100):  # 100 requests in a second
         tickets.append(await governor.admit(1))
-        clock.now += 0.01
+        clock.now += 0.0099
     settle_429(governor, tickets[-1])
-    assert governor.pace.rate == pytest.approx(50, rel=0.05)
-    assert governor.limit == 100  # a rate limit cuts the pace, not the concurrency
+    assert governor.pace.rate == pytest.approx(85)
+    assert governor.limit == 200  # a rate limit cuts the pace, not the concurrency
     for ticket in tickets[:-1]:  # sent before the cut: already answered by it
         settle_429(governor, ticket)
     assert governor.pace.cuts == 1
-    # Paced: a request 1/50 s after the cut, and the next one 1/50 s after that.
-    clock.now += 0.02
+    # Paced: a request 1/85 s after the cut, and the next one 1/85 s after that.
+    clock.now += 1 / 85
     governor.settle(
         await governor.admit(1), reserved_tokens=1, used_tokens=1, limits=None, congested=False
     )
-    await held_until_clock_moves(governor, clock, 0.02)
-    before = governor.pace.rate
-    for _ in range(50):
-        clock.now += 0.02
-        ticket = await governor.admit(1)
-        governor.settle(ticket, reserved_tokens=1, used_tokens=1, limits=None, congested=False)
-    assert governor.pace.rate > before
+    await held_until_clock_moves(governor, clock, 1 / 85)
+    grown = governor.pace.rate
+    assert grown is not None and grown > 85
     assert str(governor.learned()["requests"]["basis"]).startswith("429s")
+
+
+def test_the_pace_halves_until_a_request_at_it_succeeds() -> None:
+    """From a burst, each 429 halves the pace until a request sent at it succeeds; after
+    that, a 429 takes 15% off."""
+    clock = FakeClock()
+    pace = LearnedPace(clock)
+    for _ in range(200):  # 200 requests in a second
+        pace.admitted()
+        clock.now += 0.004
+    pace.throttled(clock.now - 0.1)
+    assert pace.rate == pytest.approx(170)
+    clock.now += 0.01
+    pace.admitted()
+    pace.throttled(clock.now)  # sent at 170 a second, refused: halve
+    assert pace.rate == pytest.approx(85)
+    clock.now += 0.01
+    pace.admitted()
+    sent = clock.now
+    clock.now += 0.1
+    pace.succeeded(sent)  # sent at 85 a second, accepted
+    grown = pace.rate
+    assert grown is not None and grown > 85
+    clock.now += 0.01
+    pace.admitted()
+    pace.throttled(clock.now)
+    assert pace.rate == pytest.approx(0.85 * grown)
+    assert pace.cuts == 3
 
 
 async def test_without_rate_headers_429s_stay_rare_and_rows_right() -> None:
@@ -466,6 +492,5 @@ async def test_without_rate_headers_429s_stay_rare_and_rows_right() -> None:
     assert all(server.answered[f"p{i}"] == 1 for i in range(250))
     # Pacing by AIMD on 429s alone: 1-4% in the benchmarks (500 rows); here fewer rows,
     # so the first wave's 429s weigh more. Before, about a quarter of requests were 429s.
-    print("429 share", server.statuses["429"] / server.request_count)
     assert server.statuses["429"] <= 0.12 * server.request_count
     assert str(learned_rate(run)["basis"]).startswith("429s")

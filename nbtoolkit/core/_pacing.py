@@ -9,11 +9,11 @@ wall. About a quarter of all requests came back 429 that way.
 `LearnedPace` instead paces the requests themselves, as AWS's "adaptive" retry mode and
 TCP congestion control do, with AIMD on the admitted rate:
 
-- the first 429 starts the pacing at half the rate the run was admitting requests at (the
-  server refused it, and we know nothing better yet), and each 429 halves it again until
-  a request sent at the new rate succeeds (a descent of a few 429s from a burst's rate);
-  from then on a 429 takes ``_BACK_OFF`` off the rate. Once per reaction: a 429 for a
-  request admitted before the last cut was already answered by that cut;
+- the first 429 starts the pacing at ``_BACK_OFF`` of the rate the run admitted requests
+  at over the last second, and each 429 halves it until a request sent at the new rate
+  succeeds (a descent of a few 429s when that second held a burst); from then on a 429
+  takes ``_BACK_OFF`` off the rate. Once per reaction: a 429 for a request admitted
+  before the last cut was already answered by that cut;
 - the server's Retry-After is honoured (the governor's shared pause), but not read as a
   rate: a token bucket's is the time until its next token, 1 ms when it is nearly there,
   and a fixed window's is the time until the window ends;
@@ -33,10 +33,10 @@ import collections
 import math
 from collections.abc import Callable
 
-# The rate a first 429 starts from, as a share of the rate the run was admitting at.
-_FIRST_CUT = 0.5
-# Each later 429 keeps this share of the rate.
+# A 429 keeps this share of the rate...
 _BACK_OFF = 0.85
+# ...or this share, while no request sent since the last cut has succeeded yet.
+_DESCENT = 0.5
 # Each second of successes adds this share of the rate at the last cut: back to it ~1 s
 # after a cut of 15%, so a server that allows more is found again in a few seconds.
 _GROWTH = 0.15
@@ -62,8 +62,9 @@ class LearnedPace:
         self._cut_at = -math.inf
         self._rate_at_cut = 0.0
         self._found = False  # has a request sent since the last cut succeeded?
+        # Times of the last _WINDOW's admissions, and of its accepted replies.
         self._admitted: collections.deque[float] = collections.deque()
-        self._first_admitted: float | None = None
+        self._accepted: collections.deque[float] = collections.deque()
 
     def wait(self) -> float:
         """Seconds until the next request may go; 0 if now (or not pacing)."""
@@ -74,11 +75,7 @@ class LearnedPace:
     def admitted(self) -> None:
         """A request went: count it, and space the next one."""
         now = self._clock()
-        if self._first_admitted is None:
-            self._first_admitted = now
-        self._admitted.append(now)
-        while self._admitted[0] < now - _WINDOW:
-            self._admitted.popleft()
+        _count(self._admitted, now)
         if self.rate is not None:
             # No credit for idle time: the next request goes one interval after this one.
             self._next_at = max(self._next_at, now) + 1.0 / self.rate
@@ -89,8 +86,10 @@ class LearnedPace:
             return  # sent before the last cut, at the rate that cut already lowered
         now = self._clock()
         measured = self._admitted_rate(now)
-        current = measured if self.rate is None else min(self.rate, measured)
-        rate = (_BACK_OFF if self._found else _FIRST_CUT) * current
+        if self.rate is None:
+            rate = _BACK_OFF * measured
+        else:
+            rate = (_BACK_OFF if self._found else _DESCENT) * min(self.rate, measured)
         self.rate = max(_FLOOR, rate)
         self._rate_at_cut = self.rate
         self._cut_at = now
@@ -99,6 +98,7 @@ class LearnedPace:
 
     def succeeded(self, admitted_at: float) -> None:
         """The server accepted the request admitted at ``admitted_at``: probe a little higher."""
+        _count(self._accepted, self._clock())
         if self.rate is not None:
             self._found = self._found or admitted_at >= self._cut_at
             # One success per 1/rate seconds while paced: _GROWTH x the cut rate per second,
@@ -107,11 +107,16 @@ class LearnedPace:
             self.rate += _GROWTH * boost * self._rate_at_cut / self.rate
 
     def _admitted_rate(self, now: float) -> float:
-        """Requests admitted per second over the last _WINDOW (or since the first)."""
-        start = self._first_admitted if self._first_admitted is not None else now
-        span = min(_WINDOW, max(now - start, 0.01))
-        recent = sum(1 for at in self._admitted if at >= now - span)
-        return max(recent, 1) / span
+        """Requests admitted, or accepted, over the last _WINDOW, per second (the more).
+
+        Over the whole window even in the run's first second: a first wave sent in 0.1 s
+        is a burst the server took from its reserve, not a rate it allows. The accepted
+        count stands in when admissions were held back for a while (a slow first reply)
+        and the 429 comes after a wave the server accepted earlier.
+        """
+        admitted = sum(1 for at in self._admitted if at >= now - _WINDOW)
+        accepted = sum(1 for at in self._accepted if at >= now - _WINDOW)
+        return max(admitted, accepted, 1) / _WINDOW
 
     def learned(self) -> dict[str, float | int | str | None]:
         """For the run's report: the pace now, and how many 429s cut it."""
@@ -123,3 +128,10 @@ class LearnedPace:
             "basis": f"429s (AIMD, {self.cuts} cuts)",
             "headers": "none",
         }
+
+
+def _count(times: collections.deque[float], now: float) -> None:
+    """Add ``now`` to ``times``, and drop what is older than the window."""
+    times.append(now)
+    while times[0] < now - _WINDOW:
+        times.popleft()
