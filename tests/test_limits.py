@@ -480,17 +480,15 @@ def test_the_pace_halves_until_a_request_at_it_succeeds() -> None:
 
 
 async def test_without_rate_headers_429s_stay_rare_and_rows_right() -> None:
-    """The benchmark's server (50 requests/s, burst 50) with no rate headers: few 429s
-    (a quarter of all requests before the pace), every row right, each answered once."""
-    rows = [ChatRequest(({"role": "user", "content": f"p{i}"},)) for i in range(250)]
-    limit = RateLimit(50, 50, headers="none")
-    async with ChatServer(latency=0.1, rate_limit=limit) as server:
+    """A server at 100 requests/s (burst 100) that sends no rate headers: few 429s (12-14%
+    of requests before the pace, about 1% with it), every row right and answered once."""
+    rows = [ChatRequest(({"role": "user", "content": f"p{i}"},)) for i in range(500)]
+    limit = RateLimit(100, 100, headers="none")
+    async with ChatServer(latency=0.05, rate_limit=limit) as server:
         config = ChatConfig(base_url=server.base_url, model="m", max_parallel=100, cache=False)
         run = ChatRun(config)
         results = await run.execute(rows)
-    assert [r.text for r in results] == [f"echo: p{i}" for i in range(250)]
-    assert all(server.answered[f"p{i}"] == 1 for i in range(250))
-    # Pacing by AIMD on 429s alone: 1-4% in the benchmarks (500 rows); here fewer rows,
-    # so the first wave's 429s weigh more. Before, about a quarter of requests were 429s.
-    assert server.statuses["429"] <= 0.12 * server.request_count
+    assert [r.text for r in results] == [f"echo: p{i}" for i in range(500)]
+    assert all(server.answered[f"p{i}"] == 1 for i in range(500))
+    assert server.statuses["429"] <= 0.08 * server.request_count
     assert str(learned_rate(run)["basis"]).startswith("429s")

@@ -44,6 +44,8 @@ _GROWTH = 0.15
 _MAX_DOUBLINGS = 6.0
 # Seconds without a cut that double the growth.
 _DOUBLING = 2.0
+# How late a paced request may be before the pace stops making up for it (seconds).
+_SLACK = 0.05
 # Admissions counted for the admitted rate (seconds).
 _WINDOW = 1.0
 # The least the pace falls to, requests per second; the server's Retry-After and the
@@ -77,8 +79,9 @@ class LearnedPace:
         now = self._clock()
         _count(self._admitted, now)
         if self.rate is not None:
-            # No credit for idle time: the next request goes one interval after this one.
-            self._next_at = max(self._next_at, now) + 1.0 / self.rate
+            # Credit for at most _SLACK of idle time: a timer that fires late (a busy
+            # machine) does not lower the rate, and an idle spell does not become a burst.
+            self._next_at = max(self._next_at, now - _SLACK) + 1.0 / self.rate
 
     def throttled(self, admitted_at: float) -> None:
         """A 429 for the request admitted at ``admitted_at`` (clock time)."""
