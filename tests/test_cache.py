@@ -622,3 +622,34 @@ def test_one_idea_of_loopback_for_the_proxy_and_the_cache(host: str) -> None:
         assert nbtoolkit.ChatConfig(base_url=remote).use_proxy_env
     finally:
         register_local_server(8011, None)
+
+
+def test_a_local_servers_identity_holds_every_setting_that_changes_answers(
+    tmp_path: Path,
+) -> None:
+    """LocalServer keys its answers on the model file and its chat format, n_ctx and mode:
+    two servers of one file that differ in any of them do not share a cache scope."""
+    from nbtoolkit.core.store._cache import RequestKeys, register_local_server
+    from nbtoolkit.local import LocalServer
+
+    model_file = tmp_path / "model.gguf"
+    model_file.write_bytes(b"GGUF" + bytes(96))
+    servers = [
+        LocalServer(),
+        LocalServer(chat_template=True),
+        LocalServer(n_ctx=4096),
+        LocalServer(embedding=True),
+    ]
+    body = b'{"model":"local","messages":[]}'
+    keys = []
+    try:
+        for port, server in enumerate(servers, start=8021):
+            register_local_server(port, server._identity(model_file))
+            keys.append(RequestKeys(f"http://127.0.0.1:{port}/v1/chat/completions").key(body))
+        register_local_server(8031, LocalServer()._identity(model_file))
+        again = RequestKeys("http://127.0.0.1:8031/v1/chat/completions").key(body)
+    finally:
+        for port in (*range(8021, 8025), 8031):
+            register_local_server(port, None)
+    assert len(set(keys)) == 4
+    assert again == keys[0]  # the same file and settings on another port: the same answers

@@ -171,7 +171,8 @@ def test_batches_respect_batch_size_and_max_batch_tokens(server: ChatServer) -> 
     server.reset_records()
     short = pd.DataFrame({"t": texts(40)})
     short.chat.embed("t", batch_size=16, **settings(server, cache=False))
-    assert [len(r.body["input"]) for r in server.requests] == [16, 16, 8]
+    # Sorted: the three requests go out together and may arrive in any order.
+    assert sorted(len(r.body["input"]) for r in server.requests) == [8, 16, 16]
 
 
 def test_bad_inputs_fail_alone_with_the_servers_reason(server: ChatServer) -> None:
