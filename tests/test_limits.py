@@ -12,11 +12,12 @@ from nbtoolkit.core._limits import (
     ServerLimits,
     Ticket,
     TokenBucket,
-    estimate_tokens,
     parse_duration,
     parse_reset,
 )
 from nbtoolkit.core._pacing import LearnedPace
+from nbtoolkit.core._rows import estimate_tokens
+from nbtoolkit.core.endpoints._base import ChatEndpoint
 from nbtoolkit.testing import ChatServer, HeaderFamily, RateLimit, Status
 
 
@@ -101,10 +102,13 @@ def test_bucket_refills_and_goes_into_debt() -> None:
 
 
 def test_estimate_counts_prompt_and_completion_budget() -> None:
-    """The reservation is the prompt's rough token count plus max_tokens."""
-    messages = [{"role": "user", "content": "x" * 400}]
-    assert estimate_tokens(messages, 50) == pytest.approx(100 + 4 + 3 + 50)
-    assert estimate_tokens(messages, None) == pytest.approx(100 + 4 + 3 + 256)
+    """A chat row reserves its body's estimate (4 bytes a token) plus max_tokens, or 256."""
+    request = ChatRequest(({"role": "user", "content": "x" * 400},))
+    capped = ChatEndpoint({"model": "m", "max_tokens": 50}).item(0, request)
+    assert capped.prompt_tokens == pytest.approx(len(capped.payload) / 4)
+    assert capped.prompt_tokens == pytest.approx(estimate_tokens(capped.payload))
+    assert capped.completion_tokens == 50
+    assert ChatEndpoint({"model": "m"}).item(0, request).completion_tokens == 256
 
 
 async def test_a_429_pauses_every_worker() -> None:

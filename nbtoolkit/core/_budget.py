@@ -213,6 +213,11 @@ class OutputCeiling:
             self.tokens = completion_tokens
             self.source = "seen"
 
+    def worst(self, completion_tokens: float, *, capped: bool) -> float:
+        """The most completion tokens one row's request may use: its own ``max_tokens``
+        (``completion_tokens`` when ``capped``), else this ceiling."""
+        return completion_tokens if capped else max(completion_tokens, float(self.tokens))
+
     def describe(self) -> str:
         """The assumption, for the run's summary."""
         why = {

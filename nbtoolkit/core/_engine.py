@@ -13,6 +13,15 @@ The path of one row::
     group (endpoint.max_items rows) ─► queue (2 x max_parallel) ─► worker
        ─► budget ─► governor ─► client ─► breaker ─► endpoint.parse ─► cache
 
+A 400 goes through the refusal watch (`RefusalWatch`): until something is answered, the
+same refusal for three rows or groups stops the run, and a refused group is held rather
+than halved until a row sent alone decides. After an answer a refused group is halved until
+its bad input stands alone.
+
+Longer than the project's other modules: it is the one path every endpoint's rows take,
+and its parts that stand alone already live beside it (`_breaker`, `_budget`, `_limits`,
+`_retry`, `_cachewriter`, `_client`).
+
 Memory stays proportional to ``max_parallel``: the producer pulls requests from the
 iterable only as the queue drains. Only the results list grows with the row count.
 """
@@ -20,12 +29,11 @@ iterable only as the queue drains. Only the results list grows with the row coun
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -44,7 +52,13 @@ from nbtoolkit.core._cachewriter import CacheWriter
 from nbtoolkit.core._client import Redactor, Reply, post_json
 from nbtoolkit.core._limits import RateGovernor, ServerLimits
 from nbtoolkit.core._pricing import Price, config_price
-from nbtoolkit.core._retry import GiveUp, RetryAfterOrBackoff, is_retryable, is_systemic
+from nbtoolkit.core._retry import (
+    GiveUp,
+    RetryAfterOrBackoff,
+    google_quotas,
+    is_retryable,
+    is_systemic,
+)
 from nbtoolkit.core._rows import SKIPPED, ProgressListener, RowError, RowResult, RunStats
 from nbtoolkit.core.endpoints._base import (
     Answer,
@@ -78,11 +92,73 @@ from nbtoolkit.errors import (
 # re-run cheap, small enough not to hold the first requests back.
 _LOOKUP_BATCH = 256
 
-# Shown each new run, when set: a Dask partition (nbtoolkit/_dask.py) caps the run's
-# governor at its share of the cluster-wide slots and reads the run's stats afterwards.
-RUN_CREATED: contextvars.ContextVar[Callable[[ChatRun], None] | None] = contextvars.ContextVar(
-    "nbtoolkit_run_created", default=None
-)
+
+def governor_for(
+    config: ChatConfig,
+    *,
+    on_wait: Callable[[float, str], None] | None = None,
+    on_pause: Callable[[float], None] | None = None,
+) -> RateGovernor:
+    """The governor a run of ``config`` uses: the one place run options become its settings.
+
+    A caller that passes its own governor (`RunHooks`) builds it here, so that none of the
+    user's options (``rpm``, ``tpm``, ``adaptive``, ``retry_after_max``) can be left out.
+
+    Args:
+        config: the run's options (resolved or not).
+        on_wait: told (seconds, reason) when the run starts waiting on a limit (the bar).
+        on_pause: told the seconds of every pause a 429 asks for (a Dask lease shares it).
+
+    Returns:
+        A new `RateGovernor` for one run.
+    """
+    return RateGovernor(
+        max_parallel=config.max_parallel,
+        rpm=config.rpm,
+        tpm=config.tpm,
+        adaptive=config.adaptive,
+        on_wait=on_wait,
+        on_pause=on_pause,
+        # A header's wait is capped like a 429's: "remaining 0, reset in 1 h" must not
+        # silently freeze the run for an hour.
+        pause_max=config.retry.retry_after_max,
+    )
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """What a caller above the engine adds to a run, through declared seams.
+
+    A Dask partition uses both: a governor capped at the slots its cluster-wide lease
+    holds, and a listener that counts the rows it still has to finish.
+
+    Attributes:
+        governor: admits every request of the run; None: ``governor_for(config)``. Build
+            it with `governor_for`, so the user's options hold.
+        listeners: told of each finished row, retry and wait, after the run's own listener.
+    """
+
+    governor: RateGovernor | None = None
+    listeners: tuple[ProgressListener, ...] = field(default=())
+
+
+class _Listeners:
+    """Several listeners as one: each is told every event, in order."""
+
+    def __init__(self, listeners: Sequence[ProgressListener]) -> None:
+        self._listeners = tuple(listeners)
+
+    def row_done(self, result: RowResult) -> None:
+        for listener in self._listeners:
+            listener.row_done(result)
+
+    def row_retried(self) -> None:
+        for listener in self._listeners:
+            listener.row_retried()
+
+    def row_waiting(self, seconds: float, reason: str) -> None:
+        for listener in self._listeners:
+            listener.row_waiting(seconds, reason)
 
 
 @dataclass(slots=True)
@@ -111,6 +187,10 @@ class _Attempts(Exception):
 class _OverBudget(Exception):
     """A request that would pass max_cost / max_tokens_total; its rows are not sent."""
 
+    def __init__(self, *, uncapped: bool = False) -> None:
+        super().__init__()
+        self.uncapped = uncapped  # it set no max_tokens: it reserved the output ceiling
+
 
 class _Systemic(Exception):
     """Raised out of a worker to stop the whole task group on a run-wide failure."""
@@ -138,6 +218,7 @@ class ChatRun:
         endpoint: how requests become bodies and replies become answers; default chat
             completions with the config's model and params.
         listener: told of each finished row, retry and wait (the progress bar).
+        hooks: a governor and more listeners from the caller (a Dask partition's lease).
 
     Example:
         >>> run = ChatRun(config)  # doctest: +SKIP
@@ -150,6 +231,7 @@ class ChatRun:
         *,
         endpoint: Endpoint | None = None,
         listener: ProgressListener | None = None,
+        hooks: RunHooks | None = None,
     ) -> None:
         config = config.resolved()
         if not config.model:
@@ -158,7 +240,11 @@ class ChatRun:
             )
         self.config = config
         self.endpoint: Endpoint = endpoint or chat_endpoint(config)
-        self.listener = listener
+        hooks = hooks or RunHooks()
+        listeners = [one for one in (listener, *hooks.listeners) if one is not None]
+        self.listener: ProgressListener | None = (
+            _Listeners(listeners) if len(listeners) > 1 else (listeners[0] if listeners else None)
+        )
         # One slot per request pulled so far; None until that row finishes.
         self.results: list[RowResult | None] = []
         self.stats = RunStats()
@@ -172,15 +258,8 @@ class ChatRun:
         # assumption the run's summary states).
         self.ceiling = OutputCeiling.for_model(config.model)
         self._ceiling_used = False
-        self.governor = RateGovernor(
-            max_parallel=config.max_parallel,
-            rpm=config.rpm,
-            tpm=config.tpm,
-            adaptive=config.adaptive,
-            on_wait=listener.row_waiting if listener is not None else None,
-            # A header's wait is capped like a 429's: "remaining 0, reset in 1 h" must not
-            # silently freeze the run for an hour.
-            pause_max=config.retry.retry_after_max,
+        self.governor = hooks.governor or governor_for(
+            config, on_wait=listener.row_waiting if listener is not None else None
         )
         self.breaker = CircuitBreaker(threshold=config.max_parallel)
         self._refusals = RefusalWatch()
@@ -214,8 +293,6 @@ class ChatRun:
         self._group_tokens = 0.0
         self._sending: set[int] = set()  # rows a worker holds right now
         self._executed = False
-        if (seen := RUN_CREATED.get()) is not None:
-            seen(self)
 
     async def execute(self, requests: Iterable[Any]) -> list[RowResult]:
         """Send every request, at most ``max_parallel`` at once, and return results in order.
@@ -441,24 +518,22 @@ class ChatRun:
             self._parked.append((items, failed))
             return False
         if verdict is Verdict.PROBE:
-            return await self._probe(session, items, failed)
+            return await self._probe(session, items)
         if verdict is Verdict.BISECT:
             return await self._bisect(session, items)
         for item in items:
             self._settle_row(item, self._failed(error, failed.attempts))
         return False
 
-    async def _probe(
-        self, session: aiohttp.ClientSession, items: list[Item], failed: _Attempts
-    ) -> bool:
+    async def _probe(self, session: aiohttp.ClientSession, items: list[Item]) -> bool:
         """Send rows of a refused group alone, every other request held, until one is
         answered (the group was refused for a bad input or its size: the rest goes on) or
         enough are refused alike that the run stops."""
         try:
             # The middle, then the ends: a bad input the server names by position is rarely
             # at all three.
-            order = [len(items) // 2, 0, len(items) - 1]
-            order += [i for i in range(len(items)) if i not in order]
+            ends = [len(items) // 2, 0, len(items) - 1]
+            order = list(dict.fromkeys([*ends, *range(len(items))]))  # each row once
             left = list(items)
             for position in order:
                 if not self._refusals.armed:
@@ -628,7 +703,14 @@ class ChatRun:
         """The result of a row whose attempt number ``attempts`` failed with ``exc``."""
         if isinstance(exc, _OverBudget):  # that attempt was never sent
             sent = attempts - 1
-            return RowResult(None, RowError("over_budget", self.budget.reason(), None, sent), sent)
+            reason = self.budget.reason()
+            if exc.uncapped:
+                reason += (
+                    f"; a request without max_tokens reserves up to {self.ceiling.tokens:,} "
+                    "completion tokens (the model's output ceiling): set max_tokens to send "
+                    "more rows within the budget"
+                )
+            return RowResult(None, RowError("over_budget", reason, None, sent), sent)
         if isinstance(exc, NbToolkitError) and is_systemic(exc):
             raise _Systemic(exc) from exc
         return RowResult(None, _row_error(exc, attempts), attempts)
@@ -638,9 +720,9 @@ class ChatRun:
         prompt_tokens, completion_tokens = job.worst_case()
         # The governor paces on the estimate; the budget holds the worst case, which for a
         # request without max_tokens is the model's output ceiling.
-        owed = self._budget_completion(job)
+        owed = self._budget_completion(job) if self.budget.limited else completion_tokens
         if self.budget.limited and not await self.budget.reserve(prompt_tokens, owed):
-            raise _OverBudget()
+            raise _OverBudget(uncapped=any(not item.capped for item in job.items))
         reserved = prompt_tokens + completion_tokens
         try:
             ticket = await self.governor.admit(reserved)
@@ -728,16 +810,10 @@ class ChatRun:
     def _budget_completion(self, job: _Job) -> float:
         """The completion tokens the budget holds for a request: each row's max_tokens, or
         the model's output ceiling for a row without one (an estimate cannot bound a reply)."""
-        if not self.budget.limited:
-            return job.worst_case()[1]
-        ceiling = self.ceiling.tokens
         owed = 0.0
         for item in job.items:
-            if item.capped:
-                owed += item.completion_tokens
-            else:
-                owed += max(item.completion_tokens, ceiling)
-                self._ceiling_used = True
+            owed += self.ceiling.worst(item.completion_tokens, capped=item.capped)
+            self._ceiling_used = self._ceiling_used or not item.capped
         return owed
 
     def _charge_unknown(self, prompt_tokens: float, completion_tokens: float) -> None:
@@ -868,6 +944,11 @@ def _abort_message(error: NbToolkitError, fields: Iterable[str] = ()) -> str:
             f"{named}. What to do: the request itself is refused, not a row: check "
             f"{repr(parameter) if parameter else 'the parameters'} (leave it out, or use a "
             "model that takes it), the model name, and any params= or extra body fields."
+        )
+    elif isinstance(error, APIError) and any("PerDay" in q for q in google_quotas(error.body)):
+        advice = (
+            "the daily quota is spent (Gemini's reset at midnight Pacific time); run the rest "
+            "tomorrow (answers so far are cached), or use a key on a paid tier"
         )
     else:
         advice = "the account is out of quota or credit; add credit or use another key"

@@ -361,6 +361,9 @@ class ServerBudget:
         self.window: float | None = None  # stated, or limit / rate
         self.basis = ""  # how the rate was found
         self.bucket: TokenBucket | None = None
+        # This run's part of the server's budget (a Dask partition's slots / max_parallel):
+        # its bucket refills, holds and starts at that part of what the server reports.
+        self.share = 1.0
         self._clock = clock
         self._count = self._remaining = self._reset = 0.0  # decayed sums over replies
 
@@ -405,15 +408,28 @@ class ServerBudget:
             return
         if not (limit and window):
             self.window = self.limit / self.rate if self.limit else None
-        capacity = self.capacity or max(self.limit or 0.0, 1.0)
+        capacity = self.share * (self.capacity or max(self.limit or 0.0, 1.0))
         if self.bucket is None:
-            self.bucket = TokenBucket(_SAFETY * self.rate, capacity, self._clock)
+            self.bucket = TokenBucket(_SAFETY * self.rate * self.share, capacity, self._clock)
         else:
-            self.bucket.retune(_SAFETY * self.rate, max(capacity, self.bucket.capacity))
+            self.bucket.retune(
+                _SAFETY * self.rate * self.share, max(capacity, self.bucket.capacity)
+            )
         if remaining is not None:
             # Not below zero: some of those sent since may be refused and cost nothing, and a
             # deep debt would stall the run for seconds.
-            self.bucket.set_level(max(0.0, remaining - sent_since))
+            self.bucket.set_level(max(0.0, self.share * remaining - sent_since))
+
+    def take_share(self, share: float) -> None:
+        """Pace at ``share`` of the server's budget from now on (see `RateGovernor.share`)."""
+        if share == self.share:
+            return
+        if self.bucket is not None and self.rate is not None:
+            scale = share / self.share
+            level = self.bucket.level()
+            self.bucket.retune(self.bucket.rate * scale, self.bucket.capacity * scale)
+            self.bucket.set_level(level * scale)
+        self.share = share
 
     def describe(self) -> str:
         """For the bar: ``server limit 3000 requests / 60 s``."""
@@ -449,6 +465,7 @@ class RateGovernor:
         probe_seconds: how long the others wait for the first reply's headers.
         clock: a monotonic clock (tests may pass a fake one).
         on_wait: told (seconds, reason) when the run starts waiting on a limit.
+        on_pause: told the seconds of each pause a 429 asks for (for others to share it).
         pause_max: the longest the server's headers may hold the run (as
             ``RetryPolicy.retry_after_max`` caps a 429's wait). Past it, requests go, and
             the server's own answers (a 429 and its Retry-After) decide.
@@ -464,6 +481,7 @@ class RateGovernor:
         probe_seconds: float = 0.02,
         clock: Callable[[], float] = time.monotonic,
         on_wait: Callable[[float, str], None] | None = None,
+        on_pause: Callable[[float], None] | None = None,
         pause_max: float = 300.0,
     ) -> None:
         self.max_parallel = max_parallel
@@ -472,6 +490,12 @@ class RateGovernor:
         self.paused_until = 0.0
         self._clock = clock
         self._on_wait = on_wait
+        self._on_pause = on_pause
+        # Set from outside the run (a Dask lease): the most requests in flight right now,
+        # whatever the adaptive limit says; None: max_parallel alone. 0 holds every request.
+        self.ceiling: int | None = None
+        self._share = 1.0
+        self._user_rates = (rpm, tpm)
         self._adaptive = adaptive
         self.requests = TokenBucket(rpm / 60.0, rpm / 60.0, clock) if rpm else None
         self.tokens = TokenBucket(tpm / 60.0, tpm / 60.0, clock) if tpm else None
@@ -544,6 +568,39 @@ class RateGovernor:
             self._probe_deadline = self._clock() + self._probe_seconds
         return Ticket(self._clock(), self._sent, self._tokens_sent)
 
+    def hold_to(self, ceiling: int | None) -> None:
+        """Never more than ``ceiling`` requests in flight from now on (None: no such cap).
+
+        For a run that shares ``max_parallel`` with others (a Dask partition holding some
+        of the cluster's slots); requests already in flight finish, waiting ones are woken.
+        """
+        self.ceiling = ceiling
+        self._changed.set()
+
+    def share(self, fraction: float) -> None:
+        """Pace at ``fraction`` of every budget: ``rpm``/``tpm`` and the server's headers.
+
+        For a run that is one of several sending at once under the same limits (a Dask
+        partition holding k of max_parallel slots takes k/max_parallel), so that together
+        they keep to the budgets, and the server's remaining count is not spent once per run.
+        """
+        fraction = min(1.0, max(0.0, fraction))
+        if fraction == self._share:
+            return
+        self._share = fraction
+        for bucket, per_minute in zip((self.requests, self.tokens), self._user_rates, strict=True):
+            if bucket is not None and per_minute:
+                bucket.retune(per_minute / 60.0 * fraction, per_minute / 60.0 * fraction)
+        for budget in (self.server_requests, self.server_tokens):
+            budget.take_share(fraction)
+        self._changed.set()
+
+    def pause(self, seconds: float) -> None:
+        """Hold every request for ``seconds`` (a 429 another run saw under the same limits)."""
+        if seconds > 0:
+            self.paused_until = max(self.paused_until, self._clock() + seconds)
+            self._changed.set()
+
     def _announce(self, wait: float, reason: str) -> None:
         """Tell the progress display about a long wait, once per wait rather than per worker."""
         until = self._clock() + wait
@@ -562,6 +619,8 @@ class RateGovernor:
                 return self._probe_deadline - now, "first request"
             if self.in_flight >= max(1, self.max_parallel // 2):
                 return math.inf, "first replies"  # woken by settle()
+        if self.ceiling is not None and self.in_flight >= self.ceiling:
+            return math.inf, "cluster-wide max_parallel"  # woken by hold_to() or settle()
         if self.in_flight >= max(1, int(self.limit)):
             return math.inf, "concurrency"  # woken by settle()
         if self.requests is not None and (wait := self.requests.wait_for(1)) > 0:
@@ -632,6 +691,8 @@ class RateGovernor:
             self._follow(limits, ticket, reserved_tokens)
         if pause is not None and pause > 0:
             self.paused_until = max(self.paused_until, now + pause)
+            if self._on_pause is not None:
+                self._on_pause(pause)
         if throttled and self._paced():
             self.pace.throttled(ticket.started)
         elif self._adaptive:
@@ -706,16 +767,3 @@ class RateGovernor:
         if "requests" not in learned and self.pace.rate is not None:
             learned["requests"] = self.pace.learned()
         return learned
-
-
-def estimate_tokens(messages: object, max_tokens: object) -> float:
-    """Prompt tokens (about 4 characters each, plus framing) plus the completion budget."""
-    characters = 0
-    count = 0
-    if isinstance(messages, list | tuple):
-        for message in messages:
-            count += 1
-            content = message.get("content") if isinstance(message, Mapping) else None
-            characters += len(content) if isinstance(content, str) else 0
-    completion = max_tokens if isinstance(max_tokens, int | float) else 256
-    return characters / 4 + 4 * count + 3 + float(completion)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from nbtoolkit.core._client import parse_completion
-from nbtoolkit.core._rows import ChatRequest
+from nbtoolkit.core._rows import ChatRequest, estimate_tokens
 from nbtoolkit.core.store._cache import encode_body
 from nbtoolkit.errors import APIError, ConfigError, NbToolkitError
 
@@ -136,7 +136,12 @@ class ChatEndpoint:
         # plus the JSON's framing (a slight overestimate, corrected by the reply's usage),
         # at a fraction of the cost on a fully cached re-run, where every row is an item.
         return Item(
-            index, body, payload, len(payload) / 4, completion_budget(body), capped=is_capped(body)
+            index,
+            body,
+            payload,
+            estimate_tokens(payload),
+            completion_budget(body),
+            capped=is_capped(body),
         )
 
     def payload(self, items: Sequence[Item]) -> bytes:

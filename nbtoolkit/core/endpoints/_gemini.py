@@ -36,7 +36,7 @@ from urllib.parse import quote, urlsplit
 
 import numpy as np
 
-from nbtoolkit.core._rows import ChatRequest
+from nbtoolkit.core._rows import ChatRequest, estimate_tokens
 from nbtoolkit.core.endpoints._base import (
     DEFAULT_COMPLETION_TOKENS,
     Answer,
@@ -184,7 +184,7 @@ class GeminiEndpoint:
             index,
             body,
             payload,
-            len(payload) / 4,
+            estimate_tokens(payload),
             completion,
             reasks=reasks,
             capped=isinstance(limit, int),
@@ -195,8 +195,9 @@ class GeminiEndpoint:
         return items[0].payload
 
     def parse(self, text: str, items: Sequence[Item]) -> Parsed:
-        item = items[0]
-        assert isinstance(item, GeminiItem)
+        # No item only for a batch result line that is none of this run's rows.
+        item = items[0] if items else None
+        spent = item.spent if isinstance(item, GeminiItem) else (0, 0)
         try:
             reply = json.loads(text)
             candidates = reply.get("candidates") or []
@@ -225,7 +226,7 @@ class GeminiEndpoint:
         elif not words:
             outcome = NoText(f"the reply has no text (finishReason: {finish})")
         elif self.schema is None:
-            outcome = Answer(answer, answer, *_counts(usage, item.spent))
+            outcome = Answer(answer, answer, *_counts(usage, spent))
         elif finish == "MAX_TOKENS":
             outcome = Truncated(
                 "the answer was cut off at maxOutputTokens before the JSON was complete; "
@@ -235,16 +236,18 @@ class GeminiEndpoint:
             try:
                 value = self.schema.check(answer)
             except AnswerMismatch as exc:
-                outcome = self._reask(item, answer, str(exc), usage)
+                mine = item if isinstance(item, GeminiItem) else None
+                outcome = self._reask(mine, answer, str(exc), usage)
             else:
-                outcome = Answer(_dump(value), value, *_counts(usage, item.spent))
+                outcome = Answer(_dump(value), value, *_counts(usage, spent))
         return Parsed([outcome], usage)
 
     def _reask(
-        self, item: GeminiItem, answer: str, problem: str, usage: Mapping[str, Any] | None
+        self, item: GeminiItem | None, answer: str, problem: str, usage: Mapping[str, Any] | None
     ) -> Outcome:
-        error = SchemaError(f"{problem} (after {item.reasks} re-asks)"[:500])
-        if item.reasks >= self.validation_retries:
+        reasks = item.reasks if item is not None else 0
+        error = SchemaError(f"{problem} (after {reasks} re-asks)"[:500])
+        if item is None or item.reasks >= self.validation_retries:
             return error
         contents = [
             *item.body["contents"],
