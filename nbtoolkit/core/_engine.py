@@ -29,12 +29,11 @@ iterable only as the queue drains. Only the results list grows with the row coun
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -93,11 +92,73 @@ from nbtoolkit.errors import (
 # re-run cheap, small enough not to hold the first requests back.
 _LOOKUP_BATCH = 256
 
-# Shown each new run, when set: a Dask partition (nbtoolkit/_dask.py) caps the run's
-# governor at its share of the cluster-wide slots and reads the run's stats afterwards.
-RUN_CREATED: contextvars.ContextVar[Callable[[ChatRun], None] | None] = contextvars.ContextVar(
-    "nbtoolkit_run_created", default=None
-)
+
+def governor_for(
+    config: ChatConfig,
+    *,
+    on_wait: Callable[[float, str], None] | None = None,
+    on_pause: Callable[[float], None] | None = None,
+) -> RateGovernor:
+    """The governor a run of ``config`` uses: the one place run options become its settings.
+
+    A caller that passes its own governor (`RunHooks`) builds it here, so that none of the
+    user's options (``rpm``, ``tpm``, ``adaptive``, ``retry_after_max``) can be left out.
+
+    Args:
+        config: the run's options (resolved or not).
+        on_wait: told (seconds, reason) when the run starts waiting on a limit (the bar).
+        on_pause: told the seconds of every pause a 429 asks for (a Dask lease shares it).
+
+    Returns:
+        A new `RateGovernor` for one run.
+    """
+    return RateGovernor(
+        max_parallel=config.max_parallel,
+        rpm=config.rpm,
+        tpm=config.tpm,
+        adaptive=config.adaptive,
+        on_wait=on_wait,
+        on_pause=on_pause,
+        # A header's wait is capped like a 429's: "remaining 0, reset in 1 h" must not
+        # silently freeze the run for an hour.
+        pause_max=config.retry.retry_after_max,
+    )
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """What a caller above the engine adds to a run, through declared seams.
+
+    A Dask partition uses both: a governor capped at the slots its cluster-wide lease
+    holds, and a listener that counts the rows it still has to finish.
+
+    Attributes:
+        governor: admits every request of the run; None: ``governor_for(config)``. Build
+            it with `governor_for`, so the user's options hold.
+        listeners: told of each finished row, retry and wait, after the run's own listener.
+    """
+
+    governor: RateGovernor | None = None
+    listeners: tuple[ProgressListener, ...] = field(default=())
+
+
+class _Listeners:
+    """Several listeners as one: each is told every event, in order."""
+
+    def __init__(self, listeners: Sequence[ProgressListener]) -> None:
+        self._listeners = tuple(listeners)
+
+    def row_done(self, result: RowResult) -> None:
+        for listener in self._listeners:
+            listener.row_done(result)
+
+    def row_retried(self) -> None:
+        for listener in self._listeners:
+            listener.row_retried()
+
+    def row_waiting(self, seconds: float, reason: str) -> None:
+        for listener in self._listeners:
+            listener.row_waiting(seconds, reason)
 
 
 @dataclass(slots=True)
@@ -157,6 +218,7 @@ class ChatRun:
         endpoint: how requests become bodies and replies become answers; default chat
             completions with the config's model and params.
         listener: told of each finished row, retry and wait (the progress bar).
+        hooks: a governor and more listeners from the caller (a Dask partition's lease).
 
     Example:
         >>> run = ChatRun(config)  # doctest: +SKIP
@@ -169,6 +231,7 @@ class ChatRun:
         *,
         endpoint: Endpoint | None = None,
         listener: ProgressListener | None = None,
+        hooks: RunHooks | None = None,
     ) -> None:
         config = config.resolved()
         if not config.model:
@@ -177,7 +240,11 @@ class ChatRun:
             )
         self.config = config
         self.endpoint: Endpoint = endpoint or chat_endpoint(config)
-        self.listener = listener
+        hooks = hooks or RunHooks()
+        listeners = [one for one in (listener, *hooks.listeners) if one is not None]
+        self.listener: ProgressListener | None = (
+            _Listeners(listeners) if len(listeners) > 1 else (listeners[0] if listeners else None)
+        )
         # One slot per request pulled so far; None until that row finishes.
         self.results: list[RowResult | None] = []
         self.stats = RunStats()
@@ -191,15 +258,8 @@ class ChatRun:
         # assumption the run's summary states).
         self.ceiling = OutputCeiling.for_model(config.model)
         self._ceiling_used = False
-        self.governor = RateGovernor(
-            max_parallel=config.max_parallel,
-            rpm=config.rpm,
-            tpm=config.tpm,
-            adaptive=config.adaptive,
-            on_wait=listener.row_waiting if listener is not None else None,
-            # A header's wait is capped like a 429's: "remaining 0, reset in 1 h" must not
-            # silently freeze the run for an hour.
-            pause_max=config.retry.retry_after_max,
+        self.governor = hooks.governor or governor_for(
+            config, on_wait=listener.row_waiting if listener is not None else None
         )
         self.breaker = CircuitBreaker(threshold=config.max_parallel)
         self._refusals = RefusalWatch()
@@ -233,8 +293,6 @@ class ChatRun:
         self._group_tokens = 0.0
         self._sending: set[int] = set()  # rows a worker holds right now
         self._executed = False
-        if (seen := RUN_CREATED.get()) is not None:
-            seen(self)
 
     async def execute(self, requests: Iterable[Any]) -> list[RowResult]:
         """Send every request, at most ``max_parallel`` at once, and return results in order.
@@ -662,7 +720,7 @@ class ChatRun:
         prompt_tokens, completion_tokens = job.worst_case()
         # The governor paces on the estimate; the budget holds the worst case, which for a
         # request without max_tokens is the model's output ceiling.
-        owed = self._budget_completion(job)
+        owed = self._budget_completion(job) if self.budget.limited else completion_tokens
         if self.budget.limited and not await self.budget.reserve(prompt_tokens, owed):
             raise _OverBudget(uncapped=any(not item.capped for item in job.items))
         reserved = prompt_tokens + completion_tokens
@@ -676,7 +734,7 @@ class ChatRun:
         limits: ServerLimits | None = None
         body = ""
         used: float | None = None
-        congested = False
+        congested = throttled = False
         pause: float | None = None
         try:
             reply: Reply = await post_json(
@@ -694,7 +752,7 @@ class ChatRun:
         except RateLimitError as exc:
             self.breaker.reached()
             self.stats.statuses["429"] += 1
-            limits, congested = exc.limits, True
+            limits, congested, throttled = exc.limits, True, True
             pause = self._shared_pause(exc)
             raise
         except RequestTimeout:
@@ -733,6 +791,7 @@ class ChatRun:
                 limits=limits,
                 congested=congested,
                 pause=pause,
+                throttled=throttled,
             )
 
     def _scrubbed(self, error: Exception, body: str, items: list[Item]) -> Exception:
@@ -751,8 +810,6 @@ class ChatRun:
     def _budget_completion(self, job: _Job) -> float:
         """The completion tokens the budget holds for a request: each row's max_tokens, or
         the model's output ceiling for a row without one (an estimate cannot bound a reply)."""
-        if not self.budget.limited:
-            return job.worst_case()[1]
         owed = 0.0
         for item in job.items:
             owed += self.ceiling.worst(item.completion_tokens, capped=item.capped)

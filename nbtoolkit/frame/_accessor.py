@@ -14,10 +14,14 @@ caller's frame is never modified; the accessors keep no state between calls.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pandas as pd
 
+from nbtoolkit.core._engine import RunHooks
 from nbtoolkit.frame._chat_methods import ChatMethods
 from nbtoolkit.frame._embed_methods import EmbedMethods
+from nbtoolkit.frame._report import RunReport
 from nbtoolkit.frame._typed_methods import TypedMethods
 from nbtoolkit.frame.semantic._methods import (
     FrameSemanticMethods,
@@ -39,8 +43,15 @@ class _ChatAccessorBase(ChatMethods, TypedMethods, EmbedMethods, SemanticMethods
 class ChatAccessor(_ChatAccessorBase, FrameSemanticMethods):
     """``df.chat``: chat completions over the rows of a DataFrame."""
 
-    def __init__(self, frame: pd.DataFrame) -> None:
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        *,
+        hooks: RunHooks | None = None,
+        report_to: Callable[[RunReport], object] | None = None,
+    ) -> None:
         self._obj = frame
+        self._seams(hooks, report_to)
 
     def _frame(self) -> pd.DataFrame:
         return self._obj
@@ -64,8 +75,15 @@ class SeriesChatAccessor(_ChatAccessorBase):
     In a template, the value is ``{value}`` (or ``{<series name>}``).
     """
 
-    def __init__(self, series: pd.Series) -> None:
+    def __init__(
+        self,
+        series: pd.Series,
+        *,
+        hooks: RunHooks | None = None,
+        report_to: Callable[[RunReport], object] | None = None,
+    ) -> None:
         self._obj = series
+        self._seams(hooks, report_to)
 
     def _owner(self) -> object:
         return self._obj

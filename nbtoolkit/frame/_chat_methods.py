@@ -16,7 +16,7 @@ from nbtoolkit.frame._batch import BatchJob, BatchOptions, batch_mode, run_batch
 from nbtoolkit.frame._estimate import CostEstimate, check_pilot
 from nbtoolkit.frame._options import RunOptions
 from nbtoolkit.frame._prompts import chat_requests
-from nbtoolkit.frame._run import Plan, blocking, estimate_plan, run_plan
+from nbtoolkit.frame._run import Plan, blocking, estimate_plan
 from nbtoolkit.frame._source import RowSource
 
 
@@ -141,7 +141,7 @@ class ChatMethods(RowSource):
             return await estimate_plan(plan, pilot=pilot, batch=options is not None)
         if options is not None:
             return await run_batch(plan.frame, plan.requests, settings, plan.write, options=options)
-        return await run_plan(plan)
+        return await self._run(plan)
 
     complete = blocking(acomplete)
 

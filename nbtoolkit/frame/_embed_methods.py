@@ -15,7 +15,7 @@ from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts
 from nbtoolkit.errors import ConfigError
 from nbtoolkit.frame._estimate import check_pilot
 from nbtoolkit.frame._options import RunOptions, body_fields
-from nbtoolkit.frame._run import Plan, blocking, estimate_plan, run_plan
+from nbtoolkit.frame._run import Plan, blocking, estimate_plan
 from nbtoolkit.frame._source import RowSource
 
 
@@ -136,6 +136,6 @@ class EmbedMethods(RowSource):
         )
         if dry_run:
             return await estimate_plan(plan, pilot=pilot)
-        return await run_plan(plan)
+        return await self._run(plan)
 
     embed = blocking(aembed)

@@ -12,13 +12,35 @@ from typing import Any
 
 import pandas as pd
 
+from nbtoolkit.core._engine import RunHooks
 from nbtoolkit.core._rows import RowResult
 from nbtoolkit.frame._prompts import row_prompts
+from nbtoolkit.frame._report import RunReport, remember
+from nbtoolkit.frame._run import Plan, run_plan
 from nbtoolkit.frame._writers import text_writer
 
 
 class RowSource:
-    """The rows a method runs over; keeps no state between calls."""
+    """The rows a method runs over; keeps no state between calls.
+
+    Two seams for a caller that runs the methods itself (a Dask partition), set by the
+    accessors' constructors: ``hooks`` for the engine (`RunHooks`), and ``report_to``, where
+    each run's report goes instead of `last_run()`.
+    """
+
+    _hooks: RunHooks | None = None
+    _report_to: Callable[[RunReport], object] = staticmethod(remember)
+
+    def _seams(
+        self, hooks: RunHooks | None, report_to: Callable[[RunReport], object] | None
+    ) -> None:
+        self._hooks = hooks
+        if report_to is not None:
+            self._report_to = report_to
+
+    async def _run(self, plan: Plan) -> Any:
+        """`run_plan` with this accessor's seams."""
+        return await run_plan(plan, hooks=self._hooks, report_to=self._report_to)
 
     def _frame(self) -> pd.DataFrame:
         raise NotImplementedError

@@ -28,7 +28,7 @@ from nbtoolkit.frame._extraction import (
 )
 from nbtoolkit.frame._options import RunOptions
 from nbtoolkit.frame._prompts import chat_requests
-from nbtoolkit.frame._run import Plan, blocking, estimate_plan, run_plan
+from nbtoolkit.frame._run import Plan, blocking, estimate_plan
 from nbtoolkit.frame._source import RowSource
 
 
@@ -137,7 +137,7 @@ class TypedMethods(RowSource):
         )
         if dry_run:
             return await estimate_plan(plan, pilot=pilot)
-        result: pd.DataFrame = await run_plan(plan)
+        result: pd.DataFrame = await self._run(plan)
         return result
 
     extract = blocking(aextract)
@@ -239,7 +239,7 @@ class TypedMethods(RowSource):
         )
         if dry_run:
             return await estimate_plan(plan, pilot=pilot)
-        result: pd.DataFrame = await run_plan(plan)
+        result: pd.DataFrame = await self._run(plan)
         return result
 
     classify = blocking(aclassify)
