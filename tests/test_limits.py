@@ -15,6 +15,7 @@ from nbtoolkit.core._limits import (
     parse_duration,
     parse_reset,
 )
+from nbtoolkit.core._pacing import LearnedPace
 from nbtoolkit.core._rows import estimate_tokens
 from nbtoolkit.core.endpoints._base import ChatEndpoint
 from nbtoolkit.testing import ChatServer, HeaderFamily, RateLimit, Status
@@ -418,3 +419,80 @@ async def test_the_learned_rate_matches_the_server(
     assert server.statuses["429"] <= 0.10 * server.request_count
     # Ideal: 20 at once, then 80 at 40/s = 2 s. Generous: this is not a benchmark.
     assert run.stats.wall_seconds < 2 * 4
+
+
+def settle_429(governor: RateGovernor, ticket: Ticket) -> None:
+    """Report a 429 (no rate headers, no Retry-After) for ``ticket``."""
+    governor.settle(
+        ticket, reserved_tokens=1, used_tokens=None, limits=None, congested=True, throttled=True
+    )
+
+
+async def test_without_rate_headers_a_429_paces_the_requests() -> None:
+    """With no rate in the headers, a 429 paces requests at 85% of the last second's rate
+    (not by cutting concurrency); 429s for requests sent before that cut do not cut again;
+    a 429 after a success takes 15% off; successes grow the pace back."""
+    clock = FakeClock()
+    governor = RateGovernor(max_parallel=200, probe_seconds=0, clock=clock)
+    tickets = []
+    for _ in range(100):  # 100 requests in a second
+        tickets.append(await governor.admit(1))
+        clock.now += 0.0099
+    settle_429(governor, tickets[-1])
+    assert governor.pace.rate == pytest.approx(85)
+    assert governor.limit == 200  # a rate limit cuts the pace, not the concurrency
+    for ticket in tickets[:-1]:  # sent before the cut: already answered by it
+        settle_429(governor, ticket)
+    assert governor.pace.cuts == 1
+    # Paced: a request 1/85 s after the cut, and the next one 1/85 s after that.
+    clock.now += 1 / 85
+    governor.settle(
+        await governor.admit(1), reserved_tokens=1, used_tokens=1, limits=None, congested=False
+    )
+    await held_until_clock_moves(governor, clock, 1 / 85)
+    grown = governor.pace.rate
+    assert grown is not None and grown > 85
+    assert str(governor.learned()["requests"]["basis"]).startswith("429s")
+
+
+def test_the_pace_halves_until_a_request_at_it_succeeds() -> None:
+    """From a burst, each 429 halves the pace until a request sent at it succeeds; after
+    that, a 429 takes 15% off."""
+    clock = FakeClock()
+    pace = LearnedPace(clock)
+    for _ in range(200):  # 200 requests in a second
+        pace.admitted()
+        clock.now += 0.004
+    pace.throttled(clock.now - 0.1)
+    assert pace.rate == pytest.approx(170)
+    clock.now += 0.01
+    pace.admitted()
+    pace.throttled(clock.now)  # sent at 170 a second, refused: halve
+    assert pace.rate == pytest.approx(85)
+    clock.now += 0.01
+    pace.admitted()
+    sent = clock.now
+    clock.now += 0.1
+    pace.succeeded(sent)  # sent at 85 a second, accepted
+    grown = pace.rate
+    assert grown is not None and grown > 85
+    clock.now += 0.01
+    pace.admitted()
+    pace.throttled(clock.now)
+    assert pace.rate == pytest.approx(0.85 * grown)
+    assert pace.cuts == 3
+
+
+async def test_without_rate_headers_429s_stay_rare_and_rows_right() -> None:
+    """A server at 100 requests/s (burst 100) that sends no rate headers: few 429s (12-14%
+    of requests before the pace, about 1% with it), every row right and answered once."""
+    rows = [ChatRequest(({"role": "user", "content": f"p{i}"},)) for i in range(500)]
+    limit = RateLimit(100, 100, headers="none")
+    async with ChatServer(latency=0.05, rate_limit=limit) as server:
+        config = ChatConfig(base_url=server.base_url, model="m", max_parallel=100, cache=False)
+        run = ChatRun(config)
+        results = await run.execute(rows)
+    assert [r.text for r in results] == [f"echo: p{i}" for i in range(500)]
+    assert all(server.answered[f"p{i}"] == 1 for i in range(500))
+    assert server.statuses["429"] <= 0.08 * server.request_count
+    assert str(learned_rate(run)["basis"]).startswith("429s")
