@@ -13,7 +13,7 @@ import pytest
 
 import nbtoolkit
 from nbtoolkit import ChatConfig, ChatRequest, ChatRun, ConfigError, RunAborted
-from nbtoolkit.core.endpoints._gemini import gemini_schema
+from nbtoolkit.core.endpoints._gemini_schema import gemini_schema
 from nbtoolkit.core.endpoints._schema import normalise
 from nbtoolkit.testing import (
     AnthropicServer,
@@ -451,3 +451,27 @@ def test_classify_gives_the_same_labels_on_three_providers() -> None:
     assert list(outs[1]["label"].cat.categories) == labels
     assert "Classify" in claude_server.requests[0].body["system"]
     assert "Classify" in gemini_server.requests[0].body["systemInstruction"]["parts"][0]["text"]
+
+
+def test_anthropic_rate_headers_are_read_per_minute_with_rfc3339_resets() -> None:
+    """anthropic-ratelimit-* headers give a per-minute window and RFC 3339 resets as seconds;
+    tokens come from the tokens family, else from input-tokens."""
+    from nbtoolkit.core._limits import ServerLimits
+
+    now = 1_800_000_000.0
+    headers = {
+        "anthropic-ratelimit-requests-limit": "3000",
+        "anthropic-ratelimit-requests-remaining": "2990",
+        "anthropic-ratelimit-requests-reset": "2027-01-15T08:00:02Z",
+        "anthropic-ratelimit-input-tokens-limit": "400000",
+        "anthropic-ratelimit-input-tokens-remaining": "390000",
+        "anthropic-ratelimit-input-tokens-reset": "2027-01-15T08:00:01.500000+00:00",
+    }
+    limits = ServerLimits.from_headers(headers, now=now)
+    assert limits is not None and limits.family == "anthropic"
+    assert (limits.limit_requests, limits.remaining_requests) == (3000, 2990)
+    assert (limits.window_requests, limits.window_tokens) == (60.0, 60.0)
+    assert limits.limit_tokens == 400_000 and limits.remaining_tokens == 390_000
+    # 2027-01-15T08:00:00Z is 1,800,000,000 s after the epoch.
+    assert limits.reset_requests == pytest.approx(2.0)
+    assert limits.reset_tokens == pytest.approx(1.5)

@@ -720,7 +720,7 @@ class ChatRun:
         prompt_tokens, completion_tokens = job.worst_case()
         # The governor paces on the estimate; the budget holds the worst case, which for a
         # request without max_tokens is the model's output ceiling.
-        owed = self._budget_completion(job)
+        owed = self._budget_completion(job) if self.budget.limited else completion_tokens
         if self.budget.limited and not await self.budget.reserve(prompt_tokens, owed):
             raise _OverBudget(uncapped=any(not item.capped for item in job.items))
         reserved = prompt_tokens + completion_tokens
@@ -734,7 +734,7 @@ class ChatRun:
         limits: ServerLimits | None = None
         body = ""
         used: float | None = None
-        congested = False
+        congested = throttled = False
         pause: float | None = None
         try:
             reply: Reply = await post_json(
@@ -752,7 +752,7 @@ class ChatRun:
         except RateLimitError as exc:
             self.breaker.reached()
             self.stats.statuses["429"] += 1
-            limits, congested = exc.limits, True
+            limits, congested, throttled = exc.limits, True, True
             pause = self._shared_pause(exc)
             raise
         except RequestTimeout:
@@ -791,6 +791,7 @@ class ChatRun:
                 limits=limits,
                 congested=congested,
                 pause=pause,
+                throttled=throttled,
             )
 
     def _scrubbed(self, error: Exception, body: str, items: list[Item]) -> Exception:
@@ -809,8 +810,6 @@ class ChatRun:
     def _budget_completion(self, job: _Job) -> float:
         """The completion tokens the budget holds for a request: each row's max_tokens, or
         the model's output ceiling for a row without one (an estimate cannot bound a reply)."""
-        if not self.budget.limited:
-            return job.worst_case()[1]
         owed = 0.0
         for item in job.items:
             owed += self.ceiling.worst(item.completion_tokens, capped=item.capped)
