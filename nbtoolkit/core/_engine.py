@@ -798,7 +798,7 @@ class ChatRun:
         limits: ServerLimits | None = None
         body = ""
         used: float | None = None
-        congested = False
+        congested = throttled = False
         pause: float | None = None
         try:
             reply: Reply = await post_json(
@@ -816,7 +816,7 @@ class ChatRun:
         except RateLimitError as exc:
             self.breaker.reached()
             self.stats.statuses["429"] += 1
-            limits, congested = exc.limits, True
+            limits, congested, throttled = exc.limits, True, True
             pause = self._shared_pause(exc)
             raise
         except RequestTimeout:
@@ -855,6 +855,7 @@ class ChatRun:
                 limits=limits,
                 congested=congested,
                 pause=pause,
+                throttled=throttled,
             )
 
     def _scrubbed(self, error: Exception, body: str, items: list[Item]) -> Exception:

@@ -49,10 +49,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from nbtoolkit.core._pacing import LearnedPace
+
 # Stay this far under a rate the server announced, so clock skew between the two
 # buckets does not turn into a trickle of 429s.
 _SAFETY = 0.97
 _RECHECK = 0.25
+# Requests a wave may send at once before the spread (`RateGovernor._spread_by`) paces it.
+_SPREAD_BURST = 4.0
+# Replies faster than this (seconds) leave admissions unspread.
+_SPREAD_FROM = 0.005
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Weight of earlier replies in the refill estimate: about the last 20 count.
@@ -495,6 +501,8 @@ class RateGovernor:
         self.tokens = TokenBucket(tpm / 60.0, tpm / 60.0, clock) if tpm else None
         self.server_requests = ServerBudget("requests", clock)
         self.server_tokens = ServerBudget("tokens", clock)
+        # Used only while the headers state no request rate (see `_paced`).
+        self.pace = LearnedPace(clock)
         self._pause_max = pause_max
         # A header wait longer than pause_max holds the run for pause_max, then the
         # headers are overruled until the time they named.
@@ -508,11 +516,26 @@ class RateGovernor:
         self._tokens_sent = 0.0
         self._last_cut = -math.inf
         self._round_trip = 1.0  # smoothed seconds per request; paces the AIMD cuts
+        # Smoothed seconds per reply other than a 429 (which comes back at once), and the
+        # bucket that spreads admissions at twice the rate the concurrency limit sustains.
+        self._reply_time: float | None = None
+        self._spread: TokenBucket | None = None
         self._changed = asyncio.Event()
+        self._turnstile = asyncio.Lock()
         self._announced_until = -math.inf
 
     async def admit(self, tokens: float) -> Ticket:
         """Wait until a request of ``tokens`` estimated tokens may go; hand its ticket to settle."""
+        if self._paced() and (self.pace.rate is not None or self._spread is not None):
+            # Paced requests go one by one: the rest wait their turn on the lock, not each
+            # on a timer of its own (a hundred workers polling a 20 ms pace ate the CPU).
+            async with self._turnstile:
+                await self._until_clear(tokens)
+                return self._take(tokens)
+        await self._until_clear(tokens)
+        return self._take(tokens)
+
+    async def _until_clear(self, tokens: float) -> None:
         while True:
             wait, reason = self._wait_needed(tokens)
             if wait <= 0:
@@ -525,6 +548,8 @@ class RateGovernor:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(wait, _RECHECK)):
                     await self._changed.wait()
+
+    def _take(self, tokens: float) -> Ticket:
         for bucket, amount in (
             (self.requests, 1.0),
             (self.tokens, tokens),
@@ -533,6 +558,9 @@ class RateGovernor:
         ):
             if bucket is not None:
                 bucket.take(amount)
+        self.pace.admitted()
+        if self._spread is not None:
+            self._spread.take(1.0)
         self.in_flight += 1
         self._sent += 1
         self._tokens_sent += tokens
@@ -599,7 +627,17 @@ class RateGovernor:
             return wait, "requests per minute"
         if self.tokens is not None and (wait := self.tokens.wait_for(tokens)) > 0:
             return wait, "tokens per minute"
+        if self._paced():
+            if self.pace.rate is not None:
+                if (wait := self.pace.wait()) > 0:
+                    return wait, f"429s: pacing at ~{self.pace.rate:.3g} requests/s"
+            elif self._spread is not None and (wait := self._spread.wait_for(1)) > 0:
+                return wait, "spreading a wave of requests"
         return self._server_wait(now, tokens)
+
+    def _paced(self) -> bool:
+        """Whether 429s pace the requests: adaptive, and no header states a request rate."""
+        return self._adaptive and self.server_requests.bucket is None
 
     def _server_wait(self, now: float, tokens: float) -> tuple[float, str]:
         """The wait the server's headers ask for, capped at pause_max."""
@@ -630,17 +668,23 @@ class RateGovernor:
         limits: ServerLimits | None,
         congested: bool,
         pause: float | None = None,
+        throttled: bool = False,
     ) -> None:
         """Report one finished request: its usage, the server's headers, and how it went.
 
         Args:
             congested: a 429 or a timeout: cut the concurrency limit (once per round trip).
             pause: seconds every worker should wait (a 429's Retry-After), if any.
+            throttled: a 429. While no header states the server's request rate, it cuts
+                the learned pace (`LearnedPace`) instead of the concurrency limit: a rate
+                limit is a rate, and a cut in concurrency does not space the requests.
         """
         now = self._clock()
         self.in_flight -= 1
         self._heard_back = True  # its headers (if any) now size the run
         self._round_trip = 0.8 * self._round_trip + 0.2 * (now - ticket.started)
+        if not throttled:
+            self._spread_by(now - ticket.started)
         if self.tokens is not None and used_tokens is not None:
             self.tokens.give_back(reserved_tokens - used_tokens)
         if limits is not None:
@@ -649,7 +693,11 @@ class RateGovernor:
             self.paused_until = max(self.paused_until, now + pause)
             if self._on_pause is not None:
                 self._on_pause(pause)
-        if self._adaptive:
+        if throttled and self._paced():
+            self.pace.throttled(ticket.started)
+        elif self._adaptive:
+            if not congested and self._paced():
+                self.pace.succeeded(ticket.started)
             if congested:
                 if now - self._last_cut >= self._round_trip:
                     self.limit = max(1.0, self.limit / 2)
@@ -657,6 +705,28 @@ class RateGovernor:
             else:
                 self.limit = min(float(self.max_parallel), self.limit + 1.0 / max(1.0, self.limit))
         self._changed.set()
+
+    def _spread_by(self, reply_time: float) -> None:
+        """Learn how long replies take, and spread admissions to match.
+
+        While no rate is known, workers freed together would all go in one instant; at the
+        first reply, half the pool. Released at most twice as fast as the concurrency limit
+        sustains (``limit / reply time``), a wave costs no throughput, and a rate limit's
+        first 429 comes back while most of the wave still waits, not after all of it was
+        refused.
+        """
+        if self._reply_time is None:
+            self._reply_time = reply_time
+        else:
+            self._reply_time = 0.8 * self._reply_time + 0.2 * reply_time
+        if self._reply_time < _SPREAD_FROM:
+            self._spread = None  # replies as fast as this: nothing to spread, only CPU to spend
+            return
+        rate = 2.0 * self.limit / self._reply_time
+        if self._spread is None:
+            self._spread = TokenBucket(rate, _SPREAD_BURST, self._clock)
+        else:
+            self._spread.retune(rate, _SPREAD_BURST)
 
     def _follow(self, limits: ServerLimits, ticket: Ticket, reserved_tokens: float) -> None:
         """Learn the server's budgets from one reply's headers."""
@@ -686,10 +756,14 @@ class RateGovernor:
         Each: ``rate_per_second`` (the server's refill rate, before our safety margin),
         ``window_seconds`` (what its limit counts over), ``limit``, ``burst`` (the most
         it was seen to hold), ``basis`` (how the rate was found) and ``headers`` (the
-        family). Empty when the server sent no rate headers.
+        family). With no request rate in the headers, "requests" is the pace learned from
+        429s, if any came. Empty when neither taught anything.
         """
-        return {
+        learned = {
             budget.unit: budget.learned()
             for budget in (self.server_requests, self.server_tokens)
             if budget.rate is not None
         }
+        if "requests" not in learned and self.pace.rate is not None:
+            learned["requests"] = self.pace.learned()
+        return learned
