@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import tempfile
+from typing import Any
 
 import nbtoolkit
 from nbtoolkit import ChatConfig, ChatRequest, ChatRun, RetryPolicy
@@ -45,7 +46,7 @@ async def refused(rows: int, parallel: int, *, embed: bool) -> int:
         server.script(*[REFUSAL] * (2 * rows))
         endpoint = EmbeddingEndpoint(model="m", dimensions=8) if embed else None
         run = ChatRun(_config(server, max_parallel=parallel), endpoint=endpoint)
-        requests: list[object] = [f"text {i}" for i in range(rows)] if embed else _asks(rows)
+        requests: list[Any] = [f"text {i}" for i in range(rows)] if embed else _asks(rows)
         with contextlib.suppress(nbtoolkit.RunAborted):  # the stop is what is measured
             await run.execute(requests)
         return server.request_count
