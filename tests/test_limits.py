@@ -16,9 +16,26 @@ from nbtoolkit.core._limits import (
     parse_reset,
 )
 from nbtoolkit.core._pacing import LearnedPace
-from nbtoolkit.core._rows import estimate_tokens
+from nbtoolkit.core._rows import RowResult, estimate_tokens
 from nbtoolkit.core.endpoints._base import ChatEndpoint
 from nbtoolkit.testing import ChatServer, HeaderFamily, RateLimit, Status
+
+
+class Holds:
+    """A progress listener that keeps the waits the governor announces (those >= 0.5 s):
+    how a run's speed is checked without timing it on a busy machine."""
+
+    def __init__(self) -> None:
+        self.waits: list[tuple[float, str]] = []
+
+    def row_done(self, result: RowResult) -> None:
+        pass
+
+    def row_retried(self) -> None:
+        pass
+
+    def row_waiting(self, seconds: float, reason: str) -> None:
+        self.waits.append((seconds, reason))
 
 
 class FakeClock:
@@ -194,29 +211,38 @@ async def test_first_request_goes_alone_briefly() -> None:
 
 
 async def test_a_rate_limited_run_stays_under_the_limit() -> None:
-    """Against 40 req/s (burst 20), 120 rows finish near the ideal time with few 429s."""
+    """Against 40 req/s (burst 20), 120 rows finish paced at the learned 40/s, few 429s."""
     rows = [ChatRequest(({"role": "user", "content": f"p{i}"},)) for i in range(120)]
+    holds = Holds()
     async with ChatServer(rate_limit=RateLimit(40, 20)) as server:
         config = ChatConfig(base_url=server.base_url, model="m", max_parallel=50, cache=False)
-        run = ChatRun(config)
+        run = ChatRun(config, listener=holds)
         results = await run.execute(rows)
     assert [r.text for r in results] == [f"echo: p{i}" for i in range(120)]
     assert server.statuses["429"] <= 0.05 * server.request_count
-    # Ideal: 20 at once, then 100 at 40/s = 2.5 s. Generous bound: this is not a benchmark.
-    assert run.stats.wall_seconds < 2.5 * 3
+    # How near the ideal time (20 at once, then 100 at 40/s) is a benchmark's figure
+    # (python -m benchmarks --only headers), not a test's: the machine is shared. Here: the
+    # run paced itself at the server's rate, and was never held back half a second.
+    assert learned_rate(run)["rate_per_second"] == pytest.approx(40, rel=0.10)
+    assert holds.waits == []
 
 
 async def test_a_429_storm_pauses_everyone_once() -> None:
     """With no headers to go on, a wall of 429s makes all workers wait the server's time."""
-    rows = [ChatRequest(({"role": "user", "content": f"p{i}"},)) for i in range(8)]
+    rows = [ChatRequest(({"role": "user", "content": f"p{i}"},)) for i in range(40)]
     async with ChatServer() as server:
         server.script(Status(429, retry_after_ms=300))
         config = ChatConfig(base_url=server.base_url, model="m", max_parallel=8, cache=False)
         await ChatRun(config).execute(rows)
     first_429 = next(r for r in server.requests if r.status == 429)
-    after = [r.started for r in server.requests if r.started > first_429.finished]
-    # Nobody sent anything in the 0.3 s the server asked for (the pause is shared).
-    assert min(after) - first_429.finished >= 0.3
+    pause_ends = first_429.finished + 0.3
+    during = [r for r in server.requests if first_429.finished < r.started < pause_ends]
+    # Nobody sent anything new in the 0.3 s the server asked for (the pause is shared): the
+    # only requests the server saw start then are ones the other 7 workers had already sent
+    # when the 429 came back (on a busy machine they can reach the server a moment after it).
+    assert len(during) <= 7
+    assert all(r.prompt != first_429.prompt for r in during)
+    assert len(server.requests) == 41  # 40 rows and the one retry: nothing else refused
 
 
 async def test_half_the_pool_until_the_server_answers() -> None:
@@ -406,9 +432,10 @@ async def test_the_learned_rate_matches_the_server(
     """Per-second, per-minute and per-day headers all teach the server's 40/s within 10%."""
     limit = RateLimit(40, 20, headers=family, window=window)
     rows = [ChatRequest(({"role": "user", "content": f"p{i}"},)) for i in range(100)]
+    holds = Holds()
     async with ChatServer(rate_limit=limit) as server:
         config = ChatConfig(base_url=server.base_url, model="m", max_parallel=50, cache=False)
-        run = ChatRun(config)
+        run = ChatRun(config, listener=holds)
         results = await run.execute(rows)
     assert all(r.ok for r in results)
     learned = learned_rate(run)
@@ -417,8 +444,9 @@ async def test_the_learned_rate_matches_the_server(
     # The benchmarks hold 429s to 5% (they see none); on a loaded 2-core machine, replies
     # read late make a few more here, and an epoch-ms reset (OpenRouter) reads short.
     assert server.statuses["429"] <= 0.10 * server.request_count
-    # Ideal: 20 at once, then 80 at 40/s = 2 s. Generous: this is not a benchmark.
-    assert run.stats.wall_seconds < 2 * 4
+    # The wall time against the ideal 2 s is the headers benchmark's figure; here: the run
+    # was never held back half a second (as a window misread as the rate's period would).
+    assert holds.waits == []
 
 
 def settle_429(governor: RateGovernor, ticket: Ticket) -> None:

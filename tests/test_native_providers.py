@@ -13,7 +13,7 @@ import pytest
 
 import nbtoolkit
 from nbtoolkit import ChatConfig, ChatRequest, ChatRun, ConfigError, RunAborted
-from nbtoolkit.core.endpoints._gemini import gemini_schema
+from nbtoolkit.core.endpoints._gemini_schema import gemini_schema
 from nbtoolkit.core.endpoints._schema import normalise
 from nbtoolkit.testing import (
     AnthropicServer,
