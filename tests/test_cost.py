@@ -166,13 +166,14 @@ def test_without_a_pilot_answer_lengths_come_from_the_cache(sized: ChatServer) -
 
 
 def test_the_wall_time_follows_the_servers_limit() -> None:
-    """A pilot that meets rate headers times the rest at the server's own limit."""
+    """A pilot that meets rate headers times the rest at the server's own limit: its burst at
+    once, the rest at its rate (measured: 31 s for this run, estimated 29 s)."""
     with ChatServer(rate_limit=RateLimit(5.0, 50)).run_in_thread() as server:
         estimate = reviews(205).chat.complete(
             "review", dry_run=True, pilot=5, **settings(server, max_parallel=8)
         )
     assert "the server's requests limit" in estimate.wall_basis
-    assert estimate.wall_seconds == pytest.approx(200 / 5, rel=0.2)
+    assert estimate.wall_seconds == pytest.approx((200 - 50) / 5, rel=0.2)
 
 
 def test_an_estimate_serves_only_its_own_kind_of_run(sized: ChatServer) -> None:

@@ -334,3 +334,21 @@ async def test_a_refused_pair_is_probed_row_by_row_once() -> None:
         results = await ChatRun(config(server), endpoint=endpoint).execute(["t0", "t1"])
     assert [len(r.body["input"]) for r in server.requests] == [2, 1, 1]
     assert [r.error.message for r in results] == ["HTTP 400: bad A", "HTTP 400: bad B"]
+
+
+async def test_after_answers_a_group_refused_whole_is_not_halved_to_single_rows() -> None:
+    """Groups answered, then every request refused alike: each refused group costs five
+    requests (itself, its halves, a row of each alone), not the 2n - 1 of a halving search,
+    and its rows fail with the server's words."""
+    refusal = Status(400, message="The deployment is not available for embeddings.")
+    texts = [f"text {i}" for i in range(640)]
+    async with ChatServer() as server:
+        server.script(nbtoolkit.testing.Reply(), nbtoolkit.testing.Reply(), *[refusal] * 1000)
+        endpoint = EmbeddingEndpoint(model=MODEL, batch_size=64)
+        results = await ChatRun(config(server, max_parallel=1), endpoint=endpoint).execute(texts)
+        sizes = [len(r.body["input"]) for r in server.requests]
+    assert sizes[:2] == [64, 64]
+    assert sizes[2:7] == [64, 32, 32, 1, 1]
+    assert len(sizes) == 2 + 8 * 5
+    assert all(r.ok for r in results[:128])
+    assert {r.error.message for r in results[128:]} == {f"HTTP 400: {refusal.message}"}

@@ -143,6 +143,35 @@ async def test_anthropic_bad_key_stops_within_max_parallel_requests() -> None:
     assert WRONG_KEY not in said and ANTHROPIC_KEY not in said
 
 
+async def test_anthropic_credit_balance_too_low_stops_as_an_exhausted_quota() -> None:
+    """A 400 invalid_request_error saying the credit balance is too low stops the run at
+    once, in Anthropic's words, as an exhausted quota: not retried, not failed row by row."""
+    words = (
+        "Your credit balance is too low to access the Anthropic API. Please go to Plans & "
+        "Billing to upgrade or purchase credits."
+    )
+    async with AnthropicServer() as server:
+        server.script(*[Status(400, message=words, error_type="invalid_request_error")] * 50)
+        with pytest.raises(RunAborted) as stopped:
+            await ChatRun(anthropic_config(server, max_parallel=4)).execute(rows(100))
+    assert server.request_count <= 4
+    prompts = [r.prompt for r in server.requests]
+    assert len(prompts) == len(set(prompts))  # none sent again
+    assert words in str(stopped.value)
+    assert "out of quota or credit" in str(stopped.value)
+    assert stopped.value.partial is not None
+
+
+async def test_anthropic_other_invalid_requests_stay_row_failures() -> None:
+    """Another 400 invalid_request_error fails only its row; the other rows are answered."""
+    async with AnthropicServer() as server:
+        refusal = Status(400, message="messages: text content blocks must be non-empty")
+        server.script(refusal, prompt="p1")
+        results = await ChatRun(anthropic_config(server)).execute(rows(3))
+    assert [r.text for r in results] == ["echo: p0", None, "echo: p2"]
+    assert results[1].error is not None and results[1].error.kind == "BadRequestError"
+
+
 async def test_anthropic_retry_after_is_honoured() -> None:
     """A 429 rate_limit_error with retry-after: 1 is sent again no sooner than 1 s later."""
     async with AnthropicServer() as server:

@@ -45,6 +45,7 @@ from nbtoolkit.core._breaker import (
     CircuitBreaker,
     RefusalWatch,
     Verdict,
+    refusal_of,
     refused_parameter,
 )
 from nbtoolkit.core._budget import Budget, OutputCeiling
@@ -473,14 +474,16 @@ class ChatRun:
                 first = await self._run_job(session, items[:fits])
                 rest = await self._run_job(session, items[fits:])
                 return first and rest
+        failed = await self._attempt(session, items)
+        return True if failed is None else await self._failed_job(session, items, failed)
+
+    async def _attempt(self, session: aiohttp.ClientSession, items: list[Item]) -> _Attempts | None:
+        """Send one request for ``items`` (retried as the policy says): None when it was
+        answered, its rows finished; else the failure, its rows still open."""
         try:
             parsed, attempts = await self._send(session, _Job(items))
         except _Attempts as failed:
-            if isinstance(failed.error, BadRequestError):
-                return await self._refused(session, items, failed)
-            for item in items:
-                self._settle_row(item, self._failed(failed.error, failed.attempts))
-            return False
+            return failed
         answers: list[tuple[Item, Answer]] = []
         others: list[tuple[Item, Outcome]] = []
         for item, outcome in zip(items, parsed.outcomes, strict=True):
@@ -492,7 +495,18 @@ class ChatRun:
         self._settle_answers(answers, attempts)
         for item, outcome in others:
             await self._settle_outcome(session, item, outcome, attempts)
-        return True
+        return None
+
+    async def _failed_job(
+        self, session: aiohttp.ClientSession, items: list[Item], failed: _Attempts
+    ) -> bool:
+        """Finish the rows of a request that failed: a 400 goes to `_refused`; any other
+        error is each row's outcome."""
+        if isinstance(failed.error, BadRequestError):
+            return await self._refused(session, items, failed)
+        for item in items:
+            self._settle_row(item, self._failed(failed.error, failed.attempts))
+        return False
 
     async def _refused(
         self,
@@ -520,7 +534,7 @@ class ChatRun:
         if verdict is Verdict.PROBE:
             return await self._probe(session, items)
         if verdict is Verdict.BISECT:
-            return await self._bisect(session, items)
+            return await self._bisect(session, items, error)
         for item in items:
             self._settle_row(item, self._failed(error, failed.attempts))
         return False
@@ -545,19 +559,69 @@ class ChatRun:
             self._refusals.probing(False)
         return await self._run_job(session, left) if left else False
 
-    async def _bisect(self, session: aiohttp.ClientSession, items: list[Item]) -> bool:
+    async def _bisect(
+        self, session: aiohttp.ClientSession, items: list[Item], error: BadRequestError
+    ) -> bool:
         """A group refused after the run had answers: halve it until a bad input stands
-        alone, so that it does not sink its neighbours."""
+        alone, so that it does not sink its neighbours.
+
+        Not past the point where both halves are refused in the group's own words and so is
+        a row of each sent alone: then every row of it is (a refusal of the request, not of
+        an input), and the halving would cost 2n - 1 requests to learn nothing more.
+        """
         middle = len(items) // 2
-        first = await self._run_job(session, items[:middle])
-        second = await self._run_job(session, items[middle:])
-        if first and second:
+        first, second = items[:middle], items[middle:]
+        # Depth first, as a plain halving: a server's cap on inputs per request is learned
+        # at the bottom of the first half, and the second half then goes at that size.
+        first_failure = await self._attempt(session, first)
+        if not _refused_alike(first_failure, error):
+            ok_first = await self._finish_attempt(session, first, first_failure)
+            ok_second = await self._run_job(session, second)
+        else:
+            second_failure = await self._attempt(session, second)
+            if _refused_alike(second_failure, error):
+                return await self._refused_whole(session, items, first, second, error)
+            ok_first = await self._finish_attempt(session, first, first_failure)
+            ok_second = await self._finish_attempt(session, second, second_failure)
+        if ok_first and ok_second:
             # Both halves went through: the server refused the request for its size (a cap
             # on inputs per request, or on its tokens), not for a row. Later requests are
             # no larger than the halves were.
             self._max_items = min(self._max_items, len(items) - middle)
             self.stats.items_per_request = self._max_items
-        return first and second
+        return ok_first and ok_second
+
+    async def _refused_whole(
+        self,
+        session: aiohttp.ClientSession,
+        items: list[Item],
+        first: list[Item],
+        second: list[Item],
+        error: BadRequestError,
+    ) -> bool:
+        """Both halves of a group were refused in its own words: a row of each goes alone.
+        Refused alike too, every row of the group fails with those words; else the halving
+        goes on without the rows so sent."""
+        probes = [half[len(half) // 2] for half in (first, second) if len(half) > 1]
+        probed = [await self._attempt(session, [probe]) for probe in probes]
+        if all(_refused_alike(failure, error) for failure in probed):
+            for item in items:
+                self._settle_row(item, self._failed(error, 1))
+            return False
+        ok = True
+        for probe, failure in zip(probes, probed, strict=True):
+            ok = await self._finish_attempt(session, [probe], failure) and ok
+        for half in (first, second):
+            rest = [item for item in half if all(item is not probe for probe in probes)]
+            if rest:
+                ok = await self._run_job(session, rest) and ok
+        return ok
+
+    async def _finish_attempt(
+        self, session: aiohttp.ClientSession, items: list[Item], failed: _Attempts | None
+    ) -> bool:
+        """The rows of an attempt: answered already (None), or their failure handled."""
+        return True if failed is None else await self._failed_job(session, items, failed)
 
     def _stop_refused(self, items: list[Item], failed: _Attempts) -> None:
         """The run stops on a refusal: the refused rows (held ones too) say why, then raise."""
@@ -895,6 +959,16 @@ def _cache_saved(price: Price | None, cached_tokens: int) -> float | None:
     if price is None or not cached_tokens:
         return None
     return price.cost(cached_tokens, 0) - price.cost(cached_tokens, 0, cached_tokens)
+
+
+def _refused_alike(failure: _Attempts | None, error: BadRequestError) -> bool:
+    """A request refused with a 400 in ``error``'s own words."""
+    return (
+        failure is not None
+        and isinstance(failure.error, BadRequestError)
+        and failure.error.status != 413  # too large: the halving is what fixes it
+        and refusal_of(failure.error) == refusal_of(error)
+    )
 
 
 def _shared(result: RowResult) -> RowResult:

@@ -404,11 +404,18 @@ def _wall_time(
                 f"{latency:.2f} s a request measured by the pilot, {config.max_parallel} at once",
             )
         )
-    # The server's own limits, as its rate headers told the pilot.
+    # The server's own limits, as its rate headers told the pilot. What the server holds
+    # (its burst) is spent at once, as the governor spends it; only the rest waits for the
+    # refill. A reset far off with plenty remaining (OpenAI's "6m0s" beside 149,984 of
+    # 150,000) gives a slow refill rate that a run within the burst never meets.
     for limit, amount in (("requests", float(requests)), ("tokens", tokens)):
-        rate = learned.get(limit, {}).get("rate_per_second")
-        if isinstance(rate, int | float) and rate > 0:
-            waits.append((amount / rate, f"the server's {limit} limit ({rate * 60:,.0f}/min)"))
+        known = learned.get(limit, {})
+        rate, burst = known.get("rate_per_second"), known.get("burst")
+        held = float(burst) if isinstance(burst, int | float) else 0.0
+        if isinstance(rate, int | float) and rate > 0 and amount > held:
+            waits.append(
+                ((amount - held) / rate, f"the server's {limit} limit ({rate * 60:,.0f}/min)")
+            )
     if config.rpm:
         waits.append((requests / config.rpm * 60, f"rpm={config.rpm:g}"))
     if config.tpm:
