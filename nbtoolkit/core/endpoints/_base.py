@@ -61,6 +61,7 @@ class Answer:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached_tokens: int | None = None
+    cache_write_tokens: int | None = None  # prompt tokens written to the provider's cache
 
 
 class Reask(NamedTuple):
