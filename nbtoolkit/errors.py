@@ -9,7 +9,9 @@
     │   ├── ServerError         5xx, 408, 409
     │   ├── AuthError           401 / 403: a bad or missing key; stops the run
     │   ├── NotFoundError       404: wrong base URL or model; stops the run
+    │   ├── QuotaExhausted      out of credit, said other than as a 429 (Anthropic's 400); stops it
     │   └── BadRequestError     other 4xx, never retried
+    │       └── SchemaRefused   the provider refuses the schema itself (a keyword); stops it
     ├── TransportError          connection refused/reset, timeouts (raised from the aiohttp error)
     │   └── RequestTimeout      the connect or total timeout ran out
     ├── MalformedResponse       a 200 whose body is not a chat completion (retried)
@@ -101,8 +103,25 @@ class NotFoundError(APIError):
     """404: the base URL or the model name is wrong."""
 
 
+class QuotaExhausted(APIError):
+    """The account is out of credit, said as a refusal rather than a 429 (Anthropic answers
+    "Your credit balance is too low" with a 400): no retry and no other row can succeed."""
+
+
 class BadRequestError(APIError):
     """Any other 4xx: this request is wrong and will stay wrong; never retried."""
+
+
+class SchemaRefused(BadRequestError):
+    """The provider refuses the JSON Schema itself (a keyword it does not take), not JSON mode.
+
+    Every row carries the same schema, so the run stops. ``keyword`` is the schema keyword
+    the provider named, when it named one.
+    """
+
+    def __init__(self, message: str, *, status: int, body: str = "", keyword: str | None) -> None:
+        super().__init__(message, status=status, body=body)
+        self.keyword = keyword
 
 
 class TransportError(NbToolkitError):

@@ -16,7 +16,12 @@ from urllib.parse import parse_qsl, urlsplit
 import aiohttp
 
 from nbtoolkit.core._limits import ServerLimits
-from nbtoolkit.core._retry import google_rejects_key, google_retry_delay, retry_after_seconds
+from nbtoolkit.core._retry import (
+    anthropic_out_of_credit,
+    google_rejects_key,
+    google_retry_delay,
+    retry_after_seconds,
+)
 from nbtoolkit.errors import (
     AnswerError,
     APIError,
@@ -25,6 +30,7 @@ from nbtoolkit.errors import (
     MalformedResponse,
     NoText,
     NotFoundError,
+    QuotaExhausted,
     RateLimitError,
     Refused,
     RequestTimeout,
@@ -217,6 +223,9 @@ def error_for_status(status: int, text: str, headers: Mapping[str, str]) -> APIE
         return AuthError(message, status=status, body=text)
     if status == 404:
         return NotFoundError(message, status=status, body=text)
+    if status == 400 and anthropic_out_of_credit(text):
+        # Not this request's fault: every row, and every retry, gets the same answer.
+        return QuotaExhausted(message, status=status, body=text)
     return BadRequestError(message, status=status, body=text)
 
 

@@ -18,7 +18,8 @@ from typing import Any
 import pandas as pd
 
 from nbtoolkit.config import ChatConfig
-from nbtoolkit.core import _estimate as core
+from nbtoolkit.core import _costestimate as core
+from nbtoolkit.core._estimate import estimate_run
 from nbtoolkit.core._pricing import PRICE_UNKNOWN
 from nbtoolkit.core.endpoints._base import Endpoint
 from nbtoolkit.errors import ConfigError
@@ -86,26 +87,26 @@ async def dry_run(
         ConfigError: a bad pilot size, or no model.
         RunAborted: the pilot met a bad key, wrong URL or model, or no quota.
     """
-    made = await core.estimate_run(
-        config, requests, endpoint=endpoint, pilot=pilot, seed=0, batch=batch
-    )
+    made = await estimate_run(config, requests, endpoint=endpoint, pilot=pilot, seed=0, batch=batch)
     fields = {f.name: getattr(made, f.name) for f in dataclasses.fields(made)}
     estimate = CostEstimate(**fields)
     with _lock:
         global _last
-        _last = (weakref.ref(owner), estimate)
+        _last = (weakref.ref(owner), _kind(endpoint), estimate)
     return estimate
 
 
-def estimate_for(owner: object, config: ChatConfig, path: str) -> CostEstimate | None:
-    """The dry run made for this DataFrame or Series, model and endpoint, if it is the
-    latest; taken (one estimate serves one run)."""
+def estimate_for(
+    owner: object, config: ChatConfig, endpoint: Endpoint | None
+) -> CostEstimate | None:
+    """The dry run made for this DataFrame or Series, model and kind of request (the plan's
+    endpoint), if it is the latest; taken (one estimate serves one run)."""
     global _last
     with _lock:
         if _last is None:
             return None
-        ref, estimate = _last
-        if ref() is not owner or estimate.model != config.model or estimate.path != path:
+        ref, kind, estimate = _last
+        if ref() is not owner or estimate.model != config.model or kind != _kind(endpoint):
             return None
         _last = None
         return estimate
@@ -125,4 +126,10 @@ def check_pilot(pilot: int | float | None, dry: bool) -> None:
 
 
 _lock = threading.Lock()
-_last: tuple[weakref.ref[object], CostEstimate] | None = None
+_last: tuple[weakref.ref[object], str, CostEstimate] | None = None
+
+
+def _kind(endpoint: Endpoint | None) -> str:
+    """What kind of request a plan makes: a `complete` after `extract`'s dry run on the same
+    frame must not start from that estimate."""
+    return "chat" if endpoint is None else type(endpoint).__name__

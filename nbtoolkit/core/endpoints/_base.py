@@ -8,6 +8,11 @@ endpoint knows only its own wire format::
     payload(items)        -> bytes          the body of one request for a group of rows
     parse(text, items)    -> Parsed         the reply, back as one outcome per row
     decode(stored)        -> value          a cached answer, back as the row's value
+    on_error_reply(error, items) -> error   an error reply, made more precise; or None: the
+                                            endpoint changed how it asks, send again at once
+    binary_answers                          whether answers are bytes (vectors) or text
+
+Every capability is declared here; the engine never probes an endpoint with ``getattr``.
 
 A new endpoint is one class: chat (one row per request) is below; embeddings send up to
 ``max_items`` rows per request; structured output checks each answer and may ask again.
@@ -22,9 +27,9 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from nbtoolkit.core._client import parse_completion
-from nbtoolkit.core._rows import ChatRequest
+from nbtoolkit.core._rows import ChatRequest, estimate_tokens
 from nbtoolkit.core.store._cache import MessagesBody, encode_body
-from nbtoolkit.errors import ConfigError, NbToolkitError
+from nbtoolkit.errors import APIError, ConfigError, NbToolkitError
 
 # Completion tokens assumed for a request that sets no max_tokens: what the budget and the
 # token bucket reserve for it until its reply says what it used.
@@ -39,9 +44,12 @@ class Item:
     body: dict[str, Any]  # chat: the whole request body; other endpoints: this row's part
     payload: bytes  # canonical JSON the cache key is the hash of (chat: the body as sent)
     prompt_tokens: float  # estimated
-    completion_tokens: float  # the most the reply may use
+    completion_tokens: float  # the most the reply may use, or an estimate if not capped
     key: bytes | None = None  # set by the engine when a cache or dedupe needs it
     reasks: int = 0  # how many times this row's answer was sent back to be fixed
+    # False: the request sets no max_tokens, completion_tokens is only an estimate, and a
+    # hard budget reserves the model's output ceiling instead (core/_budget.py).
+    capped: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +88,8 @@ class Endpoint(Protocol):
     path: str  # appended to the base URL: "/chat/completions", "/embeddings"
     max_items: int  # rows per request
     max_request_tokens: float  # estimated prompt tokens per request, at most
+    # The cache keeps answers as bytes (vectors), not text: a look-up reads only that table.
+    binary_answers: bool
 
     def item(self, index: int, request: Any) -> Item:
         """One row as an Item; raises (ValueError, TypeError) when it cannot be encoded."""
@@ -97,6 +107,16 @@ class Endpoint(Protocol):
         """A cached answer as the value its row gets."""
         ...
 
+    def on_error_reply(self, error: APIError, items: Sequence[Item]) -> APIError | None:
+        """An error reply to ``items``' request, before the engine retries or fails it.
+
+        Returns:
+            None when the endpoint now asks differently (structured output's next shape):
+            the engine sends the request again at once, not as a retry. Otherwise the
+            error to handle: ``error`` itself, or a more precise one (`SchemaRefused`).
+        """
+        ...
+
 
 class ChatEndpoint:
     """``/chat/completions``: one row per request, its text as the answer."""
@@ -104,25 +124,29 @@ class ChatEndpoint:
     path = "/chat/completions"
     max_items = 1
     max_request_tokens = math.inf
+    binary_answers = False
 
     def __init__(self, base_body: Mapping[str, Any]) -> None:
         self.base_body = plain_json(dict(base_body), what="request parameters")
         # What every row without params of its own shares, worked out once.
         self._encoder = MessagesBody(self.base_body)
         self._completion = completion_budget(self.base_body)
+        self._capped = is_capped(self.base_body)
 
     def item(self, index: int, request: ChatRequest) -> Item:
         messages = list(request.messages)
         if request.params:
             body = {**self.base_body, **request.params, "messages": messages}
             payload, completion = encode_body(body), completion_budget(body)
+            capped = is_capped(body)
         else:
             body = {**self.base_body, "messages": messages}
             payload, completion = self._encoder.encode(messages), self._completion
+            capped = self._capped
         # From the encoded body, not message by message: the same four characters a token,
         # plus the JSON's framing (a slight overestimate, corrected by the reply's usage),
         # at a fraction of the cost on a fully cached re-run, where every row is an item.
-        return Item(index, body, payload, len(payload) / 4, completion)
+        return Item(index, body, payload, estimate_tokens(payload), completion, capped=capped)
 
     def payload(self, items: Sequence[Item]) -> bytes:
         return items[0].payload
@@ -140,6 +164,9 @@ class ChatEndpoint:
     def decode(self, stored: str | bytes) -> Any:
         return stored
 
+    def on_error_reply(self, error: APIError, items: Sequence[Item]) -> APIError | None:
+        return error  # one shape only: nothing to change
+
 
 def completion_budget(body: Mapping[str, Any]) -> float:
     """The most completion tokens a chat request may use: its max_tokens, or the default."""
@@ -147,6 +174,14 @@ def completion_budget(body: Mapping[str, Any]) -> float:
     if isinstance(completion, int | float) and not isinstance(completion, bool):
         return float(completion)
     return float(DEFAULT_COMPLETION_TOKENS)
+
+
+def is_capped(body: Mapping[str, Any]) -> bool:
+    """Whether a chat request sets the most completion tokens its reply may use."""
+    return any(
+        isinstance(body.get(name), int | float) and not isinstance(body.get(name), bool)
+        for name in ("max_tokens", "max_completion_tokens")
+    )
 
 
 def usage_counts(usage: Mapping[str, Any]) -> tuple[int | None, int | None, int | None]:

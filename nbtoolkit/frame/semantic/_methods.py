@@ -16,10 +16,11 @@ from typing import Any, Literal, ParamSpec, TypeVar
 
 import pandas as pd
 
-from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts
+from nbtoolkit.config import ChatConfig, Provider, RetryPolicy, Timeouts
 from nbtoolkit.core._runner import run_sync
 from nbtoolkit.errors import ConfigError, RunInterrupted
 from nbtoolkit.frame._options import RunOptions
+from nbtoolkit.frame.semantic._estimate import OperatorEstimate
 from nbtoolkit.frame.semantic._filter import Cascade
 from nbtoolkit.frame.semantic._operators import (
     Keep,
@@ -69,6 +70,7 @@ class SemanticMethods:
         model: str | None = None,
         max_parallel: int | None = None,
         progress: bool | None = None,
+        provider: Provider | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -85,8 +87,9 @@ class SemanticMethods:
         max_cost: float | None = None,
         max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
+        dry_run: bool = False,
         **params: Any,
-    ) -> pd.DataFrame | pd.Series:
+    ) -> pd.DataFrame | pd.Series | OperatorEstimate:
         """The rows for which the model answers yes to ``template``'s question.
 
         Args:
@@ -103,7 +106,9 @@ class SemanticMethods:
             agreement: the agreement required on the labelled rows the cheap model decides.
             sample_seed: which rows are sampled.
             model, max_parallel, ..., config: run options, as for ``complete``
-                (``cache``, ``max_cost``, ...).
+                (``provider``, ``cache``, ``max_cost``, ...).
+            dry_run: send nothing; return an `OperatorEstimate`: each step's rows, tokens
+                and cost (low / expected / high) and their total.
             **params: request-body fields (``temperature``).
 
         Returns:
@@ -115,6 +120,7 @@ class SemanticMethods:
             model=model,
             max_parallel=max_parallel,
             progress=progress,
+            provider=provider,
             base_url=base_url,
             api_key=api_key,
             headers=headers,
@@ -135,7 +141,13 @@ class SemanticMethods:
         prompts = self._prompts(column, template)
         cascade = cascade_for(cheap_model, sample, agreement, sample_seed)
         return await filter_rows(
-            self._source(), prompts, settings, system=system, cascade=cascade, keep=keep
+            self._source(),
+            prompts,
+            settings,
+            system=system,
+            cascade=cascade,
+            keep=keep,
+            dry_run=dry_run,
         )
 
     async def atop_k(
@@ -149,6 +161,7 @@ class SemanticMethods:
         model: str | None = None,
         max_parallel: int | None = None,
         progress: bool | None = None,
+        provider: Provider | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -165,8 +178,9 @@ class SemanticMethods:
         max_cost: float | None = None,
         max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
+        dry_run: bool = False,
         **params: Any,
-    ) -> pd.DataFrame | pd.Series:
+    ) -> pd.DataFrame | pd.Series | OperatorEstimate:
         """The ``k`` rows that best fit a criterion, best first.
 
         Each row gets one request and a 0-100 score (so cost grows linearly with the rows);
@@ -177,12 +191,13 @@ class SemanticMethods:
             template: the criterion over the row's columns: ``"How urgent is {ticket}?"``.
             column: instead of a template, a column with each row's text.
             output: the score column added to the rows (a frame only).
-            model, system, config, **params: as for ``filter``.
+            model, provider, system, config, **params: as for ``filter``.
         """
         settings = RunOptions(
             model=model,
             max_parallel=max_parallel,
             progress=progress,
+            provider=provider,
             base_url=base_url,
             api_key=api_key,
             headers=headers,
@@ -201,7 +216,9 @@ class SemanticMethods:
             config=config,
         ).settings(params, method="top_k")
         prompts = self._prompts(column, template)
-        return await top_rows(self._source(), prompts, k, settings, system=system, output=output)
+        return await top_rows(
+            self._source(), prompts, k, settings, system=system, output=output, dry_run=dry_run
+        )
 
     async def aaggregate(
         self,
@@ -215,6 +232,7 @@ class SemanticMethods:
         model: str | None = None,
         max_parallel: int | None = None,
         progress: bool | None = None,
+        provider: Provider | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -231,8 +249,9 @@ class SemanticMethods:
         max_cost: float | None = None,
         max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
+        dry_run: bool = False,
         **params: Any,
-    ) -> str | pd.Series | None:
+    ) -> str | pd.Series | OperatorEstimate | None:
         """One answer over many rows: for the whole frame, or per group with ``by=``.
 
         Args:
@@ -245,7 +264,7 @@ class SemanticMethods:
             context_tokens: the model's context window; no request is larger.
             output: the name of the Series returned with ``by=``.
             max_tokens (in ``params``): the longest answer of a chunk (default 512).
-            model, system, config, **params: as for ``filter``.
+            model, provider, system, config, **params: as for ``filter``.
 
         Returns:
             The answer (a str, None if it failed) or, with ``by=``, a Series of answers
@@ -255,6 +274,7 @@ class SemanticMethods:
             model=model,
             max_parallel=max_parallel,
             progress=progress,
+            provider=provider,
             base_url=base_url,
             api_key=api_key,
             headers=headers,
@@ -288,6 +308,7 @@ class SemanticMethods:
             system=system,
             context_tokens=context_tokens,
             output=output,
+            dry_run=dry_run,
         )
 
 
@@ -313,6 +334,7 @@ class FrameSemanticMethods(SemanticMethods):
         model: str | None = None,
         max_parallel: int | None = None,
         progress: bool | None = None,
+        provider: Provider | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -329,8 +351,9 @@ class FrameSemanticMethods(SemanticMethods):
         max_cost: float | None = None,
         max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
+        dry_run: bool = False,
         **params: Any,
-    ) -> pd.DataFrame:
+    ) -> pd.DataFrame | OperatorEstimate:
         """The pairs of rows, one from this frame and one from ``right``, the model matches.
 
         Candidates come from embeddings: each left row is asked about with its
@@ -349,6 +372,8 @@ class FrameSemanticMethods(SemanticMethods):
             suffixes: for column names both frames have, as ``pandas.merge``.
             model, system, cheap_model, sample, agreement, sample_seed, config, **params: as for
                 ``filter``.
+            provider: as for ``filter``; it also embeds the candidates, so not
+                ``"anthropic"`` (no embeddings API: a `ConfigError`).
 
         Returns:
             One row per matching pair: ``left_index``, ``right_index``, the left columns,
@@ -358,6 +383,7 @@ class FrameSemanticMethods(SemanticMethods):
             model=model,
             max_parallel=max_parallel,
             progress=progress,
+            provider=provider,
             base_url=base_url,
             api_key=api_key,
             headers=headers,
@@ -390,6 +416,7 @@ class FrameSemanticMethods(SemanticMethods):
             suffixes=suffixes,
             system=system,
             cascade=cascade_for(cheap_model, sample, agreement, sample_seed),
+            dry_run=dry_run,
         )
 
 
