@@ -195,6 +195,12 @@ def usage_counts(usage: Mapping[str, Any]) -> tuple[int | None, int | None, int 
     )
 
 
+def cache_write_tokens(usage: Mapping[str, Any]) -> int:
+    """The prompt tokens a reply wrote to the provider's prompt cache (Anthropic's
+    ``cache_creation_input_tokens``, billed dearer than input); 0 where not said."""
+    return _int_or_none(usage.get("cache_creation_input_tokens")) or 0
+
+
 def reasoning_tokens(usage: Mapping[str, Any]) -> int:
     """The completion tokens a reply spent reasoning (billed as output, never shown)."""
     details = usage.get("completion_tokens_details")
