@@ -183,3 +183,32 @@ async def test_rows_refused_for_what_they_hold_fail_alone_at_the_head_of_a_frame
     errors = nbtoolkit.last_run().errors
     assert errors["error_kind"].tolist() == ["BadRequestError"] * 5
     assert errors["message"].str.contains(refusal["error"]["message"][:30]).all()
+
+
+async def test_content_as_a_list_of_parts_is_its_text_parts(tmp_path: Path) -> None:
+    """A reply whose content is a list of parts (Mistral's reasoning models: thinking, then
+    text) is answered by its text parts, once, with its usage; not retried as malformed."""
+    bodies: list[dict[str, Any]] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        bodies.append(body)
+        reply = completion(body, "")
+        reply["choices"][0]["message"]["content"] = [
+            {"type": "thinking", "thinking": [{"type": "text", "text": "the user wants..."}]},
+            {"type": "text", "text": "forty"},
+            {"type": "text", "text": "-two"},
+        ]
+        return web.json_response(reply)
+
+    async with serving(chat) as base_url:
+        out = await pd.Series(["six times seven?"]).chat.acomplete(
+            model="magistral-medium-latest",
+            base_url=base_url,
+            api_key="sk-test-quirks",
+            cache=str(tmp_path / "cache.sqlite3"),
+            progress=False,
+        )
+    assert out.tolist() == ["forty-two"]
+    assert len(bodies) == 1
+    assert nbtoolkit.last_run().stats.completion_tokens == 2
