@@ -248,6 +248,7 @@ def test_anthropic_cache_writes_cost_one_and_a_quarter_times_input() -> None:
         + stats.completion_tokens * 15.0
     ) / 1e6
     assert stats.cost == pytest.approx(expected)
+    assert report.rows["cost"].sum() == pytest.approx(expected)  # the first row's is dearer
 
 
 def test_cache_write_price_in_the_budget_and_the_batch_discount() -> None:

@@ -279,6 +279,7 @@ def _line_result(line: batch_files.LineResult, stats: RunStats, budget: Budget) 
         answer.cached_tokens,
         "batch",
         value=answer.value,
+        cache_write_tokens=answer.cache_write_tokens,
     )
 
 

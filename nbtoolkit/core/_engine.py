@@ -695,6 +695,7 @@ class ChatRun:
                     answer.completion_tokens,
                     answer.cached_tokens,
                     value=answer.value,
+                    cache_write_tokens=answer.cache_write_tokens,
                 ),
             )
 
