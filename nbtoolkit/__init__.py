@@ -5,6 +5,7 @@ Importing it registers the ``df.chat`` and ``series.chat`` accessors::
     import nbtoolkit
     out = df.chat.complete("review", model="gpt-4o-mini", max_parallel=32)
     nbtoolkit.last_run().errors      # why each None is None
+    df.chat.complete("review", model="gpt-4o-mini", dry_run=True, pilot=20)  # the bill first
 """
 
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from nbtoolkit.errors import (
     RunAborted,
     RunInterrupted,
     SchemaError,
+    SchemaRefused,
     ServerError,
     TransportError,
     Truncated,
@@ -38,11 +40,13 @@ from nbtoolkit.errors import (
 try:
     from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts, configure, get_config
     from nbtoolkit.core._engine import ChatRun
+    from nbtoolkit.core._pricing import Price, price_table
     from nbtoolkit.core._rows import ChatRequest, RowError, RowResult, RunStats
     from nbtoolkit.core.store._cache import CacheInfo, cache_info, clear_cache
     from nbtoolkit.dask._hook import register as _register_dask
     from nbtoolkit.frame import _accessor as _accessor
     from nbtoolkit.frame._batch import BatchJob, BatchOptions, BatchStatus, batch_jobs
+    from nbtoolkit.frame._estimate import CostEstimate
     from nbtoolkit.frame._report import RunReport, last_run
     from nbtoolkit.frame._vectors import to_matrix
 except KeyboardInterrupt:
@@ -80,12 +84,14 @@ __all__ = [
     "ChatRequest",
     "ChatRun",
     "ConfigError",
+    "CostEstimate",
     "IgnoredParameter",
     "ImportInterrupted",
     "MalformedResponse",
     "NbToolkitError",
     "NoText",
     "NotFoundError",
+    "Price",
     "RateLimitError",
     "Refused",
     "RequestTimeout",
@@ -97,6 +103,7 @@ __all__ = [
     "RunReport",
     "RunStats",
     "SchemaError",
+    "SchemaRefused",
     "ServerError",
     "Timeouts",
     "TransportError",
@@ -109,5 +116,6 @@ __all__ = [
     "get_config",
     "last_dask_run",
     "last_run",
+    "price_table",
     "to_matrix",
 ]

@@ -10,6 +10,7 @@
     │   ├── AuthError           401 / 403: a bad or missing key; stops the run
     │   ├── NotFoundError       404: wrong base URL or model; stops the run
     │   └── BadRequestError     other 4xx, never retried
+    │       └── SchemaRefused   the provider refuses the schema itself (a keyword); stops it
     ├── TransportError          connection refused/reset, timeouts (raised from the aiohttp error)
     │   └── RequestTimeout      the connect or total timeout ran out
     ├── MalformedResponse       a 200 whose body is not a chat completion (retried)
@@ -103,6 +104,18 @@ class NotFoundError(APIError):
 
 class BadRequestError(APIError):
     """Any other 4xx: this request is wrong and will stay wrong; never retried."""
+
+
+class SchemaRefused(BadRequestError):
+    """The provider refuses the JSON Schema itself (a keyword it does not take), not JSON mode.
+
+    Every row carries the same schema, so the run stops. ``keyword`` is the schema keyword
+    the provider named, when it named one.
+    """
+
+    def __init__(self, message: str, *, status: int, body: str = "", keyword: str | None) -> None:
+        super().__init__(message, status=status, body=body)
+        self.keyword = keyword
 
 
 class TransportError(NbToolkitError):

@@ -451,16 +451,16 @@ def test_batch_errors_never_show_the_key_a_header_or_a_query_secret(tmp_path: Pa
 
 
 def test_a_large_upload_gets_a_timeout_sized_for_the_file() -> None:
-    """A 4 MB upload the server takes 1 s to accept succeeds at once under a 0.5 s request
-    timeout: an upload gets the request's timeout plus a second per MB."""
-    slow = ChatServer(batch=BatchBehaviour(upload_delay=1.0))
+    """A 4 MB upload the server takes 3 s to accept succeeds at the first try under a 2 s
+    request timeout: an upload gets the request's timeout plus a second per MB."""
+    slow = ChatServer(batch=BatchBehaviour(upload_delay=3.0))
     with slow.run_in_thread() as running:
         df = pd.DataFrame({"q": [f"{i} " + "x" * 10_000 for i in range(400)]})
         job = df.chat.submit_batch(
-            "q", **settings(running), timeout=Timeouts(total=0.5), batch=FAST
+            "q", **settings(running), timeout=Timeouts(total=2.0), batch=FAST
         )
         assert len(running.batch.headers_seen) >= 2  # the upload, then the create
-        assert running.batch.uploads == 1 and running.batch.batches_created == 1
+        assert running.batch.calls["upload"] == 1 and running.batch.batches_created == 1
         (batch,) = running.batch.batches.values()
         assert len(running.batch.files[batch.input_file_id]) > 4_000_000
         assert job.result()["response"].notna().all()

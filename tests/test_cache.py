@@ -466,9 +466,10 @@ def test_max_tokens_total_stops_sending(server: ChatServer) -> None:
 def test_max_cost_with_a_price_table(server: ChatServer) -> None:
     """Prices turn tokens into money; max_cost stops sending before it is passed."""
     prices = {MODEL: (1_000.0, 2_000.0)}  # per million tokens: 0.001 / 0.002 per token
-    frame(30).chat.complete(
-        "review", prices=prices, max_cost=0.2, max_tokens=10, **settings(server, max_parallel=1)
-    )
+    with pytest.warns(RuntimeWarning, match="over max_cost"):  # said early, once
+        frame(30).chat.complete(
+            "review", prices=prices, max_cost=0.2, max_tokens=10, **settings(server, max_parallel=1)
+        )
     stats = report().stats
     assert stats.cost is not None
     assert 0 < stats.cost <= 0.2

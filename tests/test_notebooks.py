@@ -28,6 +28,7 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 QUICKSTART = NOTEBOOK_DIR / "quickstart.ipynb"
 BATCH = NOTEBOOK_DIR / "batch.ipynb"
+COST = NOTEBOOK_DIR / "cost.ipynb"
 SECRET = "sk-test-SECRET-0123456789"
 MODEL = "test-model"
 DEFAULT_MAX_PARALLEL = 16  # ChatConfig's default, for a notebook that never sets one
@@ -357,6 +358,29 @@ def test_structured_notebook_plot_degrades_to_a_table_without_matplotlib(
     shown = _text(run.cell("plot.bar"))
     assert re.search(r"^positive\s+\d+$", shown, re.MULTILINE), shown
     assert "Name: reviews" in shown
+
+
+@pytest.mark.timeout(120)
+def test_cost_notebook_shows_the_estimate_then_live_cost(
+    executed: Callable[[Path], Executed],
+) -> None:
+    """The dry run sends nothing, the pilot sends 10 rows, the run pays only for the rest
+    and its bar shows money spent of the projected total."""
+    run = executed(COST)
+    dry = run.cell('complete("review", dry_run=True, **options)')
+    assert "CostEstimate" in _text(dry) and "rows to send" in _text(dry)
+    assert "pilot (paid)" in _text(run.cell("pilot=10"))
+    assert "completion_tokens" in _text(run.cell("estimate.to_frame()"))
+    # 10 pilot rows, then the other 190: every row answered once, none paid twice.
+    assert run.request_count == 200
+    assert set(run.answered.values()) == {1}
+    state = run.nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    # tqdm's widget spaces its text with figure spaces (U+2007).
+    texts = [str(m["state"].get("value", "")).replace("\u2007", " ") for m in state.values()]
+    assert any(" of ~$" in text for text in texts), "the bar never showed a projected cost"
+    summary = _text(run.cell("run.summary()"))
+    assert "10 cache hits" in summary and "estimated ~$" in summary
+    assert "estimate error:" in summary
 
 
 @pytest.mark.timeout(120)

@@ -59,6 +59,8 @@ VALUES: dict[str, Any] = {
     "suffixes": ("_l", "_r"),
     "max_batch_tokens": 1000,
     "batch": True,
+    "dry_run": True,
+    "pilot": 5,
     "max_parallel": 4,
     "rpm": 60.0,
     "tpm": 1000.0,

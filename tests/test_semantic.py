@@ -249,3 +249,76 @@ def test_aggregate_of_the_whole_frame_is_one_answer(tmp_path: Path) -> None:
             "Count the marks in {text}", model="big", **_run(server, tmp_path)
         )
     assert out == "count=2"
+
+
+@pytest.mark.parametrize("cheap", [None, "small"], ids=["one model", "cascade"])
+def test_filter_dry_run_sends_nothing_and_prices_each_step(
+    tmp_path: Path, cheap: str | None
+) -> None:
+    """dry_run=True: 0 requests; an estimate per step (three with a cascade) and their sum."""
+    frame = _frame(300)
+    prices = {"big": (2.5, 10.0), "small": (0.15, 0.6)}
+    with ChatServer(semantic=SemanticRules(marker=MARK)).run_in_thread() as server:
+        estimate = frame.chat.filter(
+            "{text}",
+            model="big",
+            cheap_model=cheap,
+            dry_run=True,
+            prices=prices,
+            **_run(server, tmp_path),
+        )
+        assert server.request_count == 0
+    assert len(estimate.steps) == (1 if cheap is None else 3)
+    assert estimate.steps[-1][1].to_send == (300 if cheap is None else 300 - 30)
+    assert estimate.cost is not None and estimate.cost.expected > 0
+    table = estimate.to_frame()
+    assert set(table["step"]) == {name for name, _ in estimate.steps}
+    assert "filter:" in repr(estimate) and "<b>OperatorEstimate</b>" in estimate._repr_html_()
+
+
+def test_join_dry_run_shows_the_cross_product_before_refusing_it(tmp_path: Path) -> None:
+    """candidates="all" with dry_run prices every pair and sends nothing; k candidates price
+    both sides' embeddings and k pairs per left row."""
+    left, right = _pairs(20)
+    with ChatServer(semantic=SemanticRules()).run_in_thread() as server:
+        options = {**_run(server, tmp_path), "model": "big"}
+        every = left.chat.join(
+            right, "{left.title} {right.name}", candidates="all", dry_run=True, **options
+        )
+        near = left.chat.join(
+            right,
+            "{left.title} {right.name}",
+            embed_model="emb",
+            candidates=3,
+            dry_run=True,
+            **options,
+        )
+        assert server.request_count == 0
+    assert every.requests == 400 and "max_pairs=400" in " ".join(every.notes)
+    assert [n for n, _ in near.steps][:2] == [
+        "join, embeddings of the left rows",
+        "join, embeddings of the right rows",
+    ]
+    assert near.steps[-1][1].to_send == 60
+    assert every.cost is None and "price unknown" in every.headline()
+
+
+def test_top_k_and_aggregate_dry_runs_send_nothing(tmp_path: Path) -> None:
+    """top_k prices one score per row; aggregate prices its first level and bounds the rest."""
+    frame = pd.DataFrame({"text": [f"note {i} " + "y" * 200 for i in range(400)]})
+    with ChatServer(semantic=SemanticRules()).run_in_thread() as server:
+        options = _run(server, tmp_path)
+        scores = frame.chat.top_k(5, "{text}", model="big", dry_run=True, **options)
+        reduce = frame.chat.aggregate(
+            "Sum up {text}",
+            model="big",
+            context_tokens=2000,
+            max_tokens=100,
+            dry_run=True,
+            **options,
+        )
+        assert server.request_count == 0
+    assert scores.requests == 400
+    first, above = reduce.steps
+    assert first[1].to_send > 1 and above[1].to_send >= 1
+    assert first[1].prompt_tokens.high is None or first[1].prompt_tokens.expected < 400 * 200

@@ -1,10 +1,11 @@
-"""Batch mode as a transport: the engine's endpoints and keys, sent as a file and read back.
+"""A submitted batch job: its status, the wait, cancelling, and reading its answers back.
 
-Not a second engine: each row becomes the endpoint's `Item` exactly as the engine builds
-it, its key comes from the engine's own `request_keys`, budgets are the engine's `Budget`,
-every HTTP call goes through the engine's client (`nbtoolkit.batch._http`), and each answer
-is parsed by the endpoint's own ``parse``. Only the transport differs: a JSONL file,
-uploaded, run by the provider within 24 hours, and read back by ``custom_id``::
+Batch mode is a transport, not a second engine: each row becomes the endpoint's `Item`
+exactly as the engine builds it, its key comes from the engine's own `request_keys`,
+budgets are the engine's `Budget`, every HTTP call goes through the engine's client
+(`nbtoolkit.batch._http`), and each answer is parsed by the endpoint's own ``parse``. Only
+the transport differs: a JSONL file, uploaded, run by the provider within 24 hours, and
+read back by ``custom_id``::
 
     rows ─ endpoint.item ─ request_keys ─ cache hit? ─────────────► result (nothing sent)
                       └─ provider.line ─ split (model, 50,000 lines, 200 MB) ─ submit

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from nbtoolkit.batch._http import BatchHTTP
 from nbtoolkit.config import ChatConfig
 from nbtoolkit.core.endpoints._base import Endpoint, Item
-from nbtoolkit.errors import MalformedResponse
+from nbtoolkit.errors import ConfigError, MalformedResponse
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +181,16 @@ class AzureBatches(OpenAIBatches):
 
 
 def provider_for(config: ChatConfig, endpoint: Endpoint) -> BatchProvider:
-    """The batch API that serves ``config``'s URL."""
+    """The batch API that serves ``config``'s URL.
+
+    Raises:
+        ConfigError: a provider whose batch API is not spoken here yet.
+    """
+    if config.provider not in (None, "openai"):
+        raise ConfigError(
+            f"batch mode speaks OpenAI's Batch API; {config.provider}'s batches are not "
+            "supported yet: run the rows live (leave batch= out)"
+        )
     if config.azure_endpoint and "/openai/deployments/" in config.key_url(""):
         return AzureBatches(config, endpoint)
     return OpenAIBatches(config, endpoint)

@@ -17,9 +17,11 @@ from nbtoolkit.batch import _files as batch_files
 from nbtoolkit.batch._http import BatchHTTP
 from nbtoolkit.batch._job import Job
 from nbtoolkit.batch._plan import BatchOptions, cache_path, check_budget, plan_rows
+from nbtoolkit.batch._provider import provider_for
 from nbtoolkit.config import ChatConfig
 from nbtoolkit.core._engine import request_keys
-from nbtoolkit.core.endpoints._base import ChatEndpoint, Endpoint
+from nbtoolkit.core.endpoints._base import Endpoint
+from nbtoolkit.core.endpoints._providers import chat_endpoint
 from nbtoolkit.core.store._batch_jobs import BatchStore, Part, job_key
 from nbtoolkit.core.store._cache import ResponseCache
 from nbtoolkit.errors import ConfigError, NbToolkitError
@@ -59,7 +61,8 @@ async def submit(
             "no model: pass model='...' or set it with nbtoolkit.configure(model=...)"
         )
     path = cache_path(config)
-    endpoint = endpoint or ChatEndpoint({"model": config.model, **config.params})
+    endpoint = endpoint or chat_endpoint(config)
+    provider_for(config, endpoint)  # a provider without a batch API here: refused up front
     if endpoint.max_items != 1:
         raise ConfigError(
             f"batch mode sends one row per line; {type(endpoint).__name__} groups rows"

@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 import aiohttp
 
 from nbtoolkit.core._limits import ServerLimits
-from nbtoolkit.core._retry import retry_after_seconds
+from nbtoolkit.core._retry import google_rejects_key, google_retry_delay, retry_after_seconds
 from nbtoolkit.errors import (
     AnswerError,
     APIError,
@@ -203,13 +203,17 @@ def parse_completion(text: str) -> Completion:
 def error_for_status(status: int, text: str, headers: Mapping[str, str]) -> APIError:
     """The exception for an HTTP error reply, with the server's own message when it gave one."""
     message = f"HTTP {status}: {_server_message(text)}"
+    # A header's wait first; Gemini says it in the body instead (RetryInfo.retryDelay).
+    wait = retry_after_seconds(headers)
+    if wait is None and status in (429, 503):
+        wait = google_retry_delay(text)
     if status == 429:
-        return RateLimitError(message, body=text, retry_after=retry_after_seconds(headers))
+        return RateLimitError(message, body=text, retry_after=wait)
+    # 529 is Anthropic's "overloaded": a 5xx, retried like a 503.
     if status in (408, 409) or status >= 500:
-        return ServerError(
-            message, status=status, body=text, retry_after=retry_after_seconds(headers)
-        )
-    if status in (401, 403):
+        return ServerError(message, status=status, body=text, retry_after=wait)
+    if status in (401, 403) or (status == 400 and google_rejects_key(text)):
+        # Gemini answers a wrong key with 400 API_KEY_INVALID: as final as a 401.
         return AuthError(message, status=status, body=text)
     if status == 404:
         return NotFoundError(message, status=status, body=text)
@@ -217,7 +221,9 @@ def error_for_status(status: int, text: str, headers: Mapping[str, str]) -> APIE
 
 
 # Request headers that never hold a secret.
-_PLAIN_HEADERS = frozenset({"content-type", "accept", "user-agent"})
+_PLAIN_HEADERS = frozenset({"content-type", "accept", "user-agent", "anthropic-version"})
+# Headers that hold nothing but a key: redacted however short.
+_KEY_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "x-goog-api-key"})
 # Shorter values of other headers and query parameters are left alone: they are not keys,
 # and replacing a short word everywhere would garble the server's message.
 _SHORTEST_SECRET = 8
@@ -236,7 +242,7 @@ class Redactor:
             if lowered in _PLAIN_HEADERS:
                 continue
             value = value.removeprefix("Bearer ").strip()
-            if len(value) >= (4 if lowered in ("authorization", "api-key") else _SHORTEST_SECRET):
+            if len(value) >= (4 if lowered in _KEY_HEADERS else _SHORTEST_SECRET):
                 secrets.add(value)
         for name, value in parse_qsl(urlsplit(url).query):
             if name != "api-version" and len(value) >= _SHORTEST_SECRET:

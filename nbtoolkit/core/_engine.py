@@ -43,12 +43,11 @@ from nbtoolkit.core._budget import Budget
 from nbtoolkit.core._cachewriter import CacheWriter
 from nbtoolkit.core._client import Redactor, Reply, post_json
 from nbtoolkit.core._limits import RateGovernor, ServerLimits
-from nbtoolkit.core._pricing import config_price
+from nbtoolkit.core._pricing import Price, config_price
 from nbtoolkit.core._retry import GiveUp, RetryAfterOrBackoff, is_retryable, is_systemic
 from nbtoolkit.core._rows import SKIPPED, ProgressListener, RowError, RowResult, RunStats
 from nbtoolkit.core.endpoints._base import (
     Answer,
-    ChatEndpoint,
     Endpoint,
     Item,
     Outcome,
@@ -57,6 +56,7 @@ from nbtoolkit.core.endpoints._base import (
     reasoning_tokens,
     usage_counts,
 )
+from nbtoolkit.core.endpoints._providers import chat_endpoint
 from nbtoolkit.core.store._cache import CachedAnswer, RequestKeys
 from nbtoolkit.errors import (
     APIError,
@@ -69,6 +69,7 @@ from nbtoolkit.errors import (
     RateLimitError,
     RequestTimeout,
     RunAborted,
+    SchemaRefused,
     TransportError,
     UnsendableRow,
 )
@@ -156,7 +157,7 @@ class ChatRun:
                 "no model: pass model='...' or set it once with nbtoolkit.configure(model='...')"
             )
         self.config = config
-        self.endpoint: Endpoint = endpoint or ChatEndpoint({"model": config.model, **config.params})
+        self.endpoint: Endpoint = endpoint or chat_endpoint(config)
         self.listener = listener
         # One slot per request pulled so far; None until that row finishes.
         self.results: list[RowResult | None] = []
@@ -191,8 +192,8 @@ class ChatRun:
             ceil_threshold=float("inf"),
         )
         # Whether the endpoint's answers are bytes (vectors) or text: a cache look-up reads
-        # only that kind's table. Optional: endpoints without it store text.
-        self._binary = bool(getattr(self.endpoint, "binary_answers", False))
+        # only that kind's table.
+        self._binary = self.endpoint.binary_answers
         self._url = config.url(self.endpoint.path)
         self._headers = config.request_headers()
         # Every text about a request that reaches a row, the report or an exception goes
@@ -257,6 +258,7 @@ class ChatRun:
         finally:
             self.stats.finished = time.monotonic()
             self.stats.cost = self.budget.cost if self.budget.unit_price is not None else None
+            self.stats.cache_saved = _cache_saved(self.budget.unit_price, self.stats.cached_tokens)
             self.stats.limits = self.governor.learned()
             self._cache.close()  # commits what is still waiting for the timer
         if stopped_by is not None:
@@ -550,8 +552,9 @@ class ChatRun:
             return await self._send_once(session, job), 1
         except _Systemic:
             raise
-        except Exception as first_error:
-            if self._reshaped(first_error, job):
+        except Exception as error:
+            first_error = self._explained(error, job)
+            if first_error is None:  # the endpoint asks differently now: at once, no retry
                 return await self._send(session, job)
             if not is_retryable(first_error) or GiveUp(self.config.retry).first(first_error):
                 raise _Attempts(first_error, 1) from first_error
@@ -573,8 +576,11 @@ class ChatRun:
             try:
                 return await self._send_once(session, job)
             except APIError as exc:
-                if not self._reshaped(exc, job):
+                explained = self._explained(exc, job)
+                if explained is exc:
                     raise
+                if explained is not None:
+                    raise explained from exc
             return await self._send_once(session, job)
 
         retrying = AsyncRetrying(
@@ -592,14 +598,12 @@ class ChatRun:
             raise _Attempts(exc, retrying.statistics.get("attempt_number", 1)) from exc
         return parsed, int(retrying.statistics.get("attempt_number", 1))
 
-    def _reshaped(self, error: Exception, job: _Job) -> bool:
-        """True when the endpoint changed its request shape after this error reply (a server
-        that refuses structured output's json_schema): send again at once, not as a retry."""
-        # Optional: only endpoints with more than one request shape have it.
-        reshape = getattr(self.endpoint, "reshape", None)
-        return (
-            isinstance(error, APIError) and reshape is not None and bool(reshape(error, job.items))
-        )
+    def _explained(self, error: Exception, job: _Job) -> Exception | None:
+        """The endpoint's reading of an error reply (`Endpoint.on_error_reply`): None when
+        it now sends the request another way (send again at once, not as a retry)."""
+        if isinstance(error, APIError):
+            return self.endpoint.on_error_reply(error, job.items)
+        return error
 
     def _failed(self, exc: Exception, attempts: int) -> RowResult:
         """The result of a row whose attempt number ``attempts`` failed with ``exc``."""
@@ -758,6 +762,14 @@ class ChatRun:
                 self.results[index] = in_flight if index in self._sending else waiting
 
 
+def _cache_saved(price: Price | None, cached_tokens: int) -> float | None:
+    """What the provider's prompt cache saved: cached tokens at the input price less the
+    cached-input price; None without a price."""
+    if price is None or not cached_tokens:
+        return None
+    return price.cost(cached_tokens, 0) - price.cost(cached_tokens, 0, cached_tokens)
+
+
 def _shared(result: RowResult) -> RowResult:
     return dataclasses.replace(result, attempts=0, source="duplicate")
 
@@ -777,11 +789,20 @@ def _abort_message(error: NbToolkitError, fields: Iterable[str] = ()) -> str:
     """RunAborted's message: what stopped the run, and what to do (``fields``: the request
     body's, for a refusal that names one without saying it is a parameter)."""
     if isinstance(error, AuthError):
-        advice = "check the API key (OPENAI_API_KEY or api_key=) and that it may use this model"
+        advice = (
+            "check the API key (api_key=, or the provider's variable: OPENAI_API_KEY, "
+            "ANTHROPIC_API_KEY, GOOGLE_API_KEY or GEMINI_API_KEY) and that it may use this model"
+        )
     elif isinstance(error, NotFoundError):
         advice = "check base_url (it usually ends in /v1) and the model name"
     elif isinstance(error, TransportError):
         advice = "check base_url and that the server is running"
+    elif isinstance(error, SchemaRefused):
+        advice = (
+            f"remove {error.keyword!r} from the schema (or the pydantic constraint behind it)"
+            if error.keyword
+            else "simplify the schema to what the provider's structured output takes"
+        ) + ", or pass structured='prompt' to send the schema in a message instead"
     elif isinstance(error, IgnoredParameter):
         advice = (
             "this model does not shorten its vectors; leave dimensions= out, or use a model "

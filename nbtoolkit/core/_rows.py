@@ -98,6 +98,7 @@ class RunStats:
     prompt_tokens: int = 0  # as billed: requests actually sent, not cache hits
     completion_tokens: int = 0
     cached_tokens: int = 0
+    cache_saved: float | None = None  # what the prompt cache saved, at the price table's rates
     reasoning_tokens: int = 0  # part of completion_tokens: billed as output, never shown
     cost: float | None = None  # in the price table's currency; None without prices
     started: float = 0.0

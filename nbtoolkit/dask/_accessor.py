@@ -34,12 +34,14 @@ import pandas as pd
 
 from nbtoolkit.config import ChatConfig
 from nbtoolkit.core._engine import RUN_CREATED, ChatRun, results_in_order
+from nbtoolkit.core._pricing import format_money
 from nbtoolkit.core._rows import RunStats
 from nbtoolkit.core._runner import run_sync
 from nbtoolkit.dask._lease import Lease, LeasedGovernor, LocalTransport, RowCounter, connect
 from nbtoolkit.errors import RunAborted
 from nbtoolkit.frame import _report as _report
 from nbtoolkit.frame._accessor import _ChatAccessorBase
+from nbtoolkit.frame._estimate import check_pilot
 from nbtoolkit.frame._options import RUN_OPTIONS, RunOptions
 from nbtoolkit.frame._report import rows_frame
 
@@ -110,7 +112,7 @@ class DaskRunReport:
         stats = self.stats
         rows = ", ".join(f"{n} {status}" for status, n in sorted(self.rows.items()))
         statuses = ", ".join(f"{key}: {n}" for key, n in sorted(stats.statuses.items()))
-        cost = f", cost {stats.cost:.4f}" if stats.cost is not None else ""
+        cost = f", cost {format_money(stats.cost)}"  # None: "price unknown", never $0
         return (
             f"{self.outcome}: {rows or 'no rows'} in {len(self.partitions)} partitions; "
             f"{stats.requests_sent} requests ({statuses or 'none'}), {stats.cache_hits} cache "
@@ -164,9 +166,17 @@ class DaskChatAccessor:
 
 
 def lazy_method(collection: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """``collection.map_partitions`` of the pandas accessor's ``method``, with its meta."""
+    """``collection.map_partitions`` of the pandas accessor's ``method``, with its meta;
+    with ``dry_run=True``, the pandas method's `CostEstimate` for the whole collection."""
     kwargs = dict(kwargs)
+    dry, pilot = kwargs.pop("dry_run", False), kwargs.pop("pilot", None)
     options = {name: kwargs.pop(name, None) for name in RUN_OPTIONS}
+    if dry or pilot is not None:
+        check_pilot(pilot, dry)
+        # Counted on the client: the rows' text is read once, and nothing else is sent.
+        given = {name: value for name, value in options.items() if value is not None}
+        frame = collection.compute()
+        return getattr(frame.chat, method)(*args, **kwargs, **given, dry_run=True, pilot=pilot)
     # The run options become a ChatConfig on the client, once per call.
     config = RunOptions(**options).settings({}, method=method).resolved()
     if config.cache_path is not None:

@@ -22,6 +22,7 @@ from nbtoolkit.core._rows import RowResult
 from nbtoolkit.core.endpoints._structured import Structured
 from nbtoolkit.errors import ConfigError
 from nbtoolkit.frame._batch import BatchJob, BatchOptions, batch_mode, run_batch, submit
+from nbtoolkit.frame._estimate import CostEstimate, check_pilot
 from nbtoolkit.frame._extraction import (
     DEFAULT_LABEL_COLUMN,
     classification_schema,
@@ -33,9 +34,13 @@ from nbtoolkit.frame._extraction import (
 )
 from nbtoolkit.frame._options import RunOptions, body_fields
 from nbtoolkit.frame._prompts import chat_requests, row_prompts
-from nbtoolkit.frame._run import Plan, blocking, run_plan
+from nbtoolkit.frame._run import Plan, blocking, estimate_plan, run_plan
 from nbtoolkit.frame._writers import text_writer
-from nbtoolkit.frame.semantic._methods import FrameSemanticMethods, SemanticMethods
+from nbtoolkit.frame.semantic._methods import (
+    FrameSemanticMethods,
+    SemanticMethods,
+    operator_blocking,
+)
 
 
 class _ChatAccessorBase(SemanticMethods):
@@ -45,6 +50,10 @@ class _ChatAccessorBase(SemanticMethods):
         raise NotImplementedError
 
     def _as_series(self) -> bool:
+        raise NotImplementedError
+
+    def _owner(self) -> object:
+        """The caller's DataFrame or Series itself (a dry run's estimate is kept for it)."""
         raise NotImplementedError
 
     def _default_column(self) -> str | None:
@@ -81,11 +90,13 @@ class _ChatAccessorBase(SemanticMethods):
         tpm: float | None = None,
         cache: bool | str | os.PathLike[str] | None = None,
         dedupe: bool | None = None,
-        prices: Mapping[str, tuple[float, float]] | None = None,
+        prices: Mapping[str, Any] | None = None,
         max_cost: float | None = None,
         max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
         batch: bool | BatchOptions = False,
+        dry_run: bool = False,
+        pilot: int | float | None = None,
         **params: Any,
     ) -> Any:
         """Send one chat request per row and return a new frame with the answers as a column.
@@ -119,12 +130,19 @@ class _ChatAccessorBase(SemanticMethods):
             config: a `ChatConfig` to start from instead of the process-wide one.
             batch: True (or a `BatchOptions`) sends the rows as a Batch API job at the
                 batch price and waits for it: ``submit_batch`` + ``wait`` + ``result``.
+            dry_run: send nothing and return a `CostEstimate` instead: rows to send (after
+                the cache and duplicates), prompt tokens counted locally, completion tokens
+                and cost as low / expected / high, wall time. The next run of this frame
+                starts from it (the bar's projection, ``last_run().estimate_error``).
+            pilot: with ``dry_run``, first send this many rows (or this fraction of them),
+                sampled across the frame, to measure answer lengths; their answers go to
+                the cache, so the run after it does not pay for them again.
             **params: extra request-body fields: temperature, max_tokens, seed, ...
 
         Returns:
             A new DataFrame (a Series for ``series.chat``), same index and order, with the
             answer text per row and None where a row got none. ``nbtoolkit.last_run()``
-            says why each None is None.
+            says why each None is None. With ``dry_run``: a `CostEstimate`.
 
         Raises:
             ConfigError: bad arguments (before anything is sent).
@@ -154,14 +172,19 @@ class _ChatAccessorBase(SemanticMethods):
             max_tokens_total=max_tokens_total,
             config=config,
         ).settings(params, method="complete")
+        check_pilot(pilot, dry_run)
         prompts = self._prompts(column, template)
         plan = Plan(
             frame=self._frame(),
             requests=chat_requests(prompts, system),
             config=settings,
             write=self._text_column(output),
+            owner=self._owner(),
         )
-        if (options := batch_mode(batch)) is not None:
+        options = batch_mode(batch)
+        if dry_run:
+            return await estimate_plan(plan, pilot=pilot, batch=options is not None)
+        if options is not None:
             return await run_batch(plan.frame, plan.requests, settings, plan.write, options=options)
         return await run_plan(plan)
 
@@ -191,10 +214,12 @@ class _ChatAccessorBase(SemanticMethods):
         tpm: float | None = None,
         cache: bool | str | os.PathLike[str] | None = None,
         dedupe: bool | None = None,
-        prices: Mapping[str, tuple[float, float]] | None = None,
+        prices: Mapping[str, Any] | None = None,
         max_cost: float | None = None,
         max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
+        dry_run: bool = False,
+        pilot: int | float | None = None,
         **params: Any,
     ) -> Any:
         """Embed each row's text and return a new frame with one float32 vector per row.
@@ -214,8 +239,9 @@ class _ChatAccessorBase(SemanticMethods):
             batch_size: texts per request, at most (OpenAI allows 2,048).
             max_batch_tokens: estimated tokens per request, at most (OpenAI allows 300,000).
             max_parallel, progress, base_url, api_key, headers, query, timeout, retry, rpm,
-                tpm, cache, dedupe, prices, max_cost, max_tokens_total, config: as for
-                `complete`; a request's tokens count against ``tpm`` and the budgets.
+                tpm, cache, dedupe, prices, max_cost, max_tokens_total, config, dry_run,
+                pilot: as for `complete`; a request's tokens count against ``tpm`` and the
+                budgets.
             **params: extra request-body fields (``user``, a server's ``input_type``);
                 they are part of each text's cache key.
 
@@ -231,9 +257,10 @@ class _ChatAccessorBase(SemanticMethods):
             RunInterrupted: Ctrl-C or the stop button; ``.partial`` holds the rows that
                 finished.
         """
-        from nbtoolkit.core.endpoints._embeddings import EmbeddingEndpoint
+        from nbtoolkit.core.endpoints._providers import embedding_endpoint
         from nbtoolkit.frame._vectors import embedding_writer
 
+        check_pilot(pilot, dry_run)
         settings = RunOptions(
             model=model,
             max_parallel=max_parallel,
@@ -258,8 +285,8 @@ class _ChatAccessorBase(SemanticMethods):
         body = body_fields(params, method="embed")
         if not isinstance(output, str) or not output:
             raise ConfigError(f"output must be a column name, got {output!r}")
-        endpoint = EmbeddingEndpoint(
-            model=settings.model or "",
+        endpoint = embedding_endpoint(
+            settings.resolved(),
             dimensions=dimensions,
             batch_size=batch_size,
             max_batch_tokens=max_batch_tokens,
@@ -273,15 +300,18 @@ class _ChatAccessorBase(SemanticMethods):
             config=settings,
             write=embedding_writer(self._frame(), output, as_series=self._as_series(), name=name),
             endpoint=endpoint,
+            owner=self._owner(),
         )
+        if dry_run:
+            return await estimate_plan(plan, pilot=pilot)
         return await run_plan(plan)
 
     embed = blocking(aembed)
 
     # The semantic operators (frame/semantic): their sync twins, as for every a... method.
-    filter = blocking(SemanticMethods.afilter)
-    top_k = blocking(SemanticMethods.atop_k)
-    aggregate = blocking(SemanticMethods.aaggregate)
+    filter = operator_blocking(SemanticMethods.afilter)
+    top_k = operator_blocking(SemanticMethods.atop_k)
+    aggregate = operator_blocking(SemanticMethods.aaggregate)
 
     async def asubmit_batch(
         self,
@@ -301,13 +331,15 @@ class _ChatAccessorBase(SemanticMethods):
         timeout: float | Timeouts | None = None,
         retry: int | RetryPolicy | None = None,
         cache: bool | str | os.PathLike[str] | None = None,
-        prices: Mapping[str, tuple[float, float]] | None = None,
+        prices: Mapping[str, Any] | None = None,
         max_cost: float | None = None,
         max_tokens_total: int | None = None,
         batch: BatchOptions | None = None,
         config: ChatConfig | None = None,
+        dry_run: bool = False,
+        pilot: int | float | None = None,
         **params: Any,
-    ) -> BatchJob:
+    ) -> BatchJob | CostEstimate:
         """Submit the rows as an OpenAI Batch API job (half price, up to 24 h) and return at once.
 
         The same requests ``complete`` would send, one JSONL line each; rows whose answers
@@ -324,9 +356,12 @@ class _ChatAccessorBase(SemanticMethods):
                 plus max_tokens, at the batch discount) is checked before anything is
                 uploaded.
             batch: splitting, discount and polling (`BatchOptions`).
+            dry_run, pilot: as for `complete`, priced at the Batch discount; a pilot's rows
+                are sent at once (not as a batch), at the list price.
 
         Returns:
-            A `BatchJob`: ``.id``, ``.status()``, ``.wait()``, ``.result()``, ``.cancel()``.
+            A `BatchJob`: ``.id``, ``.status()``, ``.wait()``, ``.result()``, ``.cancel()``;
+            with ``dry_run``, a `CostEstimate`.
 
         Raises:
             ConfigError: bad arguments, no cache, or a worst case over a budget; nothing is
@@ -349,7 +384,17 @@ class _ChatAccessorBase(SemanticMethods):
             max_tokens_total=max_tokens_total,
             config=config,
         ).settings(params, method="submit_batch")
+        check_pilot(pilot, dry_run)
         prompts = self._prompts(column, template)
+        if dry_run:
+            plan = Plan(
+                self._frame(),
+                chat_requests(prompts, system),
+                settings,
+                self._text_column(output),
+                owner=self._owner(),
+            )
+            return await estimate_plan(plan, pilot=pilot, batch=True)
         return await submit(
             self._frame(),
             chat_requests(prompts, system),
@@ -385,12 +430,14 @@ class _ChatAccessorBase(SemanticMethods):
         tpm: float | None = None,
         cache: bool | str | os.PathLike[str] | None = None,
         dedupe: bool | None = None,
-        prices: Mapping[str, tuple[float, float]] | None = None,
+        prices: Mapping[str, Any] | None = None,
         max_cost: float | None = None,
         max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
+        dry_run: bool = False,
+        pilot: int | float | None = None,
         **params: Any,
-    ) -> pd.DataFrame:
+    ) -> Any:
         """Ask for a schema's fields per row and return them as typed columns.
 
         ``extract`` runs it and waits; ``aextract`` is ``await``-able. The row's text is the
@@ -407,7 +454,7 @@ class _ChatAccessorBase(SemanticMethods):
             structured: "auto" (json_schema, or what the server turns out to take),
                 "json_schema", "json_object" (llama.cpp) or "prompt" (schema in the system
                 message, for servers with no JSON mode).
-            model, max_parallel, ...: the run options of `complete`.
+            model, max_parallel, ..., dry_run, pilot: the run options of `complete`.
             **params: extra request-body fields: temperature, max_tokens, seed, ...
 
         Returns:
@@ -446,6 +493,7 @@ class _ChatAccessorBase(SemanticMethods):
             max_tokens_total=max_tokens_total,
             config=config,
         ).settings(params, method="extract")
+        check_pilot(pilot, dry_run)
         checked = extraction_schema(schema)
         write = fields_writer(
             self._frame(), checked.fields, prefix=prefix, as_series=self._as_series()
@@ -454,7 +502,11 @@ class _ChatAccessorBase(SemanticMethods):
             settings, checked, structured=structured, validation_retries=validation_retries
         )
         prompts = self._prompts(column, template)
-        plan = Plan(self._frame(), chat_requests(prompts, system), settings, write, endpoint)
+        plan = Plan(
+            self._frame(), chat_requests(prompts, system), settings, write, endpoint, self._owner()
+        )
+        if dry_run:
+            return await estimate_plan(plan, pilot=pilot)
         result: pd.DataFrame = await run_plan(plan)
         return result
 
@@ -486,12 +538,14 @@ class _ChatAccessorBase(SemanticMethods):
         tpm: float | None = None,
         cache: bool | str | os.PathLike[str] | None = None,
         dedupe: bool | None = None,
-        prices: Mapping[str, tuple[float, float]] | None = None,
+        prices: Mapping[str, Any] | None = None,
         max_cost: float | None = None,
         max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
+        dry_run: bool = False,
+        pilot: int | float | None = None,
         **params: Any,
-    ) -> pd.DataFrame:
+    ) -> Any:
         """Label each row with one of ``labels`` (or several) and return them as a column.
 
         ``classify`` runs it and waits; ``aclassify`` is ``await``-able. The answer is
@@ -505,7 +559,7 @@ class _ChatAccessorBase(SemanticMethods):
             output: the new column's name (default ``"label"``).
             system: a system message; default: one asking for the label(s) that fit.
             validation_retries, structured: as in `extract`.
-            model, max_parallel, ...: the run options of `complete`.
+            model, max_parallel, ..., dry_run, pilot: the run options of `complete`.
             **params: extra request-body fields: temperature, max_tokens, seed, ...
 
         Returns:
@@ -539,6 +593,7 @@ class _ChatAccessorBase(SemanticMethods):
             max_tokens_total=max_tokens_total,
             config=config,
         ).settings(params, method="classify")
+        check_pilot(pilot, dry_run)
         checked = classification_schema(labels, multi_label=multi_label, output=output)
         write = fields_writer(
             self._frame(), checked.fields, prefix=None, as_series=self._as_series(), option="output"
@@ -549,7 +604,11 @@ class _ChatAccessorBase(SemanticMethods):
         if system is None:
             system = classification_system(label_values(labels), multi_label=multi_label)
         prompts = self._prompts(column, template)
-        plan = Plan(self._frame(), chat_requests(prompts, system), settings, write, endpoint)
+        plan = Plan(
+            self._frame(), chat_requests(prompts, system), settings, write, endpoint, self._owner()
+        )
+        if dry_run:
+            return await estimate_plan(plan, pilot=pilot)
         result: pd.DataFrame = await run_plan(plan)
         return result
 
@@ -566,13 +625,16 @@ class ChatAccessor(_ChatAccessorBase, FrameSemanticMethods):
     def _frame(self) -> pd.DataFrame:
         return self._obj
 
+    def _owner(self) -> object:
+        return self._obj
+
     def _as_series(self) -> bool:
         return False
 
     def _default_column(self) -> str | None:
         return None
 
-    join = blocking(FrameSemanticMethods.ajoin)
+    join = operator_blocking(FrameSemanticMethods.ajoin)
 
 
 @pd.api.extensions.register_series_accessor("chat")
@@ -584,6 +646,9 @@ class SeriesChatAccessor(_ChatAccessorBase):
 
     def __init__(self, series: pd.Series) -> None:
         self._obj = series
+
+    def _owner(self) -> object:
+        return self._obj
 
     def _frame(self) -> pd.DataFrame:
         frame = self._obj.to_frame(name="value")

@@ -19,6 +19,7 @@ import pandas as pd
 from nbtoolkit.batch import BatchOptions, BatchStatus, Job
 from nbtoolkit.batch import submit as submit_job
 from nbtoolkit.config import ChatConfig, default_cache_path
+from nbtoolkit.core._pricing import config_price
 from nbtoolkit.core._rows import RowResult, RunStats
 from nbtoolkit.core._runner import run_sync
 from nbtoolkit.core.endpoints._base import Endpoint
@@ -126,8 +127,10 @@ class BatchJob(Job):
             self._collected = await self.collect()
         results, stats = self._collected
         stats.started = started
-        rows = rows_frame(results, self._index)
-        return remember(RunReport(self._write(results), rows, stats, "finished")).output
+        price = config_price(self.config.resolved())
+        rows = rows_frame(results, self._index, price)
+        report = RunReport(self._write(results), rows, stats, "finished", price=price)
+        return remember(report).output
 
     def result(self) -> Any:
         """The answers as a new frame (see `aresult`); waits for the job first.

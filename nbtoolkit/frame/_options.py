@@ -44,7 +44,7 @@ class RunOptions:
     tpm: float | None = None
     cache: bool | str | os.PathLike[str] | None = None
     dedupe: bool | None = None
-    prices: Mapping[str, tuple[float, float]] | None = None
+    prices: Mapping[str, Any] | None = None
     max_cost: float | None = None
     max_tokens_total: int | None = None
     config: ChatConfig | None = None
@@ -93,10 +93,13 @@ BATCH_RUN_OPTIONS: Final = tuple(
     n for n in RUN_OPTIONS if n not in {"max_parallel", "rpm", "tpm", "dedupe"}
 )
 
+# Every method can say what it would cost instead of running (see nbtoolkit.CostEstimate).
+ESTIMATE: Final = ("dry_run", "pilot")
+
 # Each method's keywords, besides **params. The methods' signatures are these, in this
 # order (tests/test_options.py checks it); the async twin (``acomplete``) takes the same.
 METHOD_OPTIONS: Final[Mapping[str, tuple[str, ...]]] = {
-    "complete": ("column", "template", "system", "output", *RUN_OPTIONS, "batch"),
+    "complete": ("column", "template", "system", "output", *RUN_OPTIONS, "batch", *ESTIMATE),
     "extract": (
         "column",
         "schema",
@@ -106,6 +109,7 @@ METHOD_OPTIONS: Final[Mapping[str, tuple[str, ...]]] = {
         "validation_retries",
         "structured",
         *RUN_OPTIONS,
+        *ESTIMATE,
     ),
     "classify": (
         "column",
@@ -117,6 +121,7 @@ METHOD_OPTIONS: Final[Mapping[str, tuple[str, ...]]] = {
         "validation_retries",
         "structured",
         *RUN_OPTIONS,
+        *ESTIMATE,
     ),
     "embed": (
         "column",
@@ -127,8 +132,17 @@ METHOD_OPTIONS: Final[Mapping[str, tuple[str, ...]]] = {
         "batch_size",
         "max_batch_tokens",
         *(n for n in RUN_OPTIONS if n != "model"),
+        *ESTIMATE,
     ),
-    "submit_batch": ("column", "template", "system", "output", *BATCH_RUN_OPTIONS, "batch"),
+    "submit_batch": (
+        "column",
+        "template",
+        "system",
+        "output",
+        *BATCH_RUN_OPTIONS,
+        "batch",
+        *ESTIMATE,
+    ),
     # The semantic operators (frame/semantic).
     "filter": (
         "template",
@@ -140,9 +154,19 @@ METHOD_OPTIONS: Final[Mapping[str, tuple[str, ...]]] = {
         "agreement",
         "sample_seed",
         *RUN_OPTIONS,
+        "dry_run",
     ),
-    "top_k": ("k", "template", "column", "system", "output", *RUN_OPTIONS),
-    "aggregate": ("template", "column", "by", "system", "context_tokens", "output", *RUN_OPTIONS),
+    "top_k": ("k", "template", "column", "system", "output", *RUN_OPTIONS, "dry_run"),
+    "aggregate": (
+        "template",
+        "column",
+        "by",
+        "system",
+        "context_tokens",
+        "output",
+        *RUN_OPTIONS,
+        "dry_run",
+    ),
     "join": (
         "right",
         "template",
@@ -158,6 +182,7 @@ METHOD_OPTIONS: Final[Mapping[str, tuple[str, ...]]] = {
         "agreement",
         "sample_seed",
         *RUN_OPTIONS,
+        "dry_run",
     ),
 }
 # Settings a call cannot change, only `nbtoolkit.configure` or a `ChatConfig`: ChatConfig

@@ -21,7 +21,8 @@ from nbtoolkit.core._rows import RowResult
 from nbtoolkit.core._runner import run_sync
 from nbtoolkit.core.endpoints._base import Endpoint
 from nbtoolkit.errors import RunAborted, RunInterrupted
-from nbtoolkit.frame._progress import ProgressBar
+from nbtoolkit.frame._estimate import CostEstimate, dry_run, estimate_for
+from nbtoolkit.frame._progress import LiveCost, ProgressBar
 from nbtoolkit.frame._report import RunReport, last_run, remember, rows_frame
 
 
@@ -35,6 +36,8 @@ class Plan:
     # Builds the run's output from one result per row, in the frame's order.
     write: Callable[[Sequence[RowResult]], Any]
     endpoint: Endpoint | None = None  # None: chat completions
+    # The caller's DataFrame or Series: a dry run's estimate is kept for its next run.
+    owner: object | None = None
 
 
 P = ParamSpec("P")
@@ -79,6 +82,10 @@ async def run_plan(plan: Plan) -> Any:
     bar = ProgressBar(len(plan.frame), enabled=plan.config.progress)
     try:
         run = ChatRun(plan.config, endpoint=plan.endpoint, listener=bar)
+        estimate = None
+        if plan.owner is not None:
+            estimate = estimate_for(plan.owner, run.config, run.endpoint.path)
+        bar.cost = live_cost(run, len(plan.frame), estimate)
     except BaseException:
         bar.close()
         raise
@@ -89,28 +96,73 @@ async def run_plan(plan: Plan) -> Any:
     except RunAborted as exc:
         aborted = exc
     except KeyboardInterrupt as exc:
-        report = _report(plan, run, run.results, "interrupted")
+        report = _report(plan, run, run.results, "interrupted", estimate)
         raise RunInterrupted(_interrupted_message(report), partial=report.output) from exc
     except asyncio.CancelledError as exc:
-        report = _report(plan, run, run.results, "interrupted")
+        report = _report(plan, run, run.results, "interrupted", estimate)
         # Cancellation must stay a CancelledError; a note still tells where the rows are.
         exc.add_note(_interrupted_message(report))
         raise
     if aborted is not None:  # raised outside the except block: one line in a notebook
-        report = _report(plan, run, run.results, "aborted")
+        report = _report(plan, run, run.results, "aborted", estimate)
         raise RunAborted(str(aborted), partial=report.output, cause=aborted.cause) from (
             aborted.cause
         )
-    return _report(plan, run, results, "finished").output
+    return _report(plan, run, results, "finished", estimate).output
+
+
+async def estimate_plan(
+    plan: Plan, *, pilot: int | float | None, batch: bool = False
+) -> CostEstimate:
+    """What running the plan would cost, sending nothing but a pilot's rows (if asked).
+
+    Raises:
+        ConfigError: no model, or a bad pilot size.
+        RunAborted: the pilot met a bad key, wrong URL or model, or no quota.
+    """
+    owner = plan.owner if plan.owner is not None else plan.frame
+    return await dry_run(
+        owner, plan.config, plan.requests, endpoint=plan.endpoint, pilot=pilot, batch=batch
+    )
+
+
+def live_cost(run: ChatRun, rows: int, estimate: CostEstimate | None) -> LiveCost:
+    """The bar's cost figures for one run, starting from its dry run's estimate if any."""
+    to_pay = expected = None
+    if estimate is not None:
+        answered = 0 if estimate.pilot is None else estimate.pilot.rows - estimate.pilot.failed
+        to_pay = estimate.to_send - answered
+        if estimate.cost is not None:
+            paid = estimate.pilot.cost or 0.0 if estimate.pilot is not None else 0.0
+            expected = estimate.cost.expected - paid
+    return LiveCost(
+        run.budget.unit_price,
+        rows=rows,
+        to_pay=to_pay,
+        expected=expected,
+        max_cost=run.config.max_cost,
+    )
 
 
 def _report(
-    plan: Plan, run: ChatRun, results: Sequence[RowResult | None], outcome: str
+    plan: Plan,
+    run: ChatRun,
+    results: Sequence[RowResult | None],
+    outcome: str,
+    estimate: CostEstimate | None = None,
 ) -> RunReport:
     rows = results_in_order(results)
     rows += results_in_order([None]) * (len(plan.frame) - len(rows))
+    price = run.budget.unit_price
     return remember(
-        RunReport(plan.write(rows), rows_frame(rows, plan.frame.index), run.stats, outcome)
+        RunReport(
+            plan.write(rows),
+            rows_frame(rows, plan.frame.index, price),
+            run.stats,
+            outcome,
+            price=price,
+            estimate=estimate,
+        )
     )
 
 

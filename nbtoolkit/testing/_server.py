@@ -217,7 +217,7 @@ class ChatServer(ScriptedServer):
         refused = _structured.rejection(body, self._structured)
         if refused is None:
             return None
-        return _error(500, refused, type_="internal_server_error", err_code=None)
+        return _error(refused.status, refused.message, type_=refused.type, err_code=None)
 
     def _token_cost(self, body: dict[str, Any], kind: str) -> float:
         if kind == "embeddings":  # its inputs, and no completion

@@ -28,7 +28,7 @@ import numpy.typing as npt
 
 from nbtoolkit.core.endpoints._base import Answer, Item, Outcome, Parsed, plain_json
 from nbtoolkit.core.store._cache import encode_body
-from nbtoolkit.errors import ConfigError, IgnoredParameter, MalformedResponse
+from nbtoolkit.errors import APIError, ConfigError, IgnoredParameter, MalformedResponse
 
 __all__ = ["EmbeddingEndpoint"]
 
@@ -138,6 +138,9 @@ class EmbeddingEndpoint:
         usage = reply.get("usage")
         # The reply's usage is the whole request's: counted once, against tpm and budgets.
         return Parsed(outcomes, usage if isinstance(usage, Mapping) else None)
+
+    def on_error_reply(self, error: APIError, items: Sequence[Item]) -> APIError | None:
+        return error  # one shape only; a 400 for one input is found by the engine's halving
 
     def decode(self, stored: str | bytes) -> Vector:
         if isinstance(stored, str):  # not written by this endpoint; never a vector

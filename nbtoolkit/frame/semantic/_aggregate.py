@@ -167,3 +167,30 @@ def _next_level(
 
 def _was_single_chunk(owners: list[Group], group: Group) -> bool:
     return sum(1 for owner in owners if owner is group) == 1
+
+
+def planned_prompts(
+    groups: Sequence[Group],
+    instruction: str,
+    *,
+    context_tokens: int,
+    answer_tokens: int,
+) -> tuple[list[str], list[str]]:
+    """The first level's prompts, and those of the levels above sized for full-length answers.
+
+    For ``dry_run``: the first level is exact; above it, every answer is assumed to use its
+    whole ``max_tokens`` (an upper bound on how many combining requests there will be).
+    """
+    budget = chunk_budget(context_tokens, answer_tokens, instruction)
+    first: list[str] = []
+    above: list[str] = []
+    placeholder = "x" * int(answer_tokens * 4)
+    for group in groups:
+        packed, _ = chunks(group.texts, budget)
+        first += [prompt(instruction, items, 0) for items in packed]
+        level, count = 1, len(packed)
+        while count > 1 and level < MAX_LEVELS:
+            packed, _ = chunks([placeholder] * count, budget)
+            above += [prompt(instruction, items, level) for items in packed]
+            count, level = len(packed), level + 1
+    return first, above

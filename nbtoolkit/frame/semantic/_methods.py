@@ -7,16 +7,20 @@ other methods do, and hands over to `_operators`. Run options (``model``, ``max_
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import string
-from collections.abc import Hashable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Coroutine, Hashable, Mapping, Sequence
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import pandas as pd
 
 from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts
-from nbtoolkit.errors import ConfigError
+from nbtoolkit.core._runner import run_sync
+from nbtoolkit.errors import ConfigError, RunInterrupted
 from nbtoolkit.frame._options import RunOptions
+from nbtoolkit.frame.semantic._estimate import OperatorEstimate
 from nbtoolkit.frame.semantic._filter import Cascade
 from nbtoolkit.frame.semantic._operators import (
     Keep,
@@ -82,8 +86,9 @@ class SemanticMethods:
         max_cost: float | None = None,
         max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
+        dry_run: bool = False,
         **params: Any,
-    ) -> pd.DataFrame | pd.Series:
+    ) -> pd.DataFrame | pd.Series | OperatorEstimate:
         """The rows for which the model answers yes to ``template``'s question.
 
         Args:
@@ -101,6 +106,8 @@ class SemanticMethods:
             sample_seed: which rows are sampled.
             model, max_parallel, ..., config: run options, as for ``complete``
                 (``cache``, ``max_cost``, ...).
+            dry_run: send nothing; return an `OperatorEstimate`: each step's rows, tokens
+                and cost (low / expected / high) and their total.
             **params: request-body fields (``temperature``).
 
         Returns:
@@ -132,7 +139,13 @@ class SemanticMethods:
         prompts = self._prompts(column, template)
         cascade = cascade_for(cheap_model, sample, agreement, sample_seed)
         return await filter_rows(
-            self._source(), prompts, settings, system=system, cascade=cascade, keep=keep
+            self._source(),
+            prompts,
+            settings,
+            system=system,
+            cascade=cascade,
+            keep=keep,
+            dry_run=dry_run,
         )
 
     async def atop_k(
@@ -162,8 +175,9 @@ class SemanticMethods:
         max_cost: float | None = None,
         max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
+        dry_run: bool = False,
         **params: Any,
-    ) -> pd.DataFrame | pd.Series:
+    ) -> pd.DataFrame | pd.Series | OperatorEstimate:
         """The ``k`` rows that best fit a criterion, best first.
 
         Each row gets one request and a 0-100 score (so cost grows linearly with the rows);
@@ -198,7 +212,9 @@ class SemanticMethods:
             config=config,
         ).settings(params, method="top_k")
         prompts = self._prompts(column, template)
-        return await top_rows(self._source(), prompts, k, settings, system=system, output=output)
+        return await top_rows(
+            self._source(), prompts, k, settings, system=system, output=output, dry_run=dry_run
+        )
 
     async def aaggregate(
         self,
@@ -228,8 +244,9 @@ class SemanticMethods:
         max_cost: float | None = None,
         max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
+        dry_run: bool = False,
         **params: Any,
-    ) -> str | pd.Series | None:
+    ) -> str | pd.Series | OperatorEstimate | None:
         """One answer over many rows: for the whole frame, or per group with ``by=``.
 
         Args:
@@ -285,6 +302,7 @@ class SemanticMethods:
             system=system,
             context_tokens=context_tokens,
             output=output,
+            dry_run=dry_run,
         )
 
 
@@ -326,8 +344,9 @@ class FrameSemanticMethods(SemanticMethods):
         max_cost: float | None = None,
         max_tokens_total: int | None = None,
         config: ChatConfig | None = None,
+        dry_run: bool = False,
         **params: Any,
-    ) -> pd.DataFrame:
+    ) -> pd.DataFrame | OperatorEstimate:
         """The pairs of rows, one from this frame and one from ``right``, the model matches.
 
         Candidates come from embeddings: each left row is asked about with its
@@ -387,6 +406,7 @@ class FrameSemanticMethods(SemanticMethods):
             suffixes=suffixes,
             system=system,
             cascade=cascade_for(cheap_model, sample, agreement, sample_seed),
+            dry_run=dry_run,
         )
 
 
@@ -410,3 +430,33 @@ def _as_instruction(template: str) -> str:
         if field:
             out.append(f"the {field} of the records below")
     return "".join(out)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def operator_blocking(coroutine_method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, R]:
+    """The sync twin of an operator's ``a...`` method (``filter`` for ``afilter``).
+
+    As `blocking` for the row methods, except for what a stop says: an operator is several
+    runs, and its answers so far live in the cache, not in one output.
+    """
+
+    @functools.wraps(coroutine_method)
+    def method(*args: P.args, **kwargs: P.kwargs) -> R:
+        name = coroutine_method.__name__.removeprefix("a")
+        try:
+            return run_sync(coroutine_method(*args, **kwargs))
+        except RunInterrupted:
+            raise
+        except (KeyboardInterrupt, asyncio.CancelledError) as exc:
+            stopped = exc
+        raise RunInterrupted(  # outside the except block: one line in a notebook
+            f"{name} stopped: the answers received so far are saved in the cache, so running "
+            "the cell again sends only the rest. nbtoolkit.last_run() is the report of the "
+            "step it stopped in."
+        ) from stopped
+
+    method.__name__ = method.__qualname__ = coroutine_method.__name__.removeprefix("a")
+    return method

@@ -9,7 +9,7 @@ say what decided the rows.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -20,9 +20,16 @@ from nbtoolkit.core._rows import RowResult
 from nbtoolkit.core.endpoints._embeddings import EmbeddingEndpoint
 from nbtoolkit.core.endpoints._judge import ScoreEndpoint
 from nbtoolkit.errors import ConfigError
+from nbtoolkit.frame._estimate import CostEstimate
 from nbtoolkit.frame._vectors import to_matrix
-from nbtoolkit.frame.semantic._aggregate import DEFAULT_ANSWER_TOKENS, Group, reduce_groups
-from nbtoolkit.frame.semantic._filter import Cascade, decide, mask_of
+from nbtoolkit.frame.semantic._aggregate import (
+    DEFAULT_ANSWER_TOKENS,
+    Group,
+    planned_prompts,
+    reduce_groups,
+)
+from nbtoolkit.frame.semantic._estimate import OperatorEstimate, estimate_step
+from nbtoolkit.frame.semantic._filter import Cascade, decide, estimate_decisions, mask_of
 from nbtoolkit.frame.semantic._join import (
     JoinTemplate,
     all_pairs,
@@ -47,10 +54,16 @@ async def filter_rows(
     system: str | None,
     cascade: Cascade | None,
     keep: Keep,
-) -> pd.DataFrame | pd.Series:
+    dry_run: bool = False,
+) -> pd.DataFrame | pd.Series | OperatorEstimate:
     """The rows whose question the model answers yes (or the yes/no mask)."""
     if keep not in ("rows", "mask"):
         raise ConfigError(f'keep= must be "rows" or "mask"; got {keep!r}')
+    if dry_run:
+        found, notes = await estimate_decisions(
+            list(prompts), settings, system=system, cascade=cascade
+        )
+        return OperatorEstimate("filter", tuple(found), tuple(notes))
     stages = Stages()
     index = frame.index
     decisions = await decide(list(prompts), settings, stages, system=system, cascade=cascade)
@@ -78,9 +91,22 @@ async def join_frames(
     suffixes: tuple[str, str],
     system: str | None,
     cascade: Cascade | None,
-) -> pd.DataFrame:
+    dry_run: bool = False,
+) -> pd.DataFrame | OperatorEstimate:
     """The pairs the model says match, asked about only among embedding candidates."""
     parsed = JoinTemplate.parse(template, left, right)
+    if dry_run:
+        return await _estimate_join(
+            parsed,
+            left,
+            right,
+            settings,
+            embed_model,
+            candidates,
+            (left_on, right_on),
+            system,
+            cascade,
+        )
     check_candidates(candidates, max_pairs, len(left), len(right))
     stages = Stages()
     notes: list[str] = []
@@ -118,6 +144,50 @@ async def join_frames(
     return output
 
 
+async def _estimate_join(
+    parsed: JoinTemplate,
+    left: pd.DataFrame,
+    right: pd.DataFrame,
+    settings: ChatConfig,
+    embed_model: str | None,
+    candidates: int | Literal["all"],
+    on: tuple[str | None, str | None],
+    system: str | None,
+    cascade: Cascade | None,
+) -> OperatorEstimate:
+    """The embeddings and the pair questions a join would send; nothing is sent."""
+    found: list[tuple[str, CostEstimate]] = []
+    notes: list[str] = []
+    pairs: Iterable[tuple[int, int]]
+    if candidates == "all":
+        pairs = ((i, j) for i, j, _ in all_pairs(len(left), len(right)))
+        size = len(left) * len(right)
+        notes.append(f"every pair: {size:,} questions; to run it, pass max_pairs={size}")
+    else:
+        check_candidates(candidates, None, len(left), len(right))
+        if embed_model is None:
+            raise ConfigError("join needs embed_model= for its candidates (or candidates='all')")
+        embed_settings = dataclasses.replace(settings, model=embed_model)
+        endpoint = EmbeddingEndpoint(model=embed_model)
+        for frame, side, column in ((left, "left", on[0]), (right, "right", on[1])):
+            texts = parsed.texts(frame, side, column)
+            step = await estimate_step(embed_settings, texts, endpoint)
+            found.append((f"join, embeddings of the {side} rows", step))
+        k = min(candidates, len(right))
+        # Which right rows are nearest is known only after embedding: price k per left row.
+        width = max(1, len(right))
+        pairs = ((i, (i * k + t) % width) for i in range(len(left)) for t in range(k))
+        notes.append(
+            f"the pairs asked about are each left row's {k} nearest right rows, known after "
+            "the embeddings: priced here with k right rows per left row"
+        )
+    prompts = [parsed.prompt(left, right, i, j) for i, j in pairs]
+    asked, more = await estimate_decisions(
+        prompts, settings, system=system, cascade=cascade, label="join"
+    )
+    return OperatorEstimate("join", (*found, *asked), (*notes, *more))
+
+
 async def _embed(
     texts: Sequence[str | None], settings: ChatConfig, stages: Stages, side: str
 ) -> np.ndarray[Any, np.dtype[np.float32]] | None:
@@ -151,7 +221,8 @@ async def top_rows(
     *,
     system: str | None,
     output: str,
-) -> pd.DataFrame | pd.Series:
+    dry_run: bool = False,
+) -> pd.DataFrame | pd.Series | OperatorEstimate:
     """The ``k`` rows with the highest scores, best first, with their score."""
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ConfigError(f"k must be an int >= 1; got {k!r}")
@@ -159,6 +230,9 @@ async def top_rows(
     resolved = settings.resolved()
     endpoint = ScoreEndpoint({"model": resolved.model, **resolved.params})
     requests = [question(p, system or SCORE_SYSTEM) for p in prompts]
+    if dry_run:
+        estimate = await estimate_step(settings, requests, endpoint)
+        return OperatorEstimate("top_k", (("top_k, scores", estimate),))
     results = await stages.run("top_k, scores", requests, settings, endpoint=endpoint)
     scores = pd.Series(
         [r.value if r.error is None else np.nan for r in results], index=frame.index, dtype=float
@@ -188,7 +262,8 @@ async def aggregate_rows(
     system: str | None,
     context_tokens: int,
     output: str,
-) -> str | pd.Series | None:
+    dry_run: bool = False,
+) -> str | pd.Series | OperatorEstimate | None:
     """One answer per group (or for the whole frame) by a hierarchical reduce."""
     if not isinstance(context_tokens, int) or context_tokens < 256:
         raise ConfigError(f"context_tokens must be an int >= 256; got {context_tokens!r}")
@@ -213,6 +288,17 @@ async def aggregate_rows(
             for key, rows in frame.groupby(grouper, sort=True, dropna=False)
         ]
     groups = [Group(key, [str(t) for t in part if isinstance(t, str)]) for key, part in keyed]
+    if dry_run:
+        first, above = planned_prompts(
+            groups, instruction, context_tokens=context_tokens, answer_tokens=int(answer_tokens)
+        )
+        level_one = await estimate_step(settings, [question(p, system) for p in first], None)
+        combining = await estimate_step(settings, [question(p, system) for p in above], None)
+        return OperatorEstimate(
+            "aggregate",
+            (("aggregate, level 1", level_one), ("aggregate, combining (at most)", combining)),
+            ("combining is sized as if every answer used all of max_tokens: an upper bound",),
+        )
     stages = Stages()
     reduction = await reduce_groups(
         groups,

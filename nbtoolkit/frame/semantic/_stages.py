@@ -47,12 +47,19 @@ class Stages:
         )
         try:
             rows: list[RowResult] = await run_plan(plan)
-        except (RunAborted, RunInterrupted) as exc:
+        except RunAborted as exc:
             self._keep(name)
             shown = partial() if partial is not None else None
-            if isinstance(exc, RunAborted):
-                raise RunAborted(f"{name}: {exc}", partial=shown, cause=exc.cause) from exc
-            raise RunInterrupted(f"{name}: {exc}", partial=shown) from exc
+            raise RunAborted(f"{name}: {exc}", partial=shown, cause=exc.cause) from exc
+        except RunInterrupted as exc:
+            self._keep(name)
+            shown = partial() if partial is not None else None
+            message = (
+                f"stopped during {name!r}: the answers it received are saved in the cache, so "
+                "running the cell again sends only the rest. "
+                "nbtoolkit.last_run() is that step's report."
+            )
+            raise RunInterrupted(message, partial=shown) from exc
         self._keep(name)
         return rows
 
