@@ -102,7 +102,9 @@ def not_installed(extra: str | None) -> list[str]:
     return [*absent, *IN_NO_EXTRA]
 
 
-def _run(path: Path, tmp: Path) -> Executed:
+def _run(path: Path, tmp: Path, *, also_installed: tuple[str, ...] = ()) -> Executed:
+    """Execute the notebook against a fresh test server, with the install its first cell
+    names (plus ``also_installed``: packages a test wants importable all the same)."""
     nb = nbformat.read(path, as_version=4)
     options = SERVER_OPTIONS.get(path.stem, {})
     site = tmp / "site"
@@ -113,7 +115,8 @@ def _run(path: Path, tmp: Path) -> Executed:
         pytest.MonkeyPatch.context() as env,
     ):
         # The kernel inherits this process's environment when nbclient starts it.
-        env.setenv("NBTOOLKIT_TEST_NOT_INSTALLED", ",".join(not_installed(named_extra(nb))))
+        absent = [m for m in not_installed(named_extra(nb)) if m not in also_installed]
+        env.setenv("NBTOOLKIT_TEST_NOT_INSTALLED", ",".join(absent))
         env.setenv("PYTHONPATH", os.pathsep.join([str(site), *sys.path]))
         env.setenv("OPENAI_BASE_URL", server.base_url)
         env.setenv("OPENAI_API_KEY", SECRET)
