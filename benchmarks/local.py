@@ -66,6 +66,15 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="one repetition, 4 slots only")
     parser.add_argument("--threads", action="store_true", help="also 1 and 2 threads, 4 slots")
     parser.add_argument("--install", action="store_true", help="only time the local extra")
+    parser.add_argument(
+        "--slots", default="1,4,8", help="the new runtime's slot counts (default 1,4,8)"
+    )
+    parser.add_argument(
+        "--workloads", default="generate,label", help="which workloads (default both)"
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=GENERATE_TOKENS, help="generate: max_tokens (default 48)"
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results-local.md")
     return parser.parse_args()
 
@@ -79,11 +88,18 @@ def frame(rows: int) -> pd.DataFrame:
     return copies
 
 
-def run(workload: str, base_url: str, model: str, rows: int, in_flight: int) -> dict[str, Any]:
+def run(
+    workload: str,
+    base_url: str,
+    model: str,
+    rows: int,
+    in_flight: int,
+    tokens: int = GENERATE_TOKENS,
+) -> dict[str, Any]:
     """One timed run of ``workload``; returns its wall, tokens, and rate."""
     data = frame(rows)
     if workload == "generate":
-        options: dict[str, Any] = {"template": GENERATE_TEMPLATE, "max_tokens": GENERATE_TOKENS}
+        options: dict[str, Any] = {"template": GENERATE_TEMPLATE, "max_tokens": tokens}
     else:
         options = {"template": SENTIMENT_TEMPLATE, "max_tokens": 3, "stop": ["\n"]}
     started = time.perf_counter()
@@ -167,7 +183,9 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     configs: list[tuple[str, int, int | None]] = []
     if args.old_python:
         configs.append(("old", 1, None))
-    configs += [("new", slots, None) for slots in ((4,) if args.quick else SLOTS)]
+    slot_counts = [int(n) for n in args.slots.split(",")]
+    configs += [("new", slots, None) for slots in ((4,) if args.quick else slot_counts)]
+    workloads = args.workloads.split(",")
     if args.threads:
         configs += [("new", 4, 1), ("new", 4, 2)]
     results: list[dict[str, Any]] = []
@@ -175,9 +193,11 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         for runtime, slots, threads in configs:
             with _server(runtime, slots, threads, args.old_python) as (base_url, pid):
                 run("label", base_url, "gemma-3-270m", 4, 1)  # warm-up: the first request
-                for workload in ("generate", "label"):
+                for workload in workloads:
                     for in_flight in IN_FLIGHT:
-                        row = run(workload, base_url, "gemma-3-270m", args.rows, in_flight)
+                        row = run(
+                            workload, base_url, "gemma-3-270m", args.rows, in_flight, args.tokens
+                        )
                         row |= {
                             "runtime": runtime,
                             "slots": slots,
@@ -227,12 +247,11 @@ def table(results: list[dict[str, Any]]) -> str:
         cells = []
         for workload in ("generate", "label"):
             rates = [
-                statistics.median(
-                    group[(group.workload == workload) & (group.in_flight == k)]["rate"]
-                )
+                group[(group.workload == workload) & (group.in_flight == k)]["rate"]
                 for k in IN_FLIGHT
             ]
-            cells.append(" / ".join(f"{r:.1f}" for r in rates))
+            medians = [f"{statistics.median(r):.1f}" if len(r) else "-" for r in rates]
+            cells.append(" / ".join(medians))
         name = "xllamacpp" if runtime == "new" else "llama-cpp-python 0.3.36"
         shown_slots = slots if runtime == "new" else "1 (serial)"
         memory = f"{statistics.median(group['peak_mb']):.0f} MB"
