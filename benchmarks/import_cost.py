@@ -4,7 +4,8 @@ Fresh interpreters, interleaved (``import pandas``, then ``import pandas, nbtool
 again), so a slow moment on a shared machine lands on both. Each process times its own
 imports (``time.perf_counter`` around them; the interpreter's start is the same for both and
 left out), with bytecode caching on as in any install, and says whether Dask, distributed,
-jsonschema, pydantic, aiohttp or a model runtime got imported. Prints the medians and their ratio; the target (issue #20) is at most 1.5 x.
+jsonschema, pydantic, aiohttp or a model runtime got imported. Prints the medians and their
+ratio; the target (issue #20) is at most 1.5 x.
 """
 
 from __future__ import annotations
