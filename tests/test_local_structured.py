@@ -54,7 +54,11 @@ class Run:
 def local() -> Iterator[LocalServer]:
     """One real server for the module, stopped at its end."""
     forget_learned_shapes()
-    with LocalServer() as server:
+    # One slot: requests in flight wait their turn, so a concurrent run must give exactly
+    # the one-at-a-time answers. With four slots, rows decoded together go through batched
+    # arithmetic, and where this base model is nearly undecided (a review's "stars") a
+    # temperature-0 answer can differ from the one-at-a-time one.
+    with LocalServer(parallel=1) as server:
         yield server
     forget_learned_shapes()
 
