@@ -543,6 +543,40 @@ def test_the_body_is_encoded_as_canonical_json() -> None:
         encode_body({"model": object()})
 
 
+def test_chat_payloads_are_encode_bodys_bytes() -> None:
+    """A chat row's payload, encoded without the general encoder for speed, is exactly
+    encode_body of its body, for any base, text and message shape, so caches stay valid."""
+    from nbtoolkit.core._rows import ChatRequest
+    from nbtoolkit.core.endpoints._base import ChatEndpoint
+    from nbtoolkit.core.store._cache import encode_body
+
+    bases = (
+        {"model": "m"},
+        {"model": 'é "q"', "temperature": 0.5, "logprobs": True, "max_tokens": 9},
+        {"model": "m", "messages": [{"role": "user", "content": "overridden"}], "a": [1, None]},
+        {"model": "\u0000nbtoolkit messages\u0000", "zeta": {"b": 1, "a": 2.5}},
+    )
+    texts = ("hi", 'é "q" \\ \n\t\x01 \u2028 😀', "", "{}")
+    shapes = (
+        lambda t: ({"role": "user", "content": t},),
+        lambda t: ({"role": "system", "content": "be brief"}, {"content": t, "role": "user"}),
+        lambda t: ({"role": "user", "content": [{"type": "text", "text": t}]},),
+        lambda t: ({"role": "user", "content": t, "name": "x"},),
+        lambda t: ({"role": "assistant", "content": None}, {"role": "user", "content": t}),
+    )
+    for base in bases:
+        endpoint = ChatEndpoint(base)
+        for text in texts:
+            for shape in shapes:
+                for params in ({}, {"seed": 3, "max_tokens": 5}):
+                    item = endpoint.item(0, ChatRequest(shape(text), params))
+                    body = {**base, **params, "messages": list(shape(text))}
+                    assert item.body == body
+                    assert item.payload == encode_body(body)
+                    assert item.completion_tokens == float(body.get("max_tokens") or 256)
+                    assert item.capped == ("max_tokens" in body)
+
+
 def test_a_registered_local_server_on_a_new_port_still_hits_the_cache() -> None:
     """A local server that says what it serves is keyed on that: a restart on a new port
     finds its answers and sends nothing."""

@@ -4,19 +4,22 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pytest
 from aiohttp import web
 
-import nbtoolkit  # noqa: F401  (registers df.chat)
+import nbtoolkit
 from nbtoolkit.config import ChatConfig
 from nbtoolkit.core._estimate import estimate_run
 from nbtoolkit.core._rows import ChatRequest
 
 from .conftest import FAST_RETRY
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 # The rate headers of OpenAI's rate-limit guide, word for word: a token reset six minutes
 # away while nearly all of the 150,000 tokens remain.
@@ -30,6 +33,25 @@ OPENAI_DOCS_HEADERS = {
 }
 
 
+def completion(body: dict[str, Any], text: str) -> dict[str, Any]:
+    """A chat.completion as OpenAI sends it, extra fields included."""
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": body["model"] + "-2024-07-18",
+        "system_fingerprint": "fp_1",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 2, "total_tokens": 22},
+    }
+
+
 @contextlib.asynccontextmanager
 async def docs_server(seen: list[dict[str, Any]]) -> AsyncIterator[str]:
     """An OpenAI-like /v1/chat/completions on 127.0.0.1 that replies with the docs' headers."""
@@ -37,23 +59,15 @@ async def docs_server(seen: list[dict[str, Any]]) -> AsyncIterator[str]:
     async def chat(request: web.Request) -> web.Response:
         body = await request.json()
         seen.append(body)
-        reply = {
-            "id": "chatcmpl-1",
-            "object": "chat.completion",
-            "model": body["model"] + "-2024-07-18",
-            "system_fingerprint": "fp_1",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "ok", "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": 20, "completion_tokens": 2, "total_tokens": 22},
-        }
-        return web.json_response(reply, headers=OPENAI_DOCS_HEADERS)
+        return web.json_response(completion(body, "ok"), headers=OPENAI_DOCS_HEADERS)
 
+    async with serving(chat) as base_url:
+        yield base_url
+
+
+@contextlib.asynccontextmanager
+async def serving(chat: Handler) -> AsyncIterator[str]:
+    """``chat`` as /v1/chat/completions on 127.0.0.1, a free port; yields the base URL."""
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
     runner = web.AppRunner(app)
@@ -111,3 +125,90 @@ def test_estimate_html_keeps_mathjax_away_from_its_dollars(tmp_path: Path) -> No
         assert shown.startswith('<div class="tex2jax_ignore mathjax_ignore">'), shown[:80]
         assert "$0.15" in shown
     assert "in 1 step;" in operator.headline()
+
+
+# What a row too long for the context, or caught by a content filter, gets: the same words
+# for every such row (llama.cpp's server; Azure OpenAI).
+LLAMA_CPP_TOO_LONG = {
+    "error": {
+        "code": 400,
+        "message": "the request exceeds the available context size, try increasing it",
+        "type": "exceed_context_size_error",
+    }
+}
+AZURE_FILTERED = {
+    "error": {
+        "message": "The response was filtered due to the prompt triggering Azure OpenAI's "
+        "content management policy. Please modify your prompt and retry.",
+        "type": None,
+        "param": "prompt",
+        "code": "content_filter",
+        "status": 400,
+        "innererror": {"code": "ResponsibleAIPolicyViolation"},
+    }
+}
+
+
+@pytest.mark.parametrize("refusal", [LLAMA_CPP_TOO_LONG, AZURE_FILTERED])
+async def test_rows_refused_for_what_they_hold_fail_alone_at_the_head_of_a_frame(
+    refusal: dict[str, Any], tmp_path: Path
+) -> None:
+    """Five rows at the head of the frame refused (too long, filtered) in the same words
+    each fail alone; the run goes on and answers every other row."""
+    prompts: list[str] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        prompt = body["messages"][-1]["content"]
+        prompts.append(prompt)
+        if prompt.startswith("bad"):
+            return web.json_response(refusal, status=400)
+        return web.json_response(completion(body, "echo: " + prompt))
+
+    frame = pd.DataFrame(
+        {"text": [f"bad {i}" for i in range(5)] + [f"good {i}" for i in range(20)]}
+    )
+    async with serving(chat) as base_url:
+        out = await frame.chat.acomplete(
+            "text",
+            model="gpt-4o-mini",
+            base_url=base_url,
+            api_key="sk-test-quirks",
+            cache=str(tmp_path / "cache.sqlite3"),
+            progress=False,
+            max_parallel=1,  # the bad rows reach the server first, one by one
+        )
+    assert out["response"].tolist() == [None] * 5 + [f"echo: good {i}" for i in range(20)]
+    assert sorted(prompts) == sorted(frame["text"])  # each row sent once, none left out
+    errors = nbtoolkit.last_run().errors
+    assert errors["error_kind"].tolist() == ["BadRequestError"] * 5
+    assert errors["message"].str.contains(refusal["error"]["message"][:30]).all()
+
+
+async def test_content_as_a_list_of_parts_is_its_text_parts(tmp_path: Path) -> None:
+    """A reply whose content is a list of parts (Mistral's reasoning models: thinking, then
+    text) is answered by its text parts, once, with its usage; not retried as malformed."""
+    bodies: list[dict[str, Any]] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        bodies.append(body)
+        reply = completion(body, "")
+        reply["choices"][0]["message"]["content"] = [
+            {"type": "thinking", "thinking": [{"type": "text", "text": "the user wants..."}]},
+            {"type": "text", "text": "forty"},
+            {"type": "text", "text": "-two"},
+        ]
+        return web.json_response(reply)
+
+    async with serving(chat) as base_url:
+        out = await pd.Series(["six times seven?"]).chat.acomplete(
+            model="magistral-medium-latest",
+            base_url=base_url,
+            api_key="sk-test-quirks",
+            cache=str(tmp_path / "cache.sqlite3"),
+            progress=False,
+        )
+    assert out.tolist() == ["forty-two"]
+    assert len(bodies) == 1
+    assert nbtoolkit.last_run().stats.completion_tokens == 2

@@ -67,6 +67,7 @@ from nbtoolkit.core.endpoints._base import (
     Outcome,
     Parsed,
     Reask,
+    cache_write_tokens,
     reasoning_tokens,
     usage_counts,
 )
@@ -700,6 +701,7 @@ class ChatRun:
                     answer.completion_tokens,
                     answer.cached_tokens,
                     value=answer.value,
+                    cache_write_tokens=answer.cache_write_tokens,
                 ),
             )
 
@@ -914,7 +916,7 @@ class ChatRun:
         self.stats.completion_tokens += completion
         self.stats.cached_tokens += cached or 0
         self.stats.reasoning_tokens += reasoning_tokens(usage or {})
-        self.budget.spend(prompt, completion, cached or 0)
+        self.budget.spend(prompt, completion, cached or 0, cache_write_tokens(usage or {}))
         return float(prompt + completion)
 
     def _shared_pause(self, exc: RateLimitError) -> float | None:

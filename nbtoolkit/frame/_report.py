@@ -195,6 +195,7 @@ def _row_cost(result: RowResult, price: Price | None) -> float:
         result.prompt_tokens or 0,
         result.completion_tokens or 0,
         result.cached_tokens or 0,
+        written=result.cache_write_tokens or 0,
         batch=result.source == "batch",
     )
 
