@@ -206,6 +206,7 @@ class LocalServer:
             text; chat requests then fail.
         parallel: requests decoded together (llama.cpp's slots, continuous batching); more
             in flight wait in the server's queue. Each slot holds ``n_ctx`` tokens of cache.
+            The embedding server always has one (a vector must not depend on its batch).
         threads: CPU threads for decoding; default: llama.cpp's, one per core.
 
     Example:
@@ -372,8 +373,12 @@ class LocalServer:
             "endpoint_metrics": True,  # /metrics: how many slots each decode step kept busy
         }
         if self.embedding:
-            # A text is embedded in one batch: up to n_ctx tokens.
+            # A text is embedded in one batch: up to n_ctx tokens. One slot: texts decoded
+            # side by side in one batch came out different from the same texts alone
+            # (cosine 0.94 on the sample reviews), and a vector must not depend on its batch.
             settings |= {
+                "n_parallel": 1,
+                "n_ctx": self.n_ctx,
                 "embedding": True,
                 "pooling_type": _MEAN_POOLING,
                 "n_batch": self.n_ctx,
