@@ -403,11 +403,16 @@ class ChatRun:
         jobs: list[_Job] = []
         pending = self._pending
         max_items, max_tokens = self._max_items, self.endpoint.max_request_tokens
+        # What `_finish` does, inlined: on a fully cached re-run it is most of the per-row work.
+        results, from_cache = self.results, self._from_cache
+        row_done = self.listener.row_done if self.listener is not None else None
         for item in batch:
             if item.key is not None:
                 if hits and (answer := hits.get(item.key)) is not None:
                     self.stats.cache_hits += 1
-                    self._finish(item.index, self._from_cache(answer))
+                    result = results[item.index] = from_cache(answer)
+                    if row_done is not None:
+                        row_done(result)
                     continue
                 if dedupe:
                     twins = pending.get(item.key)
@@ -937,7 +942,7 @@ class ChatRun:
             answer.completion_tokens,
             answer.cached_tokens,
             "cache",
-            value=self.endpoint.decode(answer.text),
+            self.endpoint.decode(answer.text),
         )
 
     def _finish(self, index: int, result: RowResult) -> None:
