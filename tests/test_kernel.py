@@ -451,4 +451,7 @@ def test_stop_button_during_a_dry_runs_pilot_shows_one_line_and_keeps_its_answer
     assert server.statuses["ok"] > 0
     again = kernel.run(pilot.replace("est =", "est2 ="), timeout=WHOLE_RUN + 10)
     assert again.status == "ok", again.text()
-    assert max(server.answered.values()) == 1  # no row answered twice
+    # Answers the server sent as the stop cancelled their requests never arrived: at most
+    # those in flight are asked again; every answer that arrived is not.
+    twice = [prompt for prompt, n in server.answered.items() if n > 1]
+    assert len(twice) <= PARALLEL and max(server.answered.values()) <= 2, twice

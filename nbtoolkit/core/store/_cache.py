@@ -222,7 +222,8 @@ class RequestKeys:
 
 
 class ResponseCache:
-    """One SQLite file of answers. Open one per run; it is not shared across threads."""
+    """One SQLite file of answers. Open one per run; use it on one thread (the engine keeps
+    it on a thread of its own, see `nbtoolkit.core._cachewriter`)."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path) if path is not None else default_cache_path()
@@ -238,6 +239,17 @@ class ResponseCache:
         # needs to read the journal, which has no index.
         self._journaled: set[bytes] = set()
         self._vectors = VectorStore(self._db, self.path)
+        try:
+            self._set_up()
+        except BaseException:
+            # Half open (a file that is not a database, a lock held past the wait): close
+            # here, or the connection stays open as long as the traceback that holds us.
+            self._db.close()
+            self._vectors.close()
+            raise
+
+    def _set_up(self) -> None:
+        """WAL, the pragmas, the tables, and a killed run's journal merged."""
         _retry_while_locked(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
         # NORMAL under WAL: a commit survives a killed process; only power loss can undo
         # the last few, and it never corrupts the file.
