@@ -179,7 +179,8 @@ def parse_completion(text: str) -> Completion:
 
     A reply that is a whole completion but carries no text (a refusal, a tool call,
     ``content: null``) is not malformed: it comes back with ``text`` None, to be the row's
-    outcome rather than retried and billed again.
+    outcome rather than retried and billed again. Content as a list of parts is the text of
+    its ``text`` parts.
     """
     try:
         data = json.loads(text)
@@ -193,6 +194,8 @@ def parse_completion(text: str) -> Completion:
             raise KeyError("content")
     except (KeyError, IndexError, TypeError, AttributeError) as exc:
         raise MalformedResponse(f"reply has no choices[0].message.content: {text[:200]!r}") from exc
+    if isinstance(content, list):
+        content = _text_parts(content)
     if content is not None and not isinstance(content, str):
         raise MalformedResponse(f"choices[0].message.content is not text: {content!r}"[:300])
     refusal = message.get("refusal")
@@ -204,6 +207,19 @@ def parse_completion(text: str) -> Completion:
         refusal=refusal if isinstance(refusal, str) and refusal else None,
         tool_calls=bool(message.get("tool_calls")),
     )
+
+
+def _text_parts(parts: list[Any]) -> str | list[Any]:
+    """Content sent as a list of parts (Mistral's reasoning models: a ``thinking`` part, then
+    ``text`` parts) as the text of its ``text`` parts; the list itself when it has none."""
+    texts = [
+        part["text"]
+        for part in parts
+        if isinstance(part, dict)
+        and part.get("type") == "text"
+        and isinstance(part.get("text"), str)
+    ]
+    return "".join(texts) if texts else parts
 
 
 def error_for_status(status: int, text: str, headers: Mapping[str, str]) -> APIError:

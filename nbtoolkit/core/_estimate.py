@@ -95,7 +95,7 @@ async def estimate_run(
     if not config.model:
         raise ConfigError("no model: pass model='...' or set it with nbtoolkit.configure()")
     endpoint = endpoint or chat_endpoint(config)
-    survey = _survey(config, endpoint, requests)
+    survey = await _survey(config, endpoint, requests)
     counter = token_counter(config.model)
     counts = [counter.count(item) for item in survey.items]
     shared = _shared_tokens([item.payload for item in survey.items], counter)
@@ -217,17 +217,17 @@ def completion_span(samples: Sequence[float], rows: int, bound: float | None) ->
     )
 
 
-def _survey(config: ChatConfig, endpoint: Endpoint, requests: Iterable[Any]) -> _Survey:
+async def _survey(config: ChatConfig, endpoint: Endpoint, requests: Iterable[Any]) -> _Survey:
     """Walk the requests as the engine does, without sending: cache hits, duplicates, rest."""
     keys = request_keys(config, endpoint)
-    cache = CacheWriter(config.cache_path, model=config.model)
+    cache = await CacheWriter.open(config.cache_path, model=config.model)
     binary = endpoint.binary_answers
     survey = _Survey(0, [], [], Counter())
     seen: set[bytes] = set()
     batch: list[tuple[Item, Any]] = []
 
-    def settle() -> None:
-        found = cache.lookup([item.key for item, _ in batch if item.key], binary=binary)
+    async def settle() -> None:
+        found = await cache.lookup([item.key for item, _ in batch if item.key], binary=binary)
         for item, request in batch:
             assert item.key is not None
             if item.key in found:
@@ -254,10 +254,10 @@ def _survey(config: ChatConfig, endpoint: Endpoint, requests: Iterable[Any]) -> 
             item.key = keys.key(item.payload)
             batch.append((item, request))
             if len(batch) >= _LOOKUP_BATCH:
-                settle()
-        settle()
+                await settle()
+        await settle()
     finally:
-        cache.close()
+        await cache.aclose()
     return survey
 
 
