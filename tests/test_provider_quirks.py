@@ -229,8 +229,8 @@ REASONING_REFUSES_MAX_TOKENS = {
 async def test_filter_and_top_k_on_a_reasoning_model_send_only_its_own_limit(
     tmp_path: Path,
 ) -> None:
-    """With max_completion_tokens given, filter and top_k send no max_tokens of their own
-    (a reasoning model refuses the pair), and every row is answered."""
+    """With max_completion_tokens given, filter, top_k and aggregate send no max_tokens of
+    their own (a reasoning model refuses the pair), and every row is answered."""
     bodies: list[dict[str, Any]] = []
 
     async def chat(request: web.Request) -> web.Response:
@@ -238,8 +238,8 @@ async def test_filter_and_top_k_on_a_reasoning_model_send_only_its_own_limit(
         bodies.append(body)
         if "max_tokens" in body:
             return web.json_response(REASONING_REFUSES_MAX_TOKENS, status=400)
-        name = body["response_format"]["json_schema"]["name"]
-        text = '{"answer": true}' if name == "verdict" else '{"score": 70}'
+        name = body.get("response_format", {}).get("json_schema", {}).get("name")
+        text = {"verdict": '{"answer": true}', "score": '{"score": 70}'}.get(name, "letters")
         return web.json_response(completion(body, text))
 
     frame = pd.DataFrame({"text": ["a", "b", "c"]})
@@ -254,7 +254,9 @@ async def test_filter_and_top_k_on_a_reasoning_model_send_only_its_own_limit(
         }
         kept = await frame.chat.afilter("Is {text} a letter?", **run)
         best = await frame.chat.atop_k(2, "How good is {text}?", **run)
+        summary = await frame.chat.aaggregate("What do {text} have in common?", **run)
     assert kept["text"].tolist() == ["a", "b", "c"]
     assert best["score"].tolist() == [70.0, 70.0]
-    assert len(bodies) == 6
+    assert summary is not None
+    assert len(bodies) == 7
     assert all(b["max_completion_tokens"] == 2000 and "max_tokens" not in b for b in bodies)

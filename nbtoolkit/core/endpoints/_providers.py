@@ -67,7 +67,13 @@ def score_endpoint(config: ChatConfig) -> Endpoint:
 
 
 def _short(config: ChatConfig) -> Endpoint:
-    """The provider's chat endpoint with a short answer's max_tokens unless one is set."""
+    """The provider's chat endpoint with a short answer's max_tokens unless one is set.
+
+    Not on Gemini: its thinking models (2.5 and later) spend ``maxOutputTokens`` on thoughts
+    first, and a short cap leaves an empty answer (``finishReason: MAX_TOKENS``) on every row.
+    """
+    if config.provider == "gemini":
+        return chat_endpoint(config)
     return chat_endpoint(dataclasses.replace(config, params=short_answer(config.params)))
 
 
