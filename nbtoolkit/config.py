@@ -7,11 +7,12 @@ process-wide config (`nbtoolkit.configure(...)`), and the keyword arguments of o
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import platformdirs
@@ -19,7 +20,18 @@ import platformdirs
 from nbtoolkit.errors import ConfigError
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-_LOOPBACK_HOSTS = frozenset({"localhost", "::1", "0.0.0.0"})
+# Which wire format requests speak: OpenAI's chat completions (and every compatible server),
+# Anthropic's Messages API, or the Gemini API. Each has its own endpoints (core/endpoints).
+Provider = Literal["openai", "anthropic", "gemini"]
+PROVIDERS: tuple[Provider, ...] = get_args(Provider)
+# The API roots, as each official SDK takes its base_url; paths (/v1/messages,
+# /v1beta/models/...) are the endpoints'.
+ANTHROPIC_BASE_URL = "https://api.anthropic.com"
+GEMINI_BASE_URL = "https://generativelanguage.googleapis.com"
+# Sent with every Anthropic request: the Messages API version nbtoolkit speaks.
+ANTHROPIC_VERSION = "2023-06-01"
+# Query parameters that are never secret, shown as they are in a repr.
+_PLAIN_QUERY = frozenset({"api-version"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,8 +89,17 @@ class ChatConfig:
     ``{endpoint}/openai/deployments/{model}/chat/completions?api-version={api_version}``
     (``$OPENAI_API_VERSION``), the model being the deployment's name. An endpoint that ends
     in ``/openai/v1`` (the v1 API) or names a deployment is used as it is.
+
+    ``provider="anthropic"`` speaks Anthropic's Messages API (key ``$ANTHROPIC_API_KEY``,
+    root ``$ANTHROPIC_BASE_URL``, else https://api.anthropic.com); ``provider="gemini"`` the
+    Gemini API (key ``$GOOGLE_API_KEY``, else ``$GEMINI_API_KEY``, as google-genai reads
+    them; root ``$GOOGLE_GEMINI_BASE_URL``, else https://generativelanguage.googleapis.com).
+    Their ``base_url`` is the API root, as their SDKs take it. Left unset, the provider is
+    OpenAI's, unless nothing points at OpenAI or Azure (no base URL, key or endpoint, here or
+    in the environment) and only Anthropic's or only Gemini's key is in the environment.
     """
 
+    provider: Provider | None = None  # None: see above
     base_url: str | None = None  # None: $OPENAI_BASE_URL, else the OpenAI API
     api_key: str | None = field(default=None, repr=False)  # None: $OPENAI_API_KEY, else no key
     model: str | None = None
@@ -99,14 +120,30 @@ class ChatConfig:
     # The response cache: True for the per-user default file, a path, or False for none.
     cache: bool | str | os.PathLike[str] = True
     dedupe: bool = True  # identical requests in one run are sent once and shared
-    # Per model, (input, output) price per million tokens; turns tokens into money.
-    prices: Mapping[str, tuple[float, float]] | None = None
+    # Per model, (input, output) or (input, cached_input, output) per million tokens, or a
+    # nbtoolkit.Price; wins over the shipped price table (nbtoolkit/core/prices.json).
+    prices: Mapping[str, Any] | None = None
     max_cost: float | None = None  # stop sending once this much would be spent (needs prices)
     max_tokens_total: int | None = None  # stop sending once this many tokens would be used
     # Extra request-body fields sent with every request (temperature, seed, ...).
     params: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        # By hand, not the dataclass's: base_url and azure_endpoint may carry a key in their
+        # query (some gateways take it there), shown masked; the repr=False fields not at all.
+        shown = []
+        for spec in dataclasses.fields(self):
+            if not spec.repr:
+                continue
+            value = getattr(self, spec.name)
+            if spec.name in ("base_url", "azure_endpoint") and isinstance(value, str):
+                value = masked_url(value)
+            shown.append(f"{spec.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
     def __post_init__(self) -> None:
+        if self.provider is not None and self.provider not in PROVIDERS:
+            raise ConfigError(f"provider must be one of {list(PROVIDERS)}; got {self.provider!r}")
         for name in ("headers", "query"):
             mapping = getattr(self, name)
             if not isinstance(mapping, Mapping) or not all(
@@ -128,6 +165,17 @@ class ChatConfig:
             ConfigError: an Azure deployment URL with no API version to send.
         """
         env = os.environ
+        provider = self.provider or _provider_from(self, env)
+        if provider == "anthropic":
+            key = self.api_key if self.api_key is not None else env.get("ANTHROPIC_API_KEY")
+            root = self.base_url or env.get("ANTHROPIC_BASE_URL") or ANTHROPIC_BASE_URL
+            return self._native(provider, root, key)
+        if provider == "gemini":
+            key = self.api_key
+            if key is None:
+                key = env.get("GOOGLE_API_KEY") or env.get("GEMINI_API_KEY")
+            root = self.base_url or env.get("GOOGLE_GEMINI_BASE_URL") or GEMINI_BASE_URL
+            return self._native(provider, root, key)
         base_url = self.base_url or env.get("OPENAI_BASE_URL")
         # A base URL set anywhere wins over the environment's Azure endpoint, as it does in
         # the SDK's OpenAI client; an explicit azure_endpoint wins over both.
@@ -135,7 +183,9 @@ class ChatConfig:
         if not azure:
             api_key = self.api_key if self.api_key is not None else env.get("OPENAI_API_KEY")
             base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
-            return dataclasses.replace(self, base_url=base_url, api_key=api_key or None)
+            return dataclasses.replace(
+                self, provider="openai", base_url=base_url, api_key=api_key or None
+            )
         azure = azure.rstrip("/")
         api_key = self.api_key if self.api_key is not None else env.get("AZURE_OPENAI_API_KEY")
         api_version = self.api_version
@@ -149,7 +199,18 @@ class ChatConfig:
                     ".openai.azure.com/openai/v1', which needs none"
                 )
         return dataclasses.replace(
-            self, azure_endpoint=azure, api_key=api_key or None, api_version=api_version
+            self,
+            provider="openai",
+            azure_endpoint=azure,
+            api_key=api_key or None,
+            api_version=api_version,
+        )
+
+    def _native(self, provider: Provider, root: str, api_key: str | None) -> ChatConfig:
+        if self.azure_endpoint:
+            raise ConfigError(f"azure_endpoint is OpenAI's; provider={provider!r} takes base_url")
+        return dataclasses.replace(
+            self, provider=provider, base_url=root.rstrip("/"), api_key=api_key or None
         )
 
     @property
@@ -170,8 +231,7 @@ class ChatConfig:
     def use_proxy_env(self) -> bool:
         """Follow HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as the openai SDK does, except on
         loopback: a local server is never reached through a proxy."""
-        host = urlsplit(self._root()[0]).hostname or ""
-        return host not in _LOOPBACK_HOSTS and not host.startswith("127.")
+        return not is_loopback(urlsplit(self._root()[0]).hostname)
 
     def url(self, path: str) -> str:
         """The full URL of an API path (``"/chat/completions"``, ``"/embeddings"``).
@@ -206,13 +266,65 @@ class ChatConfig:
     def request_headers(self) -> dict[str, str]:
         """The headers every request carries: JSON, the key, then the user's ``headers``."""
         headers = {"Content-Type": "application/json"}
-        if self.api_key:
+        if self.provider == "anthropic":
+            headers["anthropic-version"] = ANTHROPIC_VERSION
+            if self.api_key:
+                headers["x-api-key"] = self.api_key
+        elif self.provider == "gemini":
+            if self.api_key:
+                headers["x-goog-api-key"] = self.api_key
+        elif self.api_key:
             if self.azure_endpoint:
                 headers["api-key"] = self.api_key
             else:
                 headers["Authorization"] = f"Bearer {self.api_key}"
         headers.update(self.headers)
         return headers
+
+
+def _provider_from(config: ChatConfig, env: Mapping[str, str]) -> Provider:
+    """The provider a config without one speaks (see `ChatConfig`)."""
+    openai_names = ("OPENAI_BASE_URL", "OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT")
+    if config.base_url or config.api_key or config.azure_endpoint:
+        return "openai"
+    if any(env.get(name) for name in openai_names):
+        return "openai"
+    anthropic = bool(env.get("ANTHROPIC_API_KEY") or env.get("ANTHROPIC_BASE_URL"))
+    gemini = bool(env.get("GOOGLE_API_KEY") or env.get("GEMINI_API_KEY"))
+    if anthropic and not gemini:
+        return "anthropic"
+    if gemini and not anthropic:
+        return "gemini"
+    return "openai"
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for a host on this machine: ``localhost``, 127.0.0.0/8, ``::1``, or ``0.0.0.0``
+    (which clients connect to as this machine). The one test of "local" in the package: the
+    proxy bypass and the response cache's port-free scope both ask it."""
+    if not host:
+        return False
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
+def masked_url(url: str) -> str:
+    """``url`` with each query value but ``api-version`` shown as ``***``: a key some gateways
+    take in the query must not reach a repr, a message or a log."""
+    parts = urlsplit(url)
+    if not parts.query:
+        return url
+    query = [
+        (name, value if name in _PLAIN_QUERY else "***")
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+    ]
+    return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
 
 
 def _is_azure_url_complete(endpoint: str) -> bool:
@@ -239,7 +351,7 @@ def configure(**changes: Any) -> ChatConfig:
     """Change the process-wide defaults every later call starts from.
 
     Args:
-        **changes: any `ChatConfig` field (``base_url``, ``api_key``, ``model``,
+        **changes: any `ChatConfig` field (``provider``, ``base_url``, ``api_key``, ``model``,
             ``headers``, ``query``, ``azure_endpoint``, ``api_version``, ``max_parallel``,
             ``timeouts``, ``retry``, ``progress``, ``params``).
 

@@ -10,6 +10,7 @@
     │   ├── AuthError           401 / 403: a bad or missing key; stops the run
     │   ├── NotFoundError       404: wrong base URL or model; stops the run
     │   └── BadRequestError     other 4xx, never retried
+    │       └── SchemaRefused   the provider refuses the schema itself (a keyword); stops it
     ├── TransportError          connection refused/reset, timeouts (raised from the aiohttp error)
     │   └── RequestTimeout      the connect or total timeout ran out
     ├── MalformedResponse       a 200 whose body is not a chat completion (retried)
@@ -23,6 +24,7 @@
     └── RunAborted              a systemic failure stopped the run; .partial keeps what finished
 
     RunInterrupted(KeyboardInterrupt)   Ctrl-C or the stop button; .partial keeps what finished
+    ImportInterrupted(KeyboardInterrupt)  Ctrl-C or the stop button during ``import nbtoolkit``
 
 Row-level failures (everything but the last two) never escape a run: the row comes back as
 None and the exception is summarised in the run report. Only `RunAborted` and
@@ -104,6 +106,18 @@ class BadRequestError(APIError):
     """Any other 4xx: this request is wrong and will stay wrong; never retried."""
 
 
+class SchemaRefused(BadRequestError):
+    """The provider refuses the JSON Schema itself (a keyword it does not take), not JSON mode.
+
+    Every row carries the same schema, so the run stops. ``keyword`` is the schema keyword
+    the provider named, when it named one.
+    """
+
+    def __init__(self, message: str, *, status: int, body: str = "", keyword: str | None) -> None:
+        super().__init__(message, status=status, body=body)
+        self.keyword = keyword
+
+
 class TransportError(NbToolkitError):
     """The request never got a complete HTTP answer: refused, reset, or cut."""
 
@@ -133,6 +147,17 @@ class RunAborted(NbToolkitError):
         super().__init__(message)
         self.partial = partial
         self.cause = cause
+
+    def _render_traceback_(self) -> list[str]:
+        return _one_line(self)
+
+
+class ImportInterrupted(KeyboardInterrupt):
+    """Ctrl-C or the stop button while ``import nbtoolkit`` ran: import it again.
+
+    The interrupt lands wherever the import is (pandas, aiohttp, importlib's frames); its
+    traceback says nothing the user can act on, so IPython shows this one line instead.
+    """
 
     def _render_traceback_(self) -> list[str]:
         return _one_line(self)

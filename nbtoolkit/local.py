@@ -269,9 +269,11 @@ class LocalServer:
         except BaseException:
             self.stop()
             raise
-        # The model file, not the port, identifies the answers (see cache.cache_scope).
+        # What it serves, not the port, identifies the answers (see cache_scope): the model
+        # file and every setting that changes an answer (the chat format, the context length
+        # a long prompt is cut to).
         if self.port is not None:
-            register_local_server(self.port, f"{model_file.name}:{model_file.stat().st_size}")
+            register_local_server(self.port, self._identity(model_file))
         return self
 
     def stop(self, *, grace: float = 5.0) -> None:
@@ -306,6 +308,14 @@ class LocalServer:
     def __repr__(self) -> str:
         where = self.base_url if self._process is not None else "stopped"
         return f"<LocalServer {self.model} {where}>"
+
+    def _identity(self, model_file: Path) -> str:
+        """What this server answers with, for cache keys: the file and the settings that
+        change its answers (a plain-text or the model's chat format, the context length)."""
+        template = "chat" if self.chat_template else "plain"
+        mode = "embedding" if self.embedding else "completion"
+        size = model_file.stat().st_size
+        return f"{model_file.name}:{size}:{template}:n_ctx={self.n_ctx}:{mode}"
 
     def _arguments(self, model_file: Path) -> list[str]:
         assert self._workdir is not None

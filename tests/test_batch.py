@@ -16,10 +16,11 @@ import pandas as pd
 import pytest
 
 import nbtoolkit
-from nbtoolkit import BatchOptions
+from nbtoolkit import BatchOptions, Timeouts
 from nbtoolkit.batch._files import Line, split
+from nbtoolkit.core._rows import BATCH_KINDS, SOURCES
 from nbtoolkit.testing import BatchBehaviour, ChatServer
-from tests.conftest import MODEL, settings
+from tests.conftest import FAST_RETRY, MODEL, settings
 
 SECRET = "sk-nbtoolkit-BATCH-SENTINEL-5d2e8f"
 FAST = BatchOptions(poll_initial=0.05, poll_max=0.2)
@@ -323,3 +324,183 @@ def test_the_api_key_is_in_no_repr_file_or_error(tmp_path: Path) -> None:
         assert needle not in "\n".join(said)
         assert needle.encode() not in files
         assert needle.encode() not in on_disk
+
+
+def test_a_query_in_the_url_keeps_batch_and_complete_answers_shared(server: ChatServer) -> None:
+    """With api-version in the URL, a batch answer is a cache hit for complete (0 requests),
+    and a changed api-version re-attaches to the same job instead of paying again."""
+    df = small(6)
+    held = BatchOptions(poll_initial=0.05, poll_max=0.2)
+    job = df.chat.submit_batch("q", **settings(server), api_version="2024-10-21", batch=held)
+    again = df.chat.submit_batch("q", **settings(server), api_version="2025-04-01", batch=held)
+    assert again.job_id == job.job_id and again.id == job.id
+    assert (server.batch.uploads, server.batch.batches_created) == (1, 1)
+    job.result()
+    out = df.chat.complete("q", **settings(server), api_version="2025-04-01")
+    assert server.request_count == 0
+    assert out["response"].tolist() == [f"echo: row {i}" for i in range(6)]
+
+
+@pytest.mark.parametrize("value", [None, 0, 1, "yes"])
+def test_batch_takes_only_true_false_or_options(server: ChatServer, value: object) -> None:
+    """complete(batch=None / 0 / 1 / "yes") is a ConfigError with nothing sent: only True
+    or a BatchOptions start a Batch API job, and False (the default) runs live;
+    submit_batch(batch=...) takes only a BatchOptions."""
+    with pytest.raises(nbtoolkit.ConfigError, match="batch= takes True"):
+        small(2).chat.complete("q", **settings(server), batch=value)
+    assert server.request_count == 0 and server.batch.uploads == 0
+    with pytest.raises(nbtoolkit.ConfigError, match="BatchOptions"):
+        small(2).chat.submit_batch("q", **settings(server), batch=value or True)
+    assert server.batch.uploads == 0
+    small(2).chat.complete("q", **settings(server), batch=False)
+    assert server.request_count == 2 and server.batch.uploads == 0
+
+
+def test_headers_go_on_the_calls_never_into_the_uploaded_lines(tmp_path: Path) -> None:
+    """submit_batch(headers=...) sends the headers with the Batch API calls; no header value
+    is in the JSONL file, the cache file or the job list."""
+    secret = "org-secret-HEADER-VALUE-7f3a9c"
+    with ChatServer().run_in_thread() as server:
+        kw = {**settings(server), "cache": tmp_path / "c.sqlite3"}
+        job = small(3).chat.submit_batch("q", **kw, headers={"X-Org-Token": secret}, batch=FAST)
+        job.result()
+        (batch,) = server.batch.batches.values()
+        lines = lines_of(server.batch.files[batch.input_file_id])
+        seen = server.batch.headers_seen
+    assert all(set(line["body"]) == {"model", "messages"} for line in lines)
+    assert secret.encode() not in b"".join(server.batch.files.values())
+    assert seen and all(h.get("X-Org-Token") == secret for h in seen)
+    assert not any(secret.encode() in p.read_bytes() for p in tmp_path.iterdir())
+
+
+def test_an_azure_deployment_url_shares_answers_and_jobs_with_complete() -> None:
+    """Against an Azure deployment URL (?api-version=...), the batch goes to the resource's
+    /openai/files and /openai/batches; another api-version re-attaches to the same job, and
+    complete() on the same rows then sends 0 requests."""
+    df = small(6)
+    with ChatServer(azure=True, api_key=SECRET).run_in_thread() as server:
+        kw: dict[str, Any] = {
+            "model": MODEL,
+            "azure_endpoint": server.azure_endpoint,
+            "api_key": SECRET,
+            "retry": FAST_RETRY,
+            "progress": False,
+        }
+        job = df.chat.submit_batch("q", **kw, api_version="2024-10-21", batch=FAST)
+        again = df.chat.submit_batch("q", **kw, api_version="2025-04-01-preview", batch=FAST)
+        assert again.job_id == job.job_id and again.id == job.id
+        assert (server.batch.uploads, server.batch.batches_created) == (1, 1)
+        assert job.result()["response"].tolist() == [f"echo: row {i}" for i in range(6)]
+        (batch,) = server.batch.batches.values()
+        assert batch.endpoint == "/chat/completions"
+        assert {line["url"] for line in lines_of(server.batch.files[batch.input_file_id])} == {
+            "/chat/completions"
+        }
+        assert all(seen.get("api-version") for seen in server.batch.queries_seen)
+        out = df.chat.complete("q", **kw, api_version="2025-04-01-preview")
+        assert server.request_count == 0
+        assert out["response"].tolist() == [f"echo: row {i}" for i in range(6)]
+
+
+def test_complete_first_then_a_batch_of_the_same_rows_sends_only_the_new_ones(
+    server: ChatServer,
+) -> None:
+    """complete() answers 4 rows under one api-version; a batch of those 4 and 2 new rows,
+    under another api-version, uploads lines for the 2 new rows only."""
+    df = small(6)
+    df.chat.complete("q", **settings(server), api_version="2024-10-21", max_tokens=9)
+    df = pd.concat([df, pd.DataFrame({"q": ["new a", "new b"]})], ignore_index=True)
+    job = df.chat.submit_batch(
+        "q", **settings(server), api_version="2025-04-01", max_tokens=9, batch=FAST
+    )
+    (batch,) = server.batch.batches.values()
+    sent = [
+        line["body"]["messages"][-1]["content"]
+        for line in lines_of(server.batch.files[batch.input_file_id])
+    ]
+    assert sorted(sent) == ["new a", "new b"]
+    out = job.result()
+    assert out["response"].notna().all()
+    sources = nbtoolkit.last_run().rows["source"].tolist()  # type: ignore[union-attr]
+    assert sources == ["cache"] * 6 + ["batch"] * 2
+
+
+def test_batch_errors_never_show_the_key_a_header_or_a_query_secret(tmp_path: Path) -> None:
+    """An upload refused with a body that echoes the request: the BadRequestError keeps the
+    server's words and none of the key, a header value or a query value; not retried."""
+    header_secret = "org-secret-HEADER-VALUE-7f3a9c"
+    query_secret = "sig-secret-QUERY-VALUE-91be04"
+    behaviour = BatchBehaviour(refuse_uploads=True)
+    with ChatServer(api_key=SECRET, batch=behaviour).run_in_thread() as server:
+        with pytest.raises(nbtoolkit.BadRequestError) as caught:
+            small(3).chat.submit_batch(
+                "q",
+                **settings(server),
+                api_key=SECRET,
+                headers={"X-Org-Token": header_secret},
+                query={"sig": query_secret},
+                cache=tmp_path / "c.sqlite3",
+            )
+        assert len(server.batch.headers_seen) == 1  # a 400 is not retried
+        echoed = server.batch.headers_seen[0]
+    assert echoed["X-Org-Token"] == header_secret  # the server did see it, and echoed it
+    shown = "\n".join(traceback.format_exception(caught.value)) + caught.value.body
+    assert "upload refused" in shown
+    for secret in (SECRET, header_secret, query_secret):
+        assert secret not in shown
+
+
+def test_a_large_upload_gets_a_timeout_sized_for_the_file() -> None:
+    """A 4 MB upload the server takes 3 s to accept succeeds at the first try under a 2 s
+    request timeout: an upload gets the request's timeout plus a second per MB."""
+    slow = ChatServer(batch=BatchBehaviour(upload_delay=3.0))
+    with slow.run_in_thread() as running:
+        df = pd.DataFrame({"q": [f"{i} " + "x" * 10_000 for i in range(400)]})
+        job = df.chat.submit_batch(
+            "q", **settings(running), timeout=Timeouts(total=2.0), batch=FAST
+        )
+        assert len(running.batch.headers_seen) >= 2  # the upload, then the create
+        assert running.batch.calls["upload"] == 1 and running.batch.batches_created == 1
+        (batch,) = running.batch.batches.values()
+        assert len(running.batch.files[batch.input_file_id]) > 4_000_000
+        assert job.result()["response"].notna().all()
+
+
+def test_row_sources_and_batch_kinds_are_the_documented_ones() -> None:
+    """A batch's rows say source "batch" and kinds from BATCH_KINDS, as RowResult, RowError
+    and the README's run report section document them."""
+    behaviour = BatchBehaviour(hold=True, in_progress=0.0, expire_after=0.3)
+    with ChatServer(batch=behaviour).run_in_thread() as running:
+        job = small(10).chat.submit_batch("q", **settings(running), batch=FAST)
+        job.result()
+    rows = nbtoolkit.last_run().rows  # type: ignore[union-attr]
+    assert set(rows["source"].dropna()) == {"batch"} <= SOURCES
+    assert set(rows["error_kind"].dropna()) == {"BatchExpired"} <= BATCH_KINDS
+    readme = (ROOT / "README.md").read_text()
+    report = readme[readme.index("### The run report") :]
+    report = report[: report.index("\n#")]
+    assert all(f"`{source}`" in report for source in SOURCES)
+    assert all(f"`{kind}`" in report for kind in BATCH_KINDS)
+
+
+def test_batch_calls_retry_like_rows_but_a_create_only_after_a_429(tmp_path: Path) -> None:
+    """A 503 on a status check and a 429 on create are retried under the run's RetryPolicy;
+    a 500 on create is not (the batch may exist: creating it again would pay twice), and
+    the part stays unsent until the same call is run again."""
+    cache = tmp_path / "c.sqlite3"
+    retried = BatchBehaviour(statuses={"create": (429,), "status": (503, 503)})
+    with ChatServer(batch=retried).run_in_thread() as server:
+        job = small(3).chat.submit_batch("q", **settings(server), cache=cache, batch=FAST)
+        assert job.result()["response"].notna().all()
+        assert server.batch.calls["create"] == 2 and server.batch.batches_created == 1
+        assert server.batch.calls["status"] >= 3  # two 503s, then answers
+    refused = BatchBehaviour(statuses={"create": (500,)})
+    with ChatServer(batch=refused).run_in_thread() as server:
+        df = small(4)
+        with pytest.raises(nbtoolkit.ServerError, match="500"):
+            df.chat.submit_batch("q", **settings(server), cache=cache, batch=FAST)
+        assert (server.batch.calls["create"], server.batch.batches_created) == (1, 0)
+        assert "unsent" in set(nbtoolkit.batch_jobs(cache)["status"])
+        job = df.chat.submit_batch("q", **settings(server), cache=cache, batch=FAST)
+        assert (server.batch.uploads, server.batch.batches_created) == (2, 1)
+        assert job.result()["response"].notna().all()

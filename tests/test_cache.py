@@ -466,9 +466,10 @@ def test_max_tokens_total_stops_sending(server: ChatServer) -> None:
 def test_max_cost_with_a_price_table(server: ChatServer) -> None:
     """Prices turn tokens into money; max_cost stops sending before it is passed."""
     prices = {MODEL: (1_000.0, 2_000.0)}  # per million tokens: 0.001 / 0.002 per token
-    frame(30).chat.complete(
-        "review", prices=prices, max_cost=0.2, max_tokens=10, **settings(server, max_parallel=1)
-    )
+    with pytest.warns(RuntimeWarning, match="over max_cost"):  # said early, once
+        frame(30).chat.complete(
+            "review", prices=prices, max_cost=0.2, max_tokens=10, **settings(server, max_parallel=1)
+        )
     stats = report().stats
     assert stats.cost is not None
     assert 0 < stats.cost <= 0.2
@@ -509,7 +510,8 @@ def test_an_unusable_cache_location_does_not_stop_the_work(server: ChatServer) -
 
 
 def test_keys_follow_the_canonical_body_and_the_host() -> None:
-    """Key order in the body does not matter; the host does; a loopback port does not."""
+    """Key order in the body does not matter; the host does; so does a loopback port (two
+    local servers may serve different models under one name)."""
     from nbtoolkit.core.store._cache import RequestKeys, encode_body
 
     url = "https://api.example.com/v1/chat/completions"
@@ -522,7 +524,7 @@ def test_keys_follow_the_canonical_body_and_the_host() -> None:
     other = RequestKeys("https://other.example.com/v1/chat/completions")
     assert other.key(encode_body(body)) != keys.key(encode_body(body))
     local = "http://127.0.0.1:{}/v1/chat/completions"
-    assert RequestKeys(local.format(8000)).key(b"{}") == RequestKeys(local.format(9000)).key(b"{}")
+    assert RequestKeys(local.format(8000)).key(b"{}") != RequestKeys(local.format(9000)).key(b"{}")
 
 
 def test_the_body_is_encoded_as_canonical_json() -> None:
@@ -543,22 +545,46 @@ def test_the_body_is_encoded_as_canonical_json() -> None:
         encode_body({"model": object()})
 
 
-def test_a_local_server_on_a_new_port_still_hits_the_cache() -> None:
-    """On loopback the port is not part of the key: a restarted local server finds its answers."""
+def test_a_registered_local_server_on_a_new_port_still_hits_the_cache() -> None:
+    """A local server that says what it serves is keyed on that: a restart on a new port
+    finds its answers and sends nothing."""
+    from nbtoolkit.core.store._cache import register_local_server
+
     with ChatServer().run_in_thread() as first:
         first_url = first.base_url
-        frame(3).chat.complete("review", model=MODEL, base_url=first_url, progress=False)
+        register_local_server(first.port, "model.gguf:100")
+        try:
+            frame(3).chat.complete("review", model=MODEL, base_url=first_url, progress=False)
+        finally:
+            register_local_server(first.port, None)
     with ChatServer().run_in_thread() as second:
         assert second.base_url != first_url
-        out = frame(3).chat.complete(
-            "review", model=MODEL, base_url=second.base_url, progress=False
-        )
+        register_local_server(second.port, "model.gguf:100")
+        try:
+            out = frame(3).chat.complete(
+                "review", model=MODEL, base_url=second.base_url, progress=False
+            )
+        finally:
+            register_local_server(second.port, None)
         assert second.request_count == 0
     assert out["response"].notna().all()
 
 
+def test_two_loopback_servers_on_different_ports_do_not_share_answers() -> None:
+    """Two servers on 127.0.0.1 under one model name (llama.cpp on one port, vLLM on another)
+    each answer their own rows: the port is in the key of a server that did not say what it
+    serves."""
+    with ChatServer().run_in_thread() as first, ChatServer().run_in_thread() as second:
+        frame(3).chat.complete("review", model=MODEL, base_url=first.base_url, progress=False)
+        frame(3).chat.complete("review", model=MODEL, base_url=second.base_url, progress=False)
+        assert first.request_count == 3
+        assert second.request_count == 3
+        frame(3).chat.complete("review", model=MODEL, base_url=first.base_url, progress=False)
+        assert first.request_count == 3  # its own answers come back from the cache
+
+
 def test_two_local_servers_with_different_model_files_do_not_share_answers() -> None:
-    """On loopback the port is ignored but the served model file is part of the key."""
+    """A registered local server is keyed on its model file, not its port; others on the port."""
     from nbtoolkit.core.store._cache import RequestKeys, register_local_server
 
     body = b'{"model":"local","messages":[]}'
@@ -576,4 +602,5 @@ def test_two_local_servers_with_different_model_files_do_not_share_answers() -> 
     assert a != b
     assert a == same_file  # a restart on a new port finds its answers again
     unknown = RequestKeys("http://127.0.0.1:8004/v1/chat/completions").key(body)
-    assert RequestKeys("http://localhost:8005/v1/chat/completions").key(body) == unknown
+    assert RequestKeys("http://localhost:8005/v1/chat/completions").key(body) != unknown
+    assert RequestKeys("http://127.0.0.1:8004/v1/chat/completions").key(body) == unknown

@@ -9,7 +9,9 @@ import pytest
 
 import nbtoolkit
 from nbtoolkit import ChatConfig, ChatRequest, ChatRun, RetryPolicy, Timeouts
+from nbtoolkit.core._breaker import REFUSALS_TO_STOP
 from nbtoolkit.core._engine import _LOOKUP_BATCH
+from nbtoolkit.core.endpoints._embeddings import EmbeddingEndpoint
 from nbtoolkit.testing import ChatServer, FaultRates, Malformed, Reset, Stall, Status
 from tests.conftest import FAST_RETRY, MODEL
 
@@ -228,3 +230,87 @@ async def test_a_slow_live_server_is_not_called_unreachable() -> None:
         results = await run.execute(requests(6))
     assert {r.error.kind for r in results if r.error} == {"RequestTimeout"}
     assert all(not r.ok for r in results)
+
+
+async def test_a_400_on_every_row_stops_the_chat_run() -> None:
+    """The same 400 for every row stops the run after at most K + max_parallel requests,
+    with the server's words and the parameter they name."""
+    refusal = Status(400, message="Unrecognized request argument supplied: top_k")
+    async with ChatServer(latency=0.01) as server:
+        server.script(*[refusal] * 200)
+        run = ChatRun(config(server, max_parallel=8, params={"top_k": 5}))
+        with pytest.raises(nbtoolkit.RunAborted) as caught:
+            await run.execute(requests(200))
+    assert server.request_count <= REFUSALS_TO_STOP + 8
+    # Refused, or dropped when the stop cancelled them in flight; never answered.
+    assert server.statuses["400"] >= REFUSALS_TO_STOP
+    assert set(server.statuses) <= {"400", "dropped"}
+    message = str(caught.value)
+    assert "Unrecognized request argument supplied: top_k" in message
+    assert "parameter: 'top_k'" in message
+    assert isinstance(caught.value.cause, nbtoolkit.BadRequestError)
+    refused = [r for r in caught.value.partial if r is not None and r.error.kind != "not_run"]
+    assert len(refused) >= REFUSALS_TO_STOP
+
+
+async def test_a_400_on_every_input_stops_the_embeddings_run() -> None:
+    """Embeddings refused for a parameter: no halving down to single inputs; at most
+    K + max_parallel requests, then RunAborted naming the parameter."""
+    refusal = Status(400, message="This model does not support specifying dimensions.")
+    texts = [f"text number {i}" for i in range(400)]
+    async with ChatServer(latency=0.01) as server:
+        server.script(*[refusal] * 400)
+        endpoint = EmbeddingEndpoint(model=MODEL, dimensions=8, batch_size=20)
+        run = ChatRun(config(server, max_parallel=4), endpoint=endpoint)
+        with pytest.raises(nbtoolkit.RunAborted) as caught:
+            await run.execute(texts)
+    assert server.request_count <= REFUSALS_TO_STOP + 4
+    message = str(caught.value)
+    assert "does not support specifying dimensions" in message
+    assert "parameter: 'dimensions'" in message
+    # What the server was sent: whole groups, then single-row probes; nothing in between.
+    sizes = {len(r.body["input"]) for r in server.requests}
+    assert sizes <= {20, 1}
+
+
+async def test_a_single_group_refused_whole_stops_after_a_few_probes() -> None:
+    """A run of one group, every input refused alike: K requests (the group, then single
+    rows), not the 2n - 1 of a halving search."""
+    refusal = Status(400, message="This model does not support specifying dimensions.")
+    async with ChatServer() as server:
+        server.script(*[refusal] * 100)
+        endpoint = EmbeddingEndpoint(model=MODEL, dimensions=8)
+        run = ChatRun(config(server, max_parallel=4), endpoint=endpoint)
+        with pytest.raises(nbtoolkit.RunAborted):
+            await run.execute([f"text {i}" for i in range(100)])
+    assert server.request_count == REFUSALS_TO_STOP
+    assert [len(r.body["input"]) for r in server.requests] == [100, 1, 1]
+
+
+async def test_a_400_some_rows_get_fails_only_those_rows() -> None:
+    """Three rows refused with the same words, after other rows were answered: only they
+    fail, and the run goes on to the end."""
+    refusal = Status(400, message="Your request was rejected by the safety system.")
+    async with ChatServer(latency=0.01) as server:
+        for bad in ("p10", "p20", "p30", "p31", "p32"):
+            server.script(refusal, prompt=bad)
+        results = await ChatRun(config(server, max_parallel=4)).execute(requests(60))
+    failed = [i for i, r in enumerate(results) if not r.ok]
+    assert failed == [10, 20, 30, 31, 32]
+    assert all(results[i].error.status == 400 for i in failed)
+    assert server.request_count == 60
+
+
+async def test_bad_inputs_in_the_first_groups_do_not_stop_an_embeddings_run() -> None:
+    """The first three groups each refused alike for one bad input, before any answer: a
+    row sent alone is answered, so the run goes on and only the bad inputs fail."""
+    texts = [f"text {i}" if i % 10 else f"<reject> text {i}" for i in range(30)]
+    texts += [f"fine text {i}" for i in range(70)]
+    async with ChatServer() as server:
+        endpoint = EmbeddingEndpoint(model=MODEL, batch_size=10)
+        run = ChatRun(config(server, max_parallel=1), endpoint=endpoint)
+        results = await run.execute(texts)
+        first_three = [len(r.body["input"]) for r in server.requests[:4]]
+    assert first_three == [10, 10, 10, 1]  # three groups refused alike, then a probe
+    assert [i for i, r in enumerate(results) if not r.ok] == [0, 10, 20]
+    assert all(r.value is not None for r in results[30:])

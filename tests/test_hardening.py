@@ -261,3 +261,21 @@ def test_the_report_says_what_limits_the_server_announced() -> None:
     assert learned["headers"] == "ietf"
     assert learned["window_seconds"] == 1.0
     assert 45 <= learned["rate_per_second"] <= 55
+
+
+async def test_the_over_budget_reason_names_the_limit_that_refused() -> None:
+    """With both limits set, rows refused by max_tokens_total say max_tokens_total, not
+    max_cost (which was far from reached)."""
+    async with ChatServer() as server:
+        config = chat(
+            server,
+            max_parallel=1,
+            prices={MODEL: (1.0, 1.0)},
+            max_cost=1_000.0,
+            max_tokens_total=60,
+            params={"max_tokens": 10},
+        )
+        results = await ChatRun(config).execute(asks(20))
+    refused = [r.error.message for r in results if r.error is not None]
+    assert refused and len(refused) + server.request_count == 20
+    assert all(message.startswith("max_tokens_total=60 reached") for message in refused)

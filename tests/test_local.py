@@ -256,6 +256,19 @@ def test_a_server_that_does_not_answer_in_time_is_stopped() -> None:
     assert _processes_mentioning(f"--port {server.port} ") == []
 
 
+def test_another_context_length_does_not_answer_from_the_cache(local: LocalServer) -> None:
+    """A server with the same model file and alias but another n_ctx gets its own requests:
+    its answers are not the shared server's, so its cache keys are not either."""
+    frame = sample_reviews().head(3)
+    label(frame, local, cache=True)
+    label(frame, local, cache=True)
+    assert _report().stats.cache_hits == 3  # the first server's answers are cached
+    with LocalServer(n_ctx=1024) as other:
+        label(frame, other, cache=True)
+    assert _report().stats.cache_hits == 0
+    assert _report().stats.requests_sent == 3
+
+
 @needs_proc
 def test_stop_leaves_no_process_behind() -> None:
     """stop() ends the server and its whole process group; a second stop() does nothing."""

@@ -21,12 +21,13 @@ import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
-from nbtoolkit.testing import ChatServer, RecordedRequest
+from nbtoolkit.testing import ChatServer, EmbeddingBehaviour, RecordedRequest, SemanticRules
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 QUICKSTART = NOTEBOOK_DIR / "quickstart.ipynb"
 BATCH = NOTEBOOK_DIR / "batch.ipynb"
+COST = NOTEBOOK_DIR / "cost.ipynb"
 SECRET = "sk-test-SECRET-0123456789"
 MODEL = "test-model"
 DEFAULT_MAX_PARALLEL = 16  # ChatConfig's default, for a notebook that never sets one
@@ -57,10 +58,23 @@ class Executed:
         return found[0]
 
 
+# What a notebook's server knows besides chat: the semantic notebook's questions have rules.
+PRODUCTS = r"(?i)\b(kettle|toaster|lamp|mug)\b"
+SERVER_OPTIONS: dict[str, dict[str, Any]] = {
+    "semantic": {
+        "semantic": SemanticRules(
+            marker="broke ", key_pattern=PRODUCTS, score_pattern=r"\((\d) stars\)"
+        ),
+        "embeddings": EmbeddingBehaviour(topic=PRODUCTS),
+    }
+}
+
+
 def _run(path: Path, tmp: Path) -> Executed:
     nb = nbformat.read(path, as_version=4)
+    options = SERVER_OPTIONS.get(path.stem, {})
     with (
-        ChatServer(latency=0.05, api_key=SECRET).run_in_thread() as server,
+        ChatServer(latency=0.05, api_key=SECRET, **options).run_in_thread() as server,
         pytest.MonkeyPatch.context() as env,
     ):
         # The kernel inherits this process's environment when nbclient starts it.
@@ -286,3 +300,47 @@ def test_embeddings_notebook_embeds_each_review_once(executed: Callable[[Path], 
     plotted = any("image/png" in out.get("data", {}) for out in shown)
     assert plotted or importlib.util.find_spec("matplotlib") is None
     assert "12 cache hits" in _text(run.cell("again = "))
+
+
+@pytest.mark.timeout(120)
+def test_cost_notebook_shows_the_estimate_then_live_cost(
+    executed: Callable[[Path], Executed],
+) -> None:
+    """The dry run sends nothing, the pilot sends 10 rows, the run pays only for the rest
+    and its bar shows money spent of the projected total."""
+    run = executed(COST)
+    dry = run.cell('complete("review", dry_run=True, **options)')
+    assert "CostEstimate" in _text(dry) and "rows to send" in _text(dry)
+    assert "pilot (paid)" in _text(run.cell("pilot=10"))
+    assert "completion_tokens" in _text(run.cell("estimate.to_frame()"))
+    # 10 pilot rows, then the other 190: every row answered once, none paid twice.
+    assert run.request_count == 200
+    assert set(run.answered.values()) == {1}
+    state = run.nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    # tqdm's widget spaces its text with figure spaces (U+2007).
+    texts = [str(m["state"].get("value", "")).replace("\u2007", " ") for m in state.values()]
+    assert any(" of ~$" in text for text in texts), "the bar never showed a projected cost"
+    summary = _text(run.cell("run.summary()"))
+    assert "10 cache hits" in summary and "estimated ~$" in summary
+    assert "estimate error:" in summary
+
+
+@pytest.mark.timeout(120)
+def test_semantic_notebook_shows_each_operator(executed: Callable[[Path], Executed]) -> None:
+    """filter, top_k, join and aggregate each show the answers the server's rules imply."""
+    run = executed(NOTEBOOK_DIR / "semantic.ipynb")
+    broken = _text(run.cell("broken = df.chat.filter("))
+    for review in ("lid broke", "tray broke", "handle broke"):
+        assert review in broken
+    assert "boils fast" not in broken
+    assert "0 requests" in _text(run.cell("report = nbtoolkit.last_run()"))
+    happiest = _text(run.cell("top_k(3"))
+    for review in ("boils fast", "warm light", "toasts evenly"):  # 5, 5 and the first 4 stars
+        assert review in happiest
+    assert "keeps coffee" not in happiest
+    pairs = _text(run.cell("pairs = catalogue.chat.join("))
+    assert pairs.count("K1") == 2 and pairs.count("M1") == 2
+    per_product = _text(run.cell('by="product"'))
+    for product, count in (("kettle", 1), ("toaster", 1), ("lamp", 0), ("mug", 1)):
+        assert re.search(rf"{product}\s+count={count}", per_product), per_product
+    assert "count=3" in _text(run.cell("everything = "))

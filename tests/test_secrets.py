@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import nbtoolkit
-from nbtoolkit.testing import ChatServer, Status
+from nbtoolkit.testing import ChatServer, Echo, Status
 from tests.conftest import FAST_RETRY, MODEL
 
 SECRET = "sk-nbtoolkit-SENTINEL-7f3a9c2e41"
@@ -24,6 +24,7 @@ def everything_said(exc: BaseException | None, *texts: str) -> str:
     report = nbtoolkit.last_run()
     if report is not None:
         parts += [repr(report), report.rows.to_string(), report.summary(), repr(report.stats)]
+        parts += [str(message) for message in report.rows["message"]]  # not cut to a width
         parts.append(report.output.to_string())
     return "\n".join(parts)
 
@@ -115,3 +116,66 @@ def test_an_azure_key_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "HTTP 401" in said
     assert SECRET not in said
     assert WRONG not in said
+
+
+@pytest.mark.parametrize("kind", ["complete", "embed"])
+def test_a_200_that_echoes_the_request_is_redacted(kind: str) -> None:
+    """A 200 whose body is the request's headers and URL (not a completion) reaches the row's
+    error and the report with the key, a secret header and a query key shown as ***."""
+    df = pd.DataFrame({"review": ["a", "b"]})
+    query_key = "qk-nbtoolkit-QUERYSECRET-5e6f"
+    header_key = "hk-nbtoolkit-HEADERSECRET-9a8b"
+    with ChatServer(api_key=SECRET).run_in_thread() as server:
+        server.script(*[Echo()] * FAST_RETRY.attempts, prompt="a")
+        # One text per request: "b" is answered on its own.
+        options = {"batch_size": 1} if kind == "embed" else {}
+        call = df.chat.complete if kind == "complete" else df.chat.embed
+        out = call(
+            "review",
+            model=MODEL,
+            base_url=f"{server.base_url}?key={query_key}",
+            api_key=SECRET,
+            headers={"X-Gateway-Key": header_key},
+            retry=FAST_RETRY,
+            progress=False,
+            cache=False,
+            **options,
+        )
+        echoed = [r for r in server.requests if r.outcome == "malformed"]
+    # The server really echoed all three secrets, on every attempt.
+    assert len(echoed) == FAST_RETRY.attempts
+    assert echoed[0].headers["X-Gateway-Key"] == header_key
+    assert echoed[0].query["key"] == query_key
+    column = "response" if kind == "complete" else "embedding"
+    assert out[column].isna().tolist() == [True, False]
+    said = everything_said(None)
+    assert "MalformedResponse" in said
+    assert "Bearer ***" in said  # the echo is there, scrubbed
+    for secret in (SECRET, query_key, header_key):
+        assert secret not in said
+
+
+def test_a_key_in_the_base_url_query_is_never_shown() -> None:
+    """A key passed in base_url's query is masked in repr(ChatConfig) and absent from the
+    errors of a run that cannot reach its server."""
+    query_key = "qk-nbtoolkit-QUERYSECRET-5e6f"
+    config = nbtoolkit.ChatConfig(
+        base_url=f"http://127.0.0.1:9/v1?key={query_key}&api-version=2024-10-21", model=MODEL
+    )
+    configured = nbtoolkit.configure(base_url=config.base_url)
+    shown = repr(config) + str(config.resolved()) + repr(configured)
+    assert query_key not in shown
+    assert "key=***" in shown and "api-version=2024-10-21" in shown
+    df = pd.DataFrame({"review": ["a", "b"]})
+    with pytest.raises(nbtoolkit.RunAborted) as caught:
+        df.chat.complete(
+            "review",
+            model=MODEL,
+            base_url=config.base_url,
+            retry=FAST_RETRY,
+            progress=False,
+            max_parallel=1,
+        )
+    said = everything_said(caught.value)
+    assert "could not be reached" in said
+    assert query_key not in said

@@ -14,7 +14,7 @@ import pytest
 
 import nbtoolkit
 from nbtoolkit.core.endpoints._schema import normalise
-from nbtoolkit.core.endpoints._structured import forget_learned_shapes
+from nbtoolkit.core.endpoints._structured import _refusal, forget_learned_shapes, schema_keywords
 from nbtoolkit.testing import (
     ChatServer,
     FaultRates,
@@ -23,6 +23,7 @@ from nbtoolkit.testing import (
     StructuredFaults,
     schema_instance,
 )
+from nbtoolkit.testing._structured import LLAMA_CPP_REFUSAL
 from tests.conftest import settings
 
 
@@ -469,3 +470,126 @@ def test_multi_label_gives_lists_of_labels(server: ChatServer) -> None:
     assert list(out.columns) == ["tags"] and list(out.index) == [1, 1, 2, 3]
     assert all(isinstance(v, list) and set(v) <= {"x", "y", "z"} for v in out["tags"][:3])
     assert pd.isna(out["tags"].iloc[3])
+
+
+class Named(pydantic.BaseModel):
+    name: str = pydantic.Field(min_length=3)
+    stars: int
+
+
+def test_a_gateway_model_without_json_schema_downgrades_only_that_model() -> None:
+    """One model's "json_schema is not supported" moves that model, not the gateway's others."""
+    faults = StructuredFaults(reject_json_schema_for=frozenset({"small-model"}))
+    df = reviews(12)
+    with ChatServer(structured=faults).run_in_thread() as gateway:
+        small = settings(gateway, model="small-model", max_parallel=4, cache=False)
+        out = df.chat.extract("review", schema=Review, **small)
+        assert_fields_match(out, expected(Review, df["review"]))
+        shapes = sent_shapes(gateway.requests)
+        assert 1 <= shapes.count("json_schema") <= 4 and shapes.count("json_object") == 12
+        assert all(
+            r.status == 400
+            for r in gateway.requests
+            if r.body["response_format"]["type"] == "json_schema"
+        )
+
+        gateway.reset_records()
+        big = settings(gateway, model="big-model", cache=False)
+        df.chat.extract("review", schema=Review, **big)
+        # The other model on the same base URL still gets json_schema, and takes it.
+        assert set(sent_shapes(gateway.requests)) == {"json_schema"}
+        assert {r.status for r in gateway.requests} == {200}
+
+        gateway.reset_records()
+        df.chat.extract("review", schema=Review, **small)
+        # The refusing model starts where it ended: no refused request this time.
+        assert set(sent_shapes(gateway.requests)) == {"json_object"}
+
+
+@pytest.mark.parametrize("structured", ["auto", "json_schema"])
+def test_a_refused_schema_stops_the_run_with_the_keyword_and_downgrades_nothing(
+    structured: str,
+) -> None:
+    """A schema keyword the provider refuses: RunAborted naming it, in json_schema only."""
+    faults = StructuredFaults(refuse_keywords=frozenset({"minLength"}))
+    df = reviews(40)
+    with ChatServer(structured=faults).run_in_thread() as strict:
+        options = settings(strict, max_parallel=4, retry=3)
+        with pytest.raises(nbtoolkit.RunAborted) as stopped:
+            df.chat.extract("review", schema=Named, structured=structured, **options)
+        cause = stopped.value.cause
+        assert isinstance(cause, nbtoolkit.SchemaRefused) and cause.keyword == "minLength"
+        message = str(stopped.value)
+        # The provider's own words, the keyword, and what to do.
+        assert "In context=('properties', 'name'), 'minLength' is not permitted" in message
+        assert "remove 'minLength' from the schema" in message
+        # Not a server without JSON mode: nothing moved to json_object or prompt.
+        assert set(sent_shapes(strict.requests)) == {"json_schema"}
+        # 400 each (None: cut off in flight when the run stopped).
+        assert {r.status for r in strict.requests} - {None} == {400}
+        assert len(strict.requests) <= 4  # the requests in flight when the first came back
+        assert stopped.value.partial["name"].isna().all()
+
+        strict.reset_records()
+        out = df.chat.extract("review", schema=Review, **settings(strict, cache=False))
+        # Nothing was learned: the next schema, which the provider takes, goes as json_schema.
+        assert set(sent_shapes(strict.requests)) == {"json_schema"}
+        assert_fields_match(out, expected(Review, df["review"]))
+
+
+def test_llama_cpp_refusal_still_downgrades_after_a_schema_refusal_elsewhere() -> None:
+    """A schema refusal on one server leaves another server's shape refusal working as before."""
+    df = reviews(6)
+    refusing = StructuredFaults(refuse_keywords=frozenset({"minLength"}))
+    with (
+        ChatServer(structured=refusing).run_in_thread() as strict,
+        pytest.raises(nbtoolkit.RunAborted),
+    ):
+        df.chat.extract("review", schema=Named, **settings(strict, max_parallel=2))
+    with ChatServer(structured=StructuredFaults(reject_json_schema=True)).run_in_thread() as llama:
+        out = df.chat.extract("review", schema=Named, **settings(llama, max_parallel=2))
+        assert out["name"].notna().all()
+        assert sent_shapes(llama.requests).count("json_object") == 6
+
+
+# What providers say, word for word (OpenAI, vLLM and llama.cpp wordings).
+OPENAI_MODEL = (
+    "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model."
+)
+OPENAI_KEYWORD = (
+    "Invalid schema for response_format 'Named': In context=('properties', 'name'), "
+    "'minLength' is not permitted."
+)
+OPENAI_REQUIRED = (
+    "Invalid schema for response_format 'Named': In context=(), 'additionalProperties' is "
+    "required to be supplied and to be false."
+)
+LLAMA_CPP_GRAMMAR = 'JSON schema conversion failed:\nUnrecognized schema: {"not": {}}'
+
+
+@pytest.mark.parametrize(
+    ("status", "words", "kind", "keyword"),
+    [
+        (500, LLAMA_CPP_REFUSAL, "shape", None),
+        (400, OPENAI_MODEL, "shape", None),
+        (400, "response_format.type json_schema is unavailable", "shape", None),
+        (400, OPENAI_KEYWORD, "schema", "minLength"),
+        (400, OPENAI_REQUIRED, "schema", "additionalProperties"),
+        (400, LLAMA_CPP_GRAMMAR, "schema", None),
+        (422, 'Keyword "pattern" is not supported in this json_schema', "schema", "pattern"),
+        (400, "'temperature' is not supported with this model.", None, None),
+        (503, "Invalid schema for response_format", None, None),
+    ],
+)
+def test_refusals_are_told_apart_by_the_providers_words(
+    status: int, words: str, kind: str | None, keyword: str | None
+) -> None:
+    """Shape refusals (downgrade) and schema refusals (stop, keyword) read from real wordings."""
+    error = nbtoolkit.BadRequestError(f"HTTP {status}: {words}", status=status, body="")
+    keywords = schema_keywords({**normalise(Named).strict, "pattern": "x"})
+    refusal = _refusal(error, keywords)
+    if kind is None:
+        assert refusal is None
+    else:
+        assert refusal is not None
+        assert (("schema" if refusal.schema else "shape"), refusal.keyword) == (kind, keyword)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import re
@@ -30,7 +31,7 @@ from nbtoolkit.testing import (
     Stall,
     Status,
 )
-from nbtoolkit.testing._server import _duration as duration
+from nbtoolkit.testing._ratelimit import duration
 
 
 def _body(prompt: str, model: str = "test-model") -> dict[str, Any]:
@@ -85,6 +86,7 @@ async def test_success_reply_has_the_openai_chat_completion_shape(
         {
             "index": 0,
             "message": {"role": "assistant", "content": "echo: hello"},
+            "logprobs": None,  # as OpenAI sends it when none were asked for
             "finish_reason": "stop",
         }
     ]
@@ -509,6 +511,11 @@ async def test_rate_headers_speak_each_family(session: aiohttp.ClientSession) ->
         "ietf": {"RateLimit", "RateLimit-Policy"},
         "ietf-structured": {"RateLimit", "RateLimit-Policy"},
         "azure": {"x-ratelimit-remaining-requests"},
+        "anthropic": {
+            "anthropic-ratelimit-requests-limit",
+            "anthropic-ratelimit-requests-remaining",
+            "anthropic-ratelimit-requests-reset",
+        },
         "none": set(),
     }
     seen = {}
@@ -528,6 +535,12 @@ async def test_rate_headers_speak_each_family(session: aiohttp.ClientSession) ->
     assert seen["ietf-structured"][0]["RateLimit"] == '"default";r=8;t=1'
     assert seen["ietf-structured"][0]["RateLimit-Policy"] == '"default";q=300;w=60'
     assert "x-ratelimit-limit-requests" not in seen["azure"][0]
+    headers, before = seen["anthropic"]
+    assert headers["anthropic-ratelimit-requests-limit"] == "300"  # per minute
+    assert headers["anthropic-ratelimit-requests-remaining"] == "8"
+    # An RFC 3339 time in whole seconds, rounded up: the bucket is full 0.4 s from now.
+    reset = datetime.datetime.fromisoformat(headers["anthropic-ratelimit-requests-reset"])
+    assert 0.3 <= reset.timestamp() - before <= 1.45
     assert not any("ratelimit" in name.lower() for name in seen["none"][0])
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nbtoolkit.batch._provider import LineRead
 from nbtoolkit.core._client import error_for_status
 from nbtoolkit.core._rows import RowError
 from nbtoolkit.core.endpoints._base import Answer, Endpoint, Item, Reask
@@ -46,15 +47,6 @@ class LineResult:
 def custom_id(key: bytes) -> str:
     """A line's id: from its cache key, so the same request always has the same id."""
     return f"r-{key.hex()[:32]}"
-
-
-def line(item: Item, key: bytes, url: str) -> Line:
-    """The JSONL line for one request to ``url`` (e.g. ``/v1/chat/completions``)."""
-    cid = custom_id(key)
-    head = json.dumps({"custom_id": cid, "method": "POST", "url": url})[:-1].encode()
-    model = item.body.get("model")
-    data = head + b', "body": ' + item.payload + b"}\n"
-    return Line(cid, key, model if isinstance(model, str) else None, data)
 
 
 def split(lines: Sequence[Line], *, max_lines: int, max_bytes: int) -> list[list[Line]]:
@@ -95,34 +87,23 @@ def records(text: str) -> Iterator[dict[str, Any]]:
             record = json.loads(raw)
         except ValueError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("custom_id"), str):
+        if isinstance(record, dict):
             yield record
 
 
-def read_line(record: Mapping[str, Any], item: Item | None, endpoint: Endpoint) -> LineResult:
-    """One result line as an answer or a row error, parsed by the endpoint's own parser.
-
-    Handles the shapes the API writes: a 200 ``response``; a 4xx/5xx body inside
-    ``response`` with ``error`` null; and ``response`` null with an ``error`` (such as
-    ``batch_expired``).
-    """
-    response = record.get("response")
-    error = record.get("error")
-    if isinstance(response, Mapping):
-        status = response.get("status_code")
-        body = json.dumps(response.get("body"))
-        if status == 200:
-            return _parsed(body, item, endpoint)
-        if isinstance(status, int) and not isinstance(status, bool):
-            exc = error_for_status(status, body, {})
-            return LineResult(
-                None, RowError(type(exc).__name__, str(exc), status, 1), None, str(status)
-            )
-    if isinstance(error, Mapping):
-        code = str(error.get("code") or "error")
-        kind = "BatchExpired" if code == "batch_expired" else "BatchLineError"
-        message = f"{code}: {error.get('message') or 'no message'}"[:500]
-        return LineResult(None, RowError(kind, message, None, 1), None, code)
+def read_line(read: LineRead, item: Item | None, endpoint: Endpoint) -> LineResult:
+    """One result record as an answer or a row error: a 200 through the endpoint's own
+    ``parse``, an error status through the engine's error mapping."""
+    if read.status == 200 and read.body is not None:
+        return _parsed(read.body, item, endpoint)
+    if read.status is not None:
+        exc = error_for_status(read.status, read.body or "", {})
+        label = str(read.status)
+        return LineResult(None, RowError(type(exc).__name__, str(exc), read.status, 1), None, label)
+    if read.error_code is not None:
+        kind = "BatchExpired" if read.error_code == "batch_expired" else "BatchLineError"
+        message = f"{read.error_code}: {read.error_message or 'no message'}"[:500]
+        return LineResult(None, RowError(kind, message, None, 1), None, read.error_code)
     message = "the result line has neither a response nor an error"
     return LineResult(None, RowError("MalformedResponse", message, None, 1), None, "malformed")
 

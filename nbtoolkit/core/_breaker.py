@@ -1,4 +1,6 @@
-"""A circuit breaker: stop a run within seconds once the server is gone, whatever came before.
+"""Stops for a run that cannot succeed: a server that is gone, or one that refuses every request.
+
+`CircuitBreaker`: a server that is gone, whatever came before.
 
 Each attempt reports whether it reached the server. A failure to connect or a reset (a
 `TransportError` that is not a timeout: a slow server is still there) adds to a streak; any
@@ -7,14 +9,22 @@ long (at least a pool's worth of attempts, so a few resets among successes never
 and, once the server has answered during this run, old enough (``min_seconds``: a blip of
 simultaneous resets is over in less). Before any reply the length alone is enough: a wrong
 port or a host that is down shows itself at once.
+
+`RefusalWatch`: the same 400 for the first few requests, none answered (see its docstring).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import enum
+import json
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
-from nbtoolkit.errors import RequestTimeout, TransportError
+from nbtoolkit.errors import APIError, BadRequestError, RequestTimeout, TransportError
 
 # Long enough that a burst of resets from one restart of a proxy does not stop the run,
 # short enough that a dead server costs seconds, not the hours of every row's retries.
@@ -69,3 +79,151 @@ class CircuitBreaker:
 def unreachable(error: BaseException) -> bool:
     """A failure that says nothing answered: refused, reset, or no connection in time."""
     return isinstance(error, TransportError) and not isinstance(error, RequestTimeout)
+
+
+# Distinct rows or groups refused with the same 400 before anything was answered, for a
+# run to stop. Three: one or two rows with the same fault at the head of a frame (sorted,
+# say) are not a pattern; three of three with no answer between them are, and a run that
+# stops there has sent at most this many plus the requests already in flight.
+REFUSALS_TO_STOP = 3
+
+
+class Refusal(NamedTuple):
+    """A 4xx the server gave, as compared across requests: its status and normalized words."""
+
+    status: int
+    words: str
+
+
+class Verdict(enum.Enum):
+    """What to do with a refused request, as `RefusalWatch.refused` decides."""
+
+    FAIL = "fail"  # one row: it fails with the server's words; the run goes on
+    BISECT = "bisect"  # a group, after an answer: halve it to find its bad input
+    PARK = "park"  # a group, nothing answered yet: hold it, the next requests will tell
+    PROBE = "probe"  # a group, and enough like it: send its rows alone to decide
+    STOP = "stop"  # every request is refused alike: the run stops
+
+
+class RefusalWatch:
+    """Tells a 400 every request gets (a parameter the model does not take, a model that
+    does not embed, an unknown body field) from a 400 only some rows get (a bad input).
+
+    Until the server has answered one request of the run, each refused request is recorded
+    by its `Refusal`. ``threshold`` distinct rows refused alike stop the run. A group (many
+    rows in one request) refused alike does not prove it: a server that caps the inputs per
+    request refuses every full-size group with the same words. So ``threshold`` groups
+    refused alike are followed by single rows of them (`Verdict.PROBE`); a row refused
+    alike confirms, and an answered one ends the watch. Once anything is answered, the
+    request's shape is known to be acceptable: a 400 is then a row's own, and the run goes
+    on whatever comes.
+
+    While a probe decides, no other request starts (`wait_decided`), so that a run that
+    stops has sent at most ``threshold`` requests plus those in flight.
+    """
+
+    def __init__(self, *, threshold: int = REFUSALS_TO_STOP) -> None:
+        self.threshold = threshold
+        self.armed = True
+        self._seen: collections.Counter[Refusal] = collections.Counter()
+        self._deciding: asyncio.Event | None = None  # set while no probe is under way
+        self.stopped = False
+
+    def answered(self) -> None:
+        """A request of the run was answered: the watch ends."""
+        self.armed = False
+        self.probing(False)
+
+    def refused(self, error: BadRequestError, *, rows: int) -> Verdict:
+        """Record a request for ``rows`` distinct rows that ``error`` refused."""
+        if not self.armed or error.status == 413:  # 413: too large, by definition its size
+            return Verdict.FAIL if rows == 1 else Verdict.BISECT
+        refusal = refusal_of(error)
+        self._seen[refusal] += 1
+        if rows == 1:
+            if self._seen[refusal] < self.threshold:
+                return Verdict.FAIL
+            # Shut for good: a worker woken now must not send before the run is cancelled.
+            self.probing(True)
+            self.stopped = True
+            return Verdict.STOP
+        if self._seen[refusal] < self.threshold or self.deciding:
+            return Verdict.PARK  # one probe at a time: its answer decides for all
+        self.probing(True)
+        return Verdict.PROBE
+
+    @property
+    def deciding(self) -> bool:
+        """A probe is under way."""
+        return self._deciding is not None and not self._deciding.is_set()
+
+    def probing(self, on: bool) -> None:
+        """Hold (True) or release (False) every request but the probe's."""
+        if self.stopped:
+            return
+        if self._deciding is None:
+            if not on:
+                return
+            self._deciding = asyncio.Event()  # made here: bound to the run's loop
+        if on:
+            self._deciding.clear()
+        else:
+            self._deciding.set()
+
+    async def wait_decided(self) -> None:
+        """Return once no probe is under way."""
+        if self._deciding is not None:
+            await self._deciding.wait()
+
+
+# Request ids and other one-off tokens a server puts in an error's words.
+_ONE_OFF = re.compile(
+    r"\b(?:req|request|trace|id)[_\-:= ]+[0-9a-z\-]{6,}\b"
+    r"|\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b"
+    r"|\b[0-9a-f]{16,}\b"
+)
+
+
+def refusal_of(error: APIError) -> Refusal:
+    """The refusal's status and words, lower-cased, spaces collapsed, one-off ids dropped.
+
+    Numbers stay: "maximum context length is 8192 tokens, however you requested 9312"
+    differs from row to row, as the rows that get it do.
+    """
+    words = _ONE_OFF.sub("#", _server_words(error).lower())
+    return Refusal(error.status, " ".join(words.split()))
+
+
+# "Unrecognized request argument supplied: foo", "Invalid value for 'dimensions'".
+_NAMED = re.compile(r"argument supplied: ([\w.\[\]]+)|['`\"]([A-Za-z_][\w.\[\]]*)['`\"]")
+
+
+def refused_parameter(error: APIError, fields: Iterable[str] = ()) -> str | None:
+    """The request field a 4xx names: its body's ``error.param``; else the first quoted name
+    in its words; else the first of ``fields`` (the request body's) its words mention."""
+    try:
+        param = json.loads(error.body)["error"].get("param")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        param = None
+    if isinstance(param, str) and param:
+        return param
+    words = _server_words(error)
+    found = _NAMED.search(words)
+    if found:
+        return next(group for group in found.groups() if group)
+    # Not "model", "messages" or "input": most messages mention them, whatever they refuse.
+    mentioned = (
+        field
+        for field in fields
+        if field not in ("model", "messages", "input")
+        and re.search(rf"\b{re.escape(field)}\b", words)
+    )
+    return next(mentioned, None)
+
+
+def _server_words(error: APIError) -> str:
+    try:
+        words = json.loads(error.body)["error"]["message"]
+        return words if isinstance(words, str) else str(error)
+    except (ValueError, KeyError, TypeError):
+        return str(error)

@@ -9,12 +9,9 @@ after everything already spent or on its way.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 
+from nbtoolkit.core._pricing import Price
 from nbtoolkit.errors import ConfigError
-
-# Per million tokens: (input price, output price), in the caller's currency.
-Prices = Mapping[str, tuple[float, float]]
 
 
 class Budget:
@@ -24,16 +21,16 @@ class Budget:
         self,
         *,
         model: str,
-        prices: Prices | None,
+        price: Price | None,
         max_tokens_total: int | None,
         max_cost: float | None,
     ) -> None:
-        self._price = (prices or {}).get(model)
-        if max_cost is not None and self._price is None:
-            known = sorted(prices or {})
+        self.unit_price = price
+        if max_cost is not None and price is None:
             raise ConfigError(
-                f"max_cost needs a price for model {model!r}: pass prices={{{model!r}: "
-                f"(input_per_million, output_per_million)}}; prices are known for {known}"
+                f"max_cost needs a price for model {model!r}, and the price table has none "
+                f"for it behind this server: pass prices={{{model!r}: (input_per_million, "
+                "output_per_million)}"
             )
         self.max_tokens_total = max_tokens_total
         self.max_cost = max_cost
@@ -43,16 +40,19 @@ class Budget:
         self._reserved_cost = 0.0
         self._reservations = 0  # requests reserved and not yet settled
         self._released: asyncio.Event | None = None  # made on first wait: bound to its loop
+        self._refused_by: str | None = None  # the limit that refused the last request
 
     @property
     def limited(self) -> bool:
         return self.max_tokens_total is not None or self.max_cost is not None
 
-    def price(self, prompt_tokens: float, completion_tokens: float) -> float | None:
+    def price(
+        self, prompt_tokens: float, completion_tokens: float, cached_tokens: float = 0.0
+    ) -> float | None:
         """What these tokens cost, or None without a price for the model."""
-        if self._price is None:
+        if self.unit_price is None:
             return None
-        return (prompt_tokens * self._price[0] + completion_tokens * self._price[1]) / 1e6
+        return self.unit_price.cost(prompt_tokens, completion_tokens, cached_tokens)
 
     async def reserve(self, prompt_tokens: float, completion_tokens: float) -> bool:
         """Count a request's worst case against the budget, waiting while it could still fit.
@@ -77,8 +77,10 @@ class Budget:
         if self.max_tokens_total is not None and (
             self.tokens + self._reserved_tokens + tokens > self.max_tokens_total
         ):
+            self._refused_by = "max_tokens_total"
             return False
         if self.max_cost is not None and self.cost + self._reserved_cost + cost > self.max_cost:
+            self._refused_by = "max_cost"
             return False
         self._reserved_tokens += tokens
         self._reserved_cost += cost
@@ -93,11 +95,12 @@ class Budget:
         if self._released is not None:
             self._released.set()  # waiters re-check: one may fit now, or none can any more
 
-    def spend(self, prompt_tokens: int, completion_tokens: int) -> None:
+    def spend(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> None:
         self.tokens += prompt_tokens + completion_tokens
-        self.cost += self.price(prompt_tokens, completion_tokens) or 0.0
+        self.cost += self.price(prompt_tokens, completion_tokens, cached_tokens) or 0.0
 
     def reason(self) -> str:
-        if self.max_cost is not None:
+        """Why a request was refused: the limit that refused it (the last refusal's)."""
+        if self._refused_by == "max_cost" or self.max_tokens_total is None:
             return f"max_cost={self.max_cost:g} reached (spent {self.cost:.4f})"
         return f"max_tokens_total={self.max_tokens_total} reached (spent {self.tokens:.0f})"

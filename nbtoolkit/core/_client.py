@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 import aiohttp
 
 from nbtoolkit.core._limits import ServerLimits
-from nbtoolkit.core._retry import retry_after_seconds
+from nbtoolkit.core._retry import google_rejects_key, google_retry_delay, retry_after_seconds
 from nbtoolkit.errors import (
     AnswerError,
     APIError,
@@ -67,8 +67,13 @@ async def post_json(
     *,
     headers: Mapping[str, str],
     timeout: aiohttp.ClientTimeout,
+    redact: Redactor | None = None,
 ) -> Reply:
     """Send one request (``payload``: the JSON body, encoded) and return its 2xx reply.
+
+    ``redact`` scrubs the request's secrets from error texts; default: one built from
+    ``url`` and ``headers`` when an error needs it. A 2xx body comes back as it is: its
+    parser's errors are the caller's to scrub (`Redactor.error`).
 
     Raises:
         APIError: (a subclass per status) the server answered with an error status.
@@ -80,30 +85,87 @@ async def post_json(
             raw = await reply.read()
             status = reply.status
             reply_headers = reply.headers
-    except aiohttp.ConnectionTimeoutError as exc:
-        # Never connected: a host that is down or filtered, not a slow answer.
-        raise TransportError(f"could not connect within {timeout.sock_connect}s: {exc}") from exc
-    except TimeoutError as exc:  # aiohttp raises asyncio.TimeoutError (= TimeoutError on 3.11)
-        raise RequestTimeout(
-            f"no complete reply within the timeout ({_describe(timeout)})",
-            elapsed=time.monotonic() - started,
-        ) from exc
-    except aiohttp.ClientError as exc:
-        # str(exc) names the host and the OS error, never the request headers; some errors
-        # name the URL, whose query may hold a key.
-        raise TransportError(
-            _redact(f"{type(exc).__name__}: {exc}", url, headers),
-            elapsed=time.monotonic() - started,
-        ) from exc
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        redact = redact or Redactor(url, headers)
+        raise _transport_error(exc, redact, timeout, started) from exc
     text = raw.decode("utf-8", errors="replace")
     limits = ServerLimits.from_headers(reply_headers)
     if status >= 300:
-        # Some proxies echo the key (or any header) in error bodies: never let it reach a
-        # message, a traceback or the run report.
-        error = error_for_status(status, _redact(text, url, headers), reply_headers)
-        error.limits = limits
-        raise error
+        redact = redact or Redactor(url, headers)
+        raise _status_error(status, text, redact, reply_headers, limits)
     return Reply(text, limits)
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    data: Any = None,
+    headers: Mapping[str, str],
+    timeout: aiohttp.ClientTimeout,
+) -> Reply:
+    """Any other request (a file upload, a status check, a download) and its 2xx reply.
+
+    The same error mapping and redaction as `post_json`, for callers that are not one JSON
+    body per row: the Batch API's files and batches (`nbtoolkit.batch`).
+
+    Raises:
+        APIError: (a subclass per status) the server answered with an error status.
+        TransportError: no complete HTTP reply (refused, reset, timed out).
+    """
+    started = time.monotonic()
+    try:
+        async with session.request(
+            method, url, data=data, headers=headers, timeout=timeout
+        ) as reply:
+            raw = await reply.read()
+            status = reply.status
+            reply_headers = reply.headers
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise _transport_error(exc, Redactor(url, headers), timeout, started) from exc
+    text = raw.decode("utf-8", errors="replace")
+    limits = ServerLimits.from_headers(reply_headers)
+    if status >= 300:
+        raise _status_error(status, text, Redactor(url, headers), reply_headers, limits)
+    return Reply(text, limits)
+
+
+def _transport_error(
+    exc: BaseException,
+    redact: Redactor,
+    timeout: aiohttp.ClientTimeout,
+    started: float,
+) -> TransportError:
+    """Our exception for a request that got no complete HTTP reply."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        # Never connected: a host that is down or filtered, not a slow answer.
+        return TransportError(f"could not connect within {timeout.sock_connect}s: {exc}")
+    if isinstance(exc, TimeoutError):  # aiohttp raises asyncio.TimeoutError (= TimeoutError)
+        return RequestTimeout(
+            f"no complete reply within the timeout ({_describe(timeout)})",
+            elapsed=time.monotonic() - started,
+        )
+    # str(exc) names the host and the OS error, never the request headers; some errors
+    # name the URL, whose query may hold a key.
+    return TransportError(
+        redact(f"{type(exc).__name__}: {exc}"),
+        elapsed=time.monotonic() - started,
+    )
+
+
+def _status_error(
+    status: int,
+    text: str,
+    redact: Redactor,
+    reply_headers: Mapping[str, str],
+    limits: ServerLimits | None,
+) -> APIError:
+    # Some proxies echo the key (or any header) in error bodies: never let it reach a
+    # message, a traceback or the run report.
+    error = error_for_status(status, redact(text), reply_headers)
+    error.limits = limits
+    return error
 
 
 def parse_completion(text: str) -> Completion:
@@ -141,13 +203,17 @@ def parse_completion(text: str) -> Completion:
 def error_for_status(status: int, text: str, headers: Mapping[str, str]) -> APIError:
     """The exception for an HTTP error reply, with the server's own message when it gave one."""
     message = f"HTTP {status}: {_server_message(text)}"
+    # A header's wait first; Gemini says it in the body instead (RetryInfo.retryDelay).
+    wait = retry_after_seconds(headers)
+    if wait is None and status in (429, 503):
+        wait = google_retry_delay(text)
     if status == 429:
-        return RateLimitError(message, body=text, retry_after=retry_after_seconds(headers))
+        return RateLimitError(message, body=text, retry_after=wait)
+    # 529 is Anthropic's "overloaded": a 5xx, retried like a 503.
     if status in (408, 409) or status >= 500:
-        return ServerError(
-            message, status=status, body=text, retry_after=retry_after_seconds(headers)
-        )
-    if status in (401, 403):
+        return ServerError(message, status=status, body=text, retry_after=wait)
+    if status in (401, 403) or (status == 400 and google_rejects_key(text)):
+        # Gemini answers a wrong key with 400 API_KEY_INVALID: as final as a 401.
         return AuthError(message, status=status, body=text)
     if status == 404:
         return NotFoundError(message, status=status, body=text)
@@ -155,28 +221,50 @@ def error_for_status(status: int, text: str, headers: Mapping[str, str]) -> APIE
 
 
 # Request headers that never hold a secret.
-_PLAIN_HEADERS = frozenset({"content-type", "accept", "user-agent"})
+_PLAIN_HEADERS = frozenset({"content-type", "accept", "user-agent", "anthropic-version"})
+# Headers that hold nothing but a key: redacted however short.
+_KEY_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "x-goog-api-key"})
 # Shorter values of other headers and query parameters are left alone: they are not keys,
 # and replacing a short word everywhere would garble the server's message.
 _SHORTEST_SECRET = 8
 
 
+class Redactor:
+    """Replaces the secrets a request carries (the key, other header values, query values)
+    by ``***`` in any text about it: an error body, a 2xx body that is not what was expected,
+    a transport error naming the URL. Built once per run: the secrets do not change.
+    """
+
+    def __init__(self, url: str, headers: Mapping[str, str]) -> None:
+        secrets = set()
+        for name, value in headers.items():
+            lowered = name.lower()
+            if lowered in _PLAIN_HEADERS:
+                continue
+            value = value.removeprefix("Bearer ").strip()
+            if len(value) >= (4 if lowered in _KEY_HEADERS else _SHORTEST_SECRET):
+                secrets.add(value)
+        for name, value in parse_qsl(urlsplit(url).query):
+            if name != "api-version" and len(value) >= _SHORTEST_SECRET:
+                secrets.add(value)
+        # Longest first: a key before any part of it.
+        self._secrets = sorted(secrets, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def error(self, error: BaseException) -> BaseException:
+        """``error`` with its message scrubbed (in place, keeping its type and attributes)."""
+        if self._secrets and error.args:
+            error.args = tuple(self(a) if isinstance(a, str) else a for a in error.args)
+        return error
+
+
 def _redact(text: str, url: str, headers: Mapping[str, str]) -> str:
     """``text`` with the key, header values and query values replaced by ``***``."""
-    secrets = set()
-    for name, value in headers.items():
-        lowered = name.lower()
-        if lowered in _PLAIN_HEADERS:
-            continue
-        value = value.removeprefix("Bearer ").strip()
-        if len(value) >= (4 if lowered in ("authorization", "api-key") else _SHORTEST_SECRET):
-            secrets.add(value)
-    for name, value in parse_qsl(urlsplit(url).query):
-        if name != "api-version" and len(value) >= _SHORTEST_SECRET:
-            secrets.add(value)
-    for secret in sorted(secrets, key=len, reverse=True):  # a key before any part of it
-        text = text.replace(secret, "***")
-    return text
+    return Redactor(url, headers)(text)
 
 
 def _server_message(text: str) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,23 +32,31 @@ import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from nbtoolkit.config import ChatConfig
-from nbtoolkit.core._breaker import CircuitBreaker
+from nbtoolkit.core._breaker import (
+    REFUSALS_TO_STOP,
+    CircuitBreaker,
+    RefusalWatch,
+    Verdict,
+    refused_parameter,
+)
 from nbtoolkit.core._budget import Budget
 from nbtoolkit.core._cachewriter import CacheWriter
-from nbtoolkit.core._client import Reply, post_json
+from nbtoolkit.core._client import Redactor, Reply, post_json
 from nbtoolkit.core._limits import RateGovernor, ServerLimits
+from nbtoolkit.core._pricing import Price, config_price
 from nbtoolkit.core._retry import GiveUp, RetryAfterOrBackoff, is_retryable, is_systemic
 from nbtoolkit.core._rows import SKIPPED, ProgressListener, RowError, RowResult, RunStats
 from nbtoolkit.core.endpoints._base import (
     Answer,
-    ChatEndpoint,
     Endpoint,
     Item,
     Outcome,
     Parsed,
     Reask,
+    reasoning_tokens,
     usage_counts,
 )
+from nbtoolkit.core.endpoints._providers import chat_endpoint
 from nbtoolkit.core.store._cache import CachedAnswer, RequestKeys
 from nbtoolkit.errors import (
     APIError,
@@ -60,6 +69,7 @@ from nbtoolkit.errors import (
     RateLimitError,
     RequestTimeout,
     RunAborted,
+    SchemaRefused,
     TransportError,
     UnsendableRow,
 )
@@ -110,6 +120,16 @@ class _Systemic(Exception):
         self.error = error
 
 
+def request_keys(config: ChatConfig, endpoint: Endpoint) -> RequestKeys:
+    """The one key function for answers, live or from a batch: a row's cache key.
+
+    Keyed on the URL without its query, which may carry a secret, and Azure's
+    ``api-version``: an answer does not change with the API version that delivered it, so
+    a batch answer is a cache hit for ``complete`` and the other way round, whatever query.
+    """
+    return RequestKeys(config.key_url(endpoint.path))
+
+
 class ChatRun:
     """One run over many requests; keeps its results reachable even if the run is cut short.
 
@@ -137,14 +157,14 @@ class ChatRun:
                 "no model: pass model='...' or set it once with nbtoolkit.configure(model='...')"
             )
         self.config = config
-        self.endpoint: Endpoint = endpoint or ChatEndpoint({"model": config.model, **config.params})
+        self.endpoint: Endpoint = endpoint or chat_endpoint(config)
         self.listener = listener
         # One slot per request pulled so far; None until that row finishes.
         self.results: list[RowResult | None] = []
         self.stats = RunStats()
         self.budget = Budget(
             model=config.model,
-            prices=config.prices,
+            price=config_price(config),
             max_tokens_total=config.max_tokens_total,
             max_cost=config.max_cost,
         )
@@ -159,6 +179,10 @@ class ChatRun:
             pause_max=config.retry.retry_after_max,
         )
         self.breaker = CircuitBreaker(threshold=config.max_parallel)
+        self._refusals = RefusalWatch()
+        # Refused groups held while nothing is answered yet, with their refusal.
+        self._parked: list[tuple[list[Item], _Attempts]] = []
+        self._refused_fields: list[str] = []  # a stopping refusal's request body fields
         self._timeout = aiohttp.ClientTimeout(
             total=config.timeouts.total,
             sock_connect=config.timeouts.connect,
@@ -168,13 +192,15 @@ class ChatRun:
             ceil_threshold=float("inf"),
         )
         # Whether the endpoint's answers are bytes (vectors) or text: a cache look-up reads
-        # only that kind's table. Optional: endpoints without it store text.
-        self._binary = bool(getattr(self.endpoint, "binary_answers", False))
+        # only that kind's table.
+        self._binary = self.endpoint.binary_answers
         self._url = config.url(self.endpoint.path)
         self._headers = config.request_headers()
+        # Every text about a request that reaches a row, the report or an exception goes
+        # through it: a gateway may echo the key in any body, a 200's included.
+        self._redact = Redactor(self._url, self._headers)
         self._cache = CacheWriter(None, model=None)
-        # Keyed without the query, which may carry a secret (and Azure's api-version).
-        self._keys = RequestKeys(config.key_url(self.endpoint.path))
+        self._keys = request_keys(config, self.endpoint)
         # Cache key -> rows waiting for the same request, which is queued or in flight.
         self._pending: dict[bytes, list[int]] = {}
         self._group: list[Item] = []  # rows waiting to fill a request (max_items > 1)
@@ -231,7 +257,8 @@ class ChatRun:
             raise
         finally:
             self.stats.finished = time.monotonic()
-            self.stats.cost = self.budget.cost if self.budget.price(0, 0) is not None else None
+            self.stats.cost = self.budget.cost if self.budget.unit_price is not None else None
+            self.stats.cache_saved = _cache_saved(self.budget.unit_price, self.stats.cached_tokens)
             self.stats.limits = self.governor.learned()
             self._cache.close()  # commits what is still waiting for the timer
         if stopped_by is not None:
@@ -239,7 +266,9 @@ class ChatRun:
             # being handled drags the group along as its context, and IPython then shows
             # the whole chain instead of the one line RunAborted renders.
             raise RunAborted(
-                _abort_message(stopped_by), partial=self.results, cause=stopped_by
+                _abort_message(stopped_by, self._refused_fields),
+                partial=self.results,
+                cause=stopped_by,
             ) from stopped_by
         return [result if result is not None else SKIPPED for result in self.results]
 
@@ -323,9 +352,22 @@ class ChatRun:
         self, session: aiohttp.ClientSession, queue: asyncio.Queue[_Job | None]
     ) -> None:
         while (job := await queue.get()) is not None:
+            await self._refusals.wait_decided()
             indexes = [item.index for item in job.items]
             self._sending.update(indexes)
             await self._run_job(session, job.items)
+            self._sending.difference_update(indexes)
+        # Groups held while nothing was answered yet: decided now that no other work is left
+        # (each worker drains them as it finishes, so the last one sees every one).
+        while self._parked:
+            while self._refusals.deciding:  # one probe at a time, here too
+                await self._refusals.wait_decided()
+            if not self._parked:
+                break
+            items, failed = self._parked.pop()
+            indexes = [item.index for item in items]
+            self._sending.update(indexes)
+            await self._refused(session, items, failed, parked=True)
             self._sending.difference_update(indexes)
 
     async def _run_job(self, session: aiohttp.ClientSession, items: list[Item]) -> bool:
@@ -338,18 +380,8 @@ class ChatRun:
         try:
             parsed, attempts = await self._send(session, _Job(items))
         except _Attempts as failed:
-            if isinstance(failed.error, BadRequestError) and len(items) > 1:
-                # One bad input must not sink its neighbours: halve until it stands alone.
-                middle = len(items) // 2
-                first = await self._run_job(session, items[:middle])
-                second = await self._run_job(session, items[middle:])
-                if first and second:
-                    # Both halves went through: the server refused the request for its size
-                    # (a cap on inputs per request, or on its tokens), not for a row. Later
-                    # requests are no larger than the halves were.
-                    self._max_items = min(self._max_items, len(items) - middle)
-                    self.stats.items_per_request = self._max_items
-                return first and second
+            if isinstance(failed.error, BadRequestError):
+                return await self._refused(session, items, failed)
             for item in items:
                 self._settle_row(item, self._failed(failed.error, failed.attempts))
             return False
@@ -365,6 +397,88 @@ class ChatRun:
         for item, outcome in others:
             await self._settle_outcome(session, item, outcome, attempts)
         return True
+
+    async def _refused(
+        self,
+        session: aiohttp.ClientSession,
+        items: list[Item],
+        failed: _Attempts,
+        *,
+        parked: bool = False,
+    ) -> bool:
+        """A 400 for ``items``: the row fails, or the group is held, probed or halved, or the
+        run stops, as the refusal watch decides (see `RefusalWatch`)."""
+        error = failed.error
+        assert isinstance(error, BadRequestError)
+        if parked:  # already counted when it was held
+            verdict = Verdict.PROBE if self._refusals.armed else Verdict.BISECT
+            if verdict is Verdict.PROBE:
+                self._refusals.probing(True)
+        else:
+            verdict = self._refusals.refused(error, rows=len(items))
+        if verdict is Verdict.STOP:
+            self._stop_refused(items, failed)
+        if verdict is Verdict.PARK:
+            self._parked.append((items, failed))
+            return False
+        if verdict is Verdict.PROBE:
+            return await self._probe(session, items, failed)
+        if verdict is Verdict.BISECT:
+            return await self._bisect(session, items)
+        for item in items:
+            self._settle_row(item, self._failed(error, failed.attempts))
+        return False
+
+    async def _probe(
+        self, session: aiohttp.ClientSession, items: list[Item], failed: _Attempts
+    ) -> bool:
+        """Send rows of a refused group alone, every other request held, until one is
+        answered (the group was refused for a bad input or its size: the rest goes on) or
+        enough are refused alike that the run stops."""
+        try:
+            # The middle, then the ends: a bad input the server names by position is rarely
+            # at all three.
+            order = [len(items) // 2, 0, len(items) - 1]
+            order += [i for i in range(len(items)) if i not in order]
+            left = list(items)
+            for position in order:
+                if not self._refusals.armed:
+                    break
+                item = items[position]
+                left.remove(item)
+                await self._run_job(session, [item])
+        finally:
+            self._refusals.probing(False)
+        return await self._run_job(session, left) if left else False
+
+    async def _bisect(self, session: aiohttp.ClientSession, items: list[Item]) -> bool:
+        """A group refused after the run had answers: halve it until a bad input stands
+        alone, so that it does not sink its neighbours."""
+        middle = len(items) // 2
+        first = await self._run_job(session, items[:middle])
+        second = await self._run_job(session, items[middle:])
+        if first and second:
+            # Both halves went through: the server refused the request for its size (a cap
+            # on inputs per request, or on its tokens), not for a row. Later requests are
+            # no larger than the halves were.
+            self._max_items = min(self._max_items, len(items) - middle)
+            self.stats.items_per_request = self._max_items
+        return first and second
+
+    def _stop_refused(self, items: list[Item], failed: _Attempts) -> None:
+        """The run stops on a refusal: the refused rows (held ones too) say why, then raise."""
+        try:  # the fields of the refused body, for the message to name the one refused
+            body = json.loads(self.endpoint.payload(items[:1]))
+            self._refused_fields = list(body) if isinstance(body, dict) else []
+        except ValueError:
+            pass
+        for held, held_failure in [(items, failed), *self._parked]:
+            for item in held:
+                attempts = held_failure.attempts
+                error = _row_error(held_failure.error, attempts)
+                self._settle_row(item, RowResult(None, error, attempts))
+        self._parked.clear()
+        raise _Systemic(failed.error)  # type: ignore[arg-type]
 
     async def _settle_outcome(
         self, session: aiohttp.ClientSession, item: Item, outcome: Any, attempts: int
@@ -392,8 +506,9 @@ class ChatRun:
             if item is not first and item.key is not None:
                 self._cache.save_many([(item.key, outcome)])  # the re-ask, under its own key
             self._settle_answer(first, outcome, attempts)
-        else:
-            self._settle_row(first, RowResult(None, _row_error(outcome, attempts), attempts))
+        else:  # a refusal or a bad answer: its message quotes the reply
+            error = _row_error(self._redact.error(outcome), attempts)
+            self._settle_row(first, RowResult(None, error, attempts))
 
     def _settle_answer(self, item: Item, answer: Answer, attempts: int) -> None:
         self._settle_answers([(item, answer)], attempts)
@@ -437,8 +552,9 @@ class ChatRun:
             return await self._send_once(session, job), 1
         except _Systemic:
             raise
-        except Exception as first_error:
-            if self._reshaped(first_error, job):
+        except Exception as error:
+            first_error = self._explained(error, job)
+            if first_error is None:  # the endpoint asks differently now: at once, no retry
                 return await self._send(session, job)
             if not is_retryable(first_error) or GiveUp(self.config.retry).first(first_error):
                 raise _Attempts(first_error, 1) from first_error
@@ -460,8 +576,11 @@ class ChatRun:
             try:
                 return await self._send_once(session, job)
             except APIError as exc:
-                if not self._reshaped(exc, job):
+                explained = self._explained(exc, job)
+                if explained is exc:
                     raise
+                if explained is not None:
+                    raise explained from exc
             return await self._send_once(session, job)
 
         retrying = AsyncRetrying(
@@ -479,14 +598,12 @@ class ChatRun:
             raise _Attempts(exc, retrying.statistics.get("attempt_number", 1)) from exc
         return parsed, int(retrying.statistics.get("attempt_number", 1))
 
-    def _reshaped(self, error: Exception, job: _Job) -> bool:
-        """True when the endpoint changed its request shape after this error reply (a server
-        that refuses structured output's json_schema): send again at once, not as a retry."""
-        # Optional: only endpoints with more than one request shape have it.
-        reshape = getattr(self.endpoint, "reshape", None)
-        return (
-            isinstance(error, APIError) and reshape is not None and bool(reshape(error, job.items))
-        )
+    def _explained(self, error: Exception, job: _Job) -> Exception | None:
+        """The endpoint's reading of an error reply (`Endpoint.on_error_reply`): None when
+        it now sends the request another way (send again at once, not as a retry)."""
+        if isinstance(error, APIError):
+            return self.endpoint.on_error_reply(error, job.items)
+        return error
 
     def _failed(self, exc: Exception, attempts: int) -> RowResult:
         """The result of a row whose attempt number ``attempts`` failed with ``exc``."""
@@ -511,6 +628,7 @@ class ChatRun:
             raise
         self.stats.requests_sent += 1
         limits: ServerLimits | None = None
+        body = ""
         used: float | None = None
         congested = False
         pause: float | None = None
@@ -521,10 +639,12 @@ class ChatRun:
                 self.endpoint.payload(job.items),
                 headers=self._headers,
                 timeout=self._timeout,
+                redact=self._redact,
             )
             limits = reply.limits
             self.breaker.reached()
-            parsed = self.endpoint.parse(reply.text, job.items)
+            body = reply.text
+            parsed = self.endpoint.parse(body, job.items)
         except RateLimitError as exc:
             self.breaker.reached()
             self.stats.statuses["429"] += 1
@@ -548,9 +668,11 @@ class ChatRun:
         except Exception as exc:  # a 2xx that is not what the endpoint expects
             self.stats.statuses[type(exc).__name__] += 1
             used = self._spend(None, prompt_tokens, completion_tokens)
-            raise
+            # Its message quotes the body, which a gateway may have filled with our headers.
+            raise self._scrubbed(exc, body, job.items) from None
         else:
             self.stats.statuses["200"] += 1
+            self._refusals.answered()
             used = self._spend(parsed.usage, prompt_tokens, completion_tokens)
             return parsed
         finally:
@@ -564,6 +686,19 @@ class ChatRun:
                 congested=congested,
                 pause=pause,
             )
+
+    def _scrubbed(self, error: Exception, body: str, items: list[Item]) -> Exception:
+        """The error a 2xx body that is not an answer raises, with the request's secrets
+        scrubbed from the body before the parser quotes (and cuts) it: scrubbed after the
+        cut, a key cut in half would escape."""
+        clean = self._redact(body)
+        if clean != body:
+            try:
+                self.endpoint.parse(clean, items)
+            except Exception as again:  # the same failure, told from the scrubbed body
+                error = again
+        self._redact.error(error)
+        return error
 
     def _spend(
         self, usage: Mapping[str, Any] | None, prompt_reserved: float, completion_reserved: float
@@ -581,7 +716,8 @@ class ChatRun:
         self.stats.prompt_tokens += prompt
         self.stats.completion_tokens += completion
         self.stats.cached_tokens += cached or 0
-        self.budget.spend(prompt, completion)
+        self.stats.reasoning_tokens += reasoning_tokens(usage or {})
+        self.budget.spend(prompt, completion, cached or 0)
         return float(prompt + completion)
 
     def _shared_pause(self, exc: RateLimitError) -> float | None:
@@ -626,6 +762,14 @@ class ChatRun:
                 self.results[index] = in_flight if index in self._sending else waiting
 
 
+def _cache_saved(price: Price | None, cached_tokens: int) -> float | None:
+    """What the provider's prompt cache saved: cached tokens at the input price less the
+    cached-input price; None without a price."""
+    if price is None or not cached_tokens:
+        return None
+    return price.cost(cached_tokens, 0) - price.cost(cached_tokens, 0, cached_tokens)
+
+
 def _shared(result: RowResult) -> RowResult:
     return dataclasses.replace(result, attempts=0, source="duplicate")
 
@@ -641,17 +785,38 @@ def results_in_order(results: Sequence[RowResult | None]) -> list[RowResult]:
     return [r if r is not None else not_run for r in results]
 
 
-def _abort_message(error: NbToolkitError) -> str:
+def _abort_message(error: NbToolkitError, fields: Iterable[str] = ()) -> str:
+    """RunAborted's message: what stopped the run, and what to do (``fields``: the request
+    body's, for a refusal that names one without saying it is a parameter)."""
     if isinstance(error, AuthError):
-        advice = "check the API key (OPENAI_API_KEY or api_key=) and that it may use this model"
+        advice = (
+            "check the API key (api_key=, or the provider's variable: OPENAI_API_KEY, "
+            "ANTHROPIC_API_KEY, GOOGLE_API_KEY or GEMINI_API_KEY) and that it may use this model"
+        )
     elif isinstance(error, NotFoundError):
         advice = "check base_url (it usually ends in /v1) and the model name"
     elif isinstance(error, TransportError):
         advice = "check base_url and that the server is running"
+    elif isinstance(error, SchemaRefused):
+        advice = (
+            f"remove {error.keyword!r} from the schema (or the pydantic constraint behind it)"
+            if error.keyword
+            else "simplify the schema to what the provider's structured output takes"
+        ) + ", or pass structured='prompt' to send the schema in a message instead"
     elif isinstance(error, IgnoredParameter):
         advice = (
             "this model does not shorten its vectors; leave dimensions= out, or use a model "
             "that takes it (text-embedding-3-*)"
+        )
+    elif isinstance(error, BadRequestError):
+        parameter = refused_parameter(error, fields)
+        named = f" (parameter: {parameter!r})" if parameter else ""
+        return (
+            f"run stopped, every row would fail the same way: the server refused the first "
+            f"{REFUSALS_TO_STOP} requests with the same words and answered none: {error}"
+            f"{named}. What to do: the request itself is refused, not a row: check "
+            f"{repr(parameter) if parameter else 'the parameters'} (leave it out, or use a "
+            "model that takes it), the model name, and any params= or extra body fields."
         )
     else:
         advice = "the account is out of quota or credit; add credit or use another key"

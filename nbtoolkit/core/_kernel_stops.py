@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -61,6 +62,10 @@ def _recording_int_handler(signum: int, frame: Any) -> None:
 
 
 def _kernel() -> Any:
+    # A kernel has imported IPython long before us: a script that has not is not in one, and
+    # is spared IPython's import (half a second) at ``import nbtoolkit``.
+    if "IPython" not in sys.modules:
+        return None
     try:
         from IPython import get_ipython
     except ImportError:

@@ -23,7 +23,10 @@ Rate headers come in several families, all read by `ServerLimits.from_headers`:
 - ``X-RateLimit-Limit`` / ``-Remaining`` / ``-Reset`` (OpenRouter; the reset is an epoch
   timestamp in milliseconds);
 - the IETF ``RateLimit`` and ``RateLimit-Policy`` fields, in the ``limit=, remaining=,
-  reset=`` / ``50;w=1`` form and the structured ``"name";r=;t=`` / ``"name";q=;w=`` form.
+  reset=`` / ``50;w=1`` form and the structured ``"name";r=;t=`` / ``"name";q=;w=`` form;
+- ``anthropic-ratelimit-{requests,tokens,input-tokens}-{limit,remaining,reset}``
+  (Anthropic; the reset an RFC 3339 time; limits per minute, as Anthropic documents them,
+  so the window is stated rather than learned).
 
 The window a limit counts over is read, not assumed: a stated window (``w=``) wins; else
 the refill rate follows from the count used and the time until the budget is full again
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import math
 import re
 import time
@@ -79,11 +83,25 @@ def parse_reset(text: str, *, now: float | None = None) -> float | None:
         now: the wall clock (``time.time()``) to measure a timestamp from.
     """
     seconds = parse_duration(text)
+    if seconds is None and "T" in text:
+        return _rfc3339_seconds(text, now)
     if seconds is None or seconds < _EPOCH_SECONDS:
         return seconds
     wall = time.time() if now is None else now
     stamp = seconds / 1000.0 if seconds >= _EPOCH_MILLIS else seconds
     return max(0.0, stamp - wall)
+
+
+def _rfc3339_seconds(text: str, now: float | None) -> float | None:
+    """An RFC 3339 time (Anthropic's resets: ``2026-12-07T01:40:05Z``) as seconds from now."""
+    try:
+        when = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        return None
+    wall = time.time() if now is None else now
+    return max(0.0, when.timestamp() - wall)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +120,8 @@ class ServerLimits:
     reset_tokens: float | None = None
     window_requests: float | None = None  # seconds, when stated
     window_tokens: float | None = None
-    family: str = "x-ratelimit"  # which headers said it: "x-ratelimit", "openrouter", "ietf"
+    # Which headers said it: "x-ratelimit", "openrouter", "ietf" or "anthropic".
+    family: str = "x-ratelimit"
 
     @classmethod
     def from_headers(
@@ -116,6 +135,8 @@ class ServerLimits:
         if not any(_RATE_HEADER.match(name) for name in headers):
             return None  # most local servers send none: one pass over the names
         lowered = {name.lower(): value for name, value in headers.items()}
+        if any(name.startswith("anthropic-ratelimit-") for name in lowered):
+            return _anthropic(lowered, now)
         if any(f"x-ratelimit-{f}-{k}" in lowered for f in _FIELDS for k in _KINDS):
             return _x_ratelimit(lowered, now)
         if "x-ratelimit-remaining" in lowered or "x-ratelimit-limit" in lowered:
@@ -128,7 +149,7 @@ class ServerLimits:
         return _ietf(lowered, now)
 
 
-_RATE_HEADER = re.compile(r"(?i)x-ratelimit-|ratelimit")
+_RATE_HEADER = re.compile(r"(?i)x-ratelimit-|ratelimit|anthropic-ratelimit-")
 _FIELDS = ("limit", "remaining", "reset")
 _KINDS = ("requests", "tokens")
 
@@ -161,6 +182,39 @@ def _x_ratelimit(headers: Mapping[str, str], now: float | None) -> ServerLimits 
         return None
     limit_r, remaining_r, reset_r, limit_t, remaining_t, reset_t = values
     return ServerLimits(limit_r, remaining_r, reset_r, limit_t, remaining_t, reset_t)
+
+
+# Anthropic states its limits per minute (and refills continuously): the window is known.
+_ANTHROPIC_WINDOW = 60.0
+
+
+def _anthropic(headers: Mapping[str, str], now: float | None) -> ServerLimits | None:
+    def read(kind: str) -> tuple[float | None, float | None, float | None]:
+        prefix = f"anthropic-ratelimit-{kind}-"
+        return (
+            _number(headers.get(prefix + "limit")),
+            _number(headers.get(prefix + "remaining")),
+            _reset(headers.get(prefix + "reset"), now),
+        )
+
+    limit_r, remaining_r, reset_r = read("requests")
+    # "tokens" is the most restrictive of the token limits; older replies name input tokens.
+    limit_t, remaining_t, reset_t = read("tokens")
+    if limit_t is None and remaining_t is None:
+        limit_t, remaining_t, reset_t = read("input-tokens")
+    if all(v is None for v in (limit_r, remaining_r, limit_t, remaining_t)):
+        return None
+    return ServerLimits(
+        limit_r,
+        remaining_r,
+        reset_r,
+        limit_t,
+        remaining_t,
+        reset_t,
+        window_requests=_ANTHROPIC_WINDOW if limit_r else None,
+        window_tokens=_ANTHROPIC_WINDOW if limit_t else None,
+        family="anthropic",
+    )
 
 
 def _items(text: str) -> list[tuple[str, dict[str, str]]]:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import email.utils
 import json
 import random
+import re
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from tenacity import RetryCallState, wait_exponential
 
@@ -24,12 +26,17 @@ from nbtoolkit.errors import (
     MalformedResponse,
     NotFoundError,
     RateLimitError,
+    SchemaRefused,
     ServerError,
     TransportError,
 )
 
 # Error codes in a 429's body that no amount of waiting fixes.
 _QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "billing_not_active"})
+# Google's error bodies (google.rpc.Status, as the Gemini API sends them) put their details
+# in typed entries: the quota hit, when to retry, and why a request was refused.
+_GOOGLE_TYPE = "type.googleapis.com/google.rpc."
+_GOOGLE_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)s\s*$")
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -41,19 +48,64 @@ def is_retryable(exc: BaseException) -> bool:
 
 def is_systemic(exc: BaseException) -> bool:
     """True when this error will hit every row alike: a bad key, a wrong URL or model, no quota."""
-    if isinstance(exc, AuthError | NotFoundError | IgnoredParameter):
+    if isinstance(exc, AuthError | NotFoundError | IgnoredParameter | SchemaRefused):
         return True
     return isinstance(exc, RateLimitError) and is_quota_exhausted(exc)
 
 
 def is_quota_exhausted(exc: APIError) -> bool:
-    """A 429 whose body says the account is out of credit, not merely going too fast."""
+    """A 429 whose body says the account is out of credit, not merely going too fast.
+
+    Gemini's daily quotas count here too: a ``QuotaFailure`` whose quota is per day
+    (``...PerDay...``) would answer every retry with the same 429 until midnight Pacific.
+    """
+    if any("PerDay" in quota for quota in google_quotas(exc.body)):
+        return True
     try:
         error = json.loads(exc.body)["error"]
         codes = {str(error.get("code")), str(error.get("type"))}
     except (ValueError, KeyError, TypeError, AttributeError):
         return False
     return bool(codes & _QUOTA_CODES)
+
+
+def google_details(body: str) -> list[dict[str, Any]]:
+    """The typed ``details`` of a Google error body (``{"error": {"details": [...]}}``)."""
+    try:
+        details = json.loads(body)["error"]["details"]
+    except (ValueError, KeyError, TypeError):
+        return []
+    return [d for d in details if isinstance(d, dict)] if isinstance(details, list) else []
+
+
+def google_quotas(body: str) -> list[str]:
+    """The quota ids a Google 429 names (``GenerateRequestsPerDayPerProjectPerModel``, ...)."""
+    return [
+        str(violation.get("quotaId", ""))
+        for detail in google_details(body)
+        if detail.get("@type") == _GOOGLE_TYPE + "QuotaFailure"
+        for violation in detail.get("violations") or ()
+        if isinstance(violation, dict)
+    ]
+
+
+def google_retry_delay(body: str) -> float | None:
+    """The wait a Google error body asks for (``RetryInfo.retryDelay``, e.g. ``"24s"``)."""
+    for detail in google_details(body):
+        if detail.get("@type") == _GOOGLE_TYPE + "RetryInfo":
+            match = _GOOGLE_DURATION.match(str(detail.get("retryDelay", "")))
+            if match:
+                return float(match.group(1))
+    return None
+
+
+def google_rejects_key(body: str) -> bool:
+    """A Google 400 that is a bad API key (``ErrorInfo.reason``), which Gemini sends as 400."""
+    return any(
+        detail.get("@type") == _GOOGLE_TYPE + "ErrorInfo"
+        and str(detail.get("reason", "")).startswith("API_KEY_")
+        for detail in google_details(body)
+    )
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:

@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,10 +24,11 @@ class ChatRequest:
 class RowError:
     """Why a row has no answer.
 
-    ``kind`` is the exception class name (``RateLimitError``, ``RequestTimeout``, ...) or
-    one of `NOT_SENT_KINDS`: ``skipped`` (nothing to send: empty prompt), ``not_run`` (the
-    run stopped first), ``cancelled`` (in flight when the run stopped) and ``over_budget``
-    (``max_cost`` / ``max_tokens_total`` was reached first).
+    ``kind`` is the exception class name (``RateLimitError``, ``RequestTimeout``, ...), one
+    of `NOT_SENT_KINDS`: ``skipped`` (nothing to send: empty prompt), ``not_run`` (the
+    run stopped first), ``cancelled`` (in flight when the run stopped, or its batch was
+    cancelled first) and ``over_budget`` (``max_cost`` / ``max_tokens_total`` was reached
+    first), or one of `BATCH_KINDS`, what a Batch API job says of a line it did not answer.
     """
 
     kind: str
@@ -37,6 +38,18 @@ class RowError:
 
 
 NOT_SENT_KINDS = frozenset({"skipped", "not_run", "cancelled", "over_budget"})
+BATCH_KINDS = frozenset(
+    {
+        "BatchExpired",  # the batch's 24 h window closed before the line ran
+        "BatchLineError",  # the line got no reply, only an error (``code: message``)
+        "BatchFailed",  # the whole batch failed the server's validation
+        "BatchLineMissing",  # the batch ended with no result for the line
+    }
+)
+# Where a row's answer came from: a request of this run, the response cache, an identical
+# row of the same run, or a Batch API job's result file.
+Source = Literal["api", "cache", "duplicate", "batch"]
+SOURCES: frozenset[str] = frozenset(get_args(Source))
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +62,7 @@ class RowResult:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached_tokens: int | None = None  # prompt tokens the server served from its prompt cache
-    source: str = "api"  # "api", "cache" (answered from the response cache) or "duplicate"
+    source: Source = "api"  # see `Source`
     # What the row's column gets: the text for chat, a vector for embeddings, the checked
     # fields for structured output; None without an answer.
     value: Any = None
@@ -85,6 +98,8 @@ class RunStats:
     prompt_tokens: int = 0  # as billed: requests actually sent, not cache hits
     completion_tokens: int = 0
     cached_tokens: int = 0
+    cache_saved: float | None = None  # what the prompt cache saved, at the price table's rates
+    reasoning_tokens: int = 0  # part of completion_tokens: billed as output, never shown
     cost: float | None = None  # in the price table's currency; None without prices
     started: float = 0.0
     finished: float = 0.0

@@ -20,33 +20,31 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib.abc
-import importlib.machinery
 import inspect
 import pickle
 import sys
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
 import pandas as pd
 
 from nbtoolkit.config import ChatConfig
 from nbtoolkit.core._engine import RUN_CREATED, ChatRun, results_in_order
+from nbtoolkit.core._pricing import format_money
 from nbtoolkit.core._rows import RunStats
 from nbtoolkit.core._runner import run_sync
 from nbtoolkit.dask._lease import Lease, LeasedGovernor, LocalTransport, RowCounter, connect
 from nbtoolkit.errors import RunAborted
 from nbtoolkit.frame import _report as _report
-from nbtoolkit.frame._accessor import _ChatAccessorBase, run_settings
+from nbtoolkit.frame._accessor import _ChatAccessorBase
+from nbtoolkit.frame._estimate import check_pilot
+from nbtoolkit.frame._options import RUN_OPTIONS, RunOptions
 from nbtoolkit.frame._report import rows_frame
 
-# The run options `run_settings` turns into a ChatConfig on the client, once per call.
-RUN_OPTIONS = frozenset(inspect.signature(run_settings).parameters) - {"params"}
 # Failed rows kept per partition in its report: the reasons stay readable without the
 # report of a 20-million-row run growing with its failures.
 MAX_ERRORS_PER_PARTITION = 10_000
@@ -114,7 +112,7 @@ class DaskRunReport:
         stats = self.stats
         rows = ", ".join(f"{n} {status}" for status, n in sorted(self.rows.items()))
         statuses = ", ".join(f"{key}: {n}" for key, n in sorted(stats.statuses.items()))
-        cost = f", cost {stats.cost:.4f}" if stats.cost is not None else ""
+        cost = f", cost {format_money(stats.cost)}"  # None: "price unknown", never $0
         return (
             f"{self.outcome}: {rows or 'no rows'} in {len(self.partitions)} partitions; "
             f"{stats.requests_sent} requests ({statuses or 'none'}), {stats.cache_hits} cache "
@@ -168,10 +166,19 @@ class DaskChatAccessor:
 
 
 def lazy_method(collection: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """``collection.map_partitions`` of the pandas accessor's ``method``, with its meta."""
+    """``collection.map_partitions`` of the pandas accessor's ``method``, with its meta;
+    with ``dry_run=True``, the pandas method's `CostEstimate` for the whole collection."""
     kwargs = dict(kwargs)
+    dry, pilot = kwargs.pop("dry_run", False), kwargs.pop("pilot", None)
     options = {name: kwargs.pop(name, None) for name in RUN_OPTIONS}
-    config = run_settings(**options, params={}).resolved()
+    if dry or pilot is not None:
+        check_pilot(pilot, dry)
+        # Counted on the client: the rows' text is read once, and nothing else is sent.
+        given = {name: value for name, value in options.items() if value is not None}
+        frame = collection.compute()
+        return getattr(frame.chat, method)(*args, **kwargs, **given, dry_run=True, pilot=pilot)
+    # The run options become a ChatConfig on the client, once per call.
+    config = RunOptions(**options).settings({}, method=method).resolved()
     if config.cache_path is not None:
         # Resolved here, so every worker on this machine uses the file the client would.
         config = dataclasses.replace(config, cache=str(config.cache_path.absolute()))
@@ -337,54 +344,3 @@ def _combine(run: str, fetched: dict[str, Any]) -> DaskRunReport:
         errors=pd.concat(errors) if errors else parts[0].errors.iloc[:0],
         peak_slots=int(fetched["peak_held"]),
     )
-
-
-def register() -> None:
-    """Register ``ddf.chat`` now if dask.dataframe is loaded, else as soon as it is.
-
-    Importing dask.dataframe costs over a second, so ``import nbtoolkit`` never does it
-    itself; a finder on ``sys.meta_path`` registers the accessor after dask's own import.
-    """
-    if "dask.dataframe" in sys.modules:
-        _register_now()
-    elif not any(isinstance(f, _AfterDaskImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterDaskImport())
-
-
-def _register_now() -> None:
-    try:
-        from dask.dataframe.extensions import (
-            register_dataframe_accessor,
-            register_series_accessor,
-        )
-    except ImportError:  # dask without its dataframe extra: nothing to register on
-        return
-    import warnings
-
-    with warnings.catch_warnings():  # re-registering on reload is fine
-        warnings.simplefilter("ignore")
-        register_dataframe_accessor("chat")(DaskChatAccessor)  # type: ignore[no-untyped-call]
-        register_series_accessor("chat")(DaskChatAccessor)  # type: ignore[no-untyped-call]
-
-
-class _AfterDaskImport(importlib.abc.MetaPathFinder):
-    """Runs `_register_now` right after ``dask.dataframe`` has been imported."""
-
-    def find_spec(
-        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != "dask.dataframe":
-            return None
-        sys.meta_path.remove(self)  # once: the real finders do the finding
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return spec
-        loader = spec.loader
-        execute: Callable[[ModuleType], None] = loader.exec_module
-
-        def exec_module(module: ModuleType) -> None:
-            execute(module)
-            _register_now()
-
-        loader.exec_module = exec_module  # type: ignore[method-assign]
-        return spec

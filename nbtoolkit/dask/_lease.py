@@ -81,7 +81,7 @@ class SchedulerTransport:
         # idempotent: the first partition to get here installs it, the rest leave it be
         # (a second install would replace the ledger and forget who holds what).
         register = self._on_worker_loop(self._worker.scheduler.register_scheduler_plugin)
-        plugin = dumps(LedgerPlugin())  # type: ignore[no-untyped-call]
+        plugin = dumps(ledger_plugin_class()())  # type: ignore[no-untyped-call]
         await register(plugin=plugin, name=PLUGIN_NAME, idempotent=True)
         self._installed.add(address)
 
@@ -105,30 +105,46 @@ def connect() -> Transport:
         return LocalTransport()
 
 
-def _plugin_base() -> type:
-    try:
-        from distributed.diagnostics.plugin import SchedulerPlugin
+def __getattr__(name: str) -> Any:
+    """``LedgerPlugin``, made on first use: its base class is in ``distributed``.
 
-        return SchedulerPlugin
-    except ImportError:  # pragma: no cover - the plugin is only made where distributed is
-        return object
+    ``import nbtoolkit`` must not import ``distributed`` (a second); the scheduler unpickles
+    the plugin by this name, which lands here too.
+    """
+    if name == "LedgerPlugin":
+        return ledger_plugin_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class LedgerPlugin(_plugin_base()):  # type: ignore[misc]
-    """Keeps a `SlotLedger` on the scheduler, answers partitions, frees a dead worker's slots."""
+def ledger_plugin_class() -> type:
+    """The scheduler plugin class (``LedgerPlugin``), made once, on the first call."""
+    if (made := globals().get("LedgerPlugin")) is not None:
+        return made  # type: ignore[no-any-return]
+    from distributed.diagnostics.plugin import SchedulerPlugin
 
-    idempotent = True
-    name = PLUGIN_NAME
+    # Typed as Any, as before: its start() is sync here, which distributed also accepts.
+    base: Any = SchedulerPlugin
 
-    def __init__(self) -> None:
-        self.ledger = SlotLedger()
+    class LedgerPlugin(base):  # type: ignore[misc]
+        """Keeps a `SlotLedger` on the scheduler; frees a dead worker's slots."""
 
-    def start(self, scheduler: Any) -> None:
-        for op in ("sync", "leave", "abort", "report", "reports"):
-            scheduler.handlers[f"nbtoolkit_{op}"] = getattr(self.ledger, op)
+        idempotent = True
+        name = PLUGIN_NAME
 
-    def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
-        self.ledger.drop_worker(worker)
+        def __init__(self) -> None:
+            self.ledger = SlotLedger()
+
+        def start(self, scheduler: Any) -> None:
+            for op in ("sync", "leave", "abort", "report", "reports"):
+                scheduler.handlers[f"nbtoolkit_{op}"] = getattr(self.ledger, op)
+
+        def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+            self.ledger.drop_worker(worker)
+
+    LedgerPlugin.__module__ = __name__
+    LedgerPlugin.__qualname__ = "LedgerPlugin"  # pickled by name: module.LedgerPlugin
+    globals()["LedgerPlugin"] = LedgerPlugin
+    return LedgerPlugin
 
 
 class Lease:

@@ -15,8 +15,10 @@ import pandas as pd
 
 from nbtoolkit.config import ChatConfig
 from nbtoolkit.core._rows import RowResult
+from nbtoolkit.core.endpoints import _providers as providers
+from nbtoolkit.core.endpoints._base import Endpoint
 from nbtoolkit.core.endpoints._schema import Field, StructuredSchema, label_schema, normalise
-from nbtoolkit.core.endpoints._structured import STRUCTURED_CHOICES, StructuredEndpoint
+from nbtoolkit.core.endpoints._structured import STRUCTURED_CHOICES
 from nbtoolkit.errors import ConfigError
 
 DEFAULT_LABEL_COLUMN = "label"
@@ -67,8 +69,8 @@ def structured_endpoint(
     *,
     structured: str,
     validation_retries: int,
-) -> StructuredEndpoint:
-    """The endpoint of one run, its options checked.
+) -> Endpoint:
+    """The endpoint of one run (its provider's), its options checked.
 
     Raises:
         ConfigError: an unknown ``structured`` shape, a negative ``validation_retries``.
@@ -83,13 +85,11 @@ def structured_endpoint(
         or validation_retries < 0
     ):
         raise ConfigError(f"validation_retries= must be an int >= 0; got {validation_retries!r}")
-    resolved = settings.resolved()
-    return StructuredEndpoint(
-        {"model": resolved.model, **resolved.params},
+    return providers.structured_endpoint(
+        settings.resolved(),
         schema,
         structured=structured,  # type: ignore[arg-type]  # checked just above
         validation_retries=validation_retries,
-        base_url=str(resolved.base_url),
     )
 
 

@@ -6,6 +6,7 @@ interrupted, so the reason a row failed is one line away without re-running anyt
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from typing import Any
 
 import pandas as pd
 
+from nbtoolkit.core._costestimate import CostEstimate
+from nbtoolkit.core._pricing import PRICE_UNKNOWN, Price, format_money
 from nbtoolkit.core._rows import NOT_SENT_KINDS, RowResult, RunStats
 
 ROW_COLUMNS = [
@@ -25,6 +28,7 @@ ROW_COLUMNS = [
     "prompt_tokens",  # as the server reported them when the answer was bought
     "completion_tokens",
     "cached_tokens",  # prompt tokens the server's own prompt cache served
+    "cost",  # what this row cost in this run (0 from the cache); NaN: price unknown
 ]
 
 
@@ -38,12 +42,35 @@ class RunReport:
         rows: one row per input row, same index and order, columns ``ROW_COLUMNS``.
         stats: requests sent, retries, statuses seen, wall time.
         outcome: "finished", "aborted" or "interrupted".
+        notes: lines an operator adds to the summary (its stages, what decided the rows).
+        price: the model's price the costs were figured at; None: "price unknown".
+        estimate: the dry run's estimate this run started from, if there was one.
     """
 
     output: Any
     rows: pd.DataFrame
     stats: RunStats
     outcome: str
+    notes: tuple[str, ...] = ()
+    price: Price | None = None
+    estimate: CostEstimate | None = None
+
+    @property
+    def cost(self) -> float | None:
+        """What the run cost, with the pilot of its estimate (None: price unknown)."""
+        if self.stats.cost is None:
+            return None
+        pilot = self.estimate.pilot if self.estimate is not None else None
+        return self.stats.cost + (pilot.cost or 0.0 if pilot is not None else 0.0)
+
+    @property
+    def estimate_error(self) -> float | None:
+        """How far the dry run's expected cost was from what the run cost: +0.05 is an
+        estimate 5% too high; None without an estimate or a price."""
+        cost = self.cost
+        if self.estimate is None or self.estimate.cost is None or not cost:
+            return None
+        return self.estimate.cost.expected / cost - 1
 
     @property
     def errors(self) -> pd.DataFrame:
@@ -64,24 +91,60 @@ class RunReport:
             if counts.get(name, 0):
                 parts.append(f"{counts[name]} {name}")
         statuses = ", ".join(f"{key}: {n}" for key, n in sorted(stats.statuses.items()))
-        cost = f", cost {stats.cost:.4f}" if stats.cost is not None else ""
+        cost = f", cost {self._cost_text()}"
         capped = stats.items_per_request
         cap = f" (cut to {capped} rows each: the server refused larger ones)" if capped else ""
+        notes = "".join(f"\n{note}" for note in self.notes)
         return (
             f"{self.outcome}: {', '.join(parts)}; {stats.requests_sent} requests "
             f"({statuses or 'none'}){cap}, {stats.cache_hits} cache hits, "
             f"{stats.duplicates} duplicates, {stats.retries} retries, "
             f"{stats.statuses.get('429', 0)} rate-limited; "
-            f"{stats.prompt_tokens + stats.completion_tokens:,} tokens{cost}; "
-            f"{stats.wall_seconds:.1f} s"
+            f"{stats.prompt_tokens + stats.completion_tokens:,} tokens{_cached(stats)}{cost}; "
+            f"{stats.wall_seconds:.1f} s{self._estimate_text()}{notes}"
+        )
+
+    def _cost_text(self) -> str:
+        stats = self.stats
+        if stats.cost is None:
+            return PRICE_UNKNOWN
+        text = format_money(stats.cost)
+        price = self.price
+        if price is None:  # a report put together from other runs' (an operator's stages)
+            return text
+        if self.rows["source"].eq("batch").any():
+            text += f" (Batch price, {price.batch_discount:g} of the list price)"
+        return text
+
+    def _estimate_text(self) -> str:
+        estimate, error = self.estimate, self.estimate_error
+        if estimate is None or estimate.cost is None or error is None:
+            return ""
+        span = estimate.cost
+        high = "no bound" if span.high is None else format_money(span.high)
+        inside = "inside" if span.contains(self.cost or 0.0) else "outside"
+        return (
+            f"; estimated ~{format_money(span.expected)} ({format_money(span.low)} to {high}), "
+            f"cost {format_money(self.cost)} with the pilot: {error:+.0%}, {inside} the range"
         )
 
     def __repr__(self) -> str:
         return f"<RunReport {self.summary()}>"
 
 
-def rows_frame(results: Sequence[RowResult], index: pd.Index) -> pd.DataFrame:
-    """Per-row outcomes as a frame with the caller's index (duplicates and MultiIndex kept)."""
+def _cached(stats: RunStats) -> str:
+    """`` (1,234 cached, saved 0.0123)``: prompt tokens the provider's prompt cache served."""
+    if not stats.cached_tokens:
+        return ""
+    saved = f", saved {stats.cache_saved:.4f}" if stats.cache_saved is not None else ""
+    return f" ({stats.cached_tokens:,} cached{saved})"
+
+
+def rows_frame(
+    results: Sequence[RowResult], index: pd.Index, price: Price | None = None
+) -> pd.DataFrame:
+    """Per-row outcomes as a frame with the caller's index (duplicates and MultiIndex kept);
+    ``price`` gives each row's cost (NaN for every row without one)."""
     errors = [r.error for r in results]
     columns: dict[str, pd.Series] = {
         "status": _objects(
@@ -103,8 +166,26 @@ def rows_frame(results: Sequence[RowResult], index: pd.Index) -> pd.DataFrame:
             [r.completion_tokens for r in results], index=index, dtype="Int64"
         ),
         "cached_tokens": pd.Series([r.cached_tokens for r in results], index=index, dtype="Int64"),
+        "cost": pd.Series([_row_cost(r, price) for r in results], index=index, dtype="float64"),
     }
     return pd.DataFrame(columns, index=index)
+
+
+def _row_cost(result: RowResult, price: Price | None) -> float:
+    """What a row cost in this run: its tokens if it was sent (Batch at its discount), 0 for
+    an answer from the cache or a duplicate, NaN without a price."""
+    if price is None:
+        return math.nan
+    if result.source not in ("api", "batch") or result.attempts == 0:
+        return 0.0
+    if result.prompt_tokens is None and result.completion_tokens is None:
+        return 0.0
+    return price.cost(
+        result.prompt_tokens or 0,
+        result.completion_tokens or 0,
+        result.cached_tokens or 0,
+        batch=result.source == "batch",
+    )
 
 
 def _objects(values: list[Any], index: pd.Index) -> pd.Series:

@@ -28,37 +28,36 @@ that finds them short gets a 429 and takes no action and no attempt number, so f
 reproducible however the limiter interleaves.
 """
 
-from nbtoolkit.testing._embeddings import expected_vector
-from nbtoolkit.testing._server import (
-    HEADER_FAMILIES,
-    BatchBehaviour,
-    ChatServer,
-    EmbeddingBehaviour,
-    FaultRates,
-    HeaderFamily,
-    Malformed,
-    RateLimit,
-    RecordedRequest,
-    Reply,
-    Reset,
-    Stall,
-    Status,
-    StructuredFaults,
-    schema_instance,
-)
+from nbtoolkit.testing._actions import Echo, FaultRates, Malformed, Reply, Reset, Stall, Status
+from nbtoolkit.testing._anthropic import AnthropicServer
+from nbtoolkit.testing._batch import BatchBehaviour
+from nbtoolkit.testing._embeddings import EmbeddingBehaviour, expected_vector
+from nbtoolkit.testing._gemini import GeminiServer
+from nbtoolkit.testing._lengths import CompletionLengths
+from nbtoolkit.testing._ratelimit import HEADER_FAMILIES, HeaderFamily, RateLimit
+from nbtoolkit.testing._scripted import RecordedRequest, ScriptedServer
+from nbtoolkit.testing._semantic import SemanticRules
+from nbtoolkit.testing._server import ChatServer
+from nbtoolkit.testing._structured import StructuredFaults, schema_instance
 
 __all__ = [
     "HEADER_FAMILIES",
+    "AnthropicServer",
     "BatchBehaviour",
     "ChatServer",
+    "CompletionLengths",
+    "Echo",
     "EmbeddingBehaviour",
     "FaultRates",
+    "GeminiServer",
     "HeaderFamily",
     "Malformed",
     "RateLimit",
     "RecordedRequest",
     "Reply",
     "Reset",
+    "ScriptedServer",
+    "SemanticRules",
     "Stall",
     "Status",
     "StructuredFaults",

@@ -1,6 +1,7 @@
 """The OpenAI Batch API for `nbtoolkit.testing._server.ChatServer`: files, batches, and their life.
 
-Routes (under ``/v1``, each demanding the server's API key like the chat route)::
+Routes (under ``/v1``, ``/openai/v1`` and ``/openai``, each demanding the server's API key
+like the chat route)::
 
     POST /files                 multipart: purpose=batch, file=<JSONL>
     GET  /files/{id}/content    the file's bytes
@@ -19,12 +20,14 @@ and an ``error``), into the error file.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import hashlib
 import itertools
 import json
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +36,7 @@ from aiohttp import BodyPartReader, web
 # Builds a chat completion body (JSON text) from (model, messages, answer text).
 CompletionMaker = Callable[[Any, list[dict[str, Any]], str], str]
 Responder = Callable[[list[dict[str, Any]], dict[str, Any]], str]
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _EXPIRED = "This request could not be executed before the completion window expired."
 _MAX_UPLOAD = 256 * 1024 * 1024
@@ -58,6 +62,13 @@ class BatchBehaviour:
     fail_validation: bool = False  # every batch fails validation
     shuffle: bool = True  # output lines in a random order, as the real API may
     seed: int = 0
+    upload_delay: float = 0.0  # seconds an upload waits before its reply (a slow link)
+    # Uploads get a 400 whose message echoes the request's URL and headers, as some
+    # gateways' errors do: the client must scrub them before anyone sees the message.
+    refuse_uploads: bool = False
+    # Route ("upload", "content", "create", "status", "cancel") -> the statuses its first
+    # calls get, in order, before it answers normally: 429 (with Retry-After: 0), 5xx, ...
+    statuses: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fail_rate <= 1.0:
@@ -92,8 +103,10 @@ class _Batch:
 class BatchAPI:
     """Files and batches of one ChatServer; only touched on the server's loop.
 
-    Counters for tests: `uploads`, `batches_created`, `cancels`, `downloads`, and
-    `lines_run` (prompt -> times a batch line with that prompt was answered).
+    Counters for tests: `uploads`, `batches_created`, `cancels`, `downloads`, `calls`
+    (requests per route, scripted failures included),
+    `lines_run` (prompt -> times a batch line with that prompt was answered), and
+    `headers_seen` / `queries_seen` (one dict per request).
     """
 
     def __init__(
@@ -119,21 +132,55 @@ class BatchAPI:
         self.cancels = 0
         self.downloads = 0
         self.lines_run: dict[str, int] = {}
+        self.headers_seen: list[dict[str, str]] = []  # per Batch API request, in order
+        self.calls: collections.Counter[str] = collections.Counter()  # requests per route
+        self._failed: collections.Counter[str] = collections.Counter()  # scripted ones sent
+        self.queries_seen: list[dict[str, str]] = []
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_post("/v1/files", self._upload)
-        app.router.add_get("/v1/files/{id}/content", self._content)
-        app.router.add_post("/v1/batches", self._create)
-        app.router.add_get("/v1/batches/{id}", self._get)
-        app.router.add_post("/v1/batches/{id}/cancel", self._cancel)
+        """The routes, under ``/v1`` and ``/openai/v1`` (OpenAI, Azure's v1 API) and under
+        ``/openai`` (an Azure resource, where ``api-version`` is required)."""
+        routes = (
+            ("upload", "POST", "/files", self._upload),
+            ("content", "GET", "/files/{id}/content", self._content),
+            ("create", "POST", "/batches", self._create),
+            ("status", "GET", "/batches/{id}", self._get),
+            ("cancel", "POST", "/batches/{id}/cancel", self._cancel),
+        )
+        for prefix in ("/v1", "/openai/v1", "/openai"):
+            for name, method, path, handler in routes:
+                app.router.add_route(method, prefix + path, self._guarded(name, handler, prefix))
+
+    def _guarded(self, name: str, handler: _Handler, prefix: str) -> _Handler:
+        """``handler`` behind the key check and the scripted statuses, recording the call."""
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            self.calls[name] += 1
+            self.headers_seen.append(dict(request.headers))
+            self.queries_seen.append(dict(request.query))
+            if not self._authorized(request):
+                return self._auth_error()
+            if prefix == "/openai" and not request.query.get("api-version"):
+                return _not_found("route: Azure resource URLs need an api-version")
+            scripted = self.behaviour.statuses.get(name, ())
+            if self._failed[name] < len(scripted):
+                status = scripted[self._failed[name]]
+                self._failed[name] += 1
+                return _status(status)
+            if name == "upload" and self.behaviour.upload_delay:
+                await asyncio.sleep(self.behaviour.upload_delay)
+            return await handler(request)
+
+        return guarded
 
     def release(self) -> None:
         """Let held batches finish (see ``BatchBehaviour.hold``); safe from any thread."""
         self._released = True
 
     async def _upload(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return self._auth_error()
+        if self.behaviour.refuse_uploads:
+            echoed = f"{request.path_qs} with headers {dict(request.headers)}"
+            return _invalid(f"upload refused: {echoed}")
         purpose, content, name = "", b"", "upload.jsonl"
         # aiohttp caps a request body at 1 MB; a batch file may hold 200 MB.
         reader = await request.clone(client_max_size=_MAX_UPLOAD).multipart()
@@ -161,8 +208,6 @@ class BatchAPI:
         )
 
     async def _content(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return self._auth_error()
         content = self.files.get(request.match_info["id"])
         if content is None:
             return _not_found("file")
@@ -170,8 +215,6 @@ class BatchAPI:
         return web.Response(body=content, content_type="application/octet-stream")
 
     async def _create(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return self._auth_error()
         try:
             body = json.loads(await request.read())
             file_id, endpoint = body["input_file_id"], body["endpoint"]
@@ -197,8 +240,6 @@ class BatchAPI:
         return web.json_response(self._view(batch))
 
     async def _get(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return self._auth_error()
         batch = self.batches.get(request.match_info["id"])
         if batch is None:
             return _not_found("batch")
@@ -206,8 +247,6 @@ class BatchAPI:
         return web.json_response(self._view(batch))
 
     async def _cancel(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return self._auth_error()
         batch = self.batches.get(request.match_info["id"])
         if batch is None:
             return _not_found("batch")
@@ -418,6 +457,12 @@ def _last_user_text(messages: list[Any]) -> str:
 def _invalid(message: str) -> web.Response:
     error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
     return web.json_response({"error": error}, status=400)
+
+
+def _status(status: int) -> web.Response:
+    error = {"message": f"scripted status {status}", "type": "server_error", "code": None}
+    headers = {"Retry-After": "0"} if status == 429 else {}
+    return web.json_response({"error": error}, status=status, headers=headers)
 
 
 def _not_found(what: str) -> web.Response:

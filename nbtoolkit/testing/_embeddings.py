@@ -1,8 +1,9 @@
 """The test server's ``POST /v1/embeddings``: deterministic vectors, shuffled order, bad inputs.
 
-`ChatServer` routes embedding requests here. They meet the same machinery as chat: the API
-key, the model list, the `RateLimit` buckets, scripted actions and `FaultRates`, keyed by
-the request's *first* input (a batch is sent again as it was, so its Nth attempt meets the
+`ChatServer` routes embedding requests here (and `GeminiServer` reuses the vectors and the
+refusals for ``batchEmbedContents``). They meet the same machinery as chat: the API key,
+the model list, the `RateLimit` buckets, scripted actions and `FaultRates`, keyed by the
+request's *first* input (a batch is sent again as it was, so its Nth attempt meets the
 same fate whatever the order). `ChatServer.answered` counts each input of a good reply.
 
 What only embeddings do is set by `EmbeddingBehaviour`: how long vectors are, whether the
@@ -15,19 +16,20 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from nbtoolkit.testing._server import ChatServer, _Exchange
-
 __all__ = ["EmbeddingBehaviour", "expected_vector"]
 
-_INVALID = "invalid_request_error"
+# Builds the server's error reply from (status, message): each server injects its own format.
+ErrorReply = Callable[[int, str], web.Response]
+_KEY_TAG = re.compile(r"\[key=[^\]]+\]")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +48,10 @@ class EmbeddingBehaviour:
             model that cannot shorten them, served by a server that does not say so).
         per_token: answer a ``[tokens, dimensions]`` list per input (three token vectors
             around the text's vector), like llama.cpp's server with an unpooled model.
+        topic: texts that hold the same ``[key=...]`` tag (or, given a regex, the same match
+            of it) get vectors near one another
+            (the tag's vector plus a small one of the text's own), so a text's nearest
+            neighbours are its true matches (the semantic join's tests).
         seed: varies the vectors and the shuffles.
     """
 
@@ -56,10 +62,11 @@ class EmbeddingBehaviour:
     max_inputs: int | None = None
     ignore_dimensions: bool = False
     per_token: bool = False
+    topic: bool | str = False
     seed: int = 0
 
 
-def _draw(text: str, dimensions: int, seed: int) -> npt.NDArray[np.float64]:
+def draw(text: str, dimensions: int, seed: int) -> npt.NDArray[np.float64]:
     """The text's vector as sent: six decimals (short JSON, like a real server's), from a hash.
 
     A hash stretched to the length (shake_128), not a seeded generator: a hundred times
@@ -69,12 +76,22 @@ def _draw(text: str, dimensions: int, seed: int) -> npt.NDArray[np.float64]:
     return np.round(np.frombuffer(raw, dtype="<i2") / 16384.0, 6)
 
 
+def _topic_vector(
+    text: str, dimensions: int, seed: int, topic: bool | str
+) -> npt.NDArray[np.float64]:
+    pattern = _KEY_TAG if topic is True else re.compile(topic) if topic else None
+    key = pattern.search(text) if pattern is not None else None
+    if key is None:
+        return draw(text, dimensions, seed)
+    return np.round(draw(key.group(0), dimensions, seed) + 0.15 * draw(text, dimensions, seed), 6)
+
+
 def expected_vector(text: str, dimensions: int = 8, *, seed: int = 0) -> npt.NDArray[np.float32]:
     """The vector the test server gives ``text``, as a float32 array (values in [-2, 2))."""
-    return _draw(text, dimensions, seed).astype(np.float32)
+    return draw(text, dimensions, seed).astype(np.float32)
 
 
-def _rejection(inputs: list[str], behaviour: EmbeddingBehaviour) -> str | None:
+def rejection(inputs: list[str], behaviour: EmbeddingBehaviour) -> str | None:
     """Why the request is refused (the first bad input), or None."""
     for position, text in enumerate(inputs):
         if behaviour.reject_marker and behaviour.reject_marker in text:
@@ -107,32 +124,28 @@ def input_tokens(body: dict[str, Any]) -> int:
     return sum(len(text) // 4 + 1 for text in _inputs(body) or ())
 
 
-async def answer(
-    server: ChatServer, request: web.Request, ex: _Exchange, body: dict[str, Any]
-) -> web.StreamResponse:
-    """Reply to an embeddings request the server already authorised, admitted and delayed."""
-    from nbtoolkit.testing._server import _error
-
-    behaviour = server.embeddings
+def answer(
+    behaviour: EmbeddingBehaviour, body: dict[str, Any], error: ErrorReply
+) -> tuple[web.Response, list[str] | None]:
+    """The reply to an embeddings request the server already authorised, admitted and
+    delayed, and the texts it answers (None for an error)."""
     inputs = _inputs(body)
     if inputs is None:
-        message = "'input' must be a string or a non-empty list of strings"
-        return await server._send(request, ex, _error(400, message, type_=_INVALID, err_code=None))
+        return error(400, "'input' must be a string or a non-empty list of strings"), None
     if behaviour.max_inputs is not None and len(inputs) > behaviour.max_inputs:
         message = f"batch size {len(inputs)} > maximum allowed batch size {behaviour.max_inputs}"
-        return await server._send(request, ex, _error(413, message, type_=_INVALID, err_code=None))
-    reason = _rejection(inputs, behaviour)
+        return error(413, message), None
+    reason = rejection(inputs, behaviour)
     if reason is not None:
-        return await server._send(request, ex, _error(400, reason, type_=_INVALID, err_code=None))
+        return error(400, reason), None
     dimensions = body.get("dimensions", behaviour.dimensions)
     if behaviour.ignore_dimensions:
         dimensions = behaviour.dimensions
     if not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1:
-        message = f"dimensions must be a positive integer, got {dimensions!r}"
-        return await server._send(request, ex, _error(400, message, type_=_INVALID, err_code=None))
+        return error(400, f"dimensions must be a positive integer, got {dimensions!r}"), None
     data = []
     for position, text in enumerate(inputs):
-        vector = _draw(text, dimensions, behaviour.seed)
+        vector = _topic_vector(text, dimensions, behaviour.seed, behaviour.topic)
         embedding: Any = vector.tolist()
         if behaviour.per_token:
             embedding = [(vector - 0.25).tolist(), embedding, (vector + 0.25).tolist()]
@@ -146,6 +159,4 @@ async def answer(
         "model": body.get("model", "test-model"),
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
-    response = web.Response(text=json.dumps(reply), content_type="application/json")
-    ex.inputs = inputs
-    return await server._send(request, ex, response, outcome="ok")
+    return web.Response(text=json.dumps(reply), content_type="application/json"), inputs

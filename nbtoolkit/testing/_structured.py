@@ -44,6 +44,11 @@ class StructuredFaults:
         truncate: rows whose answer is cut at max_tokens (``finish_reason: "length"``).
         reject_json_schema: answer ``response_format`` type ``json_schema`` with HTTP 500,
             as llama.cpp's Python server does (it takes ``json_object`` + ``schema``).
+        reject_json_schema_for: models whose ``json_schema`` requests get OpenAI's HTTP 400
+            "'json_schema' is not supported with this model" (a gateway with several models).
+        refuse_keywords: schema keywords refused in a ``response_format`` schema, with
+            OpenAI strict mode's HTTP 400 "Invalid schema for response_format ...: In
+            context=(...), 'minLength' is not permitted."
         seed: changes which rows ``invalid_rate`` picks.
     """
 
@@ -52,6 +57,8 @@ class StructuredFaults:
     refuse: frozenset[str] = frozenset()
     truncate: frozenset[str] = frozenset()
     reject_json_schema: bool = False
+    reject_json_schema_for: frozenset[str] = frozenset()
+    refuse_keywords: frozenset[str] = frozenset()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -74,12 +81,61 @@ class Shaped(NamedTuple):
     refusal: str | None = None
 
 
-def rejection(body: Mapping[str, Any], faults: StructuredFaults | None) -> str | None:
-    """The HTTP 500 message for a request this server will not take, or None."""
+class Refusal(NamedTuple):
+    """An error reply to a request the server will not take."""
+
+    status: int
+    message: str
+    type: str
+
+
+def rejection(body: Mapping[str, Any], faults: StructuredFaults | None) -> Refusal | None:
+    """The error reply for a request this server will not take, or None."""
     rf = body.get("response_format")
-    refuses = faults is not None and faults.reject_json_schema
-    if refuses and isinstance(rf, Mapping) and rf.get("type") == "json_schema":
-        return LLAMA_CPP_REFUSAL
+    if faults is None or not isinstance(rf, Mapping):
+        return None
+    kind = rf.get("type")
+    if kind == "json_schema" and faults.reject_json_schema:
+        return Refusal(500, LLAMA_CPP_REFUSAL, "internal_server_error")
+    if kind == "json_schema" and body.get("model") in faults.reject_json_schema_for:
+        message = (
+            "Invalid parameter: 'response_format' of type 'json_schema' is not supported "
+            "with this model."
+        )
+        return Refusal(400, message, "invalid_request_error")
+    schema = request_schema(rf, [])
+    found = _refused_keyword(schema, faults.refuse_keywords, ()) if schema else None
+    if found is not None:
+        keyword, context = found
+        inner = rf.get("json_schema")
+        name = inner.get("name") if isinstance(inner, Mapping) else "schema"
+        message = (
+            f"Invalid schema for response_format '{name}': In context={context!r}, "
+            f"'{keyword}' is not permitted."
+        )
+        return Refusal(400, message, "invalid_request_error")
+    return None
+
+
+def _refused_keyword(
+    schema: Any, refused: frozenset[str], context: tuple[str, ...]
+) -> tuple[str, tuple[str, ...]] | None:
+    """The first refused keyword in ``schema`` and where it is, as OpenAI says it."""
+    if not isinstance(schema, Mapping) or not refused:
+        return None
+    for key in schema:
+        if key in refused:
+            return str(key), context
+    for key, value in schema.items():
+        if key in ("properties", "$defs") and isinstance(value, Mapping):
+            for name, sub in value.items():
+                found = _refused_keyword(sub, refused, (*context, str(key), str(name)))
+                if found is not None:
+                    return found
+        elif key == "items":
+            found = _refused_keyword(value, refused, (*context, "items"))
+            if found is not None:
+                return found
     return None
 
 
@@ -90,7 +146,26 @@ def answer(body: Mapping[str, Any], faults: StructuredFaults | None) -> Shaped |
     schema = request_schema(body.get("response_format"), messages)
     if schema is None:
         return None
+    user_turns = sum(1 for m in messages if isinstance(m, Mapping) and m.get("role") == "user")
+    reasked = any(isinstance(m, Mapping) and m.get("role") == "assistant" for m in messages)
     row = _first_user_text(messages)
+    return shaped(schema, row, reasked=reasked, user_turns=user_turns, faults=faults)
+
+
+def shaped(
+    schema: Mapping[str, Any],
+    row: str,
+    *,
+    reasked: bool,
+    user_turns: int,
+    faults: StructuredFaults | None,
+) -> Shaped:
+    """The answer to ``row`` under ``schema``, gone wrong as ``faults`` say.
+
+    Args:
+        reasked: the request carries an earlier answer (a re-ask), which gets a valid one.
+        user_turns: the user messages so far: which break an always-invalid row gets.
+    """
     faults = faults or StructuredFaults()
     if row in faults.refuse:
         return Shaped(None, refusal="I can't help with that.")
@@ -98,10 +173,8 @@ def answer(body: Mapping[str, Any], faults: StructuredFaults | None) -> Shaped |
     text = json.dumps(instance)
     if row in faults.truncate:
         return Shaped(text[: len(text) // 2], finish_reason="length")
-    reasked = any(isinstance(m, Mapping) and m.get("role") == "assistant" for m in messages)
     if row in faults.always_invalid:
-        attempt = sum(1 for m in messages if isinstance(m, Mapping) and m.get("role") == "user")
-        return Shaped(broken(instance, BREAKS[(attempt - 1) % len(BREAKS)], schema))
+        return Shaped(broken(instance, BREAKS[(user_turns - 1) % len(BREAKS)], schema))
     how = None if reasked else faults.breaks_first_answer(row)
     return Shaped(text if how is None else broken(instance, how, schema))
 
@@ -155,6 +228,8 @@ def _instance(schema: Any, root: Mapping[str, Any], row: str, name: str) -> Any:
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
+    if isinstance(kind, str):  # Gemini's responseSchema spells types in capitals
+        kind = kind.lower()
     if kind == "object" or "properties" in schema:
         properties = schema.get("properties") or {}
         return {key: _instance(sub, root, row, key) for key, sub in properties.items()}

@@ -8,6 +8,11 @@ endpoint knows only its own wire format::
     payload(items)        -> bytes          the body of one request for a group of rows
     parse(text, items)    -> Parsed         the reply, back as one outcome per row
     decode(stored)        -> value          a cached answer, back as the row's value
+    on_error_reply(error, items) -> error   an error reply, made more precise; or None: the
+                                            endpoint changed how it asks, send again at once
+    binary_answers                          whether answers are bytes (vectors) or text
+
+Every capability is declared here; the engine never probes an endpoint with ``getattr``.
 
 A new endpoint is one class: chat (one row per request) is below; embeddings send up to
 ``max_items`` rows per request; structured output checks each answer and may ask again.
@@ -24,7 +29,7 @@ from typing import Any, NamedTuple, Protocol
 from nbtoolkit.core._client import parse_completion
 from nbtoolkit.core._rows import ChatRequest
 from nbtoolkit.core.store._cache import encode_body
-from nbtoolkit.errors import ConfigError, NbToolkitError
+from nbtoolkit.errors import APIError, ConfigError, NbToolkitError
 
 # Completion tokens assumed for a request that sets no max_tokens: what the budget and the
 # token bucket reserve for it until its reply says what it used.
@@ -80,6 +85,8 @@ class Endpoint(Protocol):
     path: str  # appended to the base URL: "/chat/completions", "/embeddings"
     max_items: int  # rows per request
     max_request_tokens: float  # estimated prompt tokens per request, at most
+    # The cache keeps answers as bytes (vectors), not text: a look-up reads only that table.
+    binary_answers: bool
 
     def item(self, index: int, request: Any) -> Item:
         """One row as an Item; raises (ValueError, TypeError) when it cannot be encoded."""
@@ -97,6 +104,16 @@ class Endpoint(Protocol):
         """A cached answer as the value its row gets."""
         ...
 
+    def on_error_reply(self, error: APIError, items: Sequence[Item]) -> APIError | None:
+        """An error reply to ``items``' request, before the engine retries or fails it.
+
+        Returns:
+            None when the endpoint now asks differently (structured output's next shape):
+            the engine sends the request again at once, not as a retry. Otherwise the
+            error to handle: ``error`` itself, or a more precise one (`SchemaRefused`).
+        """
+        ...
+
 
 class ChatEndpoint:
     """``/chat/completions``: one row per request, its text as the answer."""
@@ -104,6 +121,7 @@ class ChatEndpoint:
     path = "/chat/completions"
     max_items = 1
     max_request_tokens = math.inf
+    binary_answers = False
 
     def __init__(self, base_body: Mapping[str, Any]) -> None:
         self.base_body = plain_json(dict(base_body), what="request parameters")
@@ -132,6 +150,9 @@ class ChatEndpoint:
     def decode(self, stored: str | bytes) -> Any:
         return stored
 
+    def on_error_reply(self, error: APIError, items: Sequence[Item]) -> APIError | None:
+        return error  # one shape only: nothing to change
+
 
 def completion_budget(body: Mapping[str, Any]) -> float:
     """The most completion tokens a chat request may use: its max_tokens, or the default."""
@@ -150,6 +171,13 @@ def usage_counts(usage: Mapping[str, Any]) -> tuple[int | None, int | None, int 
         _int_or_none(usage.get("completion_tokens")),
         _int_or_none(cached),
     )
+
+
+def reasoning_tokens(usage: Mapping[str, Any]) -> int:
+    """The completion tokens a reply spent reasoning (billed as output, never shown)."""
+    details = usage.get("completion_tokens_details")
+    found = details.get("reasoning_tokens") if isinstance(details, Mapping) else None
+    return _int_or_none(found) or 0
 
 
 def _int_or_none(value: object) -> int | None:

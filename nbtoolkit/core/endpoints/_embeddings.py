@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from nbtoolkit.core.endpoints._base import Answer, Item, Outcome, Parsed
+from nbtoolkit.core.endpoints._base import Answer, Item, Outcome, Parsed, plain_json
 from nbtoolkit.core.store._cache import encode_body
-from nbtoolkit.errors import ConfigError, IgnoredParameter, MalformedResponse
+from nbtoolkit.errors import APIError, ConfigError, IgnoredParameter, MalformedResponse
 
 __all__ = ["EmbeddingEndpoint"]
 
@@ -50,6 +50,8 @@ class EmbeddingEndpoint:
         batch_size: texts per request, at most.
         max_batch_tokens: estimated tokens per request, at most (a text longer than that
             goes alone, and the server says whether it fits).
+        params: other body fields sent with every request (``user``, ``input_type``);
+            part of the key material, since a field may change the vectors.
     """
 
     path = "/embeddings"
@@ -62,19 +64,24 @@ class EmbeddingEndpoint:
         dimensions: int | None = None,
         batch_size: int = MAX_INPUTS,
         max_batch_tokens: float = MAX_REQUEST_TOKENS,
+        params: Mapping[str, Any] | None = None,
     ) -> None:
         check_options(
             dimensions=dimensions, batch_size=batch_size, max_batch_tokens=max_batch_tokens
         )
         self.model = model
         self.dimensions = dimensions
+        self.params = plain_json(dict(params or {}), what="request parameters")
+        for name in ("model", "input", "dimensions"):
+            if name in self.params:
+                raise ConfigError(f"{name} is set by embed itself; drop it from the body fields")
         self.max_items = batch_size
         self.max_request_tokens = float(max_batch_tokens)
         # The key material is (model, dimensions, text): the same text asked of the same
         # model at the same length is one vector, in this run (dedupe) and the next (cache).
         # Its canonical JSON is {"dimensions":...,"input":<text>,"model":...}: the text's
         # JSON string between a fixed head and tail (encode_body's bytes, a third the CPU).
-        empty = encode_body({"dimensions": dimensions, "input": "", "model": model})
+        empty = encode_body({**self.params, "dimensions": dimensions, "input": "", "model": model})
         head, _, tail = empty.partition(b'"input":""')  # once: the model's quotes are escaped
         self._key_head, self._key_tail = head + b'"input":', tail
 
@@ -85,15 +92,16 @@ class EmbeddingEndpoint:
             payload = self._key_head + _json_string(request).encode() + self._key_tail
             return Item(index, {"input": request}, payload, len(request) / 4 + 7.0, 0.0)
         # Not text (only a direct caller of the engine sends that): encoded as it is.
-        body = {"dimensions": self.dimensions, "input": request, "model": self.model}
+        body = {**self.params, "dimensions": self.dimensions, "input": request, "model": self.model}
         payload = encode_body(body)
         return Item(index, {"input": request}, payload, 7.0, 0.0)
 
     def payload(self, items: Sequence[Item]) -> bytes:
         body: dict[str, Any] = {
+            "encoding_format": "float",
+            **self.params,
             "model": self.model,
             "input": [item.body["input"] for item in items],
-            "encoding_format": "float",
         }
         if self.dimensions is not None:
             body["dimensions"] = self.dimensions
@@ -130,6 +138,9 @@ class EmbeddingEndpoint:
         usage = reply.get("usage")
         # The reply's usage is the whole request's: counted once, against tpm and budgets.
         return Parsed(outcomes, usage if isinstance(usage, Mapping) else None)
+
+    def on_error_reply(self, error: APIError, items: Sequence[Item]) -> APIError | None:
+        return error  # one shape only; a 400 for one input is found by the engine's halving
 
     def decode(self, stored: str | bytes) -> Vector:
         if isinstance(stored, str):  # not written by this endpoint; never a vector

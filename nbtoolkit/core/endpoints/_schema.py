@@ -17,16 +17,19 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
-import pydantic
-
+from nbtoolkit.core.endpoints._jsonschema_import import jsonschema_module
 from nbtoolkit.errors import ConfigError
+
+if TYPE_CHECKING:  # both are imported by the first schema that needs them, not at import
+    import jsonschema
+    import pydantic
 
 # An answer wrapped in a Markdown code fence (models in prompt mode like to): the JSON inside.
 _FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*\n(.*)\n\s*```\s*$", re.DOTALL)
@@ -75,7 +78,7 @@ def normalise(schema: Any) -> StructuredSchema:
     Raises:
         ConfigError: anything else, or a schema that is not a valid object schema.
     """
-    if isinstance(schema, type) and issubclass(schema, pydantic.BaseModel):
+    if isinstance(schema, type) and _is_pydantic_model(schema):
         return _from_model(schema)
     if isinstance(schema, Mapping) and schema:
         if all(_is_type(value) for value in schema.values()):
@@ -148,7 +151,15 @@ def _allows_null(schema: Any) -> bool:
     return any(isinstance(b, Mapping) and b.get("type") == "null" for b in branches)
 
 
+def _is_pydantic_model(schema: type) -> bool:
+    # A pydantic model class can only exist once pydantic is imported: no need to import it.
+    pydantic = sys.modules.get("pydantic")
+    return pydantic is not None and issubclass(schema, pydantic.BaseModel)
+
+
 def _from_model(model: type[pydantic.BaseModel]) -> StructuredSchema:
+    import pydantic
+
     try:
         raw = model.model_json_schema()
     except (pydantic.PydanticUserError, TypeError, ValueError) as exc:
@@ -173,6 +184,8 @@ def _from_model(model: type[pydantic.BaseModel]) -> StructuredSchema:
 
 
 def _model_of_types(schema: Mapping[Any, Any]) -> type[pydantic.BaseModel]:
+    import pydantic
+
     definitions: dict[str, Any] = {}
     for name, kind in schema.items():
         if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
@@ -200,6 +213,7 @@ def _from_json_schema(schema: Mapping[Any, Any]) -> StructuredSchema:
         )
     if not raw["properties"]:
         raise ConfigError("schema has no properties: there would be no column to fill")
+    jsonschema = jsonschema_module()
     validator_class = jsonschema.validators.validator_for(
         raw, default=jsonschema.Draft202012Validator
     )

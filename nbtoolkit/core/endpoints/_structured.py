@@ -3,12 +3,17 @@
 `StructuredEndpoint` is the chat endpoint plus three things:
 
 - the schema travels in ``response_format`` in one of three *shapes* (`Shape`). With
-  ``structured="auto"`` the first is OpenAI's ``json_schema``; a server that refuses it the
-  way llama.cpp's does (HTTP 500 "Input should be 'text' or 'json_object'") moves the run to
-  the next shape, ``json_object`` with a ``schema`` (which llama.cpp turns into a grammar),
-  then ``prompt`` (the schema in a system message). The engine resends a refused request at
-  once (`reshape`); the requests already in flight, at most ``max_parallel``, are the cost.
-  The shape a server needed is remembered per base URL for the rest of the process.
+  ``structured="auto"`` the first is OpenAI's ``json_schema``; a server that cannot take it
+  (llama.cpp's HTTP 500 "Input should be 'text' or 'json_object'", or a gateway's 400 "'json_schema'
+  is not supported with this model") moves the run to the next shape, ``json_object`` with
+  a ``schema`` (which llama.cpp turns into a grammar), then ``prompt`` (the schema in a
+  system message). The engine resends a refused request at once (`on_error_reply`); the
+  requests already in flight, at most ``max_parallel``, are the cost. The shape is
+  remembered per (URL, model) in a `ShapeMemory`, so one model's limits never move another's.
+- a provider that takes ``json_schema`` but refuses *this schema* (OpenAI strict mode's "Invalid
+  schema for response_format ...: 'minLength' is not permitted") is not a server without
+  JSON mode: nothing is downgraded, and the run stops with `SchemaRefused`, the provider's
+  words and the keyword it named.
 - every answer is checked; one that does not fit is sent back with the validator's message
   (a `Reask`), up to ``validation_retries`` times, then the row fails with `SchemaError`.
 - the cache keeps the checked fields as JSON, and a cached answer comes back as them.
@@ -18,10 +23,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from nbtoolkit.core._client import parse_completion
 from nbtoolkit.core._limits import estimate_tokens
@@ -38,7 +45,7 @@ from nbtoolkit.core.endpoints._base import (
 )
 from nbtoolkit.core.endpoints._schema import AnswerMismatch, StructuredSchema
 from nbtoolkit.core.store._cache import encode_body
-from nbtoolkit.errors import APIError, ConfigError, SchemaError, Truncated
+from nbtoolkit.errors import APIError, ConfigError, SchemaError, SchemaRefused, Truncated
 
 
 class Shape(StrEnum):
@@ -54,10 +61,66 @@ STRUCTURED_CHOICES = ("auto", "json_schema", "json_object", "prompt")
 
 # After a refusal of one shape, the next to try.
 _FALLBACK = {Shape.JSON_SCHEMA: Shape.JSON_OBJECT, Shape.JSON_OBJECT: Shape.PROMPT}
-# The shape each server (base URL) needed, learned by an "auto" run: the next run starts there.
-_LEARNED: dict[str, Shape] = {}
+_ORDER = (Shape.JSON_SCHEMA, Shape.JSON_OBJECT, Shape.PROMPT)
 # What a server says when it does not know a response_format shape (lower case).
 _REFUSAL_WORDS = ("response_format", "json_schema", "input should be 'text' or 'json_object'")
+# What a provider says about a schema it will not take (lower case, after removing the words
+# "json_schema" and "response_format", which name the shape, not the schema).
+_SCHEMA_REFUSAL_WORDS = (
+    "invalid schema",
+    "schema is invalid",
+    "invalid json schema",
+    "unsupported schema",
+    "unrecognized schema",
+    "schema conversion failed",
+)
+# "'minLength' is not permitted" / "`format` is not supported" / "\"pattern\" is not allowed"
+_KEYWORD_REFUSED = re.compile(
+    r"""['"`](\$?[A-Za-z]+)['"`]\s+(?:is|are)\s+not\s+(?:permitted|supported|allowed)"""
+)
+# Words that, in a refusal, make a quoted keyword of ours the one refused.
+_NAMES_A_KEYWORD = ("not permitted", "not supported", "unsupported", "invalid schema")
+_QUOTED = re.compile(r"""['"`](\$?[A-Za-z]+)['"`]""")
+# Keywords too common in any message to name the one a provider refused.
+_GENERIC_KEYWORDS = frozenset({"type", "properties", "json_schema", "json_object", "text"})
+# Under these keywords are names (of properties, definitions), not keywords.
+_NAME_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties"})
+
+
+class ShapeMemory:
+    """The structured-output shape each server needed, per (URL, model).
+
+    Scope: `LEARNED_SHAPES` is the process's, shared by every ``structured="auto"`` run in
+    it (and its threads: a lock guards it), so the second run against a server that cannot
+    take ``json_schema`` starts in the shape that worked instead of paying up to
+    ``max_parallel`` refused requests again. It holds only what a server said it cannot do
+    (a shape refusal), never a refusal of one schema, and only for that (URL, model): a
+    gateway's other models are unaffected. `forget` (or `forget_learned_shapes`) clears it,
+    for a server that was upgraded; a run given its own ``ShapeMemory()`` learns alone.
+    """
+
+    def __init__(self) -> None:
+        self._shapes: dict[tuple[str, str], Shape] = {}
+        self._lock = threading.Lock()
+
+    def shape(self, url: str, model: str) -> Shape:
+        """The first shape to try for ``model`` at ``url``: json_schema unless learned."""
+        with self._lock:
+            return self._shapes.get((url, model), Shape.JSON_SCHEMA)
+
+    def learn(self, url: str, model: str, shape: Shape) -> None:
+        """Remember that ``model`` at ``url`` needs ``shape`` (or a later one)."""
+        with self._lock:
+            known = self._shapes.get((url, model), Shape.JSON_SCHEMA)
+            self._shapes[(url, model)] = max(known, shape, key=_ORDER.index)
+
+    def forget(self) -> None:
+        """Forget every learned shape."""
+        with self._lock:
+            self._shapes.clear()
+
+
+LEARNED_SHAPES = ShapeMemory()
 _PROMPT_INSTRUCTION = (
     "Answer with one JSON object and nothing else. It must match this JSON Schema:\n"
 )
@@ -84,12 +147,15 @@ class StructuredEndpoint:
         schema: the checked schema (`nbtoolkit.core.endpoints._schema.normalise`).
         structured: "auto", or the one shape to use.
         validation_retries: how many times an answer that does not fit is sent back.
-        base_url: the server's base URL, under which an "auto" run remembers its shape.
+        url: the server's chat-completions URL as cache keys see it (no query); with the
+            model, what an "auto" run remembers its shape under.
+        memory: where learned shapes are kept; default the process's `LEARNED_SHAPES`.
     """
 
     path = "/chat/completions"
     max_items = 1
     max_request_tokens = math.inf
+    binary_answers = False
 
     def __init__(
         self,
@@ -98,7 +164,8 @@ class StructuredEndpoint:
         *,
         structured: Structured,
         validation_retries: int,
-        base_url: str,
+        url: str,
+        memory: ShapeMemory | None = None,
     ) -> None:
         if "response_format" in base_body:
             raise ConfigError("extract and classify set response_format themselves; drop it")
@@ -106,8 +173,11 @@ class StructuredEndpoint:
         self.schema = schema
         self.validation_retries = validation_retries
         self.auto = structured == "auto"
-        self.base_url = base_url
-        self.shape = _LEARNED.get(base_url, Shape.JSON_SCHEMA) if self.auto else Shape(structured)
+        self.url = url
+        self.model = str(self.base_body.get("model") or "")
+        self.memory = memory if memory is not None else LEARNED_SHAPES
+        self.shape = self.memory.shape(url, self.model) if self.auto else Shape(structured)
+        self._keywords = schema_keywords(schema.strict)
         schema_json = encode_body(schema.strict)
         self._formats = {
             Shape.JSON_SCHEMA: b'{"type":"json_schema","json_schema":{"name":'
@@ -164,21 +234,25 @@ class StructuredEndpoint:
             return [{**first, "content": joined}, *messages[1:]]
         return [{"role": "system", "content": self._prompt_system}, *messages]
 
-    def reshape(self, error: APIError, items: Sequence[Item]) -> bool:
-        """Called by the engine on an error reply: True when this endpoint now sends that
-        request in another shape, so it should go again at once (not as a retry)."""
+    def on_error_reply(self, error: APIError, items: Sequence[Item]) -> APIError | None:
+        """An error reply: None when this endpoint now sends the request in another shape
+        (send it again at once, not as a retry); `SchemaRefused` when the provider refuses
+        the schema itself; else the error as it came."""
+        refusal = _refusal(error, self._keywords)
+        if refusal is None:
+            return error  # any other error (a 429, a 503) takes the engine's usual path
+        if refusal.schema:
+            return _schema_refused(error, refusal.keyword)
         item = items[0]
         if not self.auto or not isinstance(item, StructuredItem) or item.sent is None:
-            return False
-        if not _refuses_shape(error):
-            return False  # any other error (a 429, a 503) takes the engine's usual path
+            return error
         if item.sent is not self.shape:
-            return True  # sent before another request moved the run on: resend as it is now
+            return None  # sent before another request moved the run on: resend as it is now
         if self.shape not in _FALLBACK:
-            return False
+            return error
         self.shape = _FALLBACK[self.shape]
-        _LEARNED[self.base_url] = self.shape
-        return True
+        self.memory.learn(self.url, self.model, self.shape)
+        return None
 
     def parse(self, text: str, items: Sequence[Item]) -> Parsed:
         completion = parse_completion(text)
@@ -236,12 +310,65 @@ class StructuredEndpoint:
         return json.loads(stored)
 
 
-def _refuses_shape(error: APIError) -> bool:
-    """A 400/422/500 whose message says the server does not take this response_format."""
+class _Refusal(NamedTuple):
+    schema: bool  # True: this schema is refused; False: the shape (JSON mode) is
+    keyword: str | None  # the schema keyword the provider named
+
+
+def _refusal(error: APIError, keywords: frozenset[str]) -> _Refusal | None:
+    """What a 400/422/500 refuses: the schema (naming a keyword of it, or saying the schema
+    is invalid), the response_format shape, or neither (None)."""
     if error.status not in (400, 422, 500):
-        return False
-    text = f"{error} {error.body}".lower()
-    return any(word in text for word in _REFUSAL_WORDS)
+        return None
+    raw = f"{error} {error.body}"
+    text = raw.lower()
+    keyword = _offending_keyword(raw, keywords)
+    rest = text.replace("json_schema", "").replace("response_format", "")
+    if keyword is not None or any(words in rest for words in _SCHEMA_REFUSAL_WORDS):
+        return _Refusal(schema=True, keyword=keyword)
+    if any(word in text for word in _REFUSAL_WORDS):
+        return _Refusal(schema=False, keyword=None)
+    return None
+
+
+def _offending_keyword(text: str, keywords: frozenset[str]) -> str | None:
+    """The keyword of our schema a provider's message refuses, if it names one."""
+    for match in _KEYWORD_REFUSED.finditer(text):
+        if match.group(1) in keywords:
+            return match.group(1)
+    lowered = text.lower()
+    if not any(
+        w in lowered for w in ("not permitted", "not supported", "unsupported", "invalid schema")
+    ):
+        return None
+    candidates = keywords - _GENERIC_KEYWORDS
+    return next((m.group(1) for m in _QUOTED.finditer(text) if m.group(1) in candidates), None)
+
+
+def _schema_refused(error: APIError, keyword: str | None) -> SchemaRefused:
+    named = f" (its {keyword!r} keyword)" if keyword else ""
+    return SchemaRefused(
+        f"the provider refuses this schema{named}, not JSON mode: {error}"[:600],
+        status=error.status,
+        body=error.body,
+        keyword=keyword,
+    )
+
+
+def schema_keywords(schema: Any) -> frozenset[str]:
+    """Every JSON Schema keyword used in ``schema`` (not property or definition names)."""
+    found: set[str] = set()
+    stack: list[tuple[Any, bool]] = [(schema, False)]
+    while stack:
+        node, names = stack.pop()
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                if not names:
+                    found.add(str(key))
+                stack.append((value, not names and key in _NAME_MAPS))
+        elif isinstance(node, list):
+            stack.extend((value, False) for value in node)
+    return frozenset(found)
 
 
 def _dump(value: Any) -> str:
@@ -250,4 +377,4 @@ def _dump(value: Any) -> str:
 
 def forget_learned_shapes() -> None:
     """Forget which shape each server needed (tests; a server that was upgraded)."""
-    _LEARNED.clear()
+    LEARNED_SHAPES.forget()

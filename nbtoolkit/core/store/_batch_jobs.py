@@ -8,9 +8,10 @@ Three tables beside the cache's own (one file to keep, move or delete)::
     batch_requests  custom_id -> the request's cache key, per job: how answers find their
                     row, whatever order the output file comes back in
 
-A job's key is a hash of its sorted request keys and the endpoint's URL scope, so running
-the same cell again, in this process or a new one, finds the job it submitted instead of
-paying for the same requests twice. The API key is never written here.
+A job's key is a hash of its sorted request keys and the endpoint's URL without its query
+(the same URL the request keys are made from), so running the same cell again, in this
+process or a new one, or with another ``api-version``, finds the job it submitted instead
+of paying for the same requests twice. The API key is never written here.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ _SCHEMA = (
         job_key TEXT NOT NULL,         -- sha256 of endpoint scope + sorted request keys
         created REAL NOT NULL,
         model TEXT,
-        endpoint TEXT NOT NULL,        -- the URL batch lines name, e.g. /v1/chat/completions
+        endpoint TEXT NOT NULL,        -- the endpoint's path, e.g. /chat/completions
         collected INTEGER NOT NULL DEFAULT 0  -- its results were read into the cache
     )""",
     "CREATE INDEX IF NOT EXISTS batch_jobs_by_key ON batch_jobs (job_key)",
@@ -85,7 +86,11 @@ class Part:
 
 
 def job_key(endpoint_url: str, keys: Iterable[bytes]) -> str:
-    """The identity of a submission: the same requests to the same provider, in any order."""
+    """The identity of a submission: the same requests to the same provider, in any order.
+
+    ``endpoint_url`` is the URL without its query (``ChatConfig.key_url``): a query holds
+    secrets and Azure's ``api-version``, neither of which changes what was asked.
+    """
     digest = hashlib.sha256(cache_scope(endpoint_url).encode() + b"\n")
     for key in sorted(keys):
         digest.update(key)

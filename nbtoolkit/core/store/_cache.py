@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from nbtoolkit.config import default_cache_path
+from nbtoolkit.config import default_cache_path, is_loopback
 from nbtoolkit.core.store import _vectors as vector_store
 from nbtoolkit.core.store._vectors import VectorStore, vectors_path
 
@@ -117,7 +117,6 @@ _C_ENCODER = (
         None, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",", True, False, True
     )
 )
-_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 def encode_body(body: Mapping[str, Any]) -> bytes:
@@ -128,19 +127,22 @@ def encode_body(body: Mapping[str, Any]) -> bytes:
 
 
 def cache_scope(url: str) -> str:
-    """The part of the URL that names the provider: the URL, without the port on loopback.
+    """The part of the URL that names the provider: the URL, or for a local server that said
+    what it serves, that instead of its port.
 
-    A local server (llama.cpp, vLLM, `nbtoolkit.local`) gets a new free port each time it
-    starts; keyed on the port, its answers could never be found again. On loopback the
-    model name and the body identify the answer, and, for a server that said which model
-    file it serves (`nbtoolkit.local` does), that file: two servers with different files
-    under one model alias never share answers.
+    `nbtoolkit.local` gets a new free port each time it starts; keyed on the port, its
+    answers could never be found again. So a loopback server that registered what it serves
+    (its model file and the settings that change answers) is keyed on that, not the port:
+    a restart finds its answers, and two servers with different files or settings under one
+    model alias never share them. Any other loopback server (llama.cpp, vLLM, Ollama, started
+    by hand on their usual fixed ports) keeps its port in the key: two of them on different
+    ports may serve different models under one name.
     """
     parts = urlsplit(url)
-    if parts.hostname in _LOOPBACK:
+    if is_loopback(parts.hostname):
         identity = _local_identities.get(parts.port or 0)
-        scope = f"{parts.scheme}://localhost{parts.path}"
-        return scope if identity is None else f"{scope}#{identity}"
+        if identity is not None:
+            return f"{parts.scheme}://localhost{parts.path}#{identity}"
     return url
 
 
@@ -232,6 +234,17 @@ class ResponseCache:
             if (row := self._unwritten.get(key) or self._unwritten_blobs.get(key)) is not None:
                 found[key] = CachedAnswer(*row[1:5])
         return found
+
+    def completion_samples(self, model: str, *, limit: int = 2000) -> list[int]:
+        """Completion tokens of the newest text answers bought from ``model`` (a cost
+        estimate learns answer lengths from them); newest first, at most ``limit``."""
+        sql = (
+            "SELECT completion_tokens, created FROM responses WHERE model = ? AND "
+            "completion_tokens IS NOT NULL UNION ALL SELECT completion_tokens, created FROM "
+            "journal WHERE model = ? AND completion_tokens IS NOT NULL "
+            "ORDER BY created DESC LIMIT ?"
+        )
+        return [int(n) for n, _ in self._db.execute(sql, (model, model, limit)).fetchall()]
 
     def put(self, key: bytes, answer: CachedAnswer, *, model: str | None = None) -> None:
         """Hold one answer for the next `commit`, which writes and makes it durable.

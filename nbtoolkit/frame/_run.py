@@ -1,0 +1,173 @@
+"""A checked plan run through the engine, with its report kept; the sync twin of a method.
+
+No I/O before `run_plan`: the rows become requests lazily (memory stays bounded by the
+engine's queue, not by the frame), the engine runs them, and the plan's writer builds the
+output, a new frame in the caller's row order. The caller's frame is never modified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import pandas as pd
+
+from nbtoolkit.config import ChatConfig
+from nbtoolkit.core._engine import ChatRun, results_in_order
+from nbtoolkit.core._rows import RowResult
+from nbtoolkit.core._runner import run_sync
+from nbtoolkit.core.endpoints._base import Endpoint
+from nbtoolkit.errors import RunAborted, RunInterrupted
+from nbtoolkit.frame._estimate import CostEstimate, dry_run, estimate_for
+from nbtoolkit.frame._progress import LiveCost, ProgressBar
+from nbtoolkit.frame._report import RunReport, last_run, remember, rows_frame
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a run needs, checked before any request is sent."""
+
+    frame: pd.DataFrame  # the caller's rows (a Series comes as a one-column frame)
+    requests: Iterable[Any]  # one request (or None: nothing to send) per row, made lazily
+    config: ChatConfig
+    # Builds the run's output from one result per row, in the frame's order.
+    write: Callable[[Sequence[RowResult]], Any]
+    endpoint: Endpoint | None = None  # None: chat completions
+    # The caller's DataFrame or Series: a dry run's estimate is kept for its next run.
+    owner: object | None = None
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def blocking(coroutine_method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, R]:
+    """The sync twin of an ``a...`` method: same parameters, runs it to the end and returns.
+
+    Works in scripts and in notebook cells (whose kernel already runs an event loop).
+    Ctrl-C or the stop button raises `RunInterrupted`, carrying the rows that finished.
+    """
+
+    @functools.wraps(coroutine_method)
+    def method(*args: P.args, **kwargs: P.kwargs) -> R:
+        before = last_run()
+        try:
+            return run_sync(coroutine_method(*args, **kwargs))
+        except RunInterrupted:
+            raise
+        except (KeyboardInterrupt, asyncio.CancelledError) as exc:
+            report = last_run()
+            if report is None or report is before or report.outcome != "interrupted":
+                raise  # stopped before this run had a report: nothing to hand back
+            raise RunInterrupted(_interrupted_message(report), partial=report.output) from exc
+
+    method.__name__ = method.__qualname__ = coroutine_method.__name__.removeprefix("a")
+    method.__doc__ = (coroutine_method.__doc__ or "").replace("``await``-able; ", "")
+    return method
+
+
+async def run_plan(plan: Plan) -> Any:
+    """Run a plan's requests through the engine and return its output; keep its report.
+
+    Raises:
+        RunAborted: a systemic failure; ``.partial`` is the output with the rows that
+            finished.
+        RunInterrupted: Ctrl-C (a KeyboardInterrupt inside the run).
+        asyncio.CancelledError: the awaiting task was cancelled; a note says where the
+            finished rows are.
+    """
+    bar = ProgressBar(len(plan.frame), enabled=plan.config.progress)
+    try:
+        run = ChatRun(plan.config, endpoint=plan.endpoint, listener=bar)
+        estimate = None
+        if plan.owner is not None:
+            estimate = estimate_for(plan.owner, run.config, run.endpoint.path)
+        bar.cost = live_cost(run, len(plan.frame), estimate)
+    except BaseException:
+        bar.close()
+        raise
+    aborted: RunAborted | None = None
+    try:
+        with bar:
+            results = await run.execute(plan.requests)
+    except RunAborted as exc:
+        aborted = exc
+    except KeyboardInterrupt as exc:
+        report = _report(plan, run, run.results, "interrupted", estimate)
+        raise RunInterrupted(_interrupted_message(report), partial=report.output) from exc
+    except asyncio.CancelledError as exc:
+        report = _report(plan, run, run.results, "interrupted", estimate)
+        # Cancellation must stay a CancelledError; a note still tells where the rows are.
+        exc.add_note(_interrupted_message(report))
+        raise
+    if aborted is not None:  # raised outside the except block: one line in a notebook
+        report = _report(plan, run, run.results, "aborted", estimate)
+        raise RunAborted(str(aborted), partial=report.output, cause=aborted.cause) from (
+            aborted.cause
+        )
+    return _report(plan, run, results, "finished", estimate).output
+
+
+async def estimate_plan(
+    plan: Plan, *, pilot: int | float | None, batch: bool = False
+) -> CostEstimate:
+    """What running the plan would cost, sending nothing but a pilot's rows (if asked).
+
+    Raises:
+        ConfigError: no model, or a bad pilot size.
+        RunAborted: the pilot met a bad key, wrong URL or model, or no quota.
+    """
+    owner = plan.owner if plan.owner is not None else plan.frame
+    return await dry_run(
+        owner, plan.config, plan.requests, endpoint=plan.endpoint, pilot=pilot, batch=batch
+    )
+
+
+def live_cost(run: ChatRun, rows: int, estimate: CostEstimate | None) -> LiveCost:
+    """The bar's cost figures for one run, starting from its dry run's estimate if any."""
+    to_pay = expected = None
+    if estimate is not None:
+        answered = 0 if estimate.pilot is None else estimate.pilot.rows - estimate.pilot.failed
+        to_pay = estimate.to_send - answered
+        if estimate.cost is not None:
+            paid = estimate.pilot.cost or 0.0 if estimate.pilot is not None else 0.0
+            expected = estimate.cost.expected - paid
+    return LiveCost(
+        run.budget.unit_price,
+        rows=rows,
+        to_pay=to_pay,
+        expected=expected,
+        max_cost=run.config.max_cost,
+    )
+
+
+def _report(
+    plan: Plan,
+    run: ChatRun,
+    results: Sequence[RowResult | None],
+    outcome: str,
+    estimate: CostEstimate | None = None,
+) -> RunReport:
+    rows = results_in_order(results)
+    rows += results_in_order([None]) * (len(plan.frame) - len(rows))
+    price = run.budget.unit_price
+    return remember(
+        RunReport(
+            plan.write(rows),
+            rows_frame(rows, plan.frame.index, price),
+            run.stats,
+            outcome,
+            price=price,
+            estimate=estimate,
+        )
+    )
+
+
+def _interrupted_message(report: RunReport) -> str:
+    return (
+        f"{report.summary()}. The finished rows are in nbtoolkit.last_run().output "
+        "(and in this exception's .partial)."
+    )
