@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 import nbtoolkit
+from nbtoolkit.config import masked_url
 from nbtoolkit.local import (
     REVIEW_FIELDS,
     REVIEW_FIELDS_TEMPLATE,
@@ -71,7 +72,8 @@ def _demo(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         if config.api_key and not args.local:
             model, base_url = args.model or REMOTE_MODEL, str(config.base_url)
-            print(f"OPENAI_API_KEY is set: asking {model} at {base_url} (--local: the local model)")
+            shown = masked_url(base_url)  # a gateway's key may be in the query
+            print(f"OPENAI_API_KEY is set: asking {model} at {shown} (--local: the local model)")
         else:
             why = "--local given" if config.api_key else "no OPENAI_API_KEY"
             print(f"{why}: starting the local model (Gemma 3 270M on llama.cpp, 127.0.0.1) ...")

@@ -504,3 +504,20 @@ def test_batch_calls_retry_like_rows_but_a_create_only_after_a_429(tmp_path: Pat
         job = df.chat.submit_batch("q", **settings(server), cache=cache, batch=FAST)
         assert (server.batch.uploads, server.batch.batches_created) == (2, 1)
         assert job.result()["response"].notna().all()
+
+
+def test_a_batch_without_max_tokens_is_checked_at_the_models_output_ceiling(
+    server: ChatServer,
+) -> None:
+    """Without max_tokens a batch's worst case is each row at the model's output ceiling
+    (16,384 assumed for an unknown model), not a guess: over max_tokens_total, nothing is
+    uploaded; with max_tokens the same budget takes the job."""
+    df = small(10)
+    with pytest.raises(nbtoolkit.ConfigError, match="over max_tokens_total=50,000"):
+        df.chat.submit_batch("q", **settings(server), max_tokens_total=50_000)
+    assert (server.batch.uploads, server.batch.batches_created) == (0, 0)
+    job = df.chat.submit_batch(
+        "q", **settings(server), max_tokens_total=50_000, max_tokens=100, batch=FAST
+    )
+    job.result()
+    assert server.batch.uploads == 1

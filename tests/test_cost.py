@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import nbtoolkit
-from nbtoolkit.testing import ChatServer, CompletionLengths
+from nbtoolkit.testing import ChatServer, CompletionLengths, RateLimit
 
 from .conftest import MODEL, settings
 
@@ -163,6 +163,27 @@ def test_without_a_pilot_answer_lengths_come_from_the_cache(sized: ChatServer) -
     assert "learned from 30 earlier answers" in estimate.completion_basis
     per_row = estimate.completion_tokens.expected / 50
     assert 40 < per_row < 200  # the server's answers: a median of 40 + 60 reasoning tokens
+
+
+def test_the_wall_time_follows_the_servers_limit() -> None:
+    """A pilot that meets rate headers times the rest at the server's own limit."""
+    with ChatServer(rate_limit=RateLimit(5.0, 50)).run_in_thread() as server:
+        estimate = reviews(205).chat.complete(
+            "review", dry_run=True, pilot=5, **settings(server, max_parallel=8)
+        )
+    assert "the server's requests limit" in estimate.wall_basis
+    assert estimate.wall_seconds == pytest.approx(200 / 5, rel=0.2)
+
+
+def test_an_estimate_serves_only_its_own_kind_of_run(sized: ChatServer) -> None:
+    """extract's dry run is not the estimate a later complete on the same frame starts from."""
+    df = reviews(6)
+    df.chat.extract("review", schema={"stars": int}, dry_run=True, **settings(sized))
+    df.chat.complete("review", **settings(sized))
+    assert report().estimate is None
+    estimate = df.chat.complete("review", dry_run=True, **settings(sized))
+    df.chat.complete("review", **settings(sized))
+    assert report().estimate is estimate
 
 
 def test_pilot_needs_dry_run(sized: ChatServer) -> None:

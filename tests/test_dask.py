@@ -1,4 +1,5 @@
-"""``ddf.chat`` on a real ``distributed.LocalCluster`` (2 worker processes x 2 threads).
+"""``ddf.chat`` on dask's threaded scheduler, its processes scheduler, and a real
+``distributed.LocalCluster`` (2 worker processes x 2 threads).
 
 One cluster serves the whole module (starting one costs seconds); each test talks to its own
 test server on a thread of this process, and asserts on what that server saw.
@@ -6,8 +7,12 @@ test server on a thread of this process, and asserts on what that server saw.
 
 from __future__ import annotations
 
+import importlib
 import os
+import random
 import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,13 +23,15 @@ import pytest
 
 import nbtoolkit
 from nbtoolkit.dask._ledger import SlotLedger, fair_shares
-from nbtoolkit.testing import ChatServer, FaultRates, Stall, Status
+from nbtoolkit.testing import ChatServer, FaultRates, RateLimit, Stall, Status
 from tests.conftest import FAST_RETRY, MODEL
 
 dd = pytest.importorskip("dask.dataframe")
 distributed = pytest.importorskip("distributed")
 
-pytestmark = pytest.mark.timeout(90)
+# The function only: starting the module's cluster (worker processes that import pandas,
+# dask and nbtoolkit) is the fixture's cost, and on a loaded machine it alone can take a minute.
+pytestmark = pytest.mark.timeout(90, func_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +43,8 @@ def client() -> Iterator[Any]:
         ) as cluster,
         distributed.Client(cluster) as running,
     ):
+        # Every worker imports what a partition needs now, not in the first test's time.
+        running.run(importlib.import_module, "nbtoolkit.dask._accessor")
         yield running
 
 
@@ -97,8 +106,8 @@ def test_building_sends_nothing_and_keeps_index_and_order(client: Any) -> None:
 
 
 def test_global_limit_and_every_row_right_under_faults(client: Any) -> None:
-    """2,000 rows, 8 partitions, 5% 5xx and 1% resets: <= 12 in flight, all right, none twice."""
-    df, ddf = _frame(2000, 8)
+    """1,000 rows, 8 partitions, 5% 5xx and 1% resets: <= 12 in flight, all right, none twice."""
+    df, ddf = _frame(1000, 8)
     faults = FaultRates(server_error=0.05, reset=0.01, seed=14)
     with ChatServer(latency=0.03, faults=faults, record=False).run_in_thread() as server:
         out = ddf.chat.complete(
@@ -117,13 +126,13 @@ def test_global_limit_and_every_row_right_under_faults(client: Any) -> None:
     assert peak <= 12
     assert list(result.index) == list(df.index)
     assert list(result["response"]) == [f"echo: {q}" for q in df["q"]]
-    assert len(answered) == 2000 and max(answered.values()) == 1
+    assert len(answered) == 1000 and max(answered.values()) == 1
     report = nbtoolkit.last_dask_run()
     assert report is not None and report.outcome == "finished"
-    assert report.rows == {"ok": 2000}
+    assert report.rows == {"ok": 1000}
     assert report.peak_slots <= 12
     assert report.stats.requests_sent == sum(statuses.values())
-    assert report.stats.retries == report.stats.requests_sent - 2000 > 0
+    assert report.stats.retries == report.stats.requests_sent - 1000 > 0
 
 
 def test_a_row_that_fails_is_none_with_its_reason(client: Any) -> None:
@@ -222,3 +231,125 @@ def test_extract_and_embed_run_per_partition_too(client: Any) -> None:
     matrix = nbtoolkit.to_matrix(embedded["embedding"])
     assert matrix.dtype == "float32" and matrix.shape[0] == 60
     assert not pd.isna(matrix).any()
+
+
+def test_ledger_under_racing_threads_never_grants_past_capacity() -> None:
+    """8 threads syncing, leaving and reading one ledger at once: never more than capacity held."""
+    ledger = SlotLedger()
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def partition(number: int) -> None:
+        rng = random.Random(number)
+        try:
+            start.wait()
+            for attempt in range(40):
+                holder, held = f"{number}:{attempt}", 0
+                for _ in range(25):
+                    release = rng.randint(0, held)
+                    reply = ledger.sync(
+                        run="r", holder=holder, worker="w", capacity=5, demand=10, release=release
+                    )
+                    held += reply["granted"] - release
+                    ledger.reports(run="r")
+                ledger.leave(run="r", holder=holder)
+                ledger.drop_worker("gone")  # iterates every run's holders meanwhile
+        except BaseException as exc:  # pragma: no cover - what the test is looking for
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        threads = [threading.Thread(target=partition, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert ledger.reports(run="r")["peak_held"] == 5
+
+
+def test_a_holder_that_left_is_never_granted_again() -> None:
+    """A sync that arrives after its holder's leave (cancelled on the way) holds no slots."""
+    ledger = SlotLedger()
+    ledger.sync(run="r", holder="a", worker="w1", capacity=4, demand=10)
+    ledger.leave(run="r", holder="a")
+    late = ledger.sync(run="r", holder="a", worker="w1", capacity=4, demand=3, release=0)
+    assert late["granted"] == 0
+    assert ledger.sync(run="r", holder="b", worker="w2", capacity=4, demand=10)["granted"] == 4
+
+
+def test_threaded_scheduler_keeps_max_parallel_and_leaves_last_run() -> None:
+    """8 partitions on 8 threads: <= 6 in flight at the server; last_run() is not theirs."""
+    df = pd.DataFrame({"q": [f"question {i}" for i in range(400)]})
+    with ChatServer(latency=0.02).run_in_thread() as server:
+        before = df.head(3).chat.complete("q", model=MODEL, base_url=server.base_url, cache=False)
+        mine = nbtoolkit.last_run()
+        out = dd.from_pandas(df, npartitions=8, sort=True).chat.complete(
+            "q", model=MODEL, base_url=server.base_url, max_parallel=6, cache=False
+        )
+        result = out.compute(scheduler="threads", num_workers=8)
+        peak = server.peak_in_flight
+        answered = dict(server.answered)
+    assert list(before["response"]) == ["echo: question 0", "echo: question 1", "echo: question 2"]
+    assert peak <= 6
+    assert list(result["response"]) == [f"echo: {q}" for q in df["q"]]
+    assert answered["question 1"] == 2 and answered["question 300"] == 1
+    assert nbtoolkit.last_run() is mine  # the partitions' runs are not the user's last run
+    report = nbtoolkit.last_dask_run()
+    assert report is not None and report.rows == {"ok": 400} and report.peak_slots <= 6
+
+
+def test_threaded_scheduler_follows_rate_headers_across_partitions() -> None:
+    """8 partitions against 40 req/s (burst 10): one budget for all, not one per partition."""
+    df = pd.DataFrame({"q": [f"question {i}" for i in range(240)]})
+    # Each partition following the headers as if it were alone got 35-44% 429s here.
+    with ChatServer(rate_limit=RateLimit(40, 10)).run_in_thread() as server:
+        out = dd.from_pandas(df, npartitions=8, sort=True).chat.complete(
+            "q", model=MODEL, base_url=server.base_url, max_parallel=32, cache=False
+        )
+        result = out.compute(scheduler="threads", num_workers=8)
+        statuses = dict(server.statuses)
+    assert list(result["response"]) == [f"echo: {q}" for q in df["q"]]
+    # As the pandas test allows on a loaded machine (test_the_learned_rate_matches_the_server).
+    assert statuses.get("429", 0) <= 0.10 * sum(statuses.values())
+
+
+def test_retry_after_max_holds_under_dask() -> None:
+    """A header asking for an hour's wait holds the run retry_after_max, as in pandas."""
+    df = pd.DataFrame({"q": [f"question {i}" for i in range(20)]})
+    hour = {
+        "x-ratelimit-limit-requests": "100",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "1h",
+    }
+    retry = nbtoolkit.RetryPolicy(attempts=3, wait_initial=0.01, wait_max=0.05, retry_after_max=0.2)
+    with ChatServer().run_in_thread() as server:
+        server.script(Status(500, headers=hour), prompt="question 3")
+        out = dd.from_pandas(df, npartitions=2, sort=True).chat.complete(
+            "q", model=MODEL, base_url=server.base_url, max_parallel=4, retry=retry, cache=False
+        )
+        result = out.compute(scheduler="threads")  # with a 300 s cap this would time out
+        answered = dict(server.answered)
+    assert list(result["response"]) == [f"echo: {q}" for q in df["q"]]
+    assert answered["question 3"] == 1 and sum(answered.values()) == 20
+
+
+def test_batch_mode_on_dask_is_refused_while_building() -> None:
+    """ddf.chat.complete(batch=True) would be one Batch API job per partition: a ConfigError."""
+    _, ddf = _frame(10, 2)
+    with pytest.raises(nbtoolkit.ConfigError, match="one Batch API job per partition"):
+        ddf.chat.complete("q", model=MODEL, base_url="http://127.0.0.1:9/v1", batch=True)
+
+
+def test_processes_scheduler_is_refused_before_anything_is_sent() -> None:
+    """Processes share no ledger: compute(scheduler="processes") is a ConfigError, 0 requests."""
+    _, ddf = _frame(20, 2)
+    with ChatServer().run_in_thread() as server:
+        out = ddf.chat.complete("q", model=MODEL, base_url=server.base_url, cache=False)
+        with pytest.raises(nbtoolkit.ConfigError, match="scheduler='threads'"):
+            out.compute(scheduler="processes", num_workers=1)
+        sent = server.request_count
+    assert sent == 0

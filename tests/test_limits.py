@@ -12,11 +12,30 @@ from nbtoolkit.core._limits import (
     ServerLimits,
     Ticket,
     TokenBucket,
-    estimate_tokens,
     parse_duration,
     parse_reset,
 )
+from nbtoolkit.core._pacing import LearnedPace
+from nbtoolkit.core._rows import RowResult, estimate_tokens
+from nbtoolkit.core.endpoints._base import ChatEndpoint
 from nbtoolkit.testing import ChatServer, HeaderFamily, RateLimit, Status
+
+
+class Holds:
+    """A progress listener that keeps the waits the governor announces (those >= 0.5 s):
+    how a run's speed is checked without timing it on a busy machine."""
+
+    def __init__(self) -> None:
+        self.waits: list[tuple[float, str]] = []
+
+    def row_done(self, result: RowResult) -> None:
+        pass
+
+    def row_retried(self) -> None:
+        pass
+
+    def row_waiting(self, seconds: float, reason: str) -> None:
+        self.waits.append((seconds, reason))
 
 
 class FakeClock:
@@ -100,10 +119,13 @@ def test_bucket_refills_and_goes_into_debt() -> None:
 
 
 def test_estimate_counts_prompt_and_completion_budget() -> None:
-    """The reservation is the prompt's rough token count plus max_tokens."""
-    messages = [{"role": "user", "content": "x" * 400}]
-    assert estimate_tokens(messages, 50) == pytest.approx(100 + 4 + 3 + 50)
-    assert estimate_tokens(messages, None) == pytest.approx(100 + 4 + 3 + 256)
+    """A chat row reserves its body's estimate (4 bytes a token) plus max_tokens, or 256."""
+    request = ChatRequest(({"role": "user", "content": "x" * 400},))
+    capped = ChatEndpoint({"model": "m", "max_tokens": 50}).item(0, request)
+    assert capped.prompt_tokens == pytest.approx(len(capped.payload) / 4)
+    assert capped.prompt_tokens == pytest.approx(estimate_tokens(capped.payload))
+    assert capped.completion_tokens == 50
+    assert ChatEndpoint({"model": "m"}).item(0, request).completion_tokens == 256
 
 
 async def test_a_429_pauses_every_worker() -> None:
@@ -189,29 +211,38 @@ async def test_first_request_goes_alone_briefly() -> None:
 
 
 async def test_a_rate_limited_run_stays_under_the_limit() -> None:
-    """Against 40 req/s (burst 20), 120 rows finish near the ideal time with few 429s."""
+    """Against 40 req/s (burst 20), 120 rows finish paced at the learned 40/s, few 429s."""
     rows = [ChatRequest(({"role": "user", "content": f"p{i}"},)) for i in range(120)]
+    holds = Holds()
     async with ChatServer(rate_limit=RateLimit(40, 20)) as server:
         config = ChatConfig(base_url=server.base_url, model="m", max_parallel=50, cache=False)
-        run = ChatRun(config)
+        run = ChatRun(config, listener=holds)
         results = await run.execute(rows)
     assert [r.text for r in results] == [f"echo: p{i}" for i in range(120)]
     assert server.statuses["429"] <= 0.05 * server.request_count
-    # Ideal: 20 at once, then 100 at 40/s = 2.5 s. Generous bound: this is not a benchmark.
-    assert run.stats.wall_seconds < 2.5 * 3
+    # How near the ideal time (20 at once, then 100 at 40/s) is a benchmark's figure
+    # (python -m benchmarks --only headers), not a test's: the machine is shared. Here: the
+    # run paced itself at the server's rate, and was never held back half a second.
+    assert learned_rate(run)["rate_per_second"] == pytest.approx(40, rel=0.10)
+    assert holds.waits == []
 
 
 async def test_a_429_storm_pauses_everyone_once() -> None:
     """With no headers to go on, a wall of 429s makes all workers wait the server's time."""
-    rows = [ChatRequest(({"role": "user", "content": f"p{i}"},)) for i in range(8)]
+    rows = [ChatRequest(({"role": "user", "content": f"p{i}"},)) for i in range(40)]
     async with ChatServer() as server:
         server.script(Status(429, retry_after_ms=300))
         config = ChatConfig(base_url=server.base_url, model="m", max_parallel=8, cache=False)
         await ChatRun(config).execute(rows)
     first_429 = next(r for r in server.requests if r.status == 429)
-    after = [r.started for r in server.requests if r.started > first_429.finished]
-    # Nobody sent anything in the 0.3 s the server asked for (the pause is shared).
-    assert min(after) - first_429.finished >= 0.3
+    pause_ends = first_429.finished + 0.3
+    during = [r for r in server.requests if first_429.finished < r.started < pause_ends]
+    # Nobody sent anything new in the 0.3 s the server asked for (the pause is shared): the
+    # only requests the server saw start then are ones the other 7 workers had already sent
+    # when the 429 came back (on a busy machine they can reach the server a moment after it).
+    assert len(during) <= 7
+    assert all(r.prompt != first_429.prompt for r in during)
+    assert len(server.requests) == 41  # 40 rows and the one retry: nothing else refused
 
 
 async def test_half_the_pool_until_the_server_answers() -> None:
@@ -401,9 +432,10 @@ async def test_the_learned_rate_matches_the_server(
     """Per-second, per-minute and per-day headers all teach the server's 40/s within 10%."""
     limit = RateLimit(40, 20, headers=family, window=window)
     rows = [ChatRequest(({"role": "user", "content": f"p{i}"},)) for i in range(100)]
+    holds = Holds()
     async with ChatServer(rate_limit=limit) as server:
         config = ChatConfig(base_url=server.base_url, model="m", max_parallel=50, cache=False)
-        run = ChatRun(config)
+        run = ChatRun(config, listener=holds)
         results = await run.execute(rows)
     assert all(r.ok for r in results)
     learned = learned_rate(run)
@@ -412,5 +444,83 @@ async def test_the_learned_rate_matches_the_server(
     # The benchmarks hold 429s to 5% (they see none); on a loaded 2-core machine, replies
     # read late make a few more here, and an epoch-ms reset (OpenRouter) reads short.
     assert server.statuses["429"] <= 0.10 * server.request_count
-    # Ideal: 20 at once, then 80 at 40/s = 2 s. Generous: this is not a benchmark.
-    assert run.stats.wall_seconds < 2 * 4
+    # The wall time against the ideal 2 s is the headers benchmark's figure; here: the run
+    # was never held back half a second (as a window misread as the rate's period would).
+    assert holds.waits == []
+
+
+def settle_429(governor: RateGovernor, ticket: Ticket) -> None:
+    """Report a 429 (no rate headers, no Retry-After) for ``ticket``."""
+    governor.settle(
+        ticket, reserved_tokens=1, used_tokens=None, limits=None, congested=True, throttled=True
+    )
+
+
+async def test_without_rate_headers_a_429_paces_the_requests() -> None:
+    """With no rate in the headers, a 429 paces requests at 85% of the last second's rate
+    (not by cutting concurrency); 429s for requests sent before that cut do not cut again;
+    a 429 after a success takes 15% off; successes grow the pace back."""
+    clock = FakeClock()
+    governor = RateGovernor(max_parallel=200, probe_seconds=0, clock=clock)
+    tickets = []
+    for _ in range(100):  # 100 requests in a second
+        tickets.append(await governor.admit(1))
+        clock.now += 0.0099
+    settle_429(governor, tickets[-1])
+    assert governor.pace.rate == pytest.approx(85)
+    assert governor.limit == 200  # a rate limit cuts the pace, not the concurrency
+    for ticket in tickets[:-1]:  # sent before the cut: already answered by it
+        settle_429(governor, ticket)
+    assert governor.pace.cuts == 1
+    # Paced: a request 1/85 s after the cut, and the next one 1/85 s after that.
+    clock.now += 1 / 85
+    governor.settle(
+        await governor.admit(1), reserved_tokens=1, used_tokens=1, limits=None, congested=False
+    )
+    await held_until_clock_moves(governor, clock, 1 / 85)
+    grown = governor.pace.rate
+    assert grown is not None and grown > 85
+    assert str(governor.learned()["requests"]["basis"]).startswith("429s")
+
+
+def test_the_pace_halves_until_a_request_at_it_succeeds() -> None:
+    """From a burst, each 429 halves the pace until a request sent at it succeeds; after
+    that, a 429 takes 15% off."""
+    clock = FakeClock()
+    pace = LearnedPace(clock)
+    for _ in range(200):  # 200 requests in a second
+        pace.admitted()
+        clock.now += 0.004
+    pace.throttled(clock.now - 0.1)
+    assert pace.rate == pytest.approx(170)
+    clock.now += 0.01
+    pace.admitted()
+    pace.throttled(clock.now)  # sent at 170 a second, refused: halve
+    assert pace.rate == pytest.approx(85)
+    clock.now += 0.01
+    pace.admitted()
+    sent = clock.now
+    clock.now += 0.1
+    pace.succeeded(sent)  # sent at 85 a second, accepted
+    grown = pace.rate
+    assert grown is not None and grown > 85
+    clock.now += 0.01
+    pace.admitted()
+    pace.throttled(clock.now)
+    assert pace.rate == pytest.approx(0.85 * grown)
+    assert pace.cuts == 3
+
+
+async def test_without_rate_headers_429s_stay_rare_and_rows_right() -> None:
+    """A server at 100 requests/s (burst 100) that sends no rate headers: few 429s (12-14%
+    of requests before the pace, about 1% with it), every row right and answered once."""
+    rows = [ChatRequest(({"role": "user", "content": f"p{i}"},)) for i in range(500)]
+    limit = RateLimit(100, 100, headers="none")
+    async with ChatServer(latency=0.05, rate_limit=limit) as server:
+        config = ChatConfig(base_url=server.base_url, model="m", max_parallel=100, cache=False)
+        run = ChatRun(config)
+        results = await run.execute(rows)
+    assert [r.text for r in results] == [f"echo: p{i}" for i in range(500)]
+    assert all(server.answered[f"p{i}"] == 1 for i in range(500))
+    assert server.statuses["429"] <= 0.08 * server.request_count
+    assert str(learned_rate(run)["basis"]).startswith("429s")

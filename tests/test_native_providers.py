@@ -13,7 +13,7 @@ import pytest
 
 import nbtoolkit
 from nbtoolkit import ChatConfig, ChatRequest, ChatRun, ConfigError, RunAborted
-from nbtoolkit.core.endpoints._gemini import gemini_schema
+from nbtoolkit.core.endpoints._gemini_schema import gemini_schema
 from nbtoolkit.core.endpoints._schema import normalise
 from nbtoolkit.testing import (
     AnthropicServer,
@@ -64,6 +64,11 @@ def gemini_config(server: GeminiServer, **changes: object) -> ChatConfig:
         retry=PATIENT,
     )
     return nbtoolkit.config.merge(base, **changes)
+
+
+def folder_bytes(folder: pathlib.Path) -> bytes:
+    """Every file in ``folder`` (the cache and its journal), concatenated."""
+    return b"".join(path.read_bytes() for path in folder.iterdir() if path.is_file())
 
 
 class Ticket(pydantic.BaseModel):
@@ -186,6 +191,7 @@ def test_anthropic_shared_prefix_is_cached_for_200_rows() -> None:
     saved = report.stats.cached_tokens * (3.0 - 0.3) / 1e6
     assert report.stats.cache_saved == pytest.approx(saved)
     assert f"{report.stats.cached_tokens:,} cached, saved {saved:.4f}" in report.summary()
+    assert "max_tokens: 1024 per request (Anthropic requires one" in report.summary()
 
 
 async def test_anthropic_short_prefix_is_not_marked() -> None:
@@ -214,6 +220,64 @@ def test_anthropic_from_its_environment(monkeypatch: pytest.MonkeyPatch) -> None
         out = df.chat.complete("text", model=CLAUDE, progress=False)
     assert list(out["response"]) == ["echo: a"]
     assert server.requests[0].headers["x-api-key"] == ANTHROPIC_KEY
+
+
+def test_gemini_from_its_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GOOGLE_API_KEY alone selects Gemini (GOOGLE_GEMINI_BASE_URL its root, as google-genai
+    reads them); GOOGLE_API_KEY wins over GEMINI_API_KEY, as in the SDK."""
+    df = pd.DataFrame({"text": ["a"]})
+    with GeminiServer(api_key=GEMINI_KEY).run_in_thread() as server:
+        monkeypatch.setenv("GOOGLE_API_KEY", GEMINI_KEY)
+        monkeypatch.setenv("GEMINI_API_KEY", "gm-other-key-SENTINEL")
+        monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", server.base_url)
+        out = df.chat.complete("text", model=GEMINI, progress=False)
+    assert list(out["response"]) == ["echo: a"]
+    assert server.requests[0].headers["x-goog-api-key"] == GEMINI_KEY
+
+
+def test_provider_is_openai_when_anything_points_at_openai(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OpenAI key or base URL anywhere keeps OpenAI, whatever other keys are set; two
+    other providers' keys and nothing else is ambiguous, so OpenAI too."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "a")
+    assert ChatConfig(base_url="http://127.0.0.1:1/v1").resolved().provider == "openai"
+    monkeypatch.setenv("OPENAI_API_KEY", "o")
+    assert ChatConfig().resolved().provider == "openai"
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert ChatConfig().resolved().provider == "anthropic"
+    monkeypatch.setenv("GEMINI_API_KEY", "g")
+    assert ChatConfig().resolved().provider == "openai"
+    with pytest.raises(ConfigError, match="provider must be one of"):
+        ChatConfig(provider="claude")  # type: ignore[arg-type]
+
+
+async def test_native_keys_stay_out_of_reprs_and_the_cache(tmp_path: pathlib.Path) -> None:
+    """A run against each provider caches its answers under keys and files that never hold
+    the API key, and no repr shows it."""
+    cache = tmp_path / "answers.sqlite3"
+    async with AnthropicServer(api_key=ANTHROPIC_KEY) as claude_server:
+        claude = anthropic_config(claude_server, cache=str(cache))
+        assert all(r.ok for r in await ChatRun(claude).execute(rows(5)))
+    async with GeminiServer(api_key=GEMINI_KEY) as gemini_server:
+        gemini = gemini_config(gemini_server, cache=str(cache))
+        assert all(r.ok for r in await ChatRun(gemini).execute(rows(5)))
+    stored = folder_bytes(tmp_path)
+    assert b"echo: p4" in stored  # the answers really are in there
+    for key in (ANTHROPIC_KEY, GEMINI_KEY):
+        assert key.encode() not in stored
+        assert key not in repr(claude) + repr(gemini) + repr(claude.resolved())
+
+
+async def test_dry_run_prices_anthropic_and_gemini_models() -> None:
+    """The cost estimate builds each provider's own requests and prices them from the table,
+    without sending anything."""
+    from nbtoolkit.core._estimate import estimate_run
+
+    for provider, model in (("anthropic", CLAUDE), ("gemini", GEMINI)):
+        config = ChatConfig(provider=provider, model=model, api_key="k", cache=False)  # type: ignore[arg-type]
+        estimate = await estimate_run(config, rows(20, system="Be brief."))
+        assert estimate.to_send == 20
+        assert estimate.cost is not None, provider
+        assert f"{provider} price table read" in str(estimate)
 
 
 # Gemini
@@ -294,6 +358,7 @@ async def test_gemini_daily_quota_stops_with_googles_words() -> None:
         with pytest.raises(RunAborted) as stopped:
             await ChatRun(gemini_config(server, max_parallel=4)).execute(rows(100))
     assert words in str(stopped.value)
+    assert "daily quota is spent" in str(stopped.value)
     assert server.request_count <= 4
 
 
@@ -362,3 +427,51 @@ def test_extract_gives_the_same_typed_columns_on_three_providers() -> None:
     pd.testing.assert_frame_equal(outs[0], outs[2])
     assert gemini_server.statuses["400"] == 0 and gemini_server.request_count == 3
     assert str(outs[2]["urgency"].dtype) == "Int64"
+
+
+def test_classify_gives_the_same_labels_on_three_providers() -> None:
+    """classify's enum schema goes through the tool (Anthropic) and responseSchema (Gemini)
+    and gives the same category column as OpenAI's json_schema; the default system prompt
+    travels as each provider's system field."""
+    df = pd.DataFrame({"text": ["great", "awful", "fine", "meh"]})
+    labels = ["pos", "neg", "neutral"]
+    outs = []
+    with ChatServer().run_in_thread() as server:
+        outs.append(
+            df.chat.classify(
+                "text", labels=labels, model="m", base_url=server.base_url, progress=False
+            )
+        )
+    with AnthropicServer().run_in_thread() as claude_server:
+        outs.append(df.chat.classify("text", labels=labels, config=anthropic_config(claude_server)))
+    with GeminiServer().run_in_thread() as gemini_server:
+        outs.append(df.chat.classify("text", labels=labels, config=gemini_config(gemini_server)))
+    pd.testing.assert_frame_equal(outs[0], outs[1])
+    pd.testing.assert_frame_equal(outs[0], outs[2])
+    assert list(outs[1]["label"].cat.categories) == labels
+    assert "Classify" in claude_server.requests[0].body["system"]
+    assert "Classify" in gemini_server.requests[0].body["systemInstruction"]["parts"][0]["text"]
+
+
+def test_anthropic_rate_headers_are_read_per_minute_with_rfc3339_resets() -> None:
+    """anthropic-ratelimit-* headers give a per-minute window and RFC 3339 resets as seconds;
+    tokens come from the tokens family, else from input-tokens."""
+    from nbtoolkit.core._limits import ServerLimits
+
+    now = 1_800_000_000.0
+    headers = {
+        "anthropic-ratelimit-requests-limit": "3000",
+        "anthropic-ratelimit-requests-remaining": "2990",
+        "anthropic-ratelimit-requests-reset": "2027-01-15T08:00:02Z",
+        "anthropic-ratelimit-input-tokens-limit": "400000",
+        "anthropic-ratelimit-input-tokens-remaining": "390000",
+        "anthropic-ratelimit-input-tokens-reset": "2027-01-15T08:00:01.500000+00:00",
+    }
+    limits = ServerLimits.from_headers(headers, now=now)
+    assert limits is not None and limits.family == "anthropic"
+    assert (limits.limit_requests, limits.remaining_requests) == (3000, 2990)
+    assert (limits.window_requests, limits.window_tokens) == (60.0, 60.0)
+    assert limits.limit_tokens == 400_000 and limits.remaining_tokens == 390_000
+    # 2027-01-15T08:00:00Z is 1,800,000,000 s after the epoch.
+    assert limits.reset_requests == pytest.approx(2.0)
+    assert limits.reset_tokens == pytest.approx(1.5)

@@ -5,6 +5,7 @@ read the real API's."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
 import aiohttp
 import anthropic
@@ -26,18 +27,44 @@ from nbtoolkit.testing import (
     schema_instance,
 )
 
+# google-genai subclasses aiohttp's ClientSession, which aiohttp warns about: not ours.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Inheritance class AiohttpClientSession:DeprecationWarning"
+)
+
 ANTHROPIC_KEY = "sk-ant-test-SENTINEL-4c1d"
 GEMINI_KEY = "gm-test-SENTINEL-77aa0e"
 CLAUDE = "claude-sonnet-4-5"
 GEMINI = "gemini-2.5-flash"
 
 
+# The SDK clients the running test opened, closed by `_close_clients` on the test's loop.
+_OPENED: list[anthropic.AsyncAnthropic | genai.Client] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_clients() -> AsyncIterator[None]:
+    """Close every SDK client a test opened while its loop still runs."""
+    yield
+    while _OPENED:
+        client = _OPENED.pop()
+        if isinstance(client, anthropic.AsyncAnthropic):
+            await client.close()
+        else:
+            await client.aio.aclose()
+
+
 def claude(server: AnthropicServer, key: str = ANTHROPIC_KEY) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(api_key=key, base_url=server.base_url, max_retries=0)
+    client = anthropic.AsyncAnthropic(api_key=key, base_url=server.base_url, max_retries=0)
+    _OPENED.append(client)
+    return client
 
 
 def gemini(server: GeminiServer, key: str = GEMINI_KEY) -> genai.Client:
-    return genai.Client(api_key=key, http_options=genai_types.HttpOptions(base_url=server.base_url))
+    options = genai_types.HttpOptions(base_url=server.base_url)
+    client = genai.Client(api_key=key, http_options=options)
+    _OPENED.append(client)
+    return client
 
 
 class Ticket(pydantic.BaseModel):

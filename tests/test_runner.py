@@ -109,14 +109,14 @@ INTERRUPT = """
         pressed.append(time.monotonic())
         os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does
 
-    with ChatServer(latency=0.1).run_in_thread() as server:
+    with ChatServer(latency=0.5).run_in_thread() as server:
         threading.Thread(target=interrupt_once_sending, daemon=True).start()
         try:
             CALL
             report(error="not interrupted")
         except nbtoolkit.RunInterrupted as exc:
             seconds = time.monotonic() - pressed[0]
-            # The requests cancelled mid-reply end on the server within its 0.1 s latency.
+            # The requests cancelled mid-reply end on the server within its 0.5 s latency.
             deadline = time.monotonic() + 5
             while server.in_flight and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -144,7 +144,9 @@ SYNC_CALL = (
 
 def _check_interrupt(result: dict[str, object]) -> None:
     assert result.get("error") is None, result
-    assert result["seconds"] < 5  # stopped at the interrupt, not after 400 rows x 0.1 s / 4
+    # Stopped at the interrupt, not after the rest of 400 rows x 0.5 s / 4 = 50 s. A bound
+    # on a stop, not a speed: half of what it guards against, for a busy machine.
+    assert result["seconds"] < 25
     assert result["in_flight"] == 0  # every request was cancelled ...
     assert result["grew"] == 0  # ... and none started afterwards
     assert result["rows"] == 400

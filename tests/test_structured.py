@@ -16,6 +16,7 @@ import nbtoolkit
 from nbtoolkit.core.endpoints._schema import normalise
 from nbtoolkit.core.endpoints._structured import _refusal, forget_learned_shapes, schema_keywords
 from nbtoolkit.testing import (
+    LLAMA_CPP_REFUSAL,
     ChatServer,
     FaultRates,
     RecordedRequest,
@@ -23,7 +24,6 @@ from nbtoolkit.testing import (
     StructuredFaults,
     schema_instance,
 )
-from nbtoolkit.testing._structured import LLAMA_CPP_REFUSAL
 from tests.conftest import settings
 
 

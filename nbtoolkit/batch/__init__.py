@@ -13,10 +13,17 @@ No pandas here (a script or a Dask partition may use it as it is); the frame's f
 
 from nbtoolkit.batch._job import BatchStatus, Job
 from nbtoolkit.batch._plan import BatchOptions
-from nbtoolkit.batch._provider import AzureBatches, BatchProvider, OpenAIBatches, provider_for
+from nbtoolkit.batch._provider import (
+    AnthropicBatches,
+    AzureBatches,
+    BatchProvider,
+    OpenAIBatches,
+    provider_for,
+)
 from nbtoolkit.batch._submit import submit
 
 __all__ = [
+    "AnthropicBatches",
     "AzureBatches",
     "BatchOptions",
     "BatchProvider",

@@ -16,7 +16,7 @@ from typing import Any
 
 from nbtoolkit.batch import _files as batch_files
 from nbtoolkit.config import ChatConfig
-from nbtoolkit.core._budget import Budget
+from nbtoolkit.core._budget import Budget, OutputCeiling
 from nbtoolkit.core._pricing import config_price
 from nbtoolkit.core._rows import SKIPPED, RowError, RowResult
 from nbtoolkit.core.endpoints._base import Endpoint, Item
@@ -122,7 +122,9 @@ def check_budget(config: ChatConfig, options: BatchOptions, items: Sequence[Item
     """
     budget = job_budget(config, options, limited=True)
     prompt = sum(item.prompt_tokens for item in items)
-    completion = sum(item.completion_tokens for item in items)
+    # A row without max_tokens may use the model's whole output ceiling (core/_budget.py).
+    ceiling = OutputCeiling.for_model(config.model or "")
+    completion = sum(ceiling.worst(i.completion_tokens, capped=i.capped) for i in items)
     if budget.try_reserve(prompt, completion):
         return
     what = f"{len(items):,} requests, at worst {prompt + completion:,.0f} tokens"

@@ -13,7 +13,8 @@ provider is one new class here::
 
 `OpenAIBatches` speaks the OpenAI Batch API (files + batches, also Azure's v1 API under
 ``/openai/v1``); `AzureBatches` the same API on an Azure resource, whose files and batches
-live beside its deployments, not under one.
+live beside its deployments, not under one; `AnthropicBatches` Anthropic's Message Batches
+(the requests in one POST, results by ``custom_id`` at a ``results_url``).
 """
 
 from __future__ import annotations
@@ -180,16 +181,121 @@ class AzureBatches(OpenAIBatches):
         return f"{resource}/openai{path}" + (f"?{query}" if query else "")
 
 
+# The HTTP status of each Anthropic error type, for a batch result that is an error.
+_ANTHROPIC_STATUSES = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "overloaded_error": 529,
+}
+
+
+class AnthropicBatches:
+    """Anthropic's Message Batches: ``POST /v1/messages/batches`` with every request in the
+    body (``custom_id`` + ``params``, the Messages body as the live endpoint sends it),
+    ``GET .../{id}`` for its ``processing_status``, the results as JSONL at its
+    ``results_url``, ``POST .../{id}/cancel``.
+    """
+
+    def __init__(self, config: ChatConfig, endpoint: Endpoint) -> None:
+        self.config = config
+
+    def url(self, path: str) -> str:
+        return self.config.url("/v1/messages/batches" + path)
+
+    def line(self, custom_id: str, item: Item) -> bytes:
+        return (
+            b'{"custom_id":'
+            + json.dumps(custom_id).encode()
+            + b',"params":'
+            + item.payload
+            + b"}\n"
+        )
+
+    async def submit(
+        self, http: BatchHTTP, lines: Sequence[bytes], *, name: str, metadata: Mapping[str, str]
+    ) -> Submitted:
+        body = {"requests": [json.loads(line) for line in lines]}
+        batch = await http.post_json(self.url(""), body, creates=True)
+        return Submitted(_field(batch, "id"), None, _anthropic_state(batch))
+
+    async def status(self, http: BatchHTTP, batch_id: str) -> PartState:
+        return _anthropic_state(await http.get_json(self.url(f"/{batch_id}")))
+
+    async def cancel(self, http: BatchHTTP, batch_id: str) -> None:
+        await http.post_json(self.url(f"/{batch_id}/cancel"), None, creates=False)
+
+    async def results(
+        self, http: BatchHTTP, output_file_id: str | None, error_file_id: str | None
+    ) -> list[str]:
+        # output_file_id holds the batch's results_url (see _anthropic_state).
+        return [] if output_file_id is None else [await http.text(output_file_id)]
+
+    def read(self, record: Mapping[str, Any]) -> LineRead | None:
+        """``result.type``: ``succeeded`` (its message), ``errored`` (an error body, read as
+        its HTTP status), ``canceled`` or ``expired`` (no reply)."""
+        custom_id = record.get("custom_id")
+        if not isinstance(custom_id, str):
+            return None
+        result = record.get("result")
+        kind = result.get("type") if isinstance(result, Mapping) else None
+        if kind == "succeeded" and isinstance(result, Mapping):
+            return LineRead(custom_id, 200, json.dumps(result.get("message")))
+        if kind == "errored" and isinstance(result, Mapping):
+            error = result.get("error")
+            inner = error.get("error", error) if isinstance(error, Mapping) else {}
+            status = _ANTHROPIC_STATUSES.get(str(inner.get("type")), 400)
+            return LineRead(custom_id, status, json.dumps(error))
+        if kind in ("canceled", "expired"):
+            code = "batch_expired" if kind == "expired" else "batch_cancelled"
+            return LineRead(custom_id, None, None, code, f"the request was {kind}")
+        return LineRead(custom_id, None, None)
+
+
+def _anthropic_state(batch: Any) -> PartState:
+    if not isinstance(batch, Mapping):
+        raise MalformedResponse(f"a batch reply is not an object: {str(batch)[:200]}")
+    counts = batch.get("request_counts")
+    counts = counts if isinstance(counts, Mapping) else {}
+
+    def count(name: str) -> int:
+        value = counts.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    processing = str(batch.get("processing_status") or "")
+    if processing == "ended":
+        status = "cancelled" if batch.get("cancel_initiated_at") else "completed"
+    else:
+        status = {"canceling": "cancelling"}.get(processing, "in_progress")
+    results_url = batch.get("results_url")
+    return PartState(
+        status=status,
+        total=sum(count(n) for n in ("processing", "succeeded", "errored", "canceled", "expired")),
+        completed=count("succeeded"),
+        failed=count("errored") + count("canceled") + count("expired"),
+        output_file_id=results_url if isinstance(results_url, str) else None,
+        error_file_id=None,
+        errors=None,
+    )
+
+
 def provider_for(config: ChatConfig, endpoint: Endpoint) -> BatchProvider:
     """The batch API that serves ``config``'s URL.
 
     Raises:
         ConfigError: a provider whose batch API is not spoken here yet.
     """
+    if config.provider == "anthropic":
+        return AnthropicBatches(config, endpoint)
     if config.provider not in (None, "openai"):
         raise ConfigError(
-            f"batch mode speaks OpenAI's Batch API; {config.provider}'s batches are not "
-            "supported yet: run the rows live (leave batch= out)"
+            f"batch mode speaks OpenAI's Batch API and Anthropic's Message Batches; "
+            f"{config.provider}'s batches are not supported yet: run the rows live "
+            "(leave batch= out)"
         )
     if config.azure_endpoint and "/openai/deployments/" in config.key_url(""):
         return AzureBatches(config, endpoint)

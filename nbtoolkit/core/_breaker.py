@@ -95,7 +95,7 @@ class Refusal(NamedTuple):
     words: str
 
 
-class Verdict(enum.Enum):
+class Verdict(enum.StrEnum):
     """What to do with a refused request, as `RefusalWatch.refused` decides."""
 
     FAIL = "fail"  # one row: it fails with the server's words; the run goes on

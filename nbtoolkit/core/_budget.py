@@ -1,14 +1,22 @@
 """Hard spending limits: stop sending once ``max_tokens_total`` or ``max_cost`` would be passed.
 
-A request counts against the budget before it is sent, at its worst case (the prompt
-estimate plus max_tokens), and is settled to what the reply says it used. So the limit
-holds even with many requests in flight: a request goes only if it fits in what is left
-after everything already spent or on its way.
+A request counts against the budget before it is sent, at its worst case, and is settled
+to what the reply says it used. So the limit holds even with many requests in flight: a
+request goes only if it fits in what is left after everything already spent or on its way.
+
+The worst case is the prompt estimate plus the most the reply may use: ``max_tokens``
+when the request sets it, else the model's output ceiling (`OutputCeiling`: the
+providers' documented limits, shipped below, raised when a reply is seen to pass it). A
+request that got no usage back (a timeout, a reply without ``usage``) is charged that
+worst case: the provider may have billed it. A group (embeddings) larger than what is left
+is cut to the rows that fit (`Budget.fitting`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from nbtoolkit.core._pricing import Price
 from nbtoolkit.errors import ConfigError
@@ -70,6 +78,43 @@ class Budget:
             await self._released.wait()
         return True
 
+    async def fitting(self, costs: Sequence[tuple[float, float]]) -> int:
+        """How many of a group's rows, from the first, fit in what is left: (prompt,
+        completion) worst cases per row. Waits while none fits and requests in flight may
+        give some back; 0 only when none fits and nothing is in flight."""
+        while True:
+            count = self._leading_fit(costs)
+            if count or self._reservations == 0:
+                return count
+            if self._released is None:
+                self._released = asyncio.Event()
+            self._released.clear()
+            await self._released.wait()
+
+    def _leading_fit(self, costs: Sequence[tuple[float, float]]) -> int:
+        tokens_left = (
+            None
+            if self.max_tokens_total is None
+            else self.max_tokens_total - self.tokens - self._reserved_tokens
+        )
+        cost_left = (
+            None if self.max_cost is None else self.max_cost - self.cost - self._reserved_cost
+        )
+        count = 0
+        for prompt, completion in costs:
+            if tokens_left is not None:
+                tokens_left -= prompt + completion
+                if tokens_left < 0:
+                    self._refused_by = "max_tokens_total"
+                    break
+            if cost_left is not None:
+                cost_left -= self.price(prompt, completion) or 0.0
+                if cost_left < 0:
+                    self._refused_by = "max_cost"
+                    break
+            count += 1
+        return count
+
     def try_reserve(self, prompt_tokens: float, completion_tokens: float) -> bool:
         """Count a request's worst case against the budget; False if it does not fit now."""
         tokens = prompt_tokens + completion_tokens
@@ -104,3 +149,83 @@ class Budget:
         if self._refused_by == "max_cost" or self.max_tokens_total is None:
             return f"max_cost={self.max_cost:g} reached (spent {self.cost:.4f})"
         return f"max_tokens_total={self.max_tokens_total} reached (spent {self.tokens:.0f})"
+
+
+# The most output tokens one reply may hold, by model name prefix: the providers' documented
+# output limits (reasoning included), read 2026-06. Longest prefix wins; a provider prefix
+# ("openai/gpt-4o" on a gateway) is ignored.
+_OUTPUT_CEILINGS: dict[str, int] = {
+    "gpt-5": 128_000,
+    "o1-mini": 65_536,
+    "o1": 100_000,
+    "o3": 100_000,
+    "o4-mini": 100_000,
+    "gpt-4.1": 32_768,
+    "gpt-4o": 16_384,
+    "gpt-4-turbo": 4_096,
+    "gpt-4": 8_192,
+    "gpt-3.5-turbo": 4_096,
+    "claude-opus-4": 32_000,
+    "claude-sonnet-4": 64_000,
+    "claude-haiku-4": 64_000,
+    "claude-3-7-sonnet": 64_000,
+    "claude-3-5": 8_192,
+    "claude-3": 4_096,
+    "gemini-2.5": 65_536,
+    "gemini-2.0": 8_192,
+    "gemini-1.5": 8_192,
+    "deepseek-reasoner": 65_536,
+    "deepseek-chat": 8_192,
+}
+# Assumed for a model the table does not know (a local model, a gateway's own name): the
+# most common ceiling among chat models; a reply seen to pass it raises it.
+UNKNOWN_OUTPUT_CEILING = 16_384
+
+
+@dataclass(slots=True)
+class OutputCeiling:
+    """The most completion tokens a request without ``max_tokens`` may come back with.
+
+    Attributes:
+        model: the model it is for.
+        tokens: the ceiling.
+        source: "table" (a documented limit), "assumed" (not in the table) or "seen" (a
+            reply of the run used more than the table or the assumption said).
+    """
+
+    model: str
+    tokens: int
+    source: str
+
+    @classmethod
+    def for_model(cls, model: str) -> OutputCeiling:
+        """The shipped table's ceiling for ``model``, else the assumption for unknown ones."""
+        name = model.rsplit("/", 1)[-1].lower()
+        prefixes = [prefix for prefix in _OUTPUT_CEILINGS if name.startswith(prefix)]
+        if not prefixes:
+            return cls(model, UNKNOWN_OUTPUT_CEILING, "assumed")
+        return cls(model, _OUTPUT_CEILINGS[max(prefixes, key=len)], "table")
+
+    def observe(self, completion_tokens: int) -> None:
+        """A reply to a request without max_tokens used this many: the ceiling is at least
+        that (a later request reserves it)."""
+        if completion_tokens > self.tokens:
+            self.tokens = completion_tokens
+            self.source = "seen"
+
+    def worst(self, completion_tokens: float, *, capped: bool) -> float:
+        """The most completion tokens one row's request may use: its own ``max_tokens``
+        (``completion_tokens`` when ``capped``), else this ceiling."""
+        return completion_tokens if capped else max(completion_tokens, float(self.tokens))
+
+    def describe(self) -> str:
+        """The assumption, for the run's summary."""
+        why = {
+            "table": "its documented output limit",
+            "assumed": "not in the table of output limits: an assumption",
+            "seen": "the longest reply of this run",
+        }[self.source]
+        return (
+            f"budget: a request without max_tokens reserved up to {self.tokens:,} completion "
+            f"tokens ({self.model}: {why}); set max_tokens to reserve less"
+        )

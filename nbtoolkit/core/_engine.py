@@ -13,6 +13,15 @@ The path of one row::
     group (endpoint.max_items rows) ─► queue (2 x max_parallel) ─► worker
        ─► budget ─► governor ─► client ─► breaker ─► endpoint.parse ─► cache
 
+A 400 goes through the refusal watch (`RefusalWatch`): until something is answered, the
+same refusal for three rows or groups stops the run, and a refused group is held rather
+than halved until a row sent alone decides. After an answer a refused group is halved until
+its bad input stands alone.
+
+Longer than the project's other modules: it is the one path every endpoint's rows take,
+and its parts that stand alone already live beside it (`_breaker`, `_budget`, `_limits`,
+`_retry`, `_cachewriter`, `_client`).
+
 Memory stays proportional to ``max_parallel``: the producer pulls requests from the
 iterable only as the queue drains. Only the results list grows with the row count.
 """
@@ -20,12 +29,11 @@ iterable only as the queue drains. Only the results list grows with the row coun
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -37,14 +45,21 @@ from nbtoolkit.core._breaker import (
     CircuitBreaker,
     RefusalWatch,
     Verdict,
+    refusal_of,
     refused_parameter,
 )
-from nbtoolkit.core._budget import Budget
+from nbtoolkit.core._budget import Budget, OutputCeiling
 from nbtoolkit.core._cachewriter import CacheWriter
 from nbtoolkit.core._client import Redactor, Reply, post_json
 from nbtoolkit.core._limits import RateGovernor, ServerLimits
 from nbtoolkit.core._pricing import Price, config_price
-from nbtoolkit.core._retry import GiveUp, RetryAfterOrBackoff, is_retryable, is_systemic
+from nbtoolkit.core._retry import (
+    GiveUp,
+    RetryAfterOrBackoff,
+    google_quotas,
+    is_retryable,
+    is_systemic,
+)
 from nbtoolkit.core._rows import SKIPPED, ProgressListener, RowError, RowResult, RunStats
 from nbtoolkit.core.endpoints._base import (
     Answer,
@@ -78,11 +93,73 @@ from nbtoolkit.errors import (
 # re-run cheap, small enough not to hold the first requests back.
 _LOOKUP_BATCH = 256
 
-# Shown each new run, when set: a Dask partition (nbtoolkit/_dask.py) caps the run's
-# governor at its share of the cluster-wide slots and reads the run's stats afterwards.
-RUN_CREATED: contextvars.ContextVar[Callable[[ChatRun], None] | None] = contextvars.ContextVar(
-    "nbtoolkit_run_created", default=None
-)
+
+def governor_for(
+    config: ChatConfig,
+    *,
+    on_wait: Callable[[float, str], None] | None = None,
+    on_pause: Callable[[float], None] | None = None,
+) -> RateGovernor:
+    """The governor a run of ``config`` uses: the one place run options become its settings.
+
+    A caller that passes its own governor (`RunHooks`) builds it here, so that none of the
+    user's options (``rpm``, ``tpm``, ``adaptive``, ``retry_after_max``) can be left out.
+
+    Args:
+        config: the run's options (resolved or not).
+        on_wait: told (seconds, reason) when the run starts waiting on a limit (the bar).
+        on_pause: told the seconds of every pause a 429 asks for (a Dask lease shares it).
+
+    Returns:
+        A new `RateGovernor` for one run.
+    """
+    return RateGovernor(
+        max_parallel=config.max_parallel,
+        rpm=config.rpm,
+        tpm=config.tpm,
+        adaptive=config.adaptive,
+        on_wait=on_wait,
+        on_pause=on_pause,
+        # A header's wait is capped like a 429's: "remaining 0, reset in 1 h" must not
+        # silently freeze the run for an hour.
+        pause_max=config.retry.retry_after_max,
+    )
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """What a caller above the engine adds to a run, through declared seams.
+
+    A Dask partition uses both: a governor capped at the slots its cluster-wide lease
+    holds, and a listener that counts the rows it still has to finish.
+
+    Attributes:
+        governor: admits every request of the run; None: ``governor_for(config)``. Build
+            it with `governor_for`, so the user's options hold.
+        listeners: told of each finished row, retry and wait, after the run's own listener.
+    """
+
+    governor: RateGovernor | None = None
+    listeners: tuple[ProgressListener, ...] = field(default=())
+
+
+class _Listeners:
+    """Several listeners as one: each is told every event, in order."""
+
+    def __init__(self, listeners: Sequence[ProgressListener]) -> None:
+        self._listeners = tuple(listeners)
+
+    def row_done(self, result: RowResult) -> None:
+        for listener in self._listeners:
+            listener.row_done(result)
+
+    def row_retried(self) -> None:
+        for listener in self._listeners:
+            listener.row_retried()
+
+    def row_waiting(self, seconds: float, reason: str) -> None:
+        for listener in self._listeners:
+            listener.row_waiting(seconds, reason)
 
 
 @dataclass(slots=True)
@@ -111,6 +188,10 @@ class _Attempts(Exception):
 class _OverBudget(Exception):
     """A request that would pass max_cost / max_tokens_total; its rows are not sent."""
 
+    def __init__(self, *, uncapped: bool = False) -> None:
+        super().__init__()
+        self.uncapped = uncapped  # it set no max_tokens: it reserved the output ceiling
+
 
 class _Systemic(Exception):
     """Raised out of a worker to stop the whole task group on a run-wide failure."""
@@ -138,6 +219,7 @@ class ChatRun:
         endpoint: how requests become bodies and replies become answers; default chat
             completions with the config's model and params.
         listener: told of each finished row, retry and wait (the progress bar).
+        hooks: a governor and more listeners from the caller (a Dask partition's lease).
 
     Example:
         >>> run = ChatRun(config)  # doctest: +SKIP
@@ -150,6 +232,7 @@ class ChatRun:
         *,
         endpoint: Endpoint | None = None,
         listener: ProgressListener | None = None,
+        hooks: RunHooks | None = None,
     ) -> None:
         config = config.resolved()
         if not config.model:
@@ -158,7 +241,11 @@ class ChatRun:
             )
         self.config = config
         self.endpoint: Endpoint = endpoint or chat_endpoint(config)
-        self.listener = listener
+        hooks = hooks or RunHooks()
+        listeners = [one for one in (listener, *hooks.listeners) if one is not None]
+        self.listener: ProgressListener | None = (
+            _Listeners(listeners) if len(listeners) > 1 else (listeners[0] if listeners else None)
+        )
         # One slot per request pulled so far; None until that row finishes.
         self.results: list[RowResult | None] = []
         self.stats = RunStats()
@@ -168,15 +255,12 @@ class ChatRun:
             max_tokens_total=config.max_tokens_total,
             max_cost=config.max_cost,
         )
-        self.governor = RateGovernor(
-            max_parallel=config.max_parallel,
-            rpm=config.rpm,
-            tpm=config.tpm,
-            adaptive=config.adaptive,
-            on_wait=listener.row_waiting if listener is not None else None,
-            # A header's wait is capped like a 429's: "remaining 0, reset in 1 h" must not
-            # silently freeze the run for an hour.
-            pause_max=config.retry.retry_after_max,
+        # What a request without max_tokens may cost at most (a documented limit, or the
+        # assumption the run's summary states).
+        self.ceiling = OutputCeiling.for_model(config.model)
+        self._ceiling_used = False
+        self.governor = hooks.governor or governor_for(
+            config, on_wait=listener.row_waiting if listener is not None else None
         )
         self.breaker = CircuitBreaker(threshold=config.max_parallel)
         self._refusals = RefusalWatch()
@@ -210,8 +294,6 @@ class ChatRun:
         self._group_tokens = 0.0
         self._sending: set[int] = set()  # rows a worker holds right now
         self._executed = False
-        if (seen := RUN_CREATED.get()) is not None:
-            seen(self)
 
     async def execute(self, requests: Iterable[Any]) -> list[RowResult]:
         """Send every request, at most ``max_parallel`` at once, and return results in order.
@@ -260,6 +342,8 @@ class ChatRun:
             self.stats.cost = self.budget.cost if self.budget.unit_price is not None else None
             self.stats.cache_saved = _cache_saved(self.budget.unit_price, self.stats.cached_tokens)
             self.stats.limits = self.governor.learned()
+            if self._ceiling_used:
+                self.stats.budget_note = self.ceiling.describe()
             self._cache.close()  # commits what is still waiting for the timer
         if stopped_by is not None:
             # Raised here, not inside the except block: an exception raised while a group is
@@ -377,14 +461,29 @@ class ChatRun:
             cap = self._max_items
             parts = [items[start : start + cap] for start in range(0, len(items), cap)]
             return all([await self._run_job(session, part) for part in parts])
+        if len(items) > 1 and self.budget.limited:
+            # A group larger than what is left goes as the rows that fit, then the rest.
+            fits = await self.budget.fitting(
+                [(item.prompt_tokens, self._budget_completion(_Job([item]))) for item in items]
+            )
+            if fits == 0:
+                for item in items:
+                    self._settle_row(item, self._failed(_OverBudget(), 1))
+                return False
+            if fits < len(items):
+                first = await self._run_job(session, items[:fits])
+                rest = await self._run_job(session, items[fits:])
+                return first and rest
+        failed = await self._attempt(session, items)
+        return True if failed is None else await self._failed_job(session, items, failed)
+
+    async def _attempt(self, session: aiohttp.ClientSession, items: list[Item]) -> _Attempts | None:
+        """Send one request for ``items`` (retried as the policy says): None when it was
+        answered, its rows finished; else the failure, its rows still open."""
         try:
             parsed, attempts = await self._send(session, _Job(items))
         except _Attempts as failed:
-            if isinstance(failed.error, BadRequestError):
-                return await self._refused(session, items, failed)
-            for item in items:
-                self._settle_row(item, self._failed(failed.error, failed.attempts))
-            return False
+            return failed
         answers: list[tuple[Item, Answer]] = []
         others: list[tuple[Item, Outcome]] = []
         for item, outcome in zip(items, parsed.outcomes, strict=True):
@@ -396,7 +495,18 @@ class ChatRun:
         self._settle_answers(answers, attempts)
         for item, outcome in others:
             await self._settle_outcome(session, item, outcome, attempts)
-        return True
+        return None
+
+    async def _failed_job(
+        self, session: aiohttp.ClientSession, items: list[Item], failed: _Attempts
+    ) -> bool:
+        """Finish the rows of a request that failed: a 400 goes to `_refused`; any other
+        error is each row's outcome."""
+        if isinstance(failed.error, BadRequestError):
+            return await self._refused(session, items, failed)
+        for item in items:
+            self._settle_row(item, self._failed(failed.error, failed.attempts))
+        return False
 
     async def _refused(
         self,
@@ -422,24 +532,22 @@ class ChatRun:
             self._parked.append((items, failed))
             return False
         if verdict is Verdict.PROBE:
-            return await self._probe(session, items, failed)
+            return await self._probe(session, items)
         if verdict is Verdict.BISECT:
-            return await self._bisect(session, items)
+            return await self._bisect(session, items, error)
         for item in items:
             self._settle_row(item, self._failed(error, failed.attempts))
         return False
 
-    async def _probe(
-        self, session: aiohttp.ClientSession, items: list[Item], failed: _Attempts
-    ) -> bool:
+    async def _probe(self, session: aiohttp.ClientSession, items: list[Item]) -> bool:
         """Send rows of a refused group alone, every other request held, until one is
         answered (the group was refused for a bad input or its size: the rest goes on) or
         enough are refused alike that the run stops."""
         try:
             # The middle, then the ends: a bad input the server names by position is rarely
             # at all three.
-            order = [len(items) // 2, 0, len(items) - 1]
-            order += [i for i in range(len(items)) if i not in order]
+            ends = [len(items) // 2, 0, len(items) - 1]
+            order = list(dict.fromkeys([*ends, *range(len(items))]))  # each row once
             left = list(items)
             for position in order:
                 if not self._refusals.armed:
@@ -451,19 +559,69 @@ class ChatRun:
             self._refusals.probing(False)
         return await self._run_job(session, left) if left else False
 
-    async def _bisect(self, session: aiohttp.ClientSession, items: list[Item]) -> bool:
+    async def _bisect(
+        self, session: aiohttp.ClientSession, items: list[Item], error: BadRequestError
+    ) -> bool:
         """A group refused after the run had answers: halve it until a bad input stands
-        alone, so that it does not sink its neighbours."""
+        alone, so that it does not sink its neighbours.
+
+        Not past the point where both halves are refused in the group's own words and so is
+        a row of each sent alone: then every row of it is (a refusal of the request, not of
+        an input), and the halving would cost 2n - 1 requests to learn nothing more.
+        """
         middle = len(items) // 2
-        first = await self._run_job(session, items[:middle])
-        second = await self._run_job(session, items[middle:])
-        if first and second:
+        first, second = items[:middle], items[middle:]
+        # Depth first, as a plain halving: a server's cap on inputs per request is learned
+        # at the bottom of the first half, and the second half then goes at that size.
+        first_failure = await self._attempt(session, first)
+        if not _refused_alike(first_failure, error):
+            ok_first = await self._finish_attempt(session, first, first_failure)
+            ok_second = await self._run_job(session, second)
+        else:
+            second_failure = await self._attempt(session, second)
+            if _refused_alike(second_failure, error):
+                return await self._refused_whole(session, items, first, second, error)
+            ok_first = await self._finish_attempt(session, first, first_failure)
+            ok_second = await self._finish_attempt(session, second, second_failure)
+        if ok_first and ok_second:
             # Both halves went through: the server refused the request for its size (a cap
             # on inputs per request, or on its tokens), not for a row. Later requests are
             # no larger than the halves were.
             self._max_items = min(self._max_items, len(items) - middle)
             self.stats.items_per_request = self._max_items
-        return first and second
+        return ok_first and ok_second
+
+    async def _refused_whole(
+        self,
+        session: aiohttp.ClientSession,
+        items: list[Item],
+        first: list[Item],
+        second: list[Item],
+        error: BadRequestError,
+    ) -> bool:
+        """Both halves of a group were refused in its own words: a row of each goes alone.
+        Refused alike too, every row of the group fails with those words; else the halving
+        goes on without the rows so sent."""
+        probes = [half[len(half) // 2] for half in (first, second) if len(half) > 1]
+        probed = [await self._attempt(session, [probe]) for probe in probes]
+        if all(_refused_alike(failure, error) for failure in probed):
+            for item in items:
+                self._settle_row(item, self._failed(error, 1))
+            return False
+        ok = True
+        for probe, failure in zip(probes, probed, strict=True):
+            ok = await self._finish_attempt(session, [probe], failure) and ok
+        for half in (first, second):
+            rest = [item for item in half if all(item is not probe for probe in probes)]
+            if rest:
+                ok = await self._run_job(session, rest) and ok
+        return ok
+
+    async def _finish_attempt(
+        self, session: aiohttp.ClientSession, items: list[Item], failed: _Attempts | None
+    ) -> bool:
+        """The rows of an attempt: answered already (None), or their failure handled."""
+        return True if failed is None else await self._failed_job(session, items, failed)
 
     def _stop_refused(self, items: list[Item], failed: _Attempts) -> None:
         """The run stops on a refusal: the refused rows (held ones too) say why, then raise."""
@@ -609,7 +767,14 @@ class ChatRun:
         """The result of a row whose attempt number ``attempts`` failed with ``exc``."""
         if isinstance(exc, _OverBudget):  # that attempt was never sent
             sent = attempts - 1
-            return RowResult(None, RowError("over_budget", self.budget.reason(), None, sent), sent)
+            reason = self.budget.reason()
+            if exc.uncapped:
+                reason += (
+                    f"; a request without max_tokens reserves up to {self.ceiling.tokens:,} "
+                    "completion tokens (the model's output ceiling): set max_tokens to send "
+                    "more rows within the budget"
+                )
+            return RowResult(None, RowError("over_budget", reason, None, sent), sent)
         if isinstance(exc, NbToolkitError) and is_systemic(exc):
             raise _Systemic(exc) from exc
         return RowResult(None, _row_error(exc, attempts), attempts)
@@ -617,20 +782,23 @@ class ChatRun:
     async def _send_once(self, session: aiohttp.ClientSession, job: _Job) -> Parsed:
         """One attempt: within budget, admitted by the governor, reported back to both."""
         prompt_tokens, completion_tokens = job.worst_case()
-        if self.budget.limited and not await self.budget.reserve(prompt_tokens, completion_tokens):
-            raise _OverBudget()
+        # The governor paces on the estimate; the budget holds the worst case, which for a
+        # request without max_tokens is the model's output ceiling.
+        owed = self._budget_completion(job) if self.budget.limited else completion_tokens
+        if self.budget.limited and not await self.budget.reserve(prompt_tokens, owed):
+            raise _OverBudget(uncapped=any(not item.capped for item in job.items))
         reserved = prompt_tokens + completion_tokens
         try:
             ticket = await self.governor.admit(reserved)
         except BaseException:
             if self.budget.limited:
-                self.budget.release(prompt_tokens, completion_tokens)
+                self.budget.release(prompt_tokens, owed)
             raise
         self.stats.requests_sent += 1
         limits: ServerLimits | None = None
         body = ""
         used: float | None = None
-        congested = False
+        congested = throttled = False
         pause: float | None = None
         try:
             reply: Reply = await post_json(
@@ -648,12 +816,14 @@ class ChatRun:
         except RateLimitError as exc:
             self.breaker.reached()
             self.stats.statuses["429"] += 1
-            limits, congested = exc.limits, True
+            limits, congested, throttled = exc.limits, True, True
             pause = self._shared_pause(exc)
             raise
         except RequestTimeout:
             self.stats.statuses["RequestTimeout"] += 1
             congested = True
+            # The provider may have answered, and billed, after we stopped waiting.
+            self._charge_unknown(prompt_tokens, owed)
             raise
         except TransportError as exc:
             self.stats.statuses[type(exc).__name__] += 1
@@ -667,17 +837,17 @@ class ChatRun:
             raise
         except Exception as exc:  # a 2xx that is not what the endpoint expects
             self.stats.statuses[type(exc).__name__] += 1
-            used = self._spend(None, prompt_tokens, completion_tokens)
+            used = self._spend(None, job, prompt_tokens, owed)
             # Its message quotes the body, which a gateway may have filled with our headers.
             raise self._scrubbed(exc, body, job.items) from None
         else:
             self.stats.statuses["200"] += 1
             self._refusals.answered()
-            used = self._spend(parsed.usage, prompt_tokens, completion_tokens)
+            used = self._spend(parsed.usage, job, prompt_tokens, owed)
             return parsed
         finally:
             if self.budget.limited:
-                self.budget.release(prompt_tokens, completion_tokens)
+                self.budget.release(prompt_tokens, owed)
             self.governor.settle(
                 ticket,
                 reserved_tokens=reserved,
@@ -685,6 +855,7 @@ class ChatRun:
                 limits=limits,
                 congested=congested,
                 pause=pause,
+                throttled=throttled,
             )
 
     def _scrubbed(self, error: Exception, body: str, items: list[Item]) -> Exception:
@@ -700,19 +871,39 @@ class ChatRun:
         self._redact.error(error)
         return error
 
+    def _budget_completion(self, job: _Job) -> float:
+        """The completion tokens the budget holds for a request: each row's max_tokens, or
+        the model's output ceiling for a row without one (an estimate cannot bound a reply)."""
+        owed = 0.0
+        for item in job.items:
+            owed += self.ceiling.worst(item.completion_tokens, capped=item.capped)
+            self._ceiling_used = self._ceiling_used or not item.capped
+        return owed
+
+    def _charge_unknown(self, prompt_tokens: float, completion_tokens: float) -> None:
+        """Charge a request whose usage is unknown its worst case: a budget stays hard."""
+        self.budget.spend(round(prompt_tokens), round(completion_tokens))
+        self.stats.charged_unconfirmed += round(prompt_tokens + completion_tokens)
+
     def _spend(
-        self, usage: Mapping[str, Any] | None, prompt_reserved: float, completion_reserved: float
-    ) -> float:
-        """Count a reply's billed tokens; returns their total.
+        self,
+        usage: Mapping[str, Any] | None,
+        job: _Job,
+        prompt_reserved: float,
+        completion_reserved: float,
+    ) -> float | None:
+        """Count a reply's billed tokens; returns their total, None when it said nothing.
 
         A reply that reports no usage was still billed: the budget charges it what was
         reserved for it (its worst case), never zero, so a budget stays a hard limit.
         """
         prompt, completion, cached = usage_counts(usage or {})
         if prompt is None and completion is None:
-            self.budget.spend(round(prompt_reserved), round(completion_reserved))
-            return prompt_reserved + completion_reserved
+            self._charge_unknown(prompt_reserved, completion_reserved)
+            return None
         prompt, completion = prompt or 0, completion or 0
+        if len(job.items) == 1 and not job.items[0].capped:
+            self.ceiling.observe(completion)  # a reply longer than the ceiling raises it
         self.stats.prompt_tokens += prompt
         self.stats.completion_tokens += completion
         self.stats.cached_tokens += cached or 0
@@ -770,6 +961,16 @@ def _cache_saved(price: Price | None, cached_tokens: int) -> float | None:
     return price.cost(cached_tokens, 0) - price.cost(cached_tokens, 0, cached_tokens)
 
 
+def _refused_alike(failure: _Attempts | None, error: BadRequestError) -> bool:
+    """A request refused with a 400 in ``error``'s own words."""
+    return (
+        failure is not None
+        and isinstance(failure.error, BadRequestError)
+        and failure.error.status != 413  # too large: the halving is what fixes it
+        and refusal_of(failure.error) == refusal_of(error)
+    )
+
+
 def _shared(result: RowResult) -> RowResult:
     return dataclasses.replace(result, attempts=0, source="duplicate")
 
@@ -817,6 +1018,11 @@ def _abort_message(error: NbToolkitError, fields: Iterable[str] = ()) -> str:
             f"{named}. What to do: the request itself is refused, not a row: check "
             f"{repr(parameter) if parameter else 'the parameters'} (leave it out, or use a "
             "model that takes it), the model name, and any params= or extra body fields."
+        )
+    elif isinstance(error, APIError) and any("PerDay" in q for q in google_quotas(error.body)):
+        advice = (
+            "the daily quota is spent (Gemini's reset at midnight Pacific time); run the rest "
+            "tomorrow (answers so far are cached), or use a key on a paid tier"
         )
     else:
         advice = "the account is out of quota or credit; add credit or use another key"

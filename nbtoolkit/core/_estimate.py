@@ -26,7 +26,7 @@ import dataclasses
 import math
 import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +105,7 @@ async def estimate_run(
     pilot_report: Pilot | None = None
     pilot_results: list[RowResult] = []
     latency: float | None = None
+    learned: Mapping[str, Mapping[str, Any]] = {}
     if chosen:
         run = ChatRun(dataclasses.replace(config, progress=False), endpoint=endpoint)
         pilot_results = await run.execute([survey.requests[i] for i in chosen])
@@ -122,6 +123,7 @@ async def estimate_run(
         )
         waves = math.ceil(max(1, stats.requests_sent) / config.max_parallel)
         latency = stats.wall_seconds / waves
+        learned = stats.limits
         if config.cache_path is None:
             notes.append("the cache is off: the full run will pay for the pilot's rows again")
     answered = {i for i, r in zip(chosen, pilot_results, strict=True) if r.ok}
@@ -153,7 +155,9 @@ async def estimate_run(
     if pilot_report is not None:
         prompt = prompt.plus(pilot_report.prompt_tokens)
         completion = completion.plus(pilot_report.completion_tokens)
-    wall, wall_basis = _wall_time(config, endpoint, len(rest), prompt.expected, latency, batch)
+    wall, wall_basis = _wall_time(
+        config, endpoint, len(rest), prompt.expected + completion.expected, latency, learned, batch
+    )
     by_row: list[float | None] = [None] * survey.rows
     for item, count in zip(survey.items, counts, strict=True):
         by_row[item.index] = count
@@ -385,6 +389,7 @@ def _wall_time(
     rows: int,
     tokens: float,
     latency: float | None,
+    learned: Mapping[str, Mapping[str, Any]],
     batch: bool,
 ) -> tuple[float | None, str]:
     """Expected wall time of the rows left, and what it rests on."""
@@ -399,6 +404,11 @@ def _wall_time(
                 f"{latency:.2f} s a request measured by the pilot, {config.max_parallel} at once",
             )
         )
+    # The server's own limits, as its rate headers told the pilot.
+    for limit, amount in (("requests", float(requests)), ("tokens", tokens)):
+        rate = learned.get(limit, {}).get("rate_per_second")
+        if isinstance(rate, int | float) and rate > 0:
+            waits.append((amount / rate, f"the server's {limit} limit ({rate * 60:,.0f}/min)"))
     if config.rpm:
         waits.append((requests / config.rpm * 60, f"rpm={config.rpm:g}"))
     if config.tpm:

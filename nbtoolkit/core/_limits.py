@@ -49,10 +49,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from nbtoolkit.core._pacing import LearnedPace
+
 # Stay this far under a rate the server announced, so clock skew between the two
 # buckets does not turn into a trickle of 429s.
 _SAFETY = 0.97
 _RECHECK = 0.25
+# Requests a wave may send at once before the spread (`RateGovernor._spread_by`) paces it.
+_SPREAD_BURST = 4.0
+# Replies faster than this (seconds) leave admissions unspread.
+_SPREAD_FROM = 0.005
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Weight of earlier replies in the refill estimate: about the last 20 count.
@@ -355,6 +361,9 @@ class ServerBudget:
         self.window: float | None = None  # stated, or limit / rate
         self.basis = ""  # how the rate was found
         self.bucket: TokenBucket | None = None
+        # This run's part of the server's budget (a Dask partition's slots / max_parallel):
+        # its bucket refills, holds and starts at that part of what the server reports.
+        self.share = 1.0
         self._clock = clock
         self._count = self._remaining = self._reset = 0.0  # decayed sums over replies
 
@@ -399,15 +408,28 @@ class ServerBudget:
             return
         if not (limit and window):
             self.window = self.limit / self.rate if self.limit else None
-        capacity = self.capacity or max(self.limit or 0.0, 1.0)
+        capacity = self.share * (self.capacity or max(self.limit or 0.0, 1.0))
         if self.bucket is None:
-            self.bucket = TokenBucket(_SAFETY * self.rate, capacity, self._clock)
+            self.bucket = TokenBucket(_SAFETY * self.rate * self.share, capacity, self._clock)
         else:
-            self.bucket.retune(_SAFETY * self.rate, max(capacity, self.bucket.capacity))
+            self.bucket.retune(
+                _SAFETY * self.rate * self.share, max(capacity, self.bucket.capacity)
+            )
         if remaining is not None:
             # Not below zero: some of those sent since may be refused and cost nothing, and a
             # deep debt would stall the run for seconds.
-            self.bucket.set_level(max(0.0, remaining - sent_since))
+            self.bucket.set_level(max(0.0, self.share * remaining - sent_since))
+
+    def take_share(self, share: float) -> None:
+        """Pace at ``share`` of the server's budget from now on (see `RateGovernor.share`)."""
+        if share == self.share:
+            return
+        if self.bucket is not None and self.rate is not None:
+            scale = share / self.share
+            level = self.bucket.level()
+            self.bucket.retune(self.bucket.rate * scale, self.bucket.capacity * scale)
+            self.bucket.set_level(level * scale)
+        self.share = share
 
     def describe(self) -> str:
         """For the bar: ``server limit 3000 requests / 60 s``."""
@@ -443,6 +465,7 @@ class RateGovernor:
         probe_seconds: how long the others wait for the first reply's headers.
         clock: a monotonic clock (tests may pass a fake one).
         on_wait: told (seconds, reason) when the run starts waiting on a limit.
+        on_pause: told the seconds of each pause a 429 asks for (for others to share it).
         pause_max: the longest the server's headers may hold the run (as
             ``RetryPolicy.retry_after_max`` caps a 429's wait). Past it, requests go, and
             the server's own answers (a 429 and its Retry-After) decide.
@@ -458,6 +481,7 @@ class RateGovernor:
         probe_seconds: float = 0.02,
         clock: Callable[[], float] = time.monotonic,
         on_wait: Callable[[float, str], None] | None = None,
+        on_pause: Callable[[float], None] | None = None,
         pause_max: float = 300.0,
     ) -> None:
         self.max_parallel = max_parallel
@@ -466,11 +490,19 @@ class RateGovernor:
         self.paused_until = 0.0
         self._clock = clock
         self._on_wait = on_wait
+        self._on_pause = on_pause
+        # Set from outside the run (a Dask lease): the most requests in flight right now,
+        # whatever the adaptive limit says; None: max_parallel alone. 0 holds every request.
+        self.ceiling: int | None = None
+        self._share = 1.0
+        self._user_rates = (rpm, tpm)
         self._adaptive = adaptive
         self.requests = TokenBucket(rpm / 60.0, rpm / 60.0, clock) if rpm else None
         self.tokens = TokenBucket(tpm / 60.0, tpm / 60.0, clock) if tpm else None
         self.server_requests = ServerBudget("requests", clock)
         self.server_tokens = ServerBudget("tokens", clock)
+        # Used only while the headers state no request rate (see `_paced`).
+        self.pace = LearnedPace(clock)
         self._pause_max = pause_max
         # A header wait longer than pause_max holds the run for pause_max, then the
         # headers are overruled until the time they named.
@@ -484,11 +516,26 @@ class RateGovernor:
         self._tokens_sent = 0.0
         self._last_cut = -math.inf
         self._round_trip = 1.0  # smoothed seconds per request; paces the AIMD cuts
+        # Smoothed seconds per reply other than a 429 (which comes back at once), and the
+        # bucket that spreads admissions at twice the rate the concurrency limit sustains.
+        self._reply_time: float | None = None
+        self._spread: TokenBucket | None = None
         self._changed = asyncio.Event()
+        self._turnstile = asyncio.Lock()
         self._announced_until = -math.inf
 
     async def admit(self, tokens: float) -> Ticket:
         """Wait until a request of ``tokens`` estimated tokens may go; hand its ticket to settle."""
+        if self._paced() and (self.pace.rate is not None or self._spread is not None):
+            # Paced requests go one by one: the rest wait their turn on the lock, not each
+            # on a timer of its own (a hundred workers polling a 20 ms pace ate the CPU).
+            async with self._turnstile:
+                await self._until_clear(tokens)
+                return self._take(tokens)
+        await self._until_clear(tokens)
+        return self._take(tokens)
+
+    async def _until_clear(self, tokens: float) -> None:
         while True:
             wait, reason = self._wait_needed(tokens)
             if wait <= 0:
@@ -501,6 +548,8 @@ class RateGovernor:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(wait, _RECHECK)):
                     await self._changed.wait()
+
+    def _take(self, tokens: float) -> Ticket:
         for bucket, amount in (
             (self.requests, 1.0),
             (self.tokens, tokens),
@@ -509,12 +558,48 @@ class RateGovernor:
         ):
             if bucket is not None:
                 bucket.take(amount)
+        self.pace.admitted()
+        if self._spread is not None:
+            self._spread.take(1.0)
         self.in_flight += 1
         self._sent += 1
         self._tokens_sent += tokens
         if self._probe_deadline is None:
             self._probe_deadline = self._clock() + self._probe_seconds
         return Ticket(self._clock(), self._sent, self._tokens_sent)
+
+    def hold_to(self, ceiling: int | None) -> None:
+        """Never more than ``ceiling`` requests in flight from now on (None: no such cap).
+
+        For a run that shares ``max_parallel`` with others (a Dask partition holding some
+        of the cluster's slots); requests already in flight finish, waiting ones are woken.
+        """
+        self.ceiling = ceiling
+        self._changed.set()
+
+    def share(self, fraction: float) -> None:
+        """Pace at ``fraction`` of every budget: ``rpm``/``tpm`` and the server's headers.
+
+        For a run that is one of several sending at once under the same limits (a Dask
+        partition holding k of max_parallel slots takes k/max_parallel), so that together
+        they keep to the budgets, and the server's remaining count is not spent once per run.
+        """
+        fraction = min(1.0, max(0.0, fraction))
+        if fraction == self._share:
+            return
+        self._share = fraction
+        for bucket, per_minute in zip((self.requests, self.tokens), self._user_rates, strict=True):
+            if bucket is not None and per_minute:
+                bucket.retune(per_minute / 60.0 * fraction, per_minute / 60.0 * fraction)
+        for budget in (self.server_requests, self.server_tokens):
+            budget.take_share(fraction)
+        self._changed.set()
+
+    def pause(self, seconds: float) -> None:
+        """Hold every request for ``seconds`` (a 429 another run saw under the same limits)."""
+        if seconds > 0:
+            self.paused_until = max(self.paused_until, self._clock() + seconds)
+            self._changed.set()
 
     def _announce(self, wait: float, reason: str) -> None:
         """Tell the progress display about a long wait, once per wait rather than per worker."""
@@ -534,13 +619,25 @@ class RateGovernor:
                 return self._probe_deadline - now, "first request"
             if self.in_flight >= max(1, self.max_parallel // 2):
                 return math.inf, "first replies"  # woken by settle()
+        if self.ceiling is not None and self.in_flight >= self.ceiling:
+            return math.inf, "cluster-wide max_parallel"  # woken by hold_to() or settle()
         if self.in_flight >= max(1, int(self.limit)):
             return math.inf, "concurrency"  # woken by settle()
         if self.requests is not None and (wait := self.requests.wait_for(1)) > 0:
             return wait, "requests per minute"
         if self.tokens is not None and (wait := self.tokens.wait_for(tokens)) > 0:
             return wait, "tokens per minute"
+        if self._paced():
+            if self.pace.rate is not None:
+                if (wait := self.pace.wait()) > 0:
+                    return wait, f"429s: pacing at ~{self.pace.rate:.3g} requests/s"
+            elif self._spread is not None and (wait := self._spread.wait_for(1)) > 0:
+                return wait, "spreading a wave of requests"
         return self._server_wait(now, tokens)
+
+    def _paced(self) -> bool:
+        """Whether 429s pace the requests: adaptive, and no header states a request rate."""
+        return self._adaptive and self.server_requests.bucket is None
 
     def _server_wait(self, now: float, tokens: float) -> tuple[float, str]:
         """The wait the server's headers ask for, capped at pause_max."""
@@ -571,24 +668,36 @@ class RateGovernor:
         limits: ServerLimits | None,
         congested: bool,
         pause: float | None = None,
+        throttled: bool = False,
     ) -> None:
         """Report one finished request: its usage, the server's headers, and how it went.
 
         Args:
             congested: a 429 or a timeout: cut the concurrency limit (once per round trip).
             pause: seconds every worker should wait (a 429's Retry-After), if any.
+            throttled: a 429. While no header states the server's request rate, it cuts
+                the learned pace (`LearnedPace`) instead of the concurrency limit: a rate
+                limit is a rate, and a cut in concurrency does not space the requests.
         """
         now = self._clock()
         self.in_flight -= 1
         self._heard_back = True  # its headers (if any) now size the run
         self._round_trip = 0.8 * self._round_trip + 0.2 * (now - ticket.started)
+        if not throttled:
+            self._spread_by(now - ticket.started)
         if self.tokens is not None and used_tokens is not None:
             self.tokens.give_back(reserved_tokens - used_tokens)
         if limits is not None:
             self._follow(limits, ticket, reserved_tokens)
         if pause is not None and pause > 0:
             self.paused_until = max(self.paused_until, now + pause)
-        if self._adaptive:
+            if self._on_pause is not None:
+                self._on_pause(pause)
+        if throttled and self._paced():
+            self.pace.throttled(ticket.started)
+        elif self._adaptive:
+            if not congested and self._paced():
+                self.pace.succeeded(ticket.started)
             if congested:
                 if now - self._last_cut >= self._round_trip:
                     self.limit = max(1.0, self.limit / 2)
@@ -596,6 +705,28 @@ class RateGovernor:
             else:
                 self.limit = min(float(self.max_parallel), self.limit + 1.0 / max(1.0, self.limit))
         self._changed.set()
+
+    def _spread_by(self, reply_time: float) -> None:
+        """Learn how long replies take, and spread admissions to match.
+
+        While no rate is known, workers freed together would all go in one instant; at the
+        first reply, half the pool. Released at most twice as fast as the concurrency limit
+        sustains (``limit / reply time``), a wave costs no throughput, and a rate limit's
+        first 429 comes back while most of the wave still waits, not after all of it was
+        refused.
+        """
+        if self._reply_time is None:
+            self._reply_time = reply_time
+        else:
+            self._reply_time = 0.8 * self._reply_time + 0.2 * reply_time
+        if self._reply_time < _SPREAD_FROM:
+            self._spread = None  # replies as fast as this: nothing to spread, only CPU to spend
+            return
+        rate = 2.0 * self.limit / self._reply_time
+        if self._spread is None:
+            self._spread = TokenBucket(rate, _SPREAD_BURST, self._clock)
+        else:
+            self._spread.retune(rate, _SPREAD_BURST)
 
     def _follow(self, limits: ServerLimits, ticket: Ticket, reserved_tokens: float) -> None:
         """Learn the server's budgets from one reply's headers."""
@@ -625,23 +756,14 @@ class RateGovernor:
         Each: ``rate_per_second`` (the server's refill rate, before our safety margin),
         ``window_seconds`` (what its limit counts over), ``limit``, ``burst`` (the most
         it was seen to hold), ``basis`` (how the rate was found) and ``headers`` (the
-        family). Empty when the server sent no rate headers.
+        family). With no request rate in the headers, "requests" is the pace learned from
+        429s, if any came. Empty when neither taught anything.
         """
-        return {
+        learned = {
             budget.unit: budget.learned()
             for budget in (self.server_requests, self.server_tokens)
             if budget.rate is not None
         }
-
-
-def estimate_tokens(messages: object, max_tokens: object) -> float:
-    """Prompt tokens (about 4 characters each, plus framing) plus the completion budget."""
-    characters = 0
-    count = 0
-    if isinstance(messages, list | tuple):
-        for message in messages:
-            count += 1
-            content = message.get("content") if isinstance(message, Mapping) else None
-            characters += len(content) if isinstance(content, str) else 0
-    completion = max_tokens if isinstance(max_tokens, int | float) else 256
-    return characters / 4 + 4 * count + 3 + float(completion)
+        if "requests" not in learned and self.pace.rate is not None:
+            learned["requests"] = self.pace.learned()
+        return learned

@@ -3,7 +3,9 @@
 One function, `is_retryable`, decides; one function, `is_systemic`, says which failures
 mean every other row will fail the same way (so the run stops instead of sending 10,000
 doomed requests). The wait is tenacity's exponential backoff, jittered, except that a
-server that says how long to wait (``Retry-After``, ``retry-after-ms``) is believed.
+server that says how long to wait (``Retry-After``, ``retry-after-ms``, or in a Google
+error body ``RetryInfo.retryDelay``) is believed. Google's bodies (the Gemini API's) are read
+here too: which quota a 429 hit (a daily one is exhausted, not busy), and a bad key's 400.
 """
 
 from __future__ import annotations

@@ -109,7 +109,37 @@ class RunStats:
     # Rows per request the server was found to take, when it refused larger requests and
     # took their halves (a server's own cap on inputs per request); None otherwise.
     items_per_request: int | None = None
+    # Tokens charged at their worst case because no usage came back (a timeout, a reply
+    # without usage): the provider may have billed them; they count against budgets.
+    charged_unconfirmed: int = 0
+    # What a hard budget assumed a request without max_tokens may use, when it did.
+    budget_note: str | None = None
 
     @property
     def wall_seconds(self) -> float:
         return max(0.0, (self.finished or time.monotonic()) - self.started)
+
+
+# Characters (or bytes of encoded JSON) per token, on average for English text and JSON.
+CHARACTERS_PER_TOKEN = 4.0
+# A text sent as one message costs a few tokens beyond its characters (the message's role
+# and separators, the reply's priming): the framing of OpenAI's counting recipe.
+MESSAGE_FRAMING_TOKENS = 7.0
+
+
+def estimate_tokens(text: str | bytes) -> float:
+    """The one token estimate: four characters a token, of a text or of an encoded body.
+
+    Used for a request's prompt tokens before its reply says how many it used (the budget
+    and the token bucket reserve this, and settle on the reply's ``usage``), for the
+    dry-run estimate where no tokenizer is on disk, and for grouping texts per request.
+    Given the encoded request body, it counts the JSON framing too (a slight
+    overestimate): cheaper than walking the messages, and on the side a budget needs.
+
+    Args:
+        text: a text, or a request body encoded as JSON (`encode_body`).
+
+    Returns:
+        The estimated tokens (a float: the estimate is not a count).
+    """
+    return len(text) / CHARACTERS_PER_TOKEN

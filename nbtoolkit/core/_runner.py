@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import signal
 import threading
+import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -28,7 +29,9 @@ from nbtoolkit.core import _kernel_stops as kernel_stops
 T = TypeVar("T")
 
 _patch_lock = threading.Lock()
-_patched_loops: set[int] = set()
+# The loops nest_asyncio2 has made re-entrant, held weakly: a closed loop drops out, and a
+# new loop is never taken for patched because it got a dead loop's id.
+_patched_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 kernel_stops.watch()  # in a kernel, from import on: a stop swallowed before any run counts
 
 
@@ -121,14 +124,14 @@ def _patch(loop: asyncio.AbstractEventLoop) -> bool:
     if not isinstance(loop, asyncio.BaseEventLoop):
         return False  # uvloop and other C loops: nest_asyncio2 patches only the pure-Python loop
     with _patch_lock:
-        if id(loop) not in _patched_loops:
+        if loop not in _patched_loops:
             import nest_asyncio2  # imported late: scripts never need it
 
             try:
                 nest_asyncio2.apply(loop)
             except (ValueError, RuntimeError):
                 return False
-            _patched_loops.add(id(loop))
+            _patched_loops.add(loop)
     return True
 
 

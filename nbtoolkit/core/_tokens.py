@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nbtoolkit.core._rows import estimate_tokens
 from nbtoolkit.core.endpoints._base import Item
 
 # OpenAI's chat framing: each message costs a few tokens beyond its content, and every
@@ -59,7 +60,7 @@ class TokenCounter:
     def text(self, text: str) -> float:
         """Tokens of a piece of text (the estimator: four UTF-8 bytes a token)."""
         if self.encode is None:
-            return len(text.encode("utf-8", "replace")) / 4
+            return estimate_tokens(text.encode("utf-8", "replace"))
         return float(self.encode(text))
 
     def _text_tokens(self, message: Any) -> float:

@@ -2,15 +2,18 @@
 
 ``ddf.chat.complete(...)`` takes the pandas accessor's arguments and returns a lazy Dask
 collection built with ``map_partitions`` and an explicit ``meta`` (no request is sent while
-the graph is built). Each partition runs the pandas method itself, with three changes:
+the graph is built). Each partition runs the pandas method itself, through the accessor's
+declared seams (`RunHooks` for the engine, ``report_to`` for the report), with three changes:
 
 - its concurrency comes from a lease on the run's cluster-wide slots
-  (`nbtoolkit.dask._lease`), so ``max_parallel``, ``rpm`` and ``tpm`` hold for the whole
-  computation, and a 429 seen anywhere pauses every partition;
+  (`nbtoolkit.dask._lease`), so ``max_parallel``, ``rpm``, ``tpm`` and the server's rate
+  headers hold for the whole computation, and a 429 seen anywhere pauses every partition;
+  the rest of the run's options (``retry_after_max``, budgets) hold as they do in pandas;
 - a systemic failure (bad key, quota) sets the run's abort flag: the partition raises
   `RunAborted` once, running partitions stop within a poll, later ones send nothing;
 - no progress bar (Dask's progress bar or dashboard shows the computation), and a report
-  per partition goes to the ledger, combined by `last_dask_run()`.
+  per partition goes to the ledger, combined by `last_dask_run()`; ``last_run()`` is left
+  as it was (on the threaded scheduler partitions run in the caller's process).
 
 Adding a method (``extract``, ``embed``) is one line in `DaskChatAccessor`: the partition
 function takes the accessor method's name and its arguments.
@@ -21,29 +24,30 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import os
 import pickle
 import sys
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
 from nbtoolkit.config import ChatConfig
-from nbtoolkit.core._engine import RUN_CREATED, ChatRun, results_in_order
+from nbtoolkit.core._engine import RunHooks, governor_for, results_in_order
 from nbtoolkit.core._pricing import format_money
 from nbtoolkit.core._rows import RunStats
 from nbtoolkit.core._runner import run_sync
-from nbtoolkit.dask._lease import Lease, LeasedGovernor, LocalTransport, RowCounter, connect
-from nbtoolkit.errors import RunAborted
-from nbtoolkit.frame import _report as _report
-from nbtoolkit.frame._accessor import _ChatAccessorBase
+from nbtoolkit.dask._lease import Lease, LocalTransport, RowCounter, connect
+from nbtoolkit.errors import ConfigError, RunAborted
+from nbtoolkit.frame._accessor import ChatAccessor, SeriesChatAccessor, _ChatAccessorBase
+from nbtoolkit.frame._batch import batch_mode
 from nbtoolkit.frame._estimate import check_pilot
 from nbtoolkit.frame._options import RUN_OPTIONS, RunOptions
-from nbtoolkit.frame._report import rows_frame
+from nbtoolkit.frame._report import RunReport, rows_frame
 
 # Failed rows kept per partition in its report: the reasons stay readable without the
 # report of a 20-million-row run growing with its failures.
@@ -60,6 +64,7 @@ class PartitionSpec:
     args: tuple[Any, ...]
     kwargs: dict[str, Any] = field(repr=False)
     config: ChatConfig  # resolved on the client; its repr hides the key
+    driver: int  # the id of the process that built the graph (see `connect`)
 
     def __dask_tokenize__(self) -> str:
         return self.run
@@ -169,6 +174,12 @@ def lazy_method(collection: Any, method: str, args: tuple[Any, ...], kwargs: dic
     """``collection.map_partitions`` of the pandas accessor's ``method``, with its meta;
     with ``dry_run=True``, the pandas method's `CostEstimate` for the whole collection."""
     kwargs = dict(kwargs)
+    if batch_mode(kwargs.pop("batch", False)) is not None:
+        raise ConfigError(
+            f"ddf.chat.{method}(batch=...) would submit one Batch API job per partition. "
+            "What to do: leave batch= out to run the rows live across the cluster, or submit "
+            "one job for all the rows from pandas: ddf.compute().chat.submit_batch(...)"
+        )
     dry, pilot = kwargs.pop("dry_run", False), kwargs.pop("pilot", None)
     options = {name: kwargs.pop(name, None) for name in RUN_OPTIONS}
     if dry or pilot is not None:
@@ -183,7 +194,7 @@ def lazy_method(collection: Any, method: str, args: tuple[Any, ...], kwargs: dic
         # Resolved here, so every worker on this machine uses the file the client would.
         config = dataclasses.replace(config, cache=str(config.cache_path.absolute()))
     meta = _meta(collection._meta, method, args, kwargs, config)
-    spec = PartitionSpec(uuid.uuid4().hex, method, tuple(args), kwargs, config)
+    spec = PartitionSpec(uuid.uuid4().hex, method, tuple(args), kwargs, config, os.getpid())
     _built.append(spec.run)
     return collection.map_partitions(
         _run_partition, spec, meta=meta, enforce_metadata=False, transform_divisions=False
@@ -194,14 +205,21 @@ def _meta(
     empty: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], config: ChatConfig
 ) -> Any:
     """The pandas method's output for no rows: checks every argument, sends nothing."""
-    with _report._lock:
-        previous = _report._last  # the meta run is not the user's run: keep last_run()
-    try:
-        quiet = dataclasses.replace(config, cache=False, progress=False)
-        return getattr(empty.chat, method)(*args, **kwargs, config=quiet)
-    finally:
-        with _report._lock:
-            _report._last = previous
+    quiet = dataclasses.replace(config, cache=False, progress=False)
+    accessor = _accessor(empty, None, report_to=_drop)  # not the user's run: no last_run()
+    return run_sync(getattr(accessor, f"a{method}")(*args, **kwargs, config=quiet))
+
+
+def _drop(report: RunReport) -> None:
+    """A report nobody reads (the meta run's)."""
+
+
+def _accessor(
+    part: Any, hooks: RunHooks | None, report_to: Callable[[RunReport], object]
+) -> _ChatAccessorBase:
+    """The pandas accessor of a partition (a DataFrame or a Series), with the run's seams."""
+    kind = SeriesChatAccessor if isinstance(part, pd.Series) else ChatAccessor
+    return kind(part, hooks=hooks, report_to=report_to)
 
 
 def _run_partition(part: Any, spec: PartitionSpec, partition_info: Any = None) -> Any:
@@ -211,7 +229,7 @@ def _run_partition(part: Any, spec: PartitionSpec, partition_info: Any = None) -
 
 
 async def _partition(part: Any, spec: PartitionSpec, number: int) -> Any:
-    transport = connect()
+    transport = connect(spec.driver)
     lease = Lease(
         transport,
         run=spec.run,
@@ -220,22 +238,7 @@ async def _partition(part: Any, spec: PartitionSpec, number: int) -> Any:
         rows=len(part),
     )
     started = time.time()
-    runs: list[ChatRun] = []
-    await lease.acquire()  # RunAborted here: the run was stopped, nothing is sent
-
-    def seen(run: ChatRun) -> None:
-        config = run.config
-        run.governor = LeasedGovernor(
-            lease,
-            max_parallel=config.max_parallel,
-            rpm=config.rpm,
-            tpm=config.tpm,
-            adaptive=config.adaptive,
-        )
-        run.listener = RowCounter(lease, run.listener)
-        runs.append(run)
-
-    RUN_CREATED.set(seen)  # this task's context only: other partitions' threads have theirs
+    reports: list[RunReport] = []
     main = asyncio.current_task()
     assert main is not None
 
@@ -243,10 +246,18 @@ async def _partition(part: Any, spec: PartitionSpec, number: int) -> Any:
         main.cancel(message)
 
     lease.on_abort = stop
-    keeper = asyncio.create_task(lease.keep())
+    keeper: asyncio.Task[None] | None = None
     outcome = "aborted"
     try:
-        method = getattr(part.chat, f"a{spec.method}")
+        await lease.acquire()  # RunAborted here: the run was stopped, nothing is sent
+        # The user's options all reach the governor (retry_after_max too); the lease caps
+        # its concurrency and shares out its budgets through the governor's own methods.
+        governor = governor_for(spec.config, on_pause=lease.paused)
+        lease.attach(governor)
+        hooks = RunHooks(governor=governor, listeners=(RowCounter(lease),))
+        keeper = asyncio.create_task(lease.keep())
+        keeper.add_done_callback(lambda task: _stop_if_failed(task, main))
+        method = getattr(_accessor(part, hooks, reports.append), f"a{spec.method}")
         output = await method(*spec.args, **spec.kwargs, config=spec.config, progress=False)
         outcome = "finished"
         return output
@@ -255,31 +266,48 @@ async def _partition(part: Any, spec: PartitionSpec, number: int) -> Any:
         await transport.call("abort", run=spec.run, message=str(exc))
         raise RunAborted(f"{exc} (seen in partition {number})") from None
     except asyncio.CancelledError:
+        failure = _failure(keeper)
+        if failure is not None:  # the lease could not be kept: say why, loudly
+            main.uncancel()
+            raise RuntimeError(f"partition {number} lost its lease: {failure!r}") from failure
         if lease.aborted is None:
             raise
         main.uncancel()
         raise RunAborted(lease.aborted) from None
     finally:
-        keeper.cancel()
-        await asyncio.gather(keeper, return_exceptions=True)
+        if keeper is not None:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
         await lease.leave()
-        report = _partition_report(part, number, runs, outcome, started)
+        report = _partition_report(part, number, reports, outcome, started)
         await transport.call("report", run=spec.run, partition=number, report=report)
 
 
+def _failure(keeper: asyncio.Task[None] | None) -> BaseException | None:
+    """The error the lease keeper died of, if it did (not cancelled, not an abort)."""
+    if keeper is None or not keeper.done() or keeper.cancelled():
+        return None
+    return keeper.exception()
+
+
+def _stop_if_failed(keeper: asyncio.Task[None], main: asyncio.Task[Any]) -> None:
+    """A keeper that dies must not leave the partition running on stale slots, silently."""
+    if _failure(keeper) is not None:
+        main.cancel("the lease keeper failed")
+
+
 def _partition_report(
-    part: Any, number: int, runs: Sequence[ChatRun], outcome: str, started: float
+    part: Any, number: int, reports: Sequence[RunReport], outcome: str, started: float
 ) -> bytes:
-    index = part.index
-    results = results_in_order(runs[-1].results if runs else [])
-    results += results_in_order([None]) * (len(index) - len(results))
-    rows = rows_frame(results, index)
-    stats = runs[-1].stats if runs else RunStats()
+    if reports:
+        rows, stats = reports[-1].rows, reports[-1].stats
+    else:  # stopped before its run began
+        rows, stats = rows_frame(results_in_order([None]) * len(part), part.index), RunStats()
     failed = rows[rows["status"] != "ok"]
     return pickle.dumps(
         PartitionReport(
             partition=number,
-            rows=len(index),
+            rows=len(part),
             outcome=outcome,
             stats=stats,
             started=started,

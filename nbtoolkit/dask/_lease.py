@@ -1,4 +1,4 @@
-"""One partition's lease on the run's cluster-wide concurrency, and the governor that obeys it.
+"""One partition's lease on the run's cluster-wide concurrency, and how its run obeys it.
 
 Why a lease and not a lock per request: a ``distributed.Semaphore`` acquired per request
 costs a scheduler round trip per request, and at a few thousand requests a second the
@@ -6,7 +6,9 @@ scheduler becomes the bottleneck (it stalled in the issue's experiments). Here a
 talks to the scheduler every ``POLL_SECONDS`` (and when it starts and ends), whatever its
 request rate: it reports how many rows it still has to finish and any 429 pause, gives back
 idle slots above its fair share, and takes what the ledger grants. Within the partition the
-engine's own `RateGovernor` admits requests, never more in flight than the slots it holds.
+engine's own `RateGovernor` admits requests, through its declared seams: ``hold_to`` (never
+more in flight than the slots held), ``share`` (that part of ``rpm``/``tpm`` and of what the
+server's rate headers allow) and ``pause`` (a 429 seen in any partition).
 
 Safety: a partition raises its local slot count only after the ledger has granted the
 slots, and lowers it before it gives them back, so the slots in use across the cluster never
@@ -17,15 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
-from nbtoolkit.core._limits import RateGovernor, Ticket
-from nbtoolkit.core._rows import ProgressListener, RowResult
-from nbtoolkit.dask._ledger import SlotLedger, wall_to_monotonic
-from nbtoolkit.errors import RunAborted
+from nbtoolkit.core._limits import RateGovernor
+from nbtoolkit.core._rows import RowResult
+from nbtoolkit.dask._ledger import SlotLedger
+from nbtoolkit.errors import ConfigError, RunAborted
 
 # How often a running partition re-balances with the ledger: the longest a late partition
 # waits for its share, and the longest a 429 seen elsewhere takes to pause this one.
@@ -95,14 +97,32 @@ class SchedulerTransport:
         return call
 
 
-def connect() -> Transport:
-    """The ledger for a partition running here: the scheduler's, or this process's."""
+def connect(driver: int) -> Transport:
+    """The ledger for a partition running here: the scheduler's, or this process's.
+
+    Args:
+        driver: the process id of the process that built the graph.
+
+    Raises:
+        ConfigError: neither on a distributed worker nor in the driver's process (dask's
+            "processes" scheduler): no ledger is shared there, so ``max_parallel`` and the
+            rate limits could not hold for the whole computation. Nothing has been sent.
+    """
     try:
         from distributed import get_worker
 
         return SchedulerTransport(get_worker())
     except (ImportError, ValueError):  # no distributed, or not on a distributed worker
-        return LocalTransport()
+        pass
+    if os.getpid() != driver:
+        raise ConfigError(
+            "ddf.chat cannot run on dask's 'processes' scheduler: its processes share no "
+            "ledger, so max_parallel and the rate limits would hold per process, not for the "
+            "computation. What to do: compute() on the threaded scheduler (dask.dataframe's "
+            "default: scheduler='threads'), or on a distributed cluster "
+            "(distributed.Client(), also on one machine)"
+        )
+    return LocalTransport()
 
 
 def __getattr__(name: str) -> Any:
@@ -150,6 +170,8 @@ def ledger_plugin_class() -> type:
 class Lease:
     """One partition's slots; kept in step with the ledger by `keep()` while the run goes.
 
+    Lives on the partition's own event loop (one thread): only the ledger is shared.
+
     Args:
         transport: where the ledger is.
         run: the run's id (one per ``ddf.chat.<method>()`` call).
@@ -171,8 +193,14 @@ class Lease:
         self.aborted: str | None = None
         self.paused_until = 0.0  # wall clock, as the ledger keeps it
         self._pause_to_send = 0.0
-        self.governor: LeasedGovernor | None = None
+        self._followed_pause = 0.0
+        self.governor: RateGovernor | None = None
         self.on_abort: Callable[[str], None] | None = None
+
+    def attach(self, governor: RateGovernor) -> None:
+        """Make ``governor`` (the run's) obey this lease from now on."""
+        self.governor = governor
+        self._follow()
 
     async def acquire(self) -> None:
         """Wait for a first slot (or raise RunAborted if the run was stopped meanwhile)."""
@@ -195,11 +223,13 @@ class Lease:
                 return
 
     async def sync(self) -> None:
+        """Give back idle slots above this partition's share, take what the ledger grants."""
         in_use = self.governor.in_flight if self.governor is not None else 0
         # Give back idle slots above what this partition should hold; lowered here first,
         # so no request can start on a slot that is on its way back.
         release = max(0, min(self.slots - in_use, self.slots - min(self.share, self.rows_left)))
         self.slots -= release
+        self._follow()
         reply = await self._transport.call(
             "sync",
             run=self._run,
@@ -216,79 +246,43 @@ class Lease:
         self.aborted = reply["aborted"]
         if reply["paused_until"] > self.paused_until:
             self.paused_until = float(reply["paused_until"])
-        if self.governor is not None:
-            self.governor.follow(self)
+        self._follow()
+
+    def _follow(self) -> None:
+        """Hand the slot count, the budget share and any cluster-wide pause to the governor."""
+        governor = self.governor
+        if governor is None:
+            return
+        governor.hold_to(self.slots)
+        # k of max_parallel slots: k/max_parallel of rpm, tpm and the server's budget, so
+        # the partitions together keep to them (bursts aside: a bucket holds one second's).
+        governor.share(max(self.slots, 1) / self.capacity)
+        if self.paused_until > self._followed_pause:
+            self._followed_pause = self.paused_until
+            governor.pause(self.paused_until - time.time())
 
     def paused(self, seconds: float) -> None:
-        """A 429 here: tell the others on the next sync."""
+        """A 429 here paused this partition: tell the others on the next sync."""
         self._pause_to_send = max(self._pause_to_send, time.time() + seconds)
 
     async def leave(self) -> None:
+        """Give every slot back: the partition is done (or failed)."""
         self.slots = 0
         with contextlib.suppress(Exception):  # a scheduler that is gone frees them itself
             await self._transport.call("leave", run=self._run, holder=self._holder)
 
 
-class LeasedGovernor(RateGovernor):
-    """The engine's governor, capped at the slots the partition holds.
-
-    ``rpm``/``tpm`` are split the same way as the slots: a partition holding k of
-    max_parallel slots paces at k/max_parallel of each budget, so the partitions together
-    never go faster than the budget (bursts aside: each bucket holds one second's worth).
-    """
-
-    def __init__(self, lease: Lease, **options: Any) -> None:
-        super().__init__(**options)
-        self._lease = lease
-        # The whole run's budgets, per second and burst, for the shares to be cut from.
-        self._full = tuple(
-            None if bucket is None else (bucket.rate, bucket.capacity)
-            for bucket in (self.requests, self.tokens)
-        )
-        self._seen_slots = -1
-        lease.governor = self
-        self.follow(lease)
-
-    def follow(self, lease: Lease) -> None:
-        """Take the lease's slot count and any cluster-wide pause; wake waiting requests."""
-        if lease.paused_until:
-            self.paused_until = max(self.paused_until, wall_to_monotonic(lease.paused_until))
-        if lease.slots != self._seen_slots:
-            self._seen_slots = lease.slots
-            share = max(lease.slots, 1) / lease.capacity
-            for bucket, full in zip((self.requests, self.tokens), self._full, strict=True):
-                if bucket is not None and full is not None:
-                    bucket.retune(full[0] * share, full[1] * share)
-        self._changed.set()
-
-    def _wait_needed(self, tokens: float) -> tuple[float, str]:
-        wait, reason = super()._wait_needed(tokens)
-        if wait <= 0 and self.in_flight >= self._lease.slots:
-            return math.inf, "cluster-wide max_parallel"  # woken by follow() or settle()
-        return wait, reason
-
-    def settle(self, ticket: Ticket, *, pause: float | None = None, **outcome: Any) -> None:
-        super().settle(ticket, pause=pause, **outcome)
-        if pause is not None and pause > 0:
-            self._lease.paused(pause)
-
-
 class RowCounter:
-    """Passes the engine's row events on, counting finished rows (the partition's demand)."""
+    """Counts the partition's finished rows: its demand, as the ledger sees it."""
 
-    def __init__(self, lease: Lease, inner: ProgressListener | None) -> None:
+    def __init__(self, lease: Lease) -> None:
         self._lease = lease
-        self._inner = inner
 
     def row_done(self, result: RowResult) -> None:
         self._lease.rows_left -= 1
-        if self._inner is not None:
-            self._inner.row_done(result)
 
     def row_retried(self) -> None:
-        if self._inner is not None:
-            self._inner.row_retried()
+        """Nothing to count: a retried row is still to finish."""
 
     def row_waiting(self, seconds: float, reason: str) -> None:
-        if self._inner is not None:
-            self._inner.row_waiting(seconds, reason)
+        """Nothing to count: partitions show no progress bar."""

@@ -9,10 +9,16 @@ still has to finish (its demand) and gets slots back, never more in all than the
 even share gets what it needs, the rest split what is left. A holder that holds more than
 its share gives back idle slots on its next call, so a partition that starts late gets its
 share within one polling interval, and a partition's tail frees slots for the others.
+
+Thread-safe: on dask's threaded scheduler every partition's thread calls the same ledger,
+so each call holds one lock for its whole read-compute-write (two partitions must never
+both be granted the same free slots, nor iterate the holders while another changes them).
+On the scheduler the calls come from its one event loop; the lock costs nothing there.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -37,6 +43,7 @@ class _Run:
     aborted: str | None = None  # the message of the systemic failure that stopped the run
     reports: dict[int, bytes] = field(default_factory=dict)  # partition number -> report
     peak_held: int = 0  # the most slots held at once: what the tests check against capacity
+    left: set[str] = field(default_factory=set)  # holders gone: never granted slots again
 
 
 def fair_shares(capacity: int, demands: dict[str, int]) -> dict[str, int]:
@@ -59,6 +66,16 @@ class SlotLedger:
 
     def __init__(self) -> None:
         self._runs: OrderedDict[str, _Run] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled (inside the scheduler plugin) on its way to the scheduler: a lock is not.
+        with self._lock:
+            return {"runs": OrderedDict(self._runs)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._runs = state["runs"]
+        self._lock = threading.Lock()
 
     def _run(self, run: str, capacity: int) -> _Run:
         book = self._runs.get(run)
@@ -85,7 +102,29 @@ class SlotLedger:
             ``granted`` (new slots, 0 or more), ``share`` (what this holder should hold),
             ``paused_until`` (wall clock) and ``aborted`` (None, or why the run stopped).
         """
+        with self._lock:
+            return self._sync(run, holder, worker, capacity, demand, release, pause_until)
+
+    def _sync(
+        self,
+        run: str,
+        holder: str,
+        worker: str,
+        capacity: int,
+        demand: int,
+        release: int,
+        pause_until: float,
+    ) -> dict[str, Any]:
         book = self._run(run, capacity)
+        if holder in book.left:
+            # A late message from a holder that has left (its last sync, cancelled on the
+            # way, arrived after its leave): it must not come back and hold slots again.
+            return {
+                "granted": 0,
+                "share": 0,
+                "paused_until": book.paused_until,
+                "aborted": book.aborted,
+            }
         entry = book.holders.setdefault(holder, _Holder(worker, demand))
         entry.held = max(0, entry.held - release)
         entry.demand = max(0, demand)
@@ -108,36 +147,43 @@ class SlotLedger:
 
     def leave(self, *, run: str, holder: str) -> None:
         """A partition finished (or failed): its slots go back to the others."""
-        book = self._runs.get(run)
-        if book is not None:
-            book.holders.pop(holder, None)
+        with self._lock:
+            book = self._runs.get(run)
+            if book is not None:
+                book.holders.pop(holder, None)
+                book.left.add(holder)
 
     def abort(self, *, run: str, message: str) -> None:
         """Stop the run: every later sync says so, and no slot is granted any more."""
-        book = self._run(run, 1)
-        if book.aborted is None:
-            book.aborted = message
+        with self._lock:
+            book = self._run(run, 1)
+            if book.aborted is None:
+                book.aborted = message
 
     def report(self, *, run: str, partition: int, report: bytes) -> None:
         """Keep a partition's report; a re-run partition's replaces the earlier one."""
-        self._run(run, 1).reports[partition] = report
+        with self._lock:
+            self._run(run, 1).reports[partition] = report
 
     def reports(self, *, run: str) -> dict[str, Any]:
         """The reports of a run so far, by partition, and the most slots held at once."""
-        book = self._runs.get(run)
-        if book is None:
-            return {"reports": [], "peak_held": 0, "aborted": None}
-        return {
-            "reports": [book.reports[n] for n in sorted(book.reports)],
-            "peak_held": book.peak_held,
-            "aborted": book.aborted,
-        }
+        with self._lock:
+            book = self._runs.get(run)
+            if book is None:
+                return {"reports": [], "peak_held": 0, "aborted": None}
+            return {
+                "reports": [book.reports[n] for n in sorted(book.reports)],
+                "peak_held": book.peak_held,
+                "aborted": book.aborted,
+            }
 
     def drop_worker(self, worker: str) -> None:
         """A worker left or died: the slots its partitions held are free again."""
-        for book in self._runs.values():
-            for name in [n for n, h in book.holders.items() if h.worker == worker]:
-                del book.holders[name]
+        with self._lock:
+            for book in self._runs.values():
+                for name in [n for n, h in book.holders.items() if h.worker == worker]:
+                    del book.holders[name]
+                    book.left.add(name)
 
 
 def wall_to_monotonic(wall: float) -> float:

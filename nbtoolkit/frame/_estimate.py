@@ -92,19 +92,21 @@ async def dry_run(
     estimate = CostEstimate(**fields)
     with _lock:
         global _last
-        _last = (weakref.ref(owner), estimate)
+        _last = (weakref.ref(owner), _kind(endpoint), estimate)
     return estimate
 
 
-def estimate_for(owner: object, config: ChatConfig, path: str) -> CostEstimate | None:
-    """The dry run made for this DataFrame or Series, model and endpoint, if it is the
-    latest; taken (one estimate serves one run)."""
+def estimate_for(
+    owner: object, config: ChatConfig, endpoint: Endpoint | None
+) -> CostEstimate | None:
+    """The dry run made for this DataFrame or Series, model and kind of request (the plan's
+    endpoint), if it is the latest; taken (one estimate serves one run)."""
     global _last
     with _lock:
         if _last is None:
             return None
-        ref, estimate = _last
-        if ref() is not owner or estimate.model != config.model or estimate.path != path:
+        ref, kind, estimate = _last
+        if ref() is not owner or estimate.model != config.model or kind != _kind(endpoint):
             return None
         _last = None
         return estimate
@@ -124,4 +126,10 @@ def check_pilot(pilot: int | float | None, dry: bool) -> None:
 
 
 _lock = threading.Lock()
-_last: tuple[weakref.ref[object], CostEstimate] | None = None
+_last: tuple[weakref.ref[object], str, CostEstimate] | None = None
+
+
+def _kind(endpoint: Endpoint | None) -> str:
+    """What kind of request a plan makes: a `complete` after `extract`'s dry run on the same
+    frame must not start from that estimate."""
+    return "chat" if endpoint is None else type(endpoint).__name__

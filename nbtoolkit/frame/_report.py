@@ -94,7 +94,7 @@ class RunReport:
         cost = f", cost {self._cost_text()}"
         capped = stats.items_per_request
         cap = f" (cut to {capped} rows each: the server refused larger ones)" if capped else ""
-        notes = "".join(f"\n{note}" for note in self.notes)
+        notes = "".join(f"\n{note}" for note in (*self.notes, *_budget_notes(stats)))
         return (
             f"{self.outcome}: {', '.join(parts)}; {stats.requests_sent} requests "
             f"({statuses or 'none'}){cap}, {stats.cache_hits} cache hits, "
@@ -130,6 +130,17 @@ class RunReport:
 
     def __repr__(self) -> str:
         return f"<RunReport {self.summary()}>"
+
+
+def _budget_notes(stats: RunStats) -> list[str]:
+    """What a budget assumed or charged without the server's word for it."""
+    notes = [stats.budget_note] if stats.budget_note else []
+    if stats.charged_unconfirmed:
+        notes.append(
+            f"budget: {stats.charged_unconfirmed:,} tokens charged at their worst case, for "
+            "requests that timed out or came back without usage (the provider may bill them)"
+        )
+    return notes
 
 
 def _cached(stats: RunStats) -> str:

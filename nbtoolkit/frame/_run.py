@@ -16,10 +16,11 @@ from typing import Any, ParamSpec, TypeVar
 import pandas as pd
 
 from nbtoolkit.config import ChatConfig
-from nbtoolkit.core._engine import ChatRun, results_in_order
+from nbtoolkit.core._engine import ChatRun, RunHooks, results_in_order
 from nbtoolkit.core._rows import RowResult
 from nbtoolkit.core._runner import run_sync
 from nbtoolkit.core.endpoints._base import Endpoint
+from nbtoolkit.core.endpoints._providers import provider_notes
 from nbtoolkit.errors import RunAborted, RunInterrupted
 from nbtoolkit.frame._estimate import CostEstimate, dry_run, estimate_for
 from nbtoolkit.frame._progress import LiveCost, ProgressBar
@@ -69,8 +70,18 @@ def blocking(coroutine_method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[
     return method
 
 
-async def run_plan(plan: Plan) -> Any:
+async def run_plan(
+    plan: Plan,
+    *,
+    hooks: RunHooks | None = None,
+    report_to: Callable[[RunReport], object] = remember,
+) -> Any:
     """Run a plan's requests through the engine and return its output; keep its report.
+
+    Args:
+        plan: the checked requests, options and output writer.
+        hooks: the engine's seams (a Dask partition's governor and row counter).
+        report_to: where the run's report goes; default `last_run()`'s.
 
     Raises:
         RunAborted: a systemic failure; ``.partial`` is the output with the rows that
@@ -81,10 +92,10 @@ async def run_plan(plan: Plan) -> Any:
     """
     bar = ProgressBar(len(plan.frame), enabled=plan.config.progress)
     try:
-        run = ChatRun(plan.config, endpoint=plan.endpoint, listener=bar)
+        run = ChatRun(plan.config, endpoint=plan.endpoint, listener=bar, hooks=hooks)
         estimate = None
         if plan.owner is not None:
-            estimate = estimate_for(plan.owner, run.config, run.endpoint.path)
+            estimate = estimate_for(plan.owner, run.config, plan.endpoint)
         bar.cost = live_cost(run, len(plan.frame), estimate)
     except BaseException:
         bar.close()
@@ -96,19 +107,19 @@ async def run_plan(plan: Plan) -> Any:
     except RunAborted as exc:
         aborted = exc
     except KeyboardInterrupt as exc:
-        report = _report(plan, run, run.results, "interrupted", estimate)
+        report = _report(plan, run, run.results, "interrupted", estimate, report_to)
         raise RunInterrupted(_interrupted_message(report), partial=report.output) from exc
     except asyncio.CancelledError as exc:
-        report = _report(plan, run, run.results, "interrupted", estimate)
+        report = _report(plan, run, run.results, "interrupted", estimate, report_to)
         # Cancellation must stay a CancelledError; a note still tells where the rows are.
         exc.add_note(_interrupted_message(report))
         raise
     if aborted is not None:  # raised outside the except block: one line in a notebook
-        report = _report(plan, run, run.results, "aborted", estimate)
+        report = _report(plan, run, run.results, "aborted", estimate, report_to)
         raise RunAborted(str(aborted), partial=report.output, cause=aborted.cause) from (
             aborted.cause
         )
-    return _report(plan, run, results, "finished", estimate).output
+    return _report(plan, run, results, "finished", estimate, report_to).output
 
 
 async def estimate_plan(
@@ -150,20 +161,22 @@ def _report(
     results: Sequence[RowResult | None],
     outcome: str,
     estimate: CostEstimate | None = None,
+    report_to: Callable[[RunReport], object] = remember,
 ) -> RunReport:
     rows = results_in_order(results)
     rows += results_in_order([None]) * (len(plan.frame) - len(rows))
     price = run.budget.unit_price
-    return remember(
-        RunReport(
-            plan.write(rows),
-            rows_frame(rows, plan.frame.index, price),
-            run.stats,
-            outcome,
-            price=price,
-            estimate=estimate,
-        )
+    report = RunReport(
+        plan.write(rows),
+        rows_frame(rows, plan.frame.index, price),
+        run.stats,
+        outcome,
+        price=price,
+        estimate=estimate,
+        notes=tuple(provider_notes(run.config)),
     )
+    report_to(report)
+    return report
 
 
 def _interrupted_message(report: RunReport) -> str:

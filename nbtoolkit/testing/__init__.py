@@ -1,4 +1,7 @@
-"""An OpenAI-compatible chat-completions server for tests, with scripted misbehaviour.
+"""Test servers with scripted misbehaviour: OpenAI-compatible (`ChatServer`), Anthropic's
+Messages API (`AnthropicServer`) and the Gemini API (`GeminiServer`), on one machinery
+(`ScriptedServer`: scripts, faults, rate limits, counters, records). The official anthropic
+and google-genai SDKs read the last two as they read the real APIs (tests/test_provider_servers.py).
 
 It is a real aiohttp server on 127.0.0.1 (the OS picks the port), so the code under test
 goes through its whole HTTP stack. It answers ``POST {base_url}/chat/completions`` and
@@ -34,14 +37,15 @@ from nbtoolkit.testing._batch import BatchBehaviour
 from nbtoolkit.testing._embeddings import EmbeddingBehaviour, expected_vector
 from nbtoolkit.testing._gemini import GeminiServer
 from nbtoolkit.testing._lengths import CompletionLengths
-from nbtoolkit.testing._ratelimit import HEADER_FAMILIES, HeaderFamily, RateLimit
+from nbtoolkit.testing._ratelimit import HEADER_FAMILIES, HeaderFamily, RateLimit, duration
 from nbtoolkit.testing._scripted import RecordedRequest, ScriptedServer
 from nbtoolkit.testing._semantic import SemanticRules
 from nbtoolkit.testing._server import ChatServer
-from nbtoolkit.testing._structured import StructuredFaults, schema_instance
+from nbtoolkit.testing._structured import LLAMA_CPP_REFUSAL, StructuredFaults, schema_instance
 
 __all__ = [
     "HEADER_FAMILIES",
+    "LLAMA_CPP_REFUSAL",
     "AnthropicServer",
     "BatchBehaviour",
     "ChatServer",
@@ -61,6 +65,7 @@ __all__ = [
     "Stall",
     "Status",
     "StructuredFaults",
+    "duration",
     "expected_vector",
     "schema_instance",
 ]

@@ -25,11 +25,14 @@ class Reply:
 
 @dataclass(frozen=True)
 class Status:
-    """An HTTP error with an OpenAI-style ``{"error": {...}}`` body.
+    """An HTTP error, in the error format of the server that sends it.
 
-    ``Status(429, retry_after=2)`` sends ``Retry-After: 2``; ``retry_after_ms=500`` sends
-    ``retry-after-ms: 500`` (OpenAI's header). `error_code` is e.g. "rate_limit_exceeded" or
-    "insufficient_quota".
+    On `ChatServer` (OpenAI's ``{"error": {...}}``): ``Status(429, retry_after=2)`` sends
+    ``Retry-After: 2``; ``retry_after_ms=500`` sends ``retry-after-ms: 500`` (OpenAI's
+    header); `error_code` is e.g. "rate_limit_exceeded" or "insufficient_quota". On
+    `AnthropicServer`, `error_type` defaults to Anthropic's for the code (``overloaded_error``
+    for 529) and `retry_after` is a ``retry-after`` header; on `GeminiServer` a 429's
+    `error_code` is its quota id and `retry_after` its ``RetryInfo.retryDelay`` (see each).
     """
 
     code: int

@@ -40,6 +40,8 @@ from aiohttp import web
 
 from nbtoolkit.testing import _structured
 from nbtoolkit.testing._actions import FaultRates, Reply, Status
+from nbtoolkit.testing._anthropic_batches import MessageBatches
+from nbtoolkit.testing._batch import BatchBehaviour
 from nbtoolkit.testing._ratelimit import RateLimit, Rejection, seconds_header
 from nbtoolkit.testing._scripted import Exchange, ScriptedServer, text_of, tokens
 from nbtoolkit.testing._server import status_phrase
@@ -74,6 +76,9 @@ class AnthropicServer(ScriptedServer):
         structured: how forced tool answers, refusals and truncation go wrong.
         cache_min_tokens: the shortest prefix the prompt cache keeps (Anthropic's is 1,024
             tokens for most models, 2,048 for Haiku).
+        batch: how Message Batches (``/v1/messages/batches``) behave; see `BatchBehaviour`
+            and `nbtoolkit.testing._anthropic_batches`. Its batches and counters are on
+            ``server.batch``.
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class AnthropicServer(ScriptedServer):
         rate_limit: RateLimit | None = None,
         structured: StructuredFaults | None = None,
         cache_min_tokens: int = 1024,
+        batch: BatchBehaviour | None = None,
     ) -> None:
         super().__init__(
             latency=latency, api_key=api_key, faults=faults, record=record, rate_limit=rate_limit
@@ -98,6 +104,13 @@ class AnthropicServer(ScriptedServer):
         self.cache_min_tokens = cache_min_tokens
         self._cached: set[bytes] = set()  # prefixes written to the prompt cache
         self._ids = itertools.count(1)
+        self.batch = MessageBatches(
+            batch or BatchBehaviour(),
+            answer=self.message,
+            prompt=lambda params: _last_user_text(params.get("messages")),
+            authorized=self._authorized,
+            auth_error=self._auth_error,
+        )
 
     @property
     def base_url(self) -> str:
@@ -106,6 +119,7 @@ class AnthropicServer(ScriptedServer):
 
     def _routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self._messages)
+        self.batch.add_routes(app)
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "chat")
@@ -174,7 +188,14 @@ class AnthropicServer(ScriptedServer):
     def _answer(
         self, request: web.Request, ex: Exchange, body: dict[str, Any], action: Reply
     ) -> web.Response:
-        messages = [m for m in body["messages"] if isinstance(m, dict)]
+        return web.json_response(self.message(body, action.text))
+
+    def message(self, body: dict[str, Any], scripted: str | None = None) -> dict[str, Any]:
+        """The message a request body gets (``scripted``: a `Reply`'s text instead of the
+        responder's); the Message Batches' results are these too."""
+        action = Reply(scripted)
+        raw = body.get("messages")
+        messages = [m for m in raw if isinstance(m, dict)] if isinstance(raw, list) else []
         row = _first_user_text(messages)
         faults = self._structured or StructuredFaults()
         tool = _forced_tool(body)
@@ -190,7 +211,7 @@ class AnthropicServer(ScriptedServer):
                 text, stop_reason = text[: len(text) // 2], "max_tokens"
             content = [{"type": "text", "text": text}]
         output = sum(tokens(json.dumps(block)) for block in content) if content else 0
-        reply = {
+        return {
             "id": f"msg_{next(self._ids):024d}",
             "type": "message",
             "role": "assistant",
@@ -200,7 +221,6 @@ class AnthropicServer(ScriptedServer):
             "stop_sequence": None,
             "usage": {**self._input_usage(body), "output_tokens": output},
         }
-        return web.json_response(reply)
 
     def _tool_use(
         self, tool: dict[str, Any], row: str, messages: list[dict[str, Any]]

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nbtoolkit.core._rows import ChatRequest
+from nbtoolkit.core._rows import ChatRequest, estimate_tokens
 from nbtoolkit.core.endpoints._base import Answer, Item, Outcome, Parsed, Reask, plain_json
 from nbtoolkit.core.endpoints._schema import AnswerMismatch, StructuredSchema
 from nbtoolkit.core.store._cache import encode_body
@@ -112,7 +112,7 @@ class AnthropicEndpoint:
                 "description": _TOOL_DESCRIPTION,
                 "input_schema": schema.strict,
             }
-        self._tool_tokens = len(json.dumps(self.tool)) / 4 if self.tool else 0.0
+        self._tool_tokens = estimate_tokens(json.dumps(self.tool)) if self.tool else 0.0
 
     def item(self, index: int, request: ChatRequest) -> AnthropicItem:
         body = {**self.base_body, **translate(dict(request.params))}
@@ -125,7 +125,7 @@ class AnthropicEndpoint:
             if m.get("role") != "system"
         ]
         # The prefix every row shares (tools, then system) is cached when long enough.
-        cached = self._tool_tokens + len(system) / 4 >= CACHE_MIN_TOKENS
+        cached = self._tool_tokens + estimate_tokens(system) >= CACHE_MIN_TOKENS
         tool = self.tool
         if tool is not None:
             mark = cached and not system
@@ -144,15 +144,16 @@ class AnthropicEndpoint:
         budget = body.get("max_tokens")
         completion = float(budget) if isinstance(budget, int) else float(DEFAULT_MAX_TOKENS)
         return AnthropicItem(
-            index, body, payload, len(payload) / 4, completion, reasks=reasks, spent=spent
+            index, body, payload, estimate_tokens(payload), completion, reasks=reasks, spent=spent
         )
 
     def payload(self, items: Sequence[Item]) -> bytes:
         return items[0].payload
 
     def parse(self, text: str, items: Sequence[Item]) -> Parsed:
-        item = items[0]
-        assert isinstance(item, AnthropicItem)
+        # No item only for a batch result line that is none of this run's rows.
+        item = items[0] if items else None
+        spent = item.spent if isinstance(item, AnthropicItem) else (0, 0)
         try:
             reply = json.loads(text)
             content = reply["content"]
@@ -171,16 +172,22 @@ class AnthropicEndpoint:
         elif self.schema is None:
             has_text = any(isinstance(b, dict) and b.get("type") == "text" for b in content)
             outcome = (
-                Answer(words, words, *_counts(usage, item.spent))
+                Answer(words, words, *_counts(usage, spent))
                 if has_text
                 else NoText(f"the reply has no text (stop_reason: {stop})")
             )
         else:
-            outcome = self._typed(item, content, stop, usage)
+            outcome = self._typed(
+                item if isinstance(item, AnthropicItem) else None, content, stop, usage
+            )
         return Parsed([outcome], usage)
 
     def _typed(
-        self, item: AnthropicItem, content: list[Any], stop: Any, usage: Mapping[str, Any] | None
+        self,
+        item: AnthropicItem | None,
+        content: list[Any],
+        stop: Any,
+        usage: Mapping[str, Any] | None,
     ) -> Outcome:
         assert self.schema is not None
         assert self.tool is not None
@@ -199,18 +206,19 @@ class AnthropicEndpoint:
             value = self.schema.check(answer)
         except AnswerMismatch as exc:
             return self._reask(item, content, call, str(exc), usage)
-        return Answer(_dump(value), value, *_counts(usage, item.spent))
+        return Answer(_dump(value), value, *_counts(usage, item.spent if item else (0, 0)))
 
     def _reask(
         self,
-        item: AnthropicItem,
+        item: AnthropicItem | None,
         content: list[Any],
         call: Mapping[str, Any],
         problem: str,
         usage: Mapping[str, Any] | None,
     ) -> Outcome:
-        error = SchemaError(f"{problem} (after {item.reasks} re-asks)"[:500])
-        if item.reasks >= self.validation_retries:
+        reasks = item.reasks if item is not None else 0
+        error = SchemaError(f"{problem} (after {reasks} re-asks)"[:500])
+        if item is None or item.reasks >= self.validation_retries:
             return error
         result = {
             "type": "tool_result",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from nbtoolkit.core._client import parse_completion
-from nbtoolkit.core._rows import ChatRequest
+from nbtoolkit.core._rows import ChatRequest, estimate_tokens
 from nbtoolkit.core.store._cache import encode_body
 from nbtoolkit.errors import APIError, ConfigError, NbToolkitError
 
@@ -44,9 +44,12 @@ class Item:
     body: dict[str, Any]  # chat: the whole request body; other endpoints: this row's part
     payload: bytes  # canonical JSON the cache key is the hash of (chat: the body as sent)
     prompt_tokens: float  # estimated
-    completion_tokens: float  # the most the reply may use
+    completion_tokens: float  # the most the reply may use, or an estimate if not capped
     key: bytes | None = None  # set by the engine when a cache or dedupe needs it
     reasks: int = 0  # how many times this row's answer was sent back to be fixed
+    # False: the request sets no max_tokens, completion_tokens is only an estimate, and a
+    # hard budget reserves the model's output ceiling instead (core/_budget.py).
+    capped: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +135,14 @@ class ChatEndpoint:
         # From the encoded body, not message by message: the same four characters a token,
         # plus the JSON's framing (a slight overestimate, corrected by the reply's usage),
         # at a fraction of the cost on a fully cached re-run, where every row is an item.
-        return Item(index, body, payload, len(payload) / 4, completion_budget(body))
+        return Item(
+            index,
+            body,
+            payload,
+            estimate_tokens(payload),
+            completion_budget(body),
+            capped=is_capped(body),
+        )
 
     def payload(self, items: Sequence[Item]) -> bytes:
         return items[0].payload
@@ -160,6 +170,14 @@ def completion_budget(body: Mapping[str, Any]) -> float:
     if isinstance(completion, int | float) and not isinstance(completion, bool):
         return float(completion)
     return float(DEFAULT_COMPLETION_TOKENS)
+
+
+def is_capped(body: Mapping[str, Any]) -> bool:
+    """Whether a chat request sets the most completion tokens its reply may use."""
+    return any(
+        isinstance(body.get(name), int | float) and not isinstance(body.get(name), bool)
+        for name in ("max_tokens", "max_completion_tokens")
+    )
 
 
 def usage_counts(usage: Mapping[str, Any]) -> tuple[int | None, int | None, int | None]:

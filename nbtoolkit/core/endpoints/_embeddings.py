@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from nbtoolkit.core._rows import MESSAGE_FRAMING_TOKENS, estimate_tokens
 from nbtoolkit.core.endpoints._base import Answer, Item, Outcome, Parsed, plain_json
 from nbtoolkit.core.store._cache import encode_body
 from nbtoolkit.errors import APIError, ConfigError, IgnoredParameter, MalformedResponse
@@ -86,15 +87,17 @@ class EmbeddingEndpoint:
         self._key_head, self._key_tail = head + b'"input":', tail
 
     def item(self, index: int, request: str) -> Item:
-        # The chat estimator's figure for one message of this text (len / 4 + 7), without
-        # building the message; no completion tokens.
+        # The text's estimate plus a message's framing, as if sent in a chat message (the
+        # estimate of the whole body would count the model name for every text); no
+        # completion tokens.
         if type(request) is str:
             payload = self._key_head + _json_string(request).encode() + self._key_tail
-            return Item(index, {"input": request}, payload, len(request) / 4 + 7.0, 0.0)
+            tokens = estimate_tokens(request) + MESSAGE_FRAMING_TOKENS
+            return Item(index, {"input": request}, payload, tokens, 0.0)
         # Not text (only a direct caller of the engine sends that): encoded as it is.
         body = {**self.params, "dimensions": self.dimensions, "input": request, "model": self.model}
         payload = encode_body(body)
-        return Item(index, {"input": request}, payload, 7.0, 0.0)
+        return Item(index, {"input": request}, payload, MESSAGE_FRAMING_TOKENS, 0.0)
 
     def payload(self, items: Sequence[Item]) -> bytes:
         body: dict[str, Any] = {

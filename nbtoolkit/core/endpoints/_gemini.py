@@ -36,7 +36,7 @@ from urllib.parse import quote, urlsplit
 
 import numpy as np
 
-from nbtoolkit.core._rows import ChatRequest
+from nbtoolkit.core._rows import ChatRequest, estimate_tokens
 from nbtoolkit.core.endpoints._base import (
     DEFAULT_COMPLETION_TOKENS,
     Answer,
@@ -47,7 +47,8 @@ from nbtoolkit.core.endpoints._base import (
     plain_json,
 )
 from nbtoolkit.core.endpoints._embeddings import EmbeddingEndpoint, as_vector
-from nbtoolkit.core.endpoints._schema import AnswerMismatch, StructuredSchema, resolve_ref
+from nbtoolkit.core.endpoints._gemini_schema import gemini_schema
+from nbtoolkit.core.endpoints._schema import AnswerMismatch, StructuredSchema
 from nbtoolkit.core.store._cache import encode_body
 from nbtoolkit.errors import (
     APIError,
@@ -60,7 +61,7 @@ from nbtoolkit.errors import (
     Truncated,
 )
 
-__all__ = ["GeminiEmbeddingEndpoint", "GeminiEndpoint", "gemini_schema"]
+__all__ = ["GeminiEmbeddingEndpoint", "GeminiEndpoint"]
 
 # Gemini's batchEmbedContents takes at most 100 texts per request.
 MAX_EMBED_INPUTS = 100
@@ -84,14 +85,6 @@ OPENAI_ONLY = frozenset(
 _BLOCKED = frozenset(
     {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"}
 )
-# JSON Schema keywords Gemini's Schema object has (an OpenAPI 3.0 subset).
-_KEPT = frozenset(
-    {
-        "description", "enum", "maxItems", "minItems", "minimum", "maximum", "minLength",
-        "maxLength", "pattern", "title", "minProperties", "maxProperties",
-    }
-)  # fmt: skip
-_FORMATS = frozenset({"date-time", "enum", "float", "double", "int32", "int64"})
 _REASK = (
     "That answer does not match the required JSON Schema: {problem}\n"
     "Reply again with only the corrected JSON object."
@@ -181,15 +174,23 @@ class GeminiEndpoint:
         limit = body.get("generationConfig", {}).get("maxOutputTokens")
         completion = float(limit) if isinstance(limit, int) else float(DEFAULT_COMPLETION_TOKENS)
         return GeminiItem(
-            index, body, payload, len(payload) / 4, completion, reasks=reasks, spent=spent
+            index,
+            body,
+            payload,
+            estimate_tokens(payload),
+            completion,
+            reasks=reasks,
+            capped=isinstance(limit, int),
+            spent=spent,
         )
 
     def payload(self, items: Sequence[Item]) -> bytes:
         return items[0].payload
 
     def parse(self, text: str, items: Sequence[Item]) -> Parsed:
-        item = items[0]
-        assert isinstance(item, GeminiItem)
+        # No item only for a batch result line that is none of this run's rows.
+        item = items[0] if items else None
+        spent = item.spent if isinstance(item, GeminiItem) else (0, 0)
         try:
             reply = json.loads(text)
             candidates = reply.get("candidates") or []
@@ -218,7 +219,7 @@ class GeminiEndpoint:
         elif not words:
             outcome = NoText(f"the reply has no text (finishReason: {finish})")
         elif self.schema is None:
-            outcome = Answer(answer, answer, *_counts(usage, item.spent))
+            outcome = Answer(answer, answer, *_counts(usage, spent))
         elif finish == "MAX_TOKENS":
             outcome = Truncated(
                 "the answer was cut off at maxOutputTokens before the JSON was complete; "
@@ -228,16 +229,18 @@ class GeminiEndpoint:
             try:
                 value = self.schema.check(answer)
             except AnswerMismatch as exc:
-                outcome = self._reask(item, answer, str(exc), usage)
+                mine = item if isinstance(item, GeminiItem) else None
+                outcome = self._reask(mine, answer, str(exc), usage)
             else:
-                outcome = Answer(_dump(value), value, *_counts(usage, item.spent))
+                outcome = Answer(_dump(value), value, *_counts(usage, spent))
         return Parsed([outcome], usage)
 
     def _reask(
-        self, item: GeminiItem, answer: str, problem: str, usage: Mapping[str, Any] | None
+        self, item: GeminiItem | None, answer: str, problem: str, usage: Mapping[str, Any] | None
     ) -> Outcome:
-        error = SchemaError(f"{problem} (after {item.reasks} re-asks)"[:500])
-        if item.reasks >= self.validation_retries:
+        reasks = item.reasks if item is not None else 0
+        error = SchemaError(f"{problem} (after {reasks} re-asks)"[:500])
+        if item is None or item.reasks >= self.validation_retries:
             return error
         contents = [
             *item.body["contents"],
@@ -350,64 +353,6 @@ def translate(params: dict[str, Any]) -> dict[str, Any]:
             out[name] = value
     if config:
         out["generationConfig"] = config
-    return out
-
-
-def gemini_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
-    """A JSON Schema in the form Gemini's ``responseSchema`` takes: references inlined,
-    nullable types as ``nullable``, types in capitals, keywords it does not know (such as
-    ``additionalProperties``, ``const``, ``$defs``) dropped or rewritten. Answers are still
-    checked against the original schema."""
-    converted: dict[str, Any] = _convert(schema, schema, depth=0)
-    return converted
-
-
-def _convert(node: Any, root: Mapping[str, Any], *, depth: int) -> Any:
-    node = resolve_ref(node, root)
-    if not isinstance(node, Mapping) or depth > 32:
-        return {}
-    out: dict[str, Any] = {key: node[key] for key in _KEPT if key in node}
-    if "const" in node:
-        out["enum"] = [node["const"]]
-    branches = node.get("anyOf") or node.get("oneOf")
-    kind = node.get("type")
-    if isinstance(branches, list):
-        real = [b for b in branches if not (isinstance(b, Mapping) and b.get("type") == "null")]
-        if len(real) < len(branches):
-            out["nullable"] = True
-        if len(real) == 1:
-            merged = _convert(real[0], root, depth=depth + 1)
-            return {**merged, **{k: v for k, v in out.items() if k not in merged}}
-        out["anyOf"] = [_convert(b, root, depth=depth + 1) for b in real]
-        return out
-    if isinstance(kind, list):
-        if "null" in kind:
-            out["nullable"] = True
-        kind = next((k for k in kind if k != "null"), None)
-    if isinstance(kind, str):
-        out["type"] = kind.upper()
-    if "enum" in out:
-        values = [v for v in out["enum"] if v is not None]
-        if None in out["enum"]:
-            out["nullable"] = True
-        if all(isinstance(v, str) for v in values):
-            out["enum"], out["type"] = values, "STRING"
-        else:
-            del out["enum"]  # Gemini's enums are strings; the check still holds the values
-    if isinstance(node.get("format"), str) and node["format"] in _FORMATS:
-        out["format"] = node["format"]
-    properties = node.get("properties")
-    if isinstance(properties, Mapping):
-        out["properties"] = {
-            str(name): _convert(sub, root, depth=depth + 1) for name, sub in properties.items()
-        }
-        out["propertyOrdering"] = list(out["properties"])
-        required = node.get("required")
-        if isinstance(required, list):
-            out["required"] = [name for name in required if name in out["properties"]]
-    items = node.get("items")
-    if isinstance(items, Mapping):
-        out["items"] = _convert(items, root, depth=depth + 1)
     return out
 
 

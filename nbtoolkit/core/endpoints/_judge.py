@@ -13,12 +13,21 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from nbtoolkit.core._client import parse_completion
-from nbtoolkit.core.endpoints._base import Answer, ChatEndpoint, Item, Outcome, Parsed, usage_counts
-from nbtoolkit.errors import AnswerError
+from nbtoolkit.core.endpoints._base import (
+    Answer,
+    ChatEndpoint,
+    Endpoint,
+    Item,
+    Outcome,
+    Parsed,
+    usage_counts,
+)
+from nbtoolkit.core.endpoints._schema import unfenced
+from nbtoolkit.errors import AnswerError, APIError
 
 ANSWER_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -72,8 +81,11 @@ class JudgeEndpoint(ChatEndpoint):
 
 
 def read_answer(text: str) -> bool | None:
-    """True, False, or None when the text is neither a JSON verdict nor a plain yes or no."""
-    stripped = text.strip()
+    """True, False, or None when the text is neither a JSON verdict nor a plain yes or no.
+
+    JSON in a Markdown code fence (a model asked in words often answers so) is read inside it.
+    """
+    stripped = unfenced(text).strip()
     try:
         data = json.loads(stripped)
     except ValueError:
@@ -150,13 +162,77 @@ class ScoreEndpoint(ChatEndpoint):
 
 
 def read_score(text: str) -> float | None:
-    """The number in a JSON ``{"score": n}`` or a bare number; None for anything else."""
+    """The number in a JSON ``{"score": n}`` or a bare number; None for anything else.
+
+    JSON in a Markdown code fence is read inside it; a number sent as a string
+    (``{"score": "87"}``, from a server that does not enforce the schema) is read as the
+    number, as `read_answer` reads ``"true"``.
+    """
     try:
-        data = json.loads(text.strip())
+        data = json.loads(unfenced(text).strip())
     except ValueError:
         return None
     if isinstance(data, Mapping):
         data = data.get("score")
+    if isinstance(data, str):
+        try:
+            data = float(data.strip())
+        except ValueError:
+            return None
     if isinstance(data, int | float) and not isinstance(data, bool) and math.isfinite(data):
         return float(data)
     return None
+
+
+def read_verdict(text: str) -> Verdict | None:
+    """A text's yes or no as a `Verdict` without a confidence; None when it is neither."""
+    answer = read_answer(text)
+    return None if answer is None else Verdict(answer, None)
+
+
+class WordedEndpoint:
+    """A provider's own chat endpoint (Anthropic, Gemini) asked for a verdict or a score in words.
+
+    Their APIs take no OpenAI ``response_format`` and give no token log-probabilities, so the
+    instruction in the prompt asks for the JSON and the reply's text is read by ``read``
+    (`read_verdict`, `read_score`). The model's text is what the cache keeps, as ``complete``
+    keeps it for the same request.
+    """
+
+    def __init__(self, inner: Endpoint, read: Callable[[str], Any], *, what: str) -> None:
+        self._inner, self._read, self._what = inner, read, what
+        self.path = inner.path
+        self.max_items = inner.max_items
+        self.max_request_tokens = inner.max_request_tokens
+        self.binary_answers = inner.binary_answers
+
+    def item(self, index: int, request: Any) -> Item:
+        return self._inner.item(index, request)
+
+    def payload(self, items: Sequence[Item]) -> bytes:
+        return self._inner.payload(items)
+
+    def parse(self, text: str, items: Sequence[Item]) -> Parsed:
+        parsed = self._inner.parse(text, items)
+        return Parsed([self._read_outcome(outcome) for outcome in parsed.outcomes], parsed.usage)
+
+    def _read_outcome(self, outcome: Outcome) -> Outcome:
+        if not isinstance(outcome, Answer) or not isinstance(outcome.stored, str):
+            return outcome
+        value = self._read(outcome.stored)
+        if value is None:
+            return AnswerError(f"not {self._what}: {outcome.stored[:100]!r}")
+        return Answer(
+            outcome.stored,
+            value,
+            outcome.prompt_tokens,
+            outcome.completion_tokens,
+            outcome.cached_tokens,
+        )
+
+    def decode(self, stored: str | bytes) -> Any:
+        text = stored.decode("utf-8", errors="replace") if isinstance(stored, bytes) else stored
+        return self._read(text)
+
+    def on_error_reply(self, error: APIError, items: Sequence[Item]) -> APIError | None:
+        return self._inner.on_error_reply(error, items)

@@ -7,19 +7,37 @@ runs any of them the same way.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from nbtoolkit.config import ChatConfig
-from nbtoolkit.core.endpoints._anthropic import AnthropicEndpoint
+from nbtoolkit.core.endpoints._anthropic import DEFAULT_MAX_TOKENS, AnthropicEndpoint
 from nbtoolkit.core.endpoints._base import ChatEndpoint, Endpoint
 from nbtoolkit.core.endpoints._embeddings import EmbeddingEndpoint
 from nbtoolkit.core.endpoints._gemini import GeminiEmbeddingEndpoint, GeminiEndpoint
+from nbtoolkit.core.endpoints._judge import (
+    JudgeEndpoint,
+    ScoreEndpoint,
+    WordedEndpoint,
+    read_score,
+    read_verdict,
+)
 from nbtoolkit.core.endpoints._schema import StructuredSchema
 from nbtoolkit.core.endpoints._structured import Structured, StructuredEndpoint
 from nbtoolkit.errors import ConfigError
 
-__all__ = ["chat_endpoint", "embedding_endpoint", "structured_endpoint"]
+__all__ = [
+    "chat_endpoint",
+    "embedding_endpoint",
+    "judge_endpoint",
+    "provider_notes",
+    "score_endpoint",
+    "structured_endpoint",
+]
+
+# Enough for {"answer": true} or {"score": 87.5}, where the request sets no max_tokens.
+_SHORT_ANSWER_TOKENS = 16
 
 
 def chat_endpoint(config: ChatConfig) -> Endpoint:
@@ -30,6 +48,32 @@ def chat_endpoint(config: ChatConfig) -> Endpoint:
     if config.provider == "gemini":
         return GeminiEndpoint(base, base_url=str(config.base_url))
     return ChatEndpoint(base)
+
+
+def judge_endpoint(config: ChatConfig, *, confidence: bool) -> Endpoint:
+    """The yes/no endpoint of a resolved config's provider (``filter``, ``join``).
+
+    OpenAI-compatible servers get the JSON schema and, with ``confidence``, logprobs; Anthropic
+    and Gemini are asked in words through their own chat endpoints (no confidence).
+    """
+    if config.provider in ("anthropic", "gemini"):
+        return WordedEndpoint(_short(config), read_verdict, what="a yes/no answer")
+    return JudgeEndpoint({"model": config.model, **config.params}, confidence=confidence)
+
+
+def score_endpoint(config: ChatConfig) -> Endpoint:
+    """The 0-100 score endpoint of a resolved config's provider (``top_k``)."""
+    if config.provider in ("anthropic", "gemini"):
+        return WordedEndpoint(_short(config), read_score, what="a score")
+    return ScoreEndpoint({"model": config.model, **config.params})
+
+
+def _short(config: ChatConfig) -> Endpoint:
+    """The provider's chat endpoint with a short answer's max_tokens unless one is set."""
+    params = config.params
+    if not {"max_tokens", "max_completion_tokens"} & params.keys():
+        params = {"max_tokens": _SHORT_ANSWER_TOKENS, **params}
+    return chat_endpoint(dataclasses.replace(config, params=params))
 
 
 def structured_endpoint(
@@ -105,3 +149,16 @@ def embedding_endpoint(
         max_batch_tokens=max_batch_tokens,
         params=params,
     )
+
+
+def provider_notes(config: ChatConfig) -> list[str]:
+    """Lines for a run's summary: the defaults nbtoolkit chose for the provider."""
+    params = config.params
+    if config.provider == "anthropic" and not (
+        {"max_tokens", "max_completion_tokens"} & params.keys()
+    ):
+        return [
+            f"max_tokens: {DEFAULT_MAX_TOKENS} per request (Anthropic requires one; "
+            "nbtoolkit's default: pass max_tokens= to change it)"
+        ]
+    return []

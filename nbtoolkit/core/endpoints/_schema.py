@@ -248,10 +248,15 @@ def _plain_schema(schema: Mapping[Any, Any]) -> dict[str, Any]:
     return plain
 
 
-def _object(text: str) -> dict[str, Any]:
+def unfenced(text: str) -> str:
+    """The text inside a Markdown code fence (```json ... ```), or the text as it is."""
     fenced = _FENCE.match(text)
+    return fenced.group(1) if fenced else text
+
+
+def _object(text: str) -> dict[str, Any]:
     try:
-        data = json.loads(fenced.group(1) if fenced else text)
+        data = json.loads(unfenced(text))
     except ValueError as exc:
         raise AnswerMismatch(f"the answer is not valid JSON ({exc}): {text[:200]!r}") from None
     if not isinstance(data, dict):

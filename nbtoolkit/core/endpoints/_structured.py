@@ -31,8 +31,7 @@ from enum import StrEnum
 from typing import Any, Literal, NamedTuple
 
 from nbtoolkit.core._client import parse_completion
-from nbtoolkit.core._limits import estimate_tokens
-from nbtoolkit.core._rows import ChatRequest
+from nbtoolkit.core._rows import ChatRequest, estimate_tokens
 from nbtoolkit.core.endpoints._base import (
     Answer,
     Item,
@@ -40,6 +39,7 @@ from nbtoolkit.core.endpoints._base import (
     Parsed,
     Reask,
     completion_budget,
+    is_capped,
     plain_json,
     usage_counts,
 )
@@ -194,7 +194,7 @@ class StructuredEndpoint:
         self._key_suffix = b',"nbtoolkit_schema":' + schema_json + b"}"
         self._prompt_system = _PROMPT_INSTRUCTION + json.dumps(schema.strict, ensure_ascii=False)
         # Servers count the schema as prompt tokens (OpenAI injects it); so does the estimate.
-        self._schema_tokens = len(schema_json) / 4
+        self._schema_tokens = estimate_tokens(schema_json)
 
     def item(self, index: int, request: ChatRequest) -> StructuredItem:
         body = {**self.base_body, **request.params, "messages": list(request.messages)}
@@ -208,9 +208,10 @@ class StructuredEndpoint:
             index,
             body,
             raw[:-1] + self._key_suffix,
-            estimate_tokens(body["messages"], 0) + self._schema_tokens,
+            estimate_tokens(raw) + self._schema_tokens,
             completion_budget(body),
             reasks=reasks,
+            capped=is_capped(body),
             raw=raw,
             spent=spent,
         )

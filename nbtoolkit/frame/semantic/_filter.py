@@ -25,7 +25,9 @@ import pandas as pd
 
 from nbtoolkit.config import ChatConfig
 from nbtoolkit.core._rows import ChatRequest, RowResult
-from nbtoolkit.core.endpoints._judge import INSTRUCTION, JudgeEndpoint, Verdict
+from nbtoolkit.core.endpoints._base import Endpoint
+from nbtoolkit.core.endpoints._judge import INSTRUCTION, Verdict
+from nbtoolkit.core.endpoints._providers import judge_endpoint
 from nbtoolkit.errors import ConfigError
 from nbtoolkit.frame._estimate import CostEstimate
 from nbtoolkit.frame.semantic._estimate import estimate_step
@@ -135,10 +137,9 @@ def _sample(sendable: Sequence[int], cascade: Cascade) -> list[int]:
     return sorted(rng.choice(sendable, size=cascade.size(len(sendable)), replace=False))
 
 
-def judge(settings: ChatConfig, confidence: bool) -> JudgeEndpoint:
-    """The yes/no endpoint for a run with ``settings``."""
-    resolved = settings.resolved()
-    return JudgeEndpoint({"model": resolved.model, **resolved.params}, confidence=confidence)
+def judge(settings: ChatConfig, confidence: bool) -> Endpoint:
+    """The yes/no endpoint for a run with ``settings``, in its provider's format."""
+    return judge_endpoint(settings.resolved(), confidence=confidence)
 
 
 async def _cascaded(

@@ -17,8 +17,8 @@ import pandas as pd
 
 from nbtoolkit.config import ChatConfig
 from nbtoolkit.core._rows import RowResult
-from nbtoolkit.core.endpoints._embeddings import EmbeddingEndpoint
-from nbtoolkit.core.endpoints._judge import ScoreEndpoint
+from nbtoolkit.core.endpoints._base import Endpoint
+from nbtoolkit.core.endpoints._providers import embedding_endpoint, score_endpoint
 from nbtoolkit.errors import ConfigError
 from nbtoolkit.frame._estimate import CostEstimate
 from nbtoolkit.frame._vectors import to_matrix
@@ -168,7 +168,7 @@ async def _estimate_join(
         if embed_model is None:
             raise ConfigError("join needs embed_model= for its candidates (or candidates='all')")
         embed_settings = dataclasses.replace(settings, model=embed_model)
-        endpoint = EmbeddingEndpoint(model=embed_model)
+        endpoint = _embedder(embed_settings)
         for frame, side, column in ((left, "left", on[0]), (right, "right", on[1])):
             texts = parsed.texts(frame, side, column)
             step = await estimate_step(embed_settings, texts, endpoint)
@@ -193,11 +193,18 @@ async def _embed(
 ) -> np.ndarray[Any, np.dtype[np.float32]] | None:
     if not texts:
         return None
-    endpoint = EmbeddingEndpoint(model=str(settings.model))
+    endpoint = _embedder(settings)
     results = await stages.run(
         f"join, embeddings of the {side} rows", texts, settings, endpoint=endpoint
     )
     return to_matrix([r.value if r.error is None else None for r in results])
+
+
+def _embedder(settings: ChatConfig) -> Endpoint:
+    """The embeddings endpoint of the join's provider (Anthropic's: a ConfigError, none exists)."""
+    return embedding_endpoint(
+        settings.resolved(), dimensions=None, batch_size=2048, max_batch_tokens=300_000
+    )
 
 
 def _per_left_outcomes(
@@ -228,7 +235,7 @@ async def top_rows(
         raise ConfigError(f"k must be an int >= 1; got {k!r}")
     stages = Stages()
     resolved = settings.resolved()
-    endpoint = ScoreEndpoint({"model": resolved.model, **resolved.params})
+    endpoint = score_endpoint(resolved)
     requests = [question(p, system or SCORE_SYSTEM) for p in prompts]
     if dry_run:
         estimate = await estimate_step(settings, requests, endpoint)
