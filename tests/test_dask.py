@@ -7,6 +7,7 @@ test server on a thread of this process, and asserts on what that server saw.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
 import random
@@ -14,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import pandas as pd
 import pytest
 
 import nbtoolkit
+from nbtoolkit.dask._lease import Lease, LeaseLost, LocalTransport
 from nbtoolkit.dask._ledger import SlotLedger, fair_shares
 from nbtoolkit.testing import ChatServer, FaultRates, RateLimit, Stall, Status
 from tests.conftest import FAST_RETRY, MODEL
@@ -277,8 +280,21 @@ def test_a_holder_that_left_is_never_granted_again() -> None:
     ledger.sync(run="r", holder="a", worker="w1", capacity=4, demand=10)
     ledger.leave(run="r", holder="a")
     late = ledger.sync(run="r", holder="a", worker="w1", capacity=4, demand=3, release=0)
-    assert late["granted"] == 0
+    assert late["granted"] == 0 and late["gone"]
     assert ledger.sync(run="r", holder="b", worker="w2", capacity=4, demand=10)["granted"] == 4
+
+
+def test_a_worker_reported_dead_stops_its_partitions_attempt() -> None:
+    """A holder dropped with its worker is told it is gone; its lease raises LeaseLost."""
+    transport, run = LocalTransport(), uuid.uuid4().hex  # this process's ledger
+    lease = Lease(transport, run=run, holder="a", capacity=4, rows=10)
+    asyncio.run(lease.acquire())
+    assert lease.slots == 4
+    transport.ledger.drop_worker(transport.worker)  # "a" still runs, but its worker is "gone"
+    with pytest.raises(LeaseLost):
+        asyncio.run(lease.keep())
+    again = transport.ledger.sync(run=run, holder="b", worker="w2", capacity=4, demand=10)
+    assert again["granted"] == 4
 
 
 def test_threaded_scheduler_keeps_max_parallel_and_leaves_last_run() -> None:

@@ -16,7 +16,12 @@ from urllib.parse import parse_qsl, urlsplit
 import aiohttp
 
 from nbtoolkit.core._limits import ServerLimits
-from nbtoolkit.core._retry import google_rejects_key, google_retry_delay, retry_after_seconds
+from nbtoolkit.core._retry import (
+    anthropic_out_of_credit,
+    google_rejects_key,
+    google_retry_delay,
+    retry_after_seconds,
+)
 from nbtoolkit.errors import (
     AnswerError,
     APIError,
@@ -25,6 +30,7 @@ from nbtoolkit.errors import (
     MalformedResponse,
     NoText,
     NotFoundError,
+    QuotaExhausted,
     RateLimitError,
     Refused,
     RequestTimeout,
@@ -173,7 +179,8 @@ def parse_completion(text: str) -> Completion:
 
     A reply that is a whole completion but carries no text (a refusal, a tool call,
     ``content: null``) is not malformed: it comes back with ``text`` None, to be the row's
-    outcome rather than retried and billed again.
+    outcome rather than retried and billed again. Content as a list of parts is the text of
+    its ``text`` parts.
     """
     try:
         data = json.loads(text)
@@ -187,6 +194,8 @@ def parse_completion(text: str) -> Completion:
             raise KeyError("content")
     except (KeyError, IndexError, TypeError, AttributeError) as exc:
         raise MalformedResponse(f"reply has no choices[0].message.content: {text[:200]!r}") from exc
+    if isinstance(content, list):
+        content = _text_parts(content)
     if content is not None and not isinstance(content, str):
         raise MalformedResponse(f"choices[0].message.content is not text: {content!r}"[:300])
     refusal = message.get("refusal")
@@ -198,6 +207,19 @@ def parse_completion(text: str) -> Completion:
         refusal=refusal if isinstance(refusal, str) and refusal else None,
         tool_calls=bool(message.get("tool_calls")),
     )
+
+
+def _text_parts(parts: list[Any]) -> str | list[Any]:
+    """Content sent as a list of parts (Mistral's reasoning models: a ``thinking`` part, then
+    ``text`` parts) as the text of its ``text`` parts; the list itself when it has none."""
+    texts = [
+        part["text"]
+        for part in parts
+        if isinstance(part, dict)
+        and part.get("type") == "text"
+        and isinstance(part.get("text"), str)
+    ]
+    return "".join(texts) if texts else parts
 
 
 def error_for_status(status: int, text: str, headers: Mapping[str, str]) -> APIError:
@@ -217,6 +239,9 @@ def error_for_status(status: int, text: str, headers: Mapping[str, str]) -> APIE
         return AuthError(message, status=status, body=text)
     if status == 404:
         return NotFoundError(message, status=status, body=text)
+    if status == 400 and anthropic_out_of_credit(text):
+        # Not this request's fault: every row, and every retry, gets the same answer.
+        return QuotaExhausted(message, status=status, body=text)
     return BadRequestError(message, status=status, body=text)
 
 

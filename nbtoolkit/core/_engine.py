@@ -68,6 +68,7 @@ from nbtoolkit.core.endpoints._base import (
     Outcome,
     Parsed,
     Reask,
+    cache_write_tokens,
     reasoning_tokens,
     usage_counts,
 )
@@ -283,7 +284,7 @@ class ChatRun:
         # Every text about a request that reaches a row, the report or an exception goes
         # through it: a gateway may echo the key in any body, a 200's included.
         self._redact = Redactor(self._url, self._headers)
-        self._cache = CacheWriter(None, model=None)
+        self._cache = CacheWriter()
         self._keys = request_keys(config, self.endpoint)
         # Cache key -> rows waiting for the same request, which is queued or in flight.
         self._pending: dict[bytes, list[int]] = {}
@@ -310,7 +311,8 @@ class ChatRun:
         self.stats.started = time.monotonic()
         workers = self.config.max_parallel
         queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=2 * workers)
-        self._cache = CacheWriter(self.config.cache_path, model=self.config.model)
+        # Opened on the cache's own thread: opening may wait seconds on another process.
+        self._cache = await CacheWriter.open(self.config.cache_path, model=self.config.model)
         # Pool sized to the workers: no request ever waits for a connection slot, so the
         # total timeout measures the request alone.
         connector = aiohttp.TCPConnector(limit=workers, limit_per_host=workers)
@@ -344,7 +346,7 @@ class ChatRun:
             self.stats.limits = self.governor.learned()
             if self._ceiling_used:
                 self.stats.budget_note = self.ceiling.describe()
-            self._cache.close()  # commits what is still waiting for the timer
+            await self._cache.aclose()  # commits what is still waiting for the timer
         if stopped_by is not None:
             # Raised here, not inside the except block: an exception raised while a group is
             # being handled drags the group along as its context, and IPython then shows
@@ -393,7 +395,7 @@ class ChatRun:
             key = self._keys.key
             for item in batch:
                 item.key = key(item.payload)
-        hits = self._cache.lookup(
+        hits = await self._cache.lookup(
             [item.key for item in batch if item.key is not None], binary=self._binary
         )
         # Queued after the loop, not in it: a put that waits lets workers settle rows and
@@ -402,11 +404,16 @@ class ChatRun:
         jobs: list[_Job] = []
         pending = self._pending
         max_items, max_tokens = self._max_items, self.endpoint.max_request_tokens
+        # What `_finish` does, inlined: on a fully cached re-run it is most of the per-row work.
+        results, from_cache = self.results, self._from_cache
+        row_done = self.listener.row_done if self.listener is not None else None
         for item in batch:
             if item.key is not None:
                 if hits and (answer := hits.get(item.key)) is not None:
                     self.stats.cache_hits += 1
-                    self._finish(item.index, self._from_cache(answer))
+                    result = results[item.index] = from_cache(answer)
+                    if row_done is not None:
+                        row_done(result)
                     continue
                 if dedupe:
                     twins = pending.get(item.key)
@@ -647,7 +654,7 @@ class ChatRun:
             self.stats.reasks += 1
             item = outcome.item
             item.key = self._keys.key(item.payload)
-            cached = self._cache.lookup([item.key], binary=self._binary).get(item.key)
+            cached = (await self._cache.lookup([item.key], binary=self._binary)).get(item.key)
             if cached is not None:
                 outcome = self._from_cache(cached)
                 break
@@ -694,6 +701,7 @@ class ChatRun:
                     answer.completion_tokens,
                     answer.cached_tokens,
                     value=answer.value,
+                    cache_write_tokens=answer.cache_write_tokens,
                 ),
             )
 
@@ -908,7 +916,7 @@ class ChatRun:
         self.stats.completion_tokens += completion
         self.stats.cached_tokens += cached or 0
         self.stats.reasoning_tokens += reasoning_tokens(usage or {})
-        self.budget.spend(prompt, completion, cached or 0)
+        self.budget.spend(prompt, completion, cached or 0, cache_write_tokens(usage or {}))
         return float(prompt + completion)
 
     def _shared_pause(self, exc: RateLimitError) -> float | None:
@@ -935,7 +943,7 @@ class ChatRun:
             answer.completion_tokens,
             answer.cached_tokens,
             "cache",
-            value=self.endpoint.decode(answer.text),
+            self.endpoint.decode(answer.text),
         )
 
     def _finish(self, index: int, result: RowResult) -> None:

@@ -279,8 +279,9 @@ async def _partition(part: Any, spec: PartitionSpec, number: int) -> Any:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
         await lease.leave()
-        report = _partition_report(part, number, reports, outcome, started)
-        await transport.call("report", run=spec.run, partition=number, report=report)
+        if not lease.gone:  # a lost attempt's report must not replace its re-run's
+            report = _partition_report(part, number, reports, outcome, started)
+            await transport.call("report", run=spec.run, partition=number, report=report)
 
 
 def _failure(keeper: asyncio.Task[None] | None) -> BaseException | None:

@@ -18,7 +18,6 @@ exceed what the ledger has handed out, which never exceeds ``max_parallel``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from nbtoolkit.errors import ConfigError, RunAborted
 # waits for its share, and the longest a 429 seen elsewhere takes to pause this one.
 POLL_SECONDS = 0.05
 PLUGIN_NAME = "nbtoolkit-ledger"
+LEAVE_ATTEMPTS = 4  # tries to give a partition's slots back (waits 0.05, 0.1, 0.2 s between)
 
 
 class Transport(Protocol):
@@ -167,6 +167,18 @@ def ledger_plugin_class() -> type:
     return LedgerPlugin
 
 
+class LeaseLost(Exception):
+    """The ledger no longer knows this attempt at a partition: its worker was reported dead
+    while it still ran, and the scheduler runs the partition again elsewhere. Waiting for
+    slots would wait forever; this attempt stops instead, and its output is not used."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this attempt at the partition lost its slots (its worker was reported gone); "
+            "the scheduler runs the partition again elsewhere"
+        )
+
+
 class Lease:
     """One partition's slots; kept in step with the ledger by `keep()` while the run goes.
 
@@ -191,6 +203,7 @@ class Lease:
         self.share = 0
         self.rows_left = rows
         self.aborted: str | None = None
+        self.gone = False  # the ledger no longer knows this holder (see `LeaseLost`)
         self.paused_until = 0.0  # wall clock, as the ledger keeps it
         self._pause_to_send = 0.0
         self._followed_pause = 0.0
@@ -206,6 +219,8 @@ class Lease:
         """Wait for a first slot (or raise RunAborted if the run was stopped meanwhile)."""
         while True:
             await self.sync()
+            if self.gone:
+                raise LeaseLost()
             if self.aborted is not None:
                 raise RunAborted(self.aborted)
             if self.slots > 0 or self.rows_left == 0:
@@ -217,6 +232,8 @@ class Lease:
         while True:
             await asyncio.sleep(POLL_SECONDS)
             await self.sync()
+            if self.gone:
+                raise LeaseLost()  # the partition stops (see nbtoolkit.dask._accessor)
             if self.aborted is not None:
                 if self.on_abort is not None:
                     self.on_abort(self.aborted)
@@ -244,6 +261,7 @@ class Lease:
         self.slots += int(reply["granted"])
         self.share = int(reply["share"])
         self.aborted = reply["aborted"]
+        self.gone = bool(reply.get("gone"))
         if reply["paused_until"] > self.paused_until:
             self.paused_until = float(reply["paused_until"])
         self._follow()
@@ -266,10 +284,19 @@ class Lease:
         self._pause_to_send = max(self._pause_to_send, time.time() + seconds)
 
     async def leave(self) -> None:
-        """Give every slot back: the partition is done (or failed)."""
+        """Give every slot back: the partition is done (or failed).
+
+        Tried a few times: slots a holder never gives back are lost to the rest of the run,
+        whose later partitions could then wait for them forever.
+        """
         self.slots = 0
-        with contextlib.suppress(Exception):  # a scheduler that is gone frees them itself
-            await self._transport.call("leave", run=self._run, holder=self._holder)
+        for attempt in range(LEAVE_ATTEMPTS):
+            try:
+                await self._transport.call("leave", run=self._run, holder=self._holder)
+                return
+            except Exception:  # a scheduler that is gone frees them itself
+                if attempt + 1 < LEAVE_ATTEMPTS:
+                    await asyncio.sleep(POLL_SECONDS * 2**attempt)
 
 
 class RowCounter:

@@ -100,7 +100,9 @@ class SlotLedger:
 
         Returns:
             ``granted`` (new slots, 0 or more), ``share`` (what this holder should hold),
-            ``paused_until`` (wall clock) and ``aborted`` (None, or why the run stopped).
+            ``paused_until`` (wall clock), ``aborted`` (None, or why the run stopped) and
+            ``gone`` (True: this holder left, or its worker was reported dead and its
+            partition handed to another; it must send nothing more).
         """
         with self._lock:
             return self._sync(run, holder, worker, capacity, demand, release, pause_until)
@@ -118,12 +120,14 @@ class SlotLedger:
         book = self._run(run, capacity)
         if holder in book.left:
             # A late message from a holder that has left (its last sync, cancelled on the
-            # way, arrived after its leave): it must not come back and hold slots again.
+            # way, arrived after its leave), or from a worker the scheduler declared dead
+            # while it still ran: it must not come back and hold slots again.
             return {
                 "granted": 0,
                 "share": 0,
                 "paused_until": book.paused_until,
                 "aborted": book.aborted,
+                "gone": True,
             }
         entry = book.holders.setdefault(holder, _Holder(worker, demand))
         entry.held = max(0, entry.held - release)
@@ -143,6 +147,7 @@ class SlotLedger:
             "share": share,
             "paused_until": book.paused_until,
             "aborted": book.aborted,
+            "gone": False,
         }
 
     def leave(self, *, run: str, holder: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 
 import pandas as pd
 
-from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts
+from nbtoolkit.config import ChatConfig, Provider, RetryPolicy, Timeouts
 from nbtoolkit.core._runner import run_sync
 from nbtoolkit.errors import ConfigError, RunInterrupted
 from nbtoolkit.frame._options import RunOptions
@@ -70,6 +70,7 @@ class SemanticMethods:
         model: str | None = None,
         max_parallel: int | None = None,
         progress: bool | None = None,
+        provider: Provider | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -105,7 +106,7 @@ class SemanticMethods:
             agreement: the agreement required on the labelled rows the cheap model decides.
             sample_seed: which rows are sampled.
             model, max_parallel, ..., config: run options, as for ``complete``
-                (``cache``, ``max_cost``, ...).
+                (``provider``, ``cache``, ``max_cost``, ...).
             dry_run: send nothing; return an `OperatorEstimate`: each step's rows, tokens
                 and cost (low / expected / high) and their total.
             **params: request-body fields (``temperature``).
@@ -119,6 +120,7 @@ class SemanticMethods:
             model=model,
             max_parallel=max_parallel,
             progress=progress,
+            provider=provider,
             base_url=base_url,
             api_key=api_key,
             headers=headers,
@@ -159,6 +161,7 @@ class SemanticMethods:
         model: str | None = None,
         max_parallel: int | None = None,
         progress: bool | None = None,
+        provider: Provider | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -188,12 +191,13 @@ class SemanticMethods:
             template: the criterion over the row's columns: ``"How urgent is {ticket}?"``.
             column: instead of a template, a column with each row's text.
             output: the score column added to the rows (a frame only).
-            model, system, config, **params: as for ``filter``.
+            model, provider, system, config, **params: as for ``filter``.
         """
         settings = RunOptions(
             model=model,
             max_parallel=max_parallel,
             progress=progress,
+            provider=provider,
             base_url=base_url,
             api_key=api_key,
             headers=headers,
@@ -228,6 +232,7 @@ class SemanticMethods:
         model: str | None = None,
         max_parallel: int | None = None,
         progress: bool | None = None,
+        provider: Provider | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -259,7 +264,7 @@ class SemanticMethods:
             context_tokens: the model's context window; no request is larger.
             output: the name of the Series returned with ``by=``.
             max_tokens (in ``params``): the longest answer of a chunk (default 512).
-            model, system, config, **params: as for ``filter``.
+            model, provider, system, config, **params: as for ``filter``.
 
         Returns:
             The answer (a str, None if it failed) or, with ``by=``, a Series of answers
@@ -269,6 +274,7 @@ class SemanticMethods:
             model=model,
             max_parallel=max_parallel,
             progress=progress,
+            provider=provider,
             base_url=base_url,
             api_key=api_key,
             headers=headers,
@@ -328,6 +334,7 @@ class FrameSemanticMethods(SemanticMethods):
         model: str | None = None,
         max_parallel: int | None = None,
         progress: bool | None = None,
+        provider: Provider | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -365,6 +372,8 @@ class FrameSemanticMethods(SemanticMethods):
             suffixes: for column names both frames have, as ``pandas.merge``.
             model, system, cheap_model, sample, agreement, sample_seed, config, **params: as for
                 ``filter``.
+            provider: as for ``filter``; it also embeds the candidates, so not
+                ``"anthropic"`` (no embeddings API: a `ConfigError`).
 
         Returns:
             One row per matching pair: ``left_index``, ``right_index``, the left columns,
@@ -374,6 +383,7 @@ class FrameSemanticMethods(SemanticMethods):
             model=model,
             max_parallel=max_parallel,
             progress=progress,
+            provider=provider,
             base_url=base_url,
             api_key=api_key,
             headers=headers,
