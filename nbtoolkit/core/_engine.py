@@ -34,9 +34,8 @@ import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from nbtoolkit.config import ChatConfig
@@ -89,6 +88,9 @@ from nbtoolkit.errors import (
     TransportError,
     UnsendableRow,
 )
+
+if TYPE_CHECKING:  # imported by the first run: `import nbtoolkit` spares it
+    import aiohttp
 
 # Requests looked up in the cache with one query: large enough to make a fully cached
 # re-run cheap, small enough not to hold the first requests back.
@@ -268,6 +270,8 @@ class ChatRun:
         # Refused groups held while nothing is answered yet, with their refusal.
         self._parked: list[tuple[list[Item], _Attempts]] = []
         self._refused_fields: list[str] = []  # a stopping refusal's request body fields
+        import aiohttp  # at the first run, not at `import nbtoolkit` (a third of its cost)
+
         self._timeout = aiohttp.ClientTimeout(
             total=config.timeouts.total,
             sock_connect=config.timeouts.connect,
@@ -315,6 +319,8 @@ class ChatRun:
         self._cache = await CacheWriter.open(self.config.cache_path, model=self.config.model)
         # Pool sized to the workers: no request ever waits for a connection slot, so the
         # total timeout measures the request alone.
+        import aiohttp
+
         connector = aiohttp.TCPConnector(limit=workers, limit_per_host=workers)
         stopped_by: NbToolkitError | None = None
         try:

@@ -52,9 +52,15 @@ class SemanticMethods:
     def _prompts(self, column: str | None, template: str | None) -> pd.Series:
         raise NotImplementedError
 
+    def _owner(self) -> object:
+        raise NotImplementedError
+
     def _source(self) -> pd.DataFrame | pd.Series:
-        frame = self._frame()
-        return frame["value"] if self._as_series() else frame
+        """The caller's rows: its own Series (its name and dtype kept), or the frame."""
+        owner = self._owner()
+        if self._as_series() and isinstance(owner, pd.Series):
+            return owner
+        return self._frame()
 
     async def afilter(
         self,
