@@ -56,19 +56,35 @@ def _namespace(base_url: str) -> dict[str, Any]:
         "np": np,
         "df": frame,
         "texts": list(frame["review"]),
+        "catalogue": pd.DataFrame({"name": sorted(set(frame["product"]))}),
         "ChatRequest": nbtoolkit.ChatRequest,
         "Topic": Topic,
     }
 
 
+def _server_options(page: Path) -> dict[str, Any]:
+    """What the page's server knows besides chat: the semantic page's questions have rules."""
+    from nbtoolkit.testing import BatchBehaviour, EmbeddingBehaviour, SemanticRules
+
+    options: dict[str, Any] = {
+        "batch": BatchBehaviour(validating=0.05, in_progress=0.2, finalizing=0.05)
+    }
+    if page.stem == "semantic":
+        products = r"(?i)\b(kettle|toaster|lamp|mug|headphones|chair)\b"
+        options["semantic"] = SemanticRules(
+            marker="broke ", key_pattern=products, cheap_model="gpt-4o-mini"
+        )
+        options["embeddings"] = EmbeddingBehaviour(topic=products)
+    return options
+
+
 def run_page(page: Path) -> int:
     """Runs the page's examples; returns how many ran."""
-    from nbtoolkit.testing import BatchBehaviour, ChatServer
+    from nbtoolkit.testing import ChatServer
 
     ran = 0
     has_local_model = importlib.util.find_spec("xllamacpp") is not None
-    behaviour = BatchBehaviour(validating=0.05, in_progress=0.2, finalizing=0.05)
-    with ChatServer(batch=behaviour).run_in_thread() as server:
+    with ChatServer(**_server_options(page)).run_in_thread() as server:
         os.environ["OPENAI_BASE_URL"] = server.base_url
         os.environ["OPENAI_API_KEY"] = "sk-docs-examples"
         namespace = _namespace(server.base_url)
