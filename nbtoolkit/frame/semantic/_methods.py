@@ -3,6 +3,10 @@
 A mixin of the accessors: each method checks its options, builds the run's settings as the
 other methods do, and hands over to `_operators`. Run options (``model``, ``max_parallel``,
 ``cache``, ``max_cost``, ...) mean what they mean for ``complete``.
+
+Longer than the ~400 lines of the other modules: each method's signature is its option table
+(`frame._options.METHOD_OPTIONS`, checked by tests/test_options.py), written out so that Tab,
+``help()`` and the API reference show every option; the bodies are a few lines each.
 """
 
 from __future__ import annotations
