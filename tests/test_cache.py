@@ -395,10 +395,11 @@ def test_resume_after_kill_9_pays_for_nothing_twice() -> None:
         # Row 20 stalls on the server: rows 0-19 are answered, then the run waits there.
         server.script(Stall(60), prompt="row 20")
         process = child(server, 60, "row", parallel=1)
-        deadline = time.monotonic() + 30
-        # Kill only once all 20 answers are durable in the file, whatever the commit timer:
+        deadline = time.monotonic() + 60  # the child imports pandas first: slow on a busy box
+        # Kill only once all 20 answers are durable in the file, whatever the commit timer,
+        # and row 20 is on the server (the child may save row 19 before or after sending it):
         # the test then pins exactly "a killed run loses nothing it had saved".
-        while _saved_answers() < 20 and time.monotonic() < deadline:
+        while (_saved_answers() < 20 or server.in_flight < 1) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert server.in_flight == 1
         process.send_signal(signal.SIGKILL)

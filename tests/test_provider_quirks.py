@@ -212,3 +212,51 @@ async def test_content_as_a_list_of_parts_is_its_text_parts(tmp_path: Path) -> N
     assert out.tolist() == ["forty-two"]
     assert len(bodies) == 1
     assert nbtoolkit.last_run().stats.completion_tokens == 2
+
+
+# OpenAI's answer to max_tokens sent to a reasoning model (o-series, gpt-5).
+REASONING_REFUSES_MAX_TOKENS = {
+    "error": {
+        "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+        "Use 'max_completion_tokens' instead.",
+        "type": "invalid_request_error",
+        "param": "max_tokens",
+        "code": "unsupported_parameter",
+    }
+}
+
+
+async def test_filter_and_top_k_on_a_reasoning_model_send_only_its_own_limit(
+    tmp_path: Path,
+) -> None:
+    """With max_completion_tokens given, filter, top_k and aggregate send no max_tokens of
+    their own (a reasoning model refuses the pair), and every row is answered."""
+    bodies: list[dict[str, Any]] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        bodies.append(body)
+        if "max_tokens" in body:
+            return web.json_response(REASONING_REFUSES_MAX_TOKENS, status=400)
+        name = body.get("response_format", {}).get("json_schema", {}).get("name")
+        text = {"verdict": '{"answer": true}', "score": '{"score": 70}'}.get(name, "letters")
+        return web.json_response(completion(body, text))
+
+    frame = pd.DataFrame({"text": ["a", "b", "c"]})
+    async with serving(chat) as base_url:
+        run = {
+            "model": "o4-mini",
+            "base_url": base_url,
+            "api_key": "sk-test-quirks",
+            "cache": str(tmp_path / "cache.sqlite3"),
+            "progress": False,
+            "max_completion_tokens": 2000,
+        }
+        kept = await frame.chat.afilter("Is {text} a letter?", **run)
+        best = await frame.chat.atop_k(2, "How good is {text}?", **run)
+        summary = await frame.chat.aaggregate("What do {text} have in common?", **run)
+    assert kept["text"].tolist() == ["a", "b", "c"]
+    assert best["score"].tolist() == [70.0, 70.0]
+    assert summary is not None
+    assert len(bodies) == 7
+    assert all(b["max_completion_tokens"] == 2000 and "max_tokens" not in b for b in bodies)

@@ -10,10 +10,8 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
-
-import aiohttp
 
 from nbtoolkit.core._limits import ServerLimits
 from nbtoolkit.core._retry import (
@@ -37,6 +35,9 @@ from nbtoolkit.errors import (
     ServerError,
     TransportError,
 )
+
+if TYPE_CHECKING:  # imported where a request is sent: `import nbtoolkit` spares it
+    import aiohttp
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,8 @@ async def post_json(
         APIError: (a subclass per status) the server answered with an error status.
         TransportError: no complete HTTP reply (refused, reset, timed out).
     """
+    import aiohttp  # loaded by the session's creator: a dict look-up here
+
     started = time.monotonic()
     try:
         async with session.post(url, data=payload, headers=headers, timeout=timeout) as reply:
@@ -120,6 +123,8 @@ async def send(
         APIError: (a subclass per status) the server answered with an error status.
         TransportError: no complete HTTP reply (refused, reset, timed out).
     """
+    import aiohttp
+
     started = time.monotonic()
     try:
         async with session.request(
@@ -144,6 +149,8 @@ def _transport_error(
     started: float,
 ) -> TransportError:
     """Our exception for a request that got no complete HTTP reply."""
+    import aiohttp
+
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         # Never connected: a host that is down or filtered, not a slow answer.
         return TransportError(f"could not connect within {timeout.sock_connect}s: {exc}")

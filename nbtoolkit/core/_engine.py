@@ -34,9 +34,8 @@ import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from nbtoolkit.config import ChatConfig
@@ -89,6 +88,9 @@ from nbtoolkit.errors import (
     TransportError,
     UnsendableRow,
 )
+
+if TYPE_CHECKING:  # imported by the first run: `import nbtoolkit` spares it
+    import aiohttp
 
 # Requests looked up in the cache with one query: large enough to make a fully cached
 # re-run cheap, small enough not to hold the first requests back. While every row so far
@@ -271,6 +273,8 @@ class ChatRun:
         # Refused groups held while nothing is answered yet, with their refusal.
         self._parked: list[tuple[list[Item], _Attempts]] = []
         self._refused_fields: list[str] = []  # a stopping refusal's request body fields
+        import aiohttp  # at the first run, not at `import nbtoolkit` (a third of its cost)
+
         self._timeout = aiohttp.ClientTimeout(
             total=config.timeouts.total,
             sock_connect=config.timeouts.connect,
@@ -318,6 +322,8 @@ class ChatRun:
         self._cache = await CacheWriter.open(self.config.cache_path, model=self.config.model)
         # Pool sized to the workers: no request ever waits for a connection slot, so the
         # total timeout measures the request alone.
+        import aiohttp
+
         connector = aiohttp.TCPConnector(limit=workers, limit_per_host=workers)
         stopped_by: NbToolkitError | None = None
         try:
@@ -409,11 +415,16 @@ class ChatRun:
         jobs: list[_Job] = []
         pending = self._pending
         max_items, max_tokens = self._max_items, self.endpoint.max_request_tokens
+        # What `_finish` does, inlined: on a fully cached re-run it is most of the per-row work.
+        results, from_cache = self.results, self._from_cache
+        row_done = self.listener.row_done if self.listener is not None else None
         for item in batch:
             if item.key is not None:
                 if hits and (answer := hits.get(item.key)) is not None:
                     self.stats.cache_hits += 1
-                    self._finish(item.index, self._from_cache(answer))
+                    result = results[item.index] = from_cache(answer)
+                    if row_done is not None:
+                        row_done(result)
                     continue
                 if dedupe:
                     twins = pending.get(item.key)
@@ -944,7 +955,7 @@ class ChatRun:
             answer.completion_tokens,
             answer.cached_tokens,
             "cache",
-            value=self.endpoint.decode(answer.text),
+            self.endpoint.decode(answer.text),
         )
 
     def _finish(self, index: int, result: RowResult) -> None:

@@ -187,10 +187,11 @@ class ChatMethods(RowSource):
         here or in a new kernel, re-attaches to the job instead of submitting it twice.
 
         Args:
-            column, template, system, model, output, provider, base_url, api_key, headers,
-                query, azure_endpoint, api_version, cache, config, **params: as for
-                ``complete`` (``provider="anthropic"``: a Message Batch);
-                headers go on the Batch API's own HTTP calls, never into the uploaded file.
+            column, template, system, model, output, config, **params: as for ``complete``.
+            provider, base_url, api_key, azure_endpoint, api_version, cache: as for
+                ``complete`` (``provider="anthropic"``: a Message Batch).
+            headers, query: as for ``complete``; they go on the Batch API's own HTTP calls,
+                never into the uploaded file.
             progress: the default for ``job.wait()``'s bar.
             timeout, retry: for the Batch API's own calls (upload, create, status).
             prices, max_cost, max_tokens_total: the job's worst case (estimated prompts

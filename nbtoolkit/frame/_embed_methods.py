@@ -73,10 +73,10 @@ class EmbedMethods(RowSource):
             max_batch_tokens: estimated tokens per request, at most (OpenAI allows 300,000).
             provider: ``"openai"`` (or any OpenAI-compatible server) or ``"gemini"``, as in
                 `complete`; Anthropic has no embeddings API (a `ConfigError`).
-            max_parallel, progress, base_url, api_key, headers, query, timeout, retry, rpm,
-                tpm, cache, dedupe, prices, max_cost, max_tokens_total, config, dry_run,
-                pilot: as for `complete`; a request's tokens count against ``tpm`` and the
-                budgets.
+            max_parallel, progress, base_url, api_key, headers, query: as for `complete`.
+            timeout, retry, rpm, tpm, cache, dedupe, prices: as for `complete`.
+            max_cost, max_tokens_total, config, dry_run, pilot: as for `complete`; a
+                request's tokens count against ``tpm`` and the budgets.
             **params: extra request-body fields (``user``, a server's ``input_type``);
                 they are part of each text's cache key.
 

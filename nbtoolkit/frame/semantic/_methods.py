@@ -3,6 +3,10 @@
 A mixin of the accessors: each method checks its options, builds the run's settings as the
 other methods do, and hands over to `_operators`. Run options (``model``, ``max_parallel``,
 ``cache``, ``max_cost``, ...) mean what they mean for ``complete``.
+
+Longer than the ~400 lines of the other modules: each method's signature is its option table
+(`frame._options.METHOD_OPTIONS`, checked by tests/test_options.py), written out so that Tab,
+``help()`` and the API reference show every option; the bodies are a few lines each.
 """
 
 from __future__ import annotations
@@ -52,9 +56,15 @@ class SemanticMethods:
     def _prompts(self, column: str | None, template: str | None) -> pd.Series:
         raise NotImplementedError
 
+    def _owner(self) -> object:
+        raise NotImplementedError
+
     def _source(self) -> pd.DataFrame | pd.Series:
-        frame = self._frame()
-        return frame["value"] if self._as_series() else frame
+        """The caller's rows: its own Series (its name and dtype kept), or the frame."""
+        owner = self._owner()
+        if self._as_series() and isinstance(owner, pd.Series):
+            return owner
+        return self._frame()
 
     async def afilter(
         self,
