@@ -62,7 +62,7 @@ def _meta(command: str, rev: str | None) -> dict[str, str]:
         dirty = _git("status", "--porcelain", "nbtoolkit")
         code = _git("rev-parse", "HEAD") + (" plus uncommitted changes" if dirty else "")
     else:
-        code = f"{_git('rev-parse', rev)} ({rev}), testing.py from the working tree"
+        code = f"{_git('rev-parse', rev)} ({rev}), testing/ from the working tree"
     versions = ", ".join(
         f"{name} {importlib.metadata.version(name)}"
         for name in ("nbtoolkit", "aiohttp", "openai", "tenacity", "pandas", "tqdm")

@@ -38,7 +38,7 @@ def snapshot(dest: Path, rev: str | None = None) -> str:
     Args:
         dest: an empty directory; the children run with it as their working directory.
         rev: a git revision to take ``nbtoolkit/`` from; None takes the working tree. The
-            test server, ``nbtoolkit/testing.py``, always comes from the working tree.
+            test servers, ``nbtoolkit/testing/``, always come from the working tree.
 
     Raises:
         RuntimeError: the copied nbtoolkit does not import (caught in the middle of an edit).
@@ -59,7 +59,15 @@ def snapshot(dest: Path, rev: str | None = None) -> str:
                 tar.extractall(dest, filter="data")
             else:
                 tar.extractall(dest)  # our own git archive, so trusted
-        shutil.copy2(ROOT / "nbtoolkit" / "testing.py", dest / "nbtoolkit" / "testing.py")
+        # The test servers: a package now (nbtoolkit/testing/), a module before.
+        for old in (dest / "nbtoolkit" / "testing.py", dest / "nbtoolkit" / "testing"):
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+        shutil.copytree(
+            ROOT / "nbtoolkit" / "testing", dest / "nbtoolkit" / "testing", ignore=ignore
+        )
     check = subprocess.run(
         [sys.executable, "-c", "import nbtoolkit.testing, benchmarks.clients"],
         cwd=dest,

@@ -158,6 +158,37 @@ class ChatConfig:
             if value is not None and not value > 0:
                 raise ConfigError(f"{name} must be > 0, got {value!r}")
 
+    def speaks(self) -> Provider:
+        """The provider this config speaks: its own, else the one the environment points at."""
+        return self.provider or _provider_from(self, os.environ)
+
+    def for_provider(self, provider: Provider) -> ChatConfig:
+        """This config, speaking ``provider``.
+
+        The base URL, key, headers, query, Azure settings and model are one provider's: when
+        ``provider`` is another, they are dropped (an OpenAI key must never be sent to
+        Anthropic, nor a GPT model name), to come from the caller or that provider's
+        environment variables.
+
+        Raises:
+            ConfigError: ``provider`` is not one of `PROVIDERS`.
+        """
+        if provider not in PROVIDERS:
+            raise ConfigError(f"provider must be one of {list(PROVIDERS)}; got {provider!r}")
+        if provider == self.speaks():
+            return dataclasses.replace(self, provider=provider)
+        return dataclasses.replace(
+            self,
+            provider=provider,
+            base_url=None,
+            api_key=None,
+            headers={},
+            query={},
+            azure_endpoint=None,
+            api_version=None,
+            model=None,
+        )
+
     def resolved(self) -> ChatConfig:
         """Fill the endpoint, key and API version from the environment where left unset.
 
@@ -165,7 +196,7 @@ class ChatConfig:
             ConfigError: an Azure deployment URL with no API version to send.
         """
         env = os.environ
-        provider = self.provider or _provider_from(self, env)
+        provider = self.speaks()
         if provider == "anthropic":
             key = self.api_key if self.api_key is not None else env.get("ANTHROPIC_API_KEY")
             root = self.base_url or env.get("ANTHROPIC_BASE_URL") or ANTHROPIC_BASE_URL

@@ -9,6 +9,7 @@
     │   ├── ServerError         5xx, 408, 409
     │   ├── AuthError           401 / 403: a bad or missing key; stops the run
     │   ├── NotFoundError       404: wrong base URL or model; stops the run
+    │   ├── QuotaExhausted      out of credit, said other than as a 429 (Anthropic's 400); stops it
     │   └── BadRequestError     other 4xx, never retried
     │       └── SchemaRefused   the provider refuses the schema itself (a keyword); stops it
     ├── TransportError          connection refused/reset, timeouts (raised from the aiohttp error)
@@ -100,6 +101,11 @@ class AuthError(APIError):
 
 class NotFoundError(APIError):
     """404: the base URL or the model name is wrong."""
+
+
+class QuotaExhausted(APIError):
+    """The account is out of credit, said as a refusal rather than a 429 (Anthropic answers
+    "Your credit balance is too low" with a 400): no retry and no other row can succeed."""
 
 
 class BadRequestError(APIError):

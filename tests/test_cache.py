@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -394,10 +395,11 @@ def test_resume_after_kill_9_pays_for_nothing_twice() -> None:
         # Row 20 stalls on the server: rows 0-19 are answered, then the run waits there.
         server.script(Stall(60), prompt="row 20")
         process = child(server, 60, "row", parallel=1)
-        deadline = time.monotonic() + 30
-        # Kill only once all 20 answers are durable in the file, whatever the commit timer:
+        deadline = time.monotonic() + 60  # the child imports pandas first: slow on a busy box
+        # Kill only once all 20 answers are durable in the file, whatever the commit timer,
+        # and row 20 is on the server (the child may save row 19 before or after sending it):
         # the test then pins exactly "a killed run loses nothing it had saved".
-        while _saved_answers() < 20 and time.monotonic() < deadline:
+        while (_saved_answers() < 20 or server.in_flight < 1) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert server.in_flight == 1
         process.send_signal(signal.SIGKILL)
@@ -543,6 +545,40 @@ def test_the_body_is_encoded_as_canonical_json() -> None:
         encode_body({"model": object()})
 
 
+def test_chat_payloads_are_encode_bodys_bytes() -> None:
+    """A chat row's payload, encoded without the general encoder for speed, is exactly
+    encode_body of its body, for any base, text and message shape, so caches stay valid."""
+    from nbtoolkit.core._rows import ChatRequest
+    from nbtoolkit.core.endpoints._base import ChatEndpoint
+    from nbtoolkit.core.store._cache import encode_body
+
+    bases = (
+        {"model": "m"},
+        {"model": 'é "q"', "temperature": 0.5, "logprobs": True, "max_tokens": 9},
+        {"model": "m", "messages": [{"role": "user", "content": "overridden"}], "a": [1, None]},
+        {"model": "\u0000nbtoolkit messages\u0000", "zeta": {"b": 1, "a": 2.5}},
+    )
+    texts = ("hi", 'é "q" \\ \n\t\x01 \u2028 😀', "", "{}")
+    shapes = (
+        lambda t: ({"role": "user", "content": t},),
+        lambda t: ({"role": "system", "content": "be brief"}, {"content": t, "role": "user"}),
+        lambda t: ({"role": "user", "content": [{"type": "text", "text": t}]},),
+        lambda t: ({"role": "user", "content": t, "name": "x"},),
+        lambda t: ({"role": "assistant", "content": None}, {"role": "user", "content": t}),
+    )
+    for base in bases:
+        endpoint = ChatEndpoint(base)
+        for text in texts:
+            for shape in shapes:
+                for params in ({}, {"seed": 3, "max_tokens": 5}):
+                    item = endpoint.item(0, ChatRequest(shape(text), params))
+                    body = {**base, **params, "messages": list(shape(text))}
+                    assert item.body == body
+                    assert item.payload == encode_body(body)
+                    assert item.completion_tokens == float(body.get("max_tokens") or 256)
+                    assert item.capped == ("max_tokens" in body)
+
+
 def test_a_registered_local_server_on_a_new_port_still_hits_the_cache() -> None:
     """A local server that says what it serves is keyed on that: a restart on a new port
     finds its answers and sends nothing."""
@@ -653,3 +689,93 @@ def test_a_local_servers_identity_holds_every_setting_that_changes_answers(
             register_local_server(port, None)
     assert len(set(keys)) == 4
     assert again == keys[0]  # the same file and settings on another port: the same answers
+
+
+_HOLD_THE_WRITE_LOCK = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+db.execute("COMMIT")
+"""
+
+
+async def test_a_locked_cache_file_never_freezes_the_event_loop(tmp_path: Path) -> None:
+    """Another process holds the write lock for 3 s during a run: the loop never stalls for
+    1 s (it stalled 3 s while a commit waited on it), every row is right, and the answers
+    are saved once the lock is free."""
+    from nbtoolkit import ChatConfig, ChatRequest, ChatRun
+    from nbtoolkit.core.store._cache import ResponseCache
+
+    path = tmp_path / "responses.sqlite3"
+    ResponseCache(path).close()  # the file and its tables, as a first run leaves them
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HOLD_THE_WRITE_LOCK, str(path), "3", stdout=asyncio.subprocess.PIPE
+    )
+    assert holder.stdout is not None
+    assert await asyncio.wait_for(holder.stdout.readline(), 60) == b"locked\n"
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+    running = True
+
+    async def ticker() -> None:
+        while running:
+            before = loop.time()
+            await asyncio.sleep(0.01)
+            gaps.append(loop.time() - before - 0.01)
+
+    ticking = asyncio.create_task(ticker())
+    rows = [ChatRequest(({"role": "user", "content": f"row {i}"},)) for i in range(40)]
+    async with ChatServer(latency=0.01) as server:
+        config = ChatConfig(base_url=server.base_url, model="m", max_parallel=4, cache=path)
+        results = await ChatRun(config).execute(rows)
+    running = False
+    await ticking
+    assert await holder.wait() == 0
+    assert [r.text for r in results] == [f"echo: row {i}" for i in range(40)]
+    assert server.request_count == 40
+    # The run ends only once its last commit is in, so it spanned the lock's 3 s; a
+    # commit on the loop showed as one gap of most of that.
+    assert max(gaps) < 1.0
+    with ResponseCache(path) as cache:
+        assert cache.info().entries == 40
+
+
+def _open_files(path: Path) -> list[str]:
+    """The descriptors this process holds on ``path`` or its -wal / -shm files."""
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(path)):
+                names.append(target)
+    return names
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="reads /proc/self/fd")
+def test_a_cache_that_fails_to_open_closes_its_connection(tmp_path: Path) -> None:
+    """A file that is not a database fails to open, and leaves no connection open, even
+    while the error (and its traceback) is still held, as a notebook holds the last one."""
+    from nbtoolkit.core.store._cache import ResponseCache
+
+    path = tmp_path / "responses.sqlite3"
+    path.write_bytes(b"this is not a database, " * 512)
+    with pytest.raises(sqlite3.DatabaseError) as failed:
+        ResponseCache(path)
+    assert failed.value is not None
+    assert _open_files(path) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="reads /proc/self/fd")
+def test_a_run_on_a_corrupt_cache_file_warns_and_runs_without_it(
+    server: ChatServer, tmp_path: Path
+) -> None:
+    """A corrupt cache file: the run warns, answers every row, and holds no file open."""
+    path = tmp_path / "responses.sqlite3"
+    path.write_bytes(b"this is not a database, " * 512)
+    with pytest.warns(RuntimeWarning, match="running without it"):
+        out = frame(5).chat.complete("review", cache=str(path), **settings(server))
+    assert out["response"].tolist() == [f"echo: row {i}" for i in range(5)]
+    assert server.request_count == 5
+    assert _open_files(path) == []

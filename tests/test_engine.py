@@ -139,9 +139,11 @@ async def test_a_stalled_connection_is_cut_and_retried() -> None:
         results = await run.execute(requests(2))
     stalled, retried = sorted((r for r in server.requests if r.prompt == "p0"), key=by_arrival)
     assert stalled.outcome == "stall"
-    # As the server saw it: the retry came once the 0.3 s timeout cut the stall, not after
-    # the stall's 30 s. The bound is half of what it guards against, for a busy machine.
-    assert 0.3 <= retried.started - stalled.started < 15
+    # As the server saw it: the retry came once the timeout cut the stall, not after the
+    # stall's 30 s. The bound is half of what it guards against, for a busy machine. No
+    # lower bound: the client's 0.3 s starts before the server's record (the connect), so
+    # the gap the server sees can be a little shorter.
+    assert retried.started - stalled.started < 15
     assert results[0].ok and results[0].attempts == 2
     assert run.stats.statuses["RequestTimeout"] == 1
 

@@ -27,6 +27,7 @@ DEFERRED = (
     "pydantic",
     "xllamacpp",
     "IPython",
+    "aiohttp",
 )
 
 
@@ -54,7 +55,7 @@ def loaded(*names: str) -> str:
 
 
 def test_import_nbtoolkit_loads_no_dask_validator_or_model_runtime() -> None:
-    """After `import nbtoolkit`, none of dask, distributed, jsonschema, pydantic, xllamacpp."""
+    """After `import nbtoolkit`: no dask, distributed, jsonschema, pydantic, aiohttp, xllamacpp."""
     assert fresh_python("import nbtoolkit\n" + loaded(*DEFERRED)) == []
 
 

@@ -431,3 +431,27 @@ def test_stop_button_ends_an_embed_run_keeps_its_vectors_and_a_rerun_sends_the_r
     assert again.stdout.strip() == str(ROWS)
     sent = [text for r in server.requests[before:] for text in r.body["input"]]
     assert len(sent) == len(set(sent)) == ROWS - kept["kept"]
+
+
+@pytest.mark.timeout(120)
+def test_stop_button_during_a_dry_runs_pilot_shows_one_line_and_keeps_its_answers(
+    kernel: Kernel, server: ChatServer, tmp_path: Path
+) -> None:
+    """The stop button during dry_run's pilot is one RunInterrupted line; the answers it got
+    are in the cache: the next dry run's pilot sends none of those rows again."""
+    cache = tmp_path / "pilot.sqlite3"
+    pilot = f'est = df.chat.complete("q", model="test-model", dry_run=True, pilot=0.5, max_parallel={PARALLEL}, cache={str(cache)!r})'  # noqa: E501
+    started = kernel.execute(pilot)
+    pressed = _interrupt_mid_run(kernel, server)
+    cell = kernel.wait(started, timeout=WHOLE_RUN + 10)
+    error = _assert_stopped_promptly(cell, pressed, {"RunInterrupted"})
+    assert "stopped during the dry run's pilot" in error["evalue"]
+    _assert_one_line(error)
+    _assert_requests_stopped(server)
+    assert server.statuses["ok"] > 0
+    again = kernel.run(pilot.replace("est =", "est2 ="), timeout=WHOLE_RUN + 10)
+    assert again.status == "ok", again.text()
+    # Answers the server sent as the stop cancelled their requests never arrived: at most
+    # those in flight are asked again; every answer that arrived is not.
+    twice = [prompt for prompt, n in server.answered.items() if n > 1]
+    assert len(twice) <= PARALLEL and max(server.answered.values()) <= 2, twice

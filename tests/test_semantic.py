@@ -322,3 +322,15 @@ def test_top_k_and_aggregate_dry_runs_send_nothing(tmp_path: Path) -> None:
     first, above = reduce.steps
     assert first[1].to_send > 1 and above[1].to_send >= 1
     assert first[1].prompt_tokens.high is None or first[1].prompt_tokens.expected < 400 * 200
+
+
+def test_a_series_filter_and_top_k_keep_the_series_name_and_dtype(tmp_path: Path) -> None:
+    """series.chat.filter and top_k return the caller's Series' rows: its name, not "value"."""
+    series = pd.Series(
+        ["a <match>", "b", "c <match>"], index=[7, 7, 8], name="review", dtype="string"
+    )
+    with ChatServer(semantic=SemanticRules()).run_in_thread() as server:
+        kept = series.chat.filter("{review}", model="big", **_run(server, tmp_path))
+        best = series.chat.top_k(1, "How good is {value}?", model="big", **_run(server, tmp_path))
+    pd.testing.assert_series_equal(kept, series.iloc[[0, 2]])
+    assert best.name == "review" and best.dtype == "string" and len(best) == 1

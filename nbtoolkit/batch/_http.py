@@ -17,15 +17,17 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception
 
 from nbtoolkit.config import ChatConfig, Timeouts
 from nbtoolkit.core._client import Redactor, send
 from nbtoolkit.core._retry import GiveUp, RetryAfterOrBackoff, is_retryable
 from nbtoolkit.errors import MalformedResponse, RateLimitError
+
+if TYPE_CHECKING:  # imported by the first Batch API call, not by `import nbtoolkit`
+    import aiohttp
 
 T = TypeVar("T")
 
@@ -36,6 +38,8 @@ UPLOAD_BYTES_PER_SECOND = 1_000_000
 
 def client_timeout(timeouts: Timeouts, *, total: float | None) -> aiohttp.ClientTimeout:
     """The run's timeouts as aiohttp takes them, with ``total`` in place of the run's."""
+    import aiohttp
+
     return aiohttp.ClientTimeout(
         total=total,
         sock_connect=timeouts.connect,
@@ -61,6 +65,8 @@ class BatchHTTP:
         self.headers = {
             k: v for k, v in config.request_headers().items() if k.lower() != "content-type"
         }
+        import aiohttp
+
         self._timeout = client_timeout(config.timeouts, total=config.timeouts.total)
         # A download (an output file may be hundreds of MB) ends when the server goes
         # silent for the request timeout, not after a total time.
@@ -72,6 +78,8 @@ class BatchHTTP:
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> BatchHTTP:
+        import aiohttp
+
         self._session = aiohttp.ClientSession(trust_env=self.config.use_proxy_env)
         return self
 
@@ -107,6 +115,8 @@ class BatchHTTP:
         self, url: str, fields: Mapping[str, str], content: bytes, *, name: str
     ) -> Any:
         """POST a file as multipart (``fields`` beside it), with a timeout for its size."""
+
+        import aiohttp
 
         async def once() -> Any:
             form = aiohttp.FormData()

@@ -32,7 +32,7 @@ from nbtoolkit.batch._provider import BatchProvider, provider_for
 from nbtoolkit.config import ChatConfig
 from nbtoolkit.core._budget import Budget
 from nbtoolkit.core._rows import RowError, RowResult, RunStats
-from nbtoolkit.core.endpoints._base import Answer, Endpoint, usage_counts
+from nbtoolkit.core.endpoints._base import Answer, Endpoint, cache_write_tokens, usage_counts
 from nbtoolkit.core.store._batch_jobs import TERMINAL, BatchStore, Part
 from nbtoolkit.core.store._cache import CachedAnswer, ResponseCache
 from nbtoolkit.errors import NbToolkitError
@@ -265,7 +265,7 @@ def _line_result(line: batch_files.LineResult, stats: RunStats, budget: Budget) 
         stats.prompt_tokens += prompt
         stats.completion_tokens += completion
         stats.cached_tokens += cached
-        budget.spend(prompt, completion, cached)
+        budget.spend(prompt, completion, cached, cache_write_tokens(line.usage))
     answer = line.answer
     if answer is None:
         return RowResult(None, line.error, 1)
@@ -279,6 +279,7 @@ def _line_result(line: batch_files.LineResult, stats: RunStats, budget: Budget) 
         answer.cached_tokens,
         "batch",
         value=answer.value,
+        cache_write_tokens=answer.cache_write_tokens,
     )
 
 

@@ -8,7 +8,6 @@ for ``complete`` and the other way round. The worst case is checked with the eng
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,11 +99,7 @@ def job_budget(config: ChatConfig, options: BatchOptions, *, limited: bool) -> B
     """The engine's `Budget`, at the batch's prices (every price times the discount)."""
     price = config_price(config)
     if price is not None:
-        d = options.discount
-        cached = None if price.cached_input is None else price.cached_input * d
-        price = dataclasses.replace(
-            price, input=price.input * d, output=price.output * d, cached_input=cached
-        )
+        price = price.scaled(options.discount)
     return Budget(
         model=config.model or "",
         price=price,
@@ -133,7 +128,7 @@ def check_budget(config: ChatConfig, options: BatchOptions, items: Sequence[Item
             f"batch not submitted, nothing uploaded: {what}, over max_tokens_total="
             f"{config.max_tokens_total:,}. Lower max_tokens or submit fewer rows."
         )
-    cost = budget.price(prompt, completion) or 0.0
+    cost = budget.worst_price(prompt, completion) or 0.0
     raise ConfigError(
         f"batch not submitted, nothing uploaded: {what}, worst case {cost:.4f} at the "
         f"batch discount ({options.discount:g}), over max_cost={config.max_cost:g}. "

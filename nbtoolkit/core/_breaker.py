@@ -10,7 +10,8 @@ and, once the server has answered during this run, old enough (``min_seconds``: 
 simultaneous resets is over in less). Before any reply the length alone is enough: a wrong
 port or a host that is down shows itself at once.
 
-`RefusalWatch`: the same 400 for the first few requests, none answered (see its docstring).
+`RefusalWatch`: the same 400 for the first few requests, none answered (see its docstring);
+a 400 for what a row holds (`row_specific`: too long, filtered) is always that row's own.
 """
 
 from __future__ import annotations
@@ -116,7 +117,10 @@ class RefusalWatch:
     refused alike are followed by single rows of them (`Verdict.PROBE`); a row refused
     alike confirms, and an answered one ends the watch. Once anything is answered, the
     request's shape is known to be acceptable: a 400 is then a row's own, and the run goes
-    on whatever comes.
+    on whatever comes. A 400 that says it is about what the rows hold (`row_specific`: over
+    the context, content-filtered) is never counted: it is the row's own from the start, so
+    a frame whose first rows are its longest or its filtered ones runs to the end. The
+    price: a system prompt too long for the model fails every row alone, each a quick 400.
 
     While a probe decides, no other request starts (`wait_decided`), so that a run that
     stops has sent at most ``threshold`` requests plus those in flight.
@@ -136,7 +140,10 @@ class RefusalWatch:
 
     def refused(self, error: BadRequestError, *, rows: int) -> Verdict:
         """Record a request for ``rows`` distinct rows that ``error`` refused."""
-        if not self.armed or error.status == 413:  # 413: too large, by definition its size
+        # 413: too large, by definition its size. A row too long for the context or caught
+        # by a content filter is refused for what it holds, in words often the same for every
+        # such row (llama.cpp's, Azure's): rows sorted longest first must not stop the run.
+        if not self.armed or error.status == 413 or row_specific(error):
             return Verdict.FAIL if rows == 1 else Verdict.BISECT
         refusal = refusal_of(error)
         self._seen[refusal] += 1
@@ -174,6 +181,41 @@ class RefusalWatch:
         """Return once no probe is under way."""
         if self._deciding is not None:
             await self._deciding.wait()
+
+
+# Error codes and words that say a request was refused for what its rows hold (too long for
+# the model's context, caught by a content filter), not for how it asks: OpenAI, Azure,
+# llama.cpp's server, vLLM, Anthropic, Gemini.
+_ROW_CODES = frozenset(
+    {
+        "context_length_exceeded",
+        "string_above_max_length",
+        "exceed_context_size_error",
+        "content_filter",
+        "content_policy_violation",
+        "responsibleaipolicyviolation",
+    }
+)
+_ROW_WORDS = re.compile(
+    r"maximum context length|context size|context window|prompt is too long"
+    r"|exceeds the maximum number of tokens|content management policy|content filter",
+    re.IGNORECASE,
+)
+
+
+def row_specific(error: APIError) -> bool:
+    """Whether a 4xx refused the request for what its rows hold: its code or its words."""
+    try:
+        detail = json.loads(error.body)["error"]
+    except (ValueError, KeyError, TypeError):
+        detail = None
+    if isinstance(detail, dict):
+        inner = detail.get("innererror")
+        codes = [detail.get("code"), detail.get("type")]
+        codes += [inner.get("code")] if isinstance(inner, dict) else []
+        if any(isinstance(code, str) and code.lower() in _ROW_CODES for code in codes):
+            return True
+    return bool(_ROW_WORDS.search(_server_words(error)))
 
 
 # Request ids and other one-off tokens a server puts in an error's words.

@@ -55,12 +55,25 @@ class Budget:
         return self.max_tokens_total is not None or self.max_cost is not None
 
     def price(
-        self, prompt_tokens: float, completion_tokens: float, cached_tokens: float = 0.0
+        self,
+        prompt_tokens: float,
+        completion_tokens: float,
+        cached_tokens: float = 0.0,
+        written_tokens: float = 0.0,
     ) -> float | None:
-        """What these tokens cost, or None without a price for the model."""
+        """What these tokens cost, or None without a price for the model; ``written_tokens``
+        are prompt tokens written to the provider's prompt cache (dearer on Anthropic)."""
         if self.unit_price is None:
             return None
-        return self.unit_price.cost(prompt_tokens, completion_tokens, cached_tokens)
+        return self.unit_price.cost(
+            prompt_tokens, completion_tokens, cached_tokens, written=written_tokens
+        )
+
+    def worst_price(self, prompt_tokens: float, completion_tokens: float) -> float | None:
+        """What a request may cost at most (every prompt token possibly a cache write)."""
+        if self.unit_price is None:
+            return None
+        return self.unit_price.worst_cost(prompt_tokens, completion_tokens)
 
     async def reserve(self, prompt_tokens: float, completion_tokens: float) -> bool:
         """Count a request's worst case against the budget, waiting while it could still fit.
@@ -108,7 +121,7 @@ class Budget:
                     self._refused_by = "max_tokens_total"
                     break
             if cost_left is not None:
-                cost_left -= self.price(prompt, completion) or 0.0
+                cost_left -= self.worst_price(prompt, completion) or 0.0
                 if cost_left < 0:
                     self._refused_by = "max_cost"
                     break
@@ -118,7 +131,7 @@ class Budget:
     def try_reserve(self, prompt_tokens: float, completion_tokens: float) -> bool:
         """Count a request's worst case against the budget; False if it does not fit now."""
         tokens = prompt_tokens + completion_tokens
-        cost = self.price(prompt_tokens, completion_tokens) or 0.0
+        cost = self.worst_price(prompt_tokens, completion_tokens) or 0.0
         if self.max_tokens_total is not None and (
             self.tokens + self._reserved_tokens + tokens > self.max_tokens_total
         ):
@@ -135,14 +148,22 @@ class Budget:
     def release(self, prompt_tokens: float, completion_tokens: float) -> None:
         """Settle a reservation (after `spend` has counted what the reply used)."""
         self._reserved_tokens -= prompt_tokens + completion_tokens
-        self._reserved_cost -= self.price(prompt_tokens, completion_tokens) or 0.0
+        self._reserved_cost -= self.worst_price(prompt_tokens, completion_tokens) or 0.0
         self._reservations -= 1
         if self._released is not None:
             self._released.set()  # waiters re-check: one may fit now, or none can any more
 
-    def spend(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> None:
+    def spend(
+        self,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int = 0,
+        written_tokens: int = 0,
+    ) -> None:
+        """Count what a reply used (its prompt tokens include cache reads and writes)."""
         self.tokens += prompt_tokens + completion_tokens
-        self.cost += self.price(prompt_tokens, completion_tokens, cached_tokens) or 0.0
+        cost = self.price(prompt_tokens, completion_tokens, cached_tokens, written_tokens)
+        self.cost += cost or 0.0
 
     def reason(self) -> str:
         """Why a request was refused: the limit that refused it (the last refusal's)."""

@@ -10,13 +10,16 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
-import aiohttp
-
 from nbtoolkit.core._limits import ServerLimits
-from nbtoolkit.core._retry import google_rejects_key, google_retry_delay, retry_after_seconds
+from nbtoolkit.core._retry import (
+    anthropic_out_of_credit,
+    google_rejects_key,
+    google_retry_delay,
+    retry_after_seconds,
+)
 from nbtoolkit.errors import (
     AnswerError,
     APIError,
@@ -25,12 +28,16 @@ from nbtoolkit.errors import (
     MalformedResponse,
     NoText,
     NotFoundError,
+    QuotaExhausted,
     RateLimitError,
     Refused,
     RequestTimeout,
     ServerError,
     TransportError,
 )
+
+if TYPE_CHECKING:  # imported where a request is sent: `import nbtoolkit` spares it
+    import aiohttp
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +86,8 @@ async def post_json(
         APIError: (a subclass per status) the server answered with an error status.
         TransportError: no complete HTTP reply (refused, reset, timed out).
     """
+    import aiohttp  # loaded by the session's creator: a dict look-up here
+
     started = time.monotonic()
     try:
         async with session.post(url, data=payload, headers=headers, timeout=timeout) as reply:
@@ -114,6 +123,8 @@ async def send(
         APIError: (a subclass per status) the server answered with an error status.
         TransportError: no complete HTTP reply (refused, reset, timed out).
     """
+    import aiohttp
+
     started = time.monotonic()
     try:
         async with session.request(
@@ -138,6 +149,8 @@ def _transport_error(
     started: float,
 ) -> TransportError:
     """Our exception for a request that got no complete HTTP reply."""
+    import aiohttp
+
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         # Never connected: a host that is down or filtered, not a slow answer.
         return TransportError(f"could not connect within {timeout.sock_connect}s: {exc}")
@@ -173,7 +186,8 @@ def parse_completion(text: str) -> Completion:
 
     A reply that is a whole completion but carries no text (a refusal, a tool call,
     ``content: null``) is not malformed: it comes back with ``text`` None, to be the row's
-    outcome rather than retried and billed again.
+    outcome rather than retried and billed again. Content as a list of parts is the text of
+    its ``text`` parts.
     """
     try:
         data = json.loads(text)
@@ -187,6 +201,8 @@ def parse_completion(text: str) -> Completion:
             raise KeyError("content")
     except (KeyError, IndexError, TypeError, AttributeError) as exc:
         raise MalformedResponse(f"reply has no choices[0].message.content: {text[:200]!r}") from exc
+    if isinstance(content, list):
+        content = _text_parts(content)
     if content is not None and not isinstance(content, str):
         raise MalformedResponse(f"choices[0].message.content is not text: {content!r}"[:300])
     refusal = message.get("refusal")
@@ -198,6 +214,19 @@ def parse_completion(text: str) -> Completion:
         refusal=refusal if isinstance(refusal, str) and refusal else None,
         tool_calls=bool(message.get("tool_calls")),
     )
+
+
+def _text_parts(parts: list[Any]) -> str | list[Any]:
+    """Content sent as a list of parts (Mistral's reasoning models: a ``thinking`` part, then
+    ``text`` parts) as the text of its ``text`` parts; the list itself when it has none."""
+    texts = [
+        part["text"]
+        for part in parts
+        if isinstance(part, dict)
+        and part.get("type") == "text"
+        and isinstance(part.get("text"), str)
+    ]
+    return "".join(texts) if texts else parts
 
 
 def error_for_status(status: int, text: str, headers: Mapping[str, str]) -> APIError:
@@ -217,6 +246,9 @@ def error_for_status(status: int, text: str, headers: Mapping[str, str]) -> APIE
         return AuthError(message, status=status, body=text)
     if status == 404:
         return NotFoundError(message, status=status, body=text)
+    if status == 400 and anthropic_out_of_credit(text):
+        # Not this request's fault: every row, and every retry, gets the same answer.
+        return QuotaExhausted(message, status=status, body=text)
     return BadRequestError(message, status=status, body=text)
 
 

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 from nbtoolkit.core._pricing import PRICE_UNKNOWN, Price, format_money
 
+# MathJax 2's and 3's "leave this alone" classes: JupyterLab typesets the text between two
+# "$" of an HTML output as LaTeX ("$0.15 in, $0.6" became math), pandas' tables carry them too.
+NO_MATHJAX = "tex2jax_ignore mathjax_ignore"
 SKIP_REASONS = {
     "skipped": "nothing to send (missing or empty)",
     "unsendable": "cannot be encoded as JSON",
@@ -160,7 +163,7 @@ class CostEstimate:
         )
         notes = "".join(f"<li>{html.escape(note)}</li>" for note in self.notes)
         return (
-            f"<div><b>CostEstimate</b> {html.escape(self.headline())}"
+            f'<div class="{NO_MATHJAX}"><b>CostEstimate</b> {html.escape(self.headline())}'
             f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
             + (f"<ul>{notes}</ul>" if notes else "")
             + "</div>"

@@ -34,9 +34,8 @@ import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from nbtoolkit.config import ChatConfig
@@ -68,6 +67,7 @@ from nbtoolkit.core.endpoints._base import (
     Outcome,
     Parsed,
     Reask,
+    cache_write_tokens,
     reasoning_tokens,
     usage_counts,
 )
@@ -89,9 +89,15 @@ from nbtoolkit.errors import (
     UnsendableRow,
 )
 
+if TYPE_CHECKING:  # imported by the first run: `import nbtoolkit` spares it
+    import aiohttp
+
 # Requests looked up in the cache with one query: large enough to make a fully cached
-# re-run cheap, small enough not to hold the first requests back.
+# re-run cheap, small enough not to hold the first requests back. While every row so far
+# was in the cache, nothing waits on a look-up but the next one, so the batch doubles (up
+# to _LOOKUP_MAX): fewer trips to the cache's thread on a re-run.
 _LOOKUP_BATCH = 256
+_LOOKUP_MAX = 8192
 
 
 def governor_for(
@@ -267,6 +273,8 @@ class ChatRun:
         # Refused groups held while nothing is answered yet, with their refusal.
         self._parked: list[tuple[list[Item], _Attempts]] = []
         self._refused_fields: list[str] = []  # a stopping refusal's request body fields
+        import aiohttp  # at the first run, not at `import nbtoolkit` (a third of its cost)
+
         self._timeout = aiohttp.ClientTimeout(
             total=config.timeouts.total,
             sock_connect=config.timeouts.connect,
@@ -283,7 +291,7 @@ class ChatRun:
         # Every text about a request that reaches a row, the report or an exception goes
         # through it: a gateway may echo the key in any body, a 200's included.
         self._redact = Redactor(self._url, self._headers)
-        self._cache = CacheWriter(None, model=None)
+        self._cache = CacheWriter()
         self._keys = request_keys(config, self.endpoint)
         # Cache key -> rows waiting for the same request, which is queued or in flight.
         self._pending: dict[bytes, list[int]] = {}
@@ -310,9 +318,12 @@ class ChatRun:
         self.stats.started = time.monotonic()
         workers = self.config.max_parallel
         queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=2 * workers)
-        self._cache = CacheWriter(self.config.cache_path, model=self.config.model)
+        # Opened on the cache's own thread: opening may wait seconds on another process.
+        self._cache = await CacheWriter.open(self.config.cache_path, model=self.config.model)
         # Pool sized to the workers: no request ever waits for a connection slot, so the
         # total timeout measures the request alone.
+        import aiohttp
+
         connector = aiohttp.TCPConnector(limit=workers, limit_per_host=workers)
         stopped_by: NbToolkitError | None = None
         try:
@@ -344,7 +355,7 @@ class ChatRun:
             self.stats.limits = self.governor.learned()
             if self._ceiling_used:
                 self.stats.budget_note = self.ceiling.describe()
-            self._cache.close()  # commits what is still waiting for the timer
+            await self._cache.aclose()  # commits what is still waiting for the timer
         if stopped_by is not None:
             # Raised here, not inside the except block: an exception raised while a group is
             # being handled drags the group along as its context, and IPython then shows
@@ -361,7 +372,7 @@ class ChatRun:
     ) -> None:
         batch: list[Item] = []
         make_item, results = self.endpoint.item, self.results  # read once: once per row
-        per_lookup = max(_LOOKUP_BATCH, self.endpoint.max_items)
+        per_lookup = first = max(_LOOKUP_BATCH, self.endpoint.max_items)
         for index, request in enumerate(requests):
             results.append(None)
             if request is None:
@@ -376,7 +387,8 @@ class ChatRun:
                 continue
             batch.append(item)
             if len(batch) >= per_lookup:
-                await self._dispatch(batch, queue)
+                all_cached = await self._dispatch(batch, queue)
+                per_lookup = min(2 * per_lookup, _LOOKUP_MAX) if all_cached else first
                 batch = []
         await self._dispatch(batch, queue)
         if self._group:
@@ -384,16 +396,17 @@ class ChatRun:
         for _ in range(workers):
             await queue.put(None)
 
-    async def _dispatch(self, batch: list[Item], queue: asyncio.Queue[_Job | None]) -> None:
-        """Answer what the cache knows, attach duplicates to their twin, queue the rest."""
+    async def _dispatch(self, batch: list[Item], queue: asyncio.Queue[_Job | None]) -> bool:
+        """Answer what the cache knows, attach duplicates to their twin, queue the rest;
+        True when the cache answered every row."""
         if not batch:
-            return
+            return False
         dedupe = self.config.dedupe
         if self._cache.enabled or dedupe:
             key = self._keys.key
             for item in batch:
                 item.key = key(item.payload)
-        hits = self._cache.lookup(
+        hits = await self._cache.lookup(
             [item.key for item in batch if item.key is not None], binary=self._binary
         )
         # Queued after the loop, not in it: a put that waits lets workers settle rows and
@@ -402,11 +415,16 @@ class ChatRun:
         jobs: list[_Job] = []
         pending = self._pending
         max_items, max_tokens = self._max_items, self.endpoint.max_request_tokens
+        # What `_finish` does, inlined: on a fully cached re-run it is most of the per-row work.
+        results, from_cache = self.results, self._from_cache
+        row_done = self.listener.row_done if self.listener is not None else None
         for item in batch:
             if item.key is not None:
                 if hits and (answer := hits.get(item.key)) is not None:
                     self.stats.cache_hits += 1
-                    self._finish(item.index, self._from_cache(answer))
+                    result = results[item.index] = from_cache(answer)
+                    if row_done is not None:
+                        row_done(result)
                     continue
                 if dedupe:
                     twins = pending.get(item.key)
@@ -426,6 +444,7 @@ class ChatRun:
             self._group_tokens += item.prompt_tokens
         for job in jobs:
             await queue.put(job)
+        return len(hits) == len(batch)
 
     def _take_group(self) -> _Job:
         job = _Job(self._group)
@@ -647,7 +666,7 @@ class ChatRun:
             self.stats.reasks += 1
             item = outcome.item
             item.key = self._keys.key(item.payload)
-            cached = self._cache.lookup([item.key], binary=self._binary).get(item.key)
+            cached = (await self._cache.lookup([item.key], binary=self._binary)).get(item.key)
             if cached is not None:
                 outcome = self._from_cache(cached)
                 break
@@ -694,6 +713,7 @@ class ChatRun:
                     answer.completion_tokens,
                     answer.cached_tokens,
                     value=answer.value,
+                    cache_write_tokens=answer.cache_write_tokens,
                 ),
             )
 
@@ -908,7 +928,7 @@ class ChatRun:
         self.stats.completion_tokens += completion
         self.stats.cached_tokens += cached or 0
         self.stats.reasoning_tokens += reasoning_tokens(usage or {})
-        self.budget.spend(prompt, completion, cached or 0)
+        self.budget.spend(prompt, completion, cached or 0, cache_write_tokens(usage or {}))
         return float(prompt + completion)
 
     def _shared_pause(self, exc: RateLimitError) -> float | None:
@@ -935,7 +955,7 @@ class ChatRun:
             answer.completion_tokens,
             answer.cached_tokens,
             "cache",
-            value=self.endpoint.decode(answer.text),
+            self.endpoint.decode(answer.text),
         )
 
     def _finish(self, index: int, result: RowResult) -> None:

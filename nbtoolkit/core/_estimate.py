@@ -95,7 +95,7 @@ async def estimate_run(
     if not config.model:
         raise ConfigError("no model: pass model='...' or set it with nbtoolkit.configure()")
     endpoint = endpoint or chat_endpoint(config)
-    survey = _survey(config, endpoint, requests)
+    survey = await _survey(config, endpoint, requests)
     counter = token_counter(config.model)
     counts = [counter.count(item) for item in survey.items]
     shared = _shared_tokens([item.payload for item in survey.items], counter)
@@ -217,17 +217,17 @@ def completion_span(samples: Sequence[float], rows: int, bound: float | None) ->
     )
 
 
-def _survey(config: ChatConfig, endpoint: Endpoint, requests: Iterable[Any]) -> _Survey:
+async def _survey(config: ChatConfig, endpoint: Endpoint, requests: Iterable[Any]) -> _Survey:
     """Walk the requests as the engine does, without sending: cache hits, duplicates, rest."""
     keys = request_keys(config, endpoint)
-    cache = CacheWriter(config.cache_path, model=config.model)
+    cache = await CacheWriter.open(config.cache_path, model=config.model)
     binary = endpoint.binary_answers
     survey = _Survey(0, [], [], Counter())
     seen: set[bytes] = set()
     batch: list[tuple[Item, Any]] = []
 
-    def settle() -> None:
-        found = cache.lookup([item.key for item, _ in batch if item.key], binary=binary)
+    async def settle() -> None:
+        found = await cache.lookup([item.key for item, _ in batch if item.key], binary=binary)
         for item, request in batch:
             assert item.key is not None
             if item.key in found:
@@ -254,10 +254,10 @@ def _survey(config: ChatConfig, endpoint: Endpoint, requests: Iterable[Any]) -> 
             item.key = keys.key(item.payload)
             batch.append((item, request))
             if len(batch) >= _LOOKUP_BATCH:
-                settle()
-        settle()
+                await settle()
+        await settle()
     finally:
-        cache.close()
+        await cache.aclose()
     return survey
 
 
@@ -404,11 +404,18 @@ def _wall_time(
                 f"{latency:.2f} s a request measured by the pilot, {config.max_parallel} at once",
             )
         )
-    # The server's own limits, as its rate headers told the pilot.
+    # The server's own limits, as its rate headers told the pilot. What the server holds
+    # (its burst) is spent at once, as the governor spends it; only the rest waits for the
+    # refill. A reset far off with plenty remaining (OpenAI's "6m0s" beside 149,984 of
+    # 150,000) gives a slow refill rate that a run within the burst never meets.
     for limit, amount in (("requests", float(requests)), ("tokens", tokens)):
-        rate = learned.get(limit, {}).get("rate_per_second")
-        if isinstance(rate, int | float) and rate > 0:
-            waits.append((amount / rate, f"the server's {limit} limit ({rate * 60:,.0f}/min)"))
+        known = learned.get(limit, {})
+        rate, burst = known.get("rate_per_second"), known.get("burst")
+        held = float(burst) if isinstance(burst, int | float) else 0.0
+        if isinstance(rate, int | float) and rate > 0 and amount > held:
+            waits.append(
+                ((amount - held) / rate, f"the server's {limit} limit ({rate * 60:,.0f}/min)")
+            )
     if config.rpm:
         waits.append((requests / config.rpm * 60, f"rpm={config.rpm:g}"))
     if config.tpm:

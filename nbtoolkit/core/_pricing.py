@@ -3,7 +3,9 @@
 The table (``prices.json`` beside this module) holds USD per million tokens for input,
 cached input (prompt tokens the provider served from its own prompt cache) and output, for
 the common OpenAI, Azure OpenAI, Anthropic, Gemini, Groq and Mistral models, with the date
-the prices were read. Batch APIs bill at ``batch_discount`` of every figure.
+the prices were read. Batch APIs bill at ``batch_discount`` of every figure. Anthropic bills a
+prompt-cache write (``cache_creation_input_tokens``) at 1.25 x the input price
+(`ANTHROPIC_CACHE_WRITE`); `config_price` sets that rate for an Anthropic run.
 
 A model with no price is "price unknown", never $0: `resolve_price` returns None and every
 figure built on it says so.
@@ -11,6 +13,7 @@ figure built on it says so.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -24,6 +27,9 @@ from nbtoolkit.config import ChatConfig
 from nbtoolkit.errors import ConfigError
 
 PRICE_UNKNOWN = "price unknown"
+# Anthropic's price of writing the 5-minute prompt cache (the kind nbtoolkit asks for), as a
+# share of the input price (docs.anthropic.com, prompt caching pricing).
+ANTHROPIC_CACHE_WRITE = 1.25
 
 # A dated snapshot name (gpt-4o-mini-2024-07-18, claude-haiku-4-5-20251001) bills as its family.
 _SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
@@ -50,6 +56,8 @@ class Price:
         output: per million completion tokens (reasoning tokens are billed as output).
         cached_input: per million prompt tokens served from the provider's prompt cache;
             None: the same as ``input``.
+        cache_write_input: per million prompt tokens written to the provider's prompt cache
+            (Anthropic's ``cache_creation_input_tokens``); None: the same as ``input``.
         batch_discount: the share of every price a Batch API job pays.
         source: where the price comes from, as the estimate and the summary show it.
     """
@@ -59,23 +67,59 @@ class Price:
     cached_input: float | None = None
     batch_discount: float = 0.5
     source: str = "prices="
+    cache_write_input: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("input", "output", "cached_input"):
+        for name in ("input", "output", "cached_input", "cache_write_input"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int | float) or value < 0):
                 raise ConfigError(f"a price's {name} must be a number >= 0, got {value!r}")
 
     def cost(
-        self, prompt: float, completion: float, cached: float = 0.0, *, batch: bool = False
+        self,
+        prompt: float,
+        completion: float,
+        cached: float = 0.0,
+        *,
+        written: float = 0.0,
+        batch: bool = False,
     ) -> float:
-        """What these tokens cost; ``cached`` is the part of ``prompt`` served from cache."""
+        """What these tokens cost; ``cached`` is the part of ``prompt`` served from cache,
+        ``written`` the part written to it."""
         cached = min(max(cached, 0.0), prompt)
+        written = min(max(written, 0.0), prompt - cached)
         cached_rate = self.input if self.cached_input is None else self.cached_input
         total = (
-            (prompt - cached) * self.input + cached * cached_rate + completion * self.output
+            (prompt - cached - written) * self.input
+            + cached * cached_rate
+            + written * self._write_rate
+            + completion * self.output
         ) / 1e6
         return total * self.batch_discount if batch else total
+
+    def worst_cost(self, prompt: float, completion: float, *, batch: bool = False) -> float:
+        """The most these tokens may cost: every prompt token at the dearer of the input and
+        the cache-write price (a budget's reservation, which must hold whatever is written)."""
+        written = prompt if self._write_rate > self.input else 0.0
+        return self.cost(prompt, completion, written=written, batch=batch)
+
+    def scaled(self, share: float) -> Price:
+        """This price with every rate times ``share`` (a Batch API's discount)."""
+
+        def times(rate: float | None) -> float | None:
+            return None if rate is None else rate * share
+
+        return dataclasses.replace(
+            self,
+            input=self.input * share,
+            output=self.output * share,
+            cached_input=times(self.cached_input),
+            cache_write_input=times(self.cache_write_input),
+        )
+
+    @property
+    def _write_rate(self) -> float:
+        return self.input if self.cache_write_input is None else self.cache_write_input
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +230,10 @@ def _candidates(model: str) -> list[str]:
 
 
 def config_price(config: ChatConfig) -> Price | None:
-    """The price of a (resolved) config's model behind its server, or None."""
+    """The price of a (resolved) config's model behind its server, or None; on Anthropic,
+    with its cache-write rate unless the `Price` given says one."""
     provider = provider_of(config.base_url, config.azure_endpoint)
-    return resolve_price(config.model or "", provider=provider, prices=config.prices)
+    price = resolve_price(config.model or "", provider=provider, prices=config.prices)
+    if price is not None and config.provider == "anthropic" and price.cache_write_input is None:
+        price = dataclasses.replace(price, cache_write_input=price.input * ANTHROPIC_CACHE_WRITE)
+    return price

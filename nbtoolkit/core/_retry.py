@@ -5,7 +5,8 @@ mean every other row will fail the same way (so the run stops instead of sending
 doomed requests). The wait is tenacity's exponential backoff, jittered, except that a
 server that says how long to wait (``Retry-After``, ``retry-after-ms``, or in a Google
 error body ``RetryInfo.retryDelay``) is believed. Google's bodies (the Gemini API's) are read
-here too: which quota a 429 hit (a daily one is exhausted, not busy), and a bad key's 400.
+here too: which quota a 429 hit (a daily one is exhausted, not busy), and a bad key's 400; and
+Anthropic's 400 that says the account's credit is spent.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from nbtoolkit.errors import (
     IgnoredParameter,
     MalformedResponse,
     NotFoundError,
+    QuotaExhausted,
     RateLimitError,
     SchemaRefused,
     ServerError,
@@ -50,7 +52,9 @@ def is_retryable(exc: BaseException) -> bool:
 
 def is_systemic(exc: BaseException) -> bool:
     """True when this error will hit every row alike: a bad key, a wrong URL or model, no quota."""
-    if isinstance(exc, AuthError | NotFoundError | IgnoredParameter | SchemaRefused):
+    if isinstance(
+        exc, AuthError | NotFoundError | QuotaExhausted | IgnoredParameter | SchemaRefused
+    ):
         return True
     return isinstance(exc, RateLimitError) and is_quota_exhausted(exc)
 
@@ -69,6 +73,18 @@ def is_quota_exhausted(exc: APIError) -> bool:
     except (ValueError, KeyError, TypeError, AttributeError):
         return False
     return bool(codes & _QUOTA_CODES)
+
+
+def anthropic_out_of_credit(body: str) -> bool:
+    """An Anthropic 400 that is an empty account, not a bad request: its
+    ``invalid_request_error`` says the credit balance is too low."""
+    try:
+        error = json.loads(body)["error"]
+        words = str(error.get("message", "")).lower()
+        kind = error.get("type")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return kind == "invalid_request_error" and "credit balance is too low" in words
 
 
 def google_details(body: str) -> list[dict[str, Any]]:

@@ -66,6 +66,8 @@ class RowResult:
     # What the row's column gets: the text for chat, a vector for embeddings, the checked
     # fields for structured output; None without an answer.
     value: Any = None
+    # Prompt tokens written to the provider's prompt cache (Anthropic bills them dearer).
+    cache_write_tokens: int | None = None
 
     @property
     def ok(self) -> bool:

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts
+from nbtoolkit.config import ChatConfig, Provider, RetryPolicy, Timeouts
 from nbtoolkit.frame._batch import BatchJob, BatchOptions, batch_mode, run_batch, submit
 from nbtoolkit.frame._estimate import CostEstimate, check_pilot
 from nbtoolkit.frame._options import RunOptions
@@ -33,6 +33,7 @@ class ChatMethods(RowSource):
         output: str | None = None,
         max_parallel: int | None = None,
         progress: bool | None = None,
+        provider: Provider | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -68,7 +69,12 @@ class ChatMethods(RowSource):
             output: the new column's name; default ``"response"`` (replaced if present).
             max_parallel: the most requests in flight at once; default 16.
             progress: show the progress bar; default True.
-            base_url, api_key: default ``$OPENAI_BASE_URL`` / ``$OPENAI_API_KEY``.
+            provider: ``"openai"`` (any OpenAI-compatible server), ``"anthropic"`` or
+                ``"gemini"``, for this call; default the config's. A provider other than the
+                config's takes none of its base URL, key, headers, query or model: they
+                come from this call or that provider's environment variables.
+            base_url, api_key: default ``$OPENAI_BASE_URL`` / ``$OPENAI_API_KEY`` (for
+                Anthropic and Gemini, their own; see `ChatConfig`).
             headers, query: extra HTTP headers / URL query parameters for every request.
             azure_endpoint, api_version: Azure OpenAI (default ``$AZURE_OPENAI_ENDPOINT``,
                 ``$OPENAI_API_VERSION``); ``model`` is then the deployment name.
@@ -110,6 +116,7 @@ class ChatMethods(RowSource):
             model=model,
             max_parallel=max_parallel,
             progress=progress,
+            provider=provider,
             base_url=base_url,
             api_key=api_key,
             headers=headers,
@@ -154,6 +161,7 @@ class ChatMethods(RowSource):
         model: str | None = None,
         output: str | None = None,
         progress: bool | None = None,
+        provider: Provider | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -179,9 +187,11 @@ class ChatMethods(RowSource):
         here or in a new kernel, re-attaches to the job instead of submitting it twice.
 
         Args:
-            column, template, system, model, output, base_url, api_key, headers, query,
-                azure_endpoint, api_version, cache, config, **params: as for ``complete``;
-                headers go on the Batch API's own HTTP calls, never into the uploaded file.
+            column, template, system, model, output, config, **params: as for ``complete``.
+            provider, base_url, api_key, azure_endpoint, api_version, cache: as for
+                ``complete`` (``provider="anthropic"``: a Message Batch).
+            headers, query: as for ``complete``; they go on the Batch API's own HTTP calls,
+                never into the uploaded file.
             progress: the default for ``job.wait()``'s bar.
             timeout, retry: for the Batch API's own calls (upload, create, status).
             prices, max_cost, max_tokens_total: the job's worst case (estimated prompts
@@ -202,6 +212,7 @@ class ChatMethods(RowSource):
         settings = RunOptions(
             model=model,
             progress=progress,
+            provider=provider,
             base_url=base_url,
             api_key=api_key,
             headers=headers,

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts
+from nbtoolkit.config import ChatConfig, Provider, RetryPolicy, Timeouts
 from nbtoolkit.errors import ConfigError
 from nbtoolkit.frame._estimate import check_pilot
 from nbtoolkit.frame._options import RunOptions, body_fields
@@ -34,6 +34,7 @@ class EmbedMethods(RowSource):
         max_batch_tokens: float = 300_000,
         max_parallel: int | None = None,
         progress: bool | None = None,
+        provider: Provider | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -70,10 +71,12 @@ class EmbedMethods(RowSource):
             template: instead of a column, a ``str.format`` template over the columns.
             batch_size: texts per request, at most (OpenAI allows 2,048).
             max_batch_tokens: estimated tokens per request, at most (OpenAI allows 300,000).
-            max_parallel, progress, base_url, api_key, headers, query, timeout, retry, rpm,
-                tpm, cache, dedupe, prices, max_cost, max_tokens_total, config, dry_run,
-                pilot: as for `complete`; a request's tokens count against ``tpm`` and the
-                budgets.
+            provider: ``"openai"`` (or any OpenAI-compatible server) or ``"gemini"``, as in
+                `complete`; Anthropic has no embeddings API (a `ConfigError`).
+            max_parallel, progress, base_url, api_key, headers, query: as for `complete`.
+            timeout, retry, rpm, tpm, cache, dedupe, prices: as for `complete`.
+            max_cost, max_tokens_total, config, dry_run, pilot: as for `complete`; a
+                request's tokens count against ``tpm`` and the budgets.
             **params: extra request-body fields (``user``, a server's ``input_type``);
                 they are part of each text's cache key.
 
@@ -97,6 +100,7 @@ class EmbedMethods(RowSource):
             model=model,
             max_parallel=max_parallel,
             progress=progress,
+            provider=provider,
             base_url=base_url,
             api_key=api_key,
             headers=headers,

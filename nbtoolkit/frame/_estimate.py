@@ -8,6 +8,7 @@ compares the two (`RunReport.estimate_error`). One estimate serves one run.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import threading
@@ -86,8 +87,24 @@ async def dry_run(
     Raises:
         ConfigError: a bad pilot size, or no model.
         RunAborted: the pilot met a bad key, wrong URL or model, or no quota.
+        asyncio.CancelledError, KeyboardInterrupt: the stop button during the pilot, with a
+            note that says what was kept.
     """
-    made = await estimate_run(config, requests, endpoint=endpoint, pilot=pilot, seed=0, batch=batch)
+    try:
+        made = await estimate_run(
+            config, requests, endpoint=endpoint, pilot=pilot, seed=0, batch=batch
+        )
+    except (KeyboardInterrupt, asyncio.CancelledError) as exc:
+        # The pilot is a run with no report of its own: this note is what the stop button
+        # shows (`blocking` makes it the RunInterrupted line), not a bare KeyboardInterrupt.
+        kept = (
+            "the answers it received are saved in the cache, and a run or dry run of these "
+            "rows never pays for them again"
+            if config.cache_path is not None
+            else "the cache is off, so the answers it received are not kept"
+        )
+        exc.add_note(f"stopped during the dry run's pilot: {kept}")
+        raise
     fields = {f.name: getattr(made, f.name) for f in dataclasses.fields(made)}
     estimate = CostEstimate(**fields)
     with _lock:

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts, get_config, merge
+from nbtoolkit.config import ChatConfig, Provider, RetryPolicy, Timeouts, get_config, merge
 from nbtoolkit.errors import ConfigError
 
 
@@ -32,6 +32,7 @@ class RunOptions:
     model: str | None = None
     max_parallel: int | None = None
     progress: bool | None = None
+    provider: Provider | None = None
     base_url: str | None = None
     api_key: str | None = dataclasses.field(default=None, repr=False)
     headers: Mapping[str, str] | None = dataclasses.field(default=None, repr=False)
@@ -65,6 +66,8 @@ class RunOptions:
         """
         body = body_fields(params, method=method)
         base = self.config or get_config()
+        if self.provider is not None:
+            base = base.for_provider(self.provider)
         changes: dict[str, Any] = {
             name: getattr(self, name) for name in _CONFIG_FIELDS_OF_RUN_OPTIONS
         }

@@ -62,7 +62,10 @@ class LiveCost:
             return
         self.paid_rows += 1
         self.spent += self.price.cost(
-            result.prompt_tokens, result.completion_tokens or 0, result.cached_tokens or 0
+            result.prompt_tokens,
+            result.completion_tokens or 0,
+            result.cached_tokens or 0,
+            written=result.cache_write_tokens or 0,
         )
         projected = self.projected()
         if projected is not None:

@@ -52,7 +52,10 @@ def chat_requests(prompts: pd.Series, system: str | None) -> Iterator[ChatReques
 
 def _column_prompts(frame: pd.DataFrame, column: str | None) -> pd.Series:
     values = _column(frame, column)
-    return pd.Series([_as_prompt(v) for v in values], index=frame.index, dtype=object)
+    # The usual cell, a non-blank str, taken as it is without a call (100,000 rows: 100,000
+    # calls); everything else as _as_prompt says.
+    prompts = [v if type(v) is str and v and not v.isspace() else _as_prompt(v) for v in values]
+    return pd.Series(prompts, index=frame.index, dtype=object)
 
 
 def _template_prompts(frame: pd.DataFrame, template: str) -> pd.Series:

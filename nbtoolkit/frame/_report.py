@@ -66,11 +66,16 @@ class RunReport:
     @property
     def estimate_error(self) -> float | None:
         """How far the dry run's expected cost was from what the run cost: +0.05 is an
-        estimate 5% too high; None without an estimate or a price."""
+        estimate 5% too high; None without an estimate or a price, or when some rows were
+        never sent (stopped, over budget): the estimate priced every row."""
         cost = self.cost
-        if self.estimate is None or self.estimate.cost is None or not cost:
+        if self.estimate is None or self.estimate.cost is None or not cost or self._unsent():
             return None
         return self.estimate.cost.expected / cost - 1
+
+    def _unsent(self) -> int:
+        """Rows the run never finished sending: not run, cancelled or over budget."""
+        return int(self.rows["status"].isin(("not_run", "cancelled", "over_budget")).sum())
 
     @property
     def errors(self) -> pd.DataFrame:
@@ -118,6 +123,11 @@ class RunReport:
 
     def _estimate_text(self) -> str:
         estimate, error = self.estimate, self.estimate_error
+        if estimate is not None and estimate.cost is not None and (unsent := self._unsent()):
+            return (
+                f"; estimated ~{format_money(estimate.cost.expected)} for every row, not "
+                f"compared: {unsent:,} rows were not sent"
+            )
         if estimate is None or estimate.cost is None or error is None:
             return ""
         span = estimate.cost
@@ -195,6 +205,7 @@ def _row_cost(result: RowResult, price: Price | None) -> float:
         result.prompt_tokens or 0,
         result.completion_tokens or 0,
         result.cached_tokens or 0,
+        written=result.cache_write_tokens or 0,
         batch=result.source == "batch",
     )
 

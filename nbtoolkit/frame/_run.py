@@ -62,12 +62,26 @@ def blocking(coroutine_method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[
         except (KeyboardInterrupt, asyncio.CancelledError) as exc:
             report = last_run()
             if report is None or report is before or report.outcome != "interrupted":
-                raise  # stopped before this run had a report: nothing to hand back
+                note = _stop_note(exc)
+                if note is None:
+                    raise  # stopped before this run had a report: nothing to hand back
+                raise RunInterrupted(note) from exc
             raise RunInterrupted(_interrupted_message(report), partial=report.output) from exc
 
     method.__name__ = method.__qualname__ = coroutine_method.__name__.removeprefix("a")
     method.__doc__ = (coroutine_method.__doc__ or "").replace("``await``-able; ", "")
     return method
+
+
+def _stop_note(exc: BaseException) -> str | None:
+    """What a stopped step with no report of its own (a dry run's pilot) noted on the
+    cancellation: on ``exc`` or, once the runner turned it into a KeyboardInterrupt, on the
+    CancelledError it replaced."""
+    for error in (exc, exc.__context__):
+        notes = getattr(error, "__notes__", None)
+        if notes:
+            return str(notes[-1])
+    return None
 
 
 async def run_plan(

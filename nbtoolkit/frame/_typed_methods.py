@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts
+from nbtoolkit.config import ChatConfig, Provider, RetryPolicy, Timeouts
 from nbtoolkit.core.endpoints._structured import Structured
 from nbtoolkit.frame._estimate import check_pilot
 from nbtoolkit.frame._extraction import (
@@ -48,6 +48,7 @@ class TypedMethods(RowSource):
         model: str | None = None,
         max_parallel: int | None = None,
         progress: bool | None = None,
+        provider: Provider | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -84,6 +85,8 @@ class TypedMethods(RowSource):
             structured: "auto" (json_schema, or what the server turns out to take),
                 "json_schema", "json_object" (llama.cpp) or "prompt" (schema in the system
                 message, for servers with no JSON mode).
+            provider: ``"openai"``, ``"anthropic"`` or ``"gemini"``, as in `complete`; each
+                takes the schema its own way (a forced tool call, ``responseSchema``).
             model, max_parallel, ..., dry_run, pilot: the run options of `complete`.
             **params: extra request-body fields: temperature, max_tokens, seed, ...
 
@@ -106,6 +109,7 @@ class TypedMethods(RowSource):
             model=model,
             max_parallel=max_parallel,
             progress=progress,
+            provider=provider,
             base_url=base_url,
             api_key=api_key,
             headers=headers,
@@ -156,6 +160,7 @@ class TypedMethods(RowSource):
         model: str | None = None,
         max_parallel: int | None = None,
         progress: bool | None = None,
+        provider: Provider | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -189,7 +194,8 @@ class TypedMethods(RowSource):
             output: the new column's name (default ``"label"``).
             system: a system message; default: one asking for the label(s) that fit.
             validation_retries, structured: as in `extract`.
-            model, max_parallel, ..., dry_run, pilot: the run options of `complete`.
+            provider, model, max_parallel, ..., dry_run, pilot: the run options of
+                `complete`.
             **params: extra request-body fields: temperature, max_tokens, seed, ...
 
         Returns:
@@ -206,6 +212,7 @@ class TypedMethods(RowSource):
             model=model,
             max_parallel=max_parallel,
             progress=progress,
+            provider=provider,
             base_url=base_url,
             api_key=api_key,
             headers=headers,

@@ -33,7 +33,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from nbtoolkit.core._rows import ChatRequest, estimate_tokens
-from nbtoolkit.core.endpoints._base import Answer, Item, Outcome, Parsed, Reask, plain_json
+from nbtoolkit.core.endpoints._base import (
+    Answer,
+    Item,
+    Outcome,
+    Parsed,
+    Reask,
+    cache_write_tokens,
+    plain_json,
+)
 from nbtoolkit.core.endpoints._schema import AnswerMismatch, StructuredSchema
 from nbtoolkit.core.store._cache import encode_body
 from nbtoolkit.errors import (
@@ -172,7 +180,7 @@ class AnthropicEndpoint:
         elif self.schema is None:
             has_text = any(isinstance(b, dict) and b.get("type") == "text" for b in content)
             outcome = (
-                Answer(words, words, *_counts(usage, spent))
+                Answer(words, words, *_counts(usage, spent), cache_write_tokens(usage or {}))
                 if has_text
                 else NoText(f"the reply has no text (stop_reason: {stop})")
             )
@@ -206,7 +214,8 @@ class AnthropicEndpoint:
             value = self.schema.check(answer)
         except AnswerMismatch as exc:
             return self._reask(item, content, call, str(exc), usage)
-        return Answer(_dump(value), value, *_counts(usage, item.spent if item else (0, 0)))
+        counts = _counts(usage, item.spent if item else (0, 0))
+        return Answer(_dump(value), value, *counts, cache_write_tokens(usage or {}))
 
     def _reask(
         self,

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple, Protocol
 
 from nbtoolkit.core._client import parse_completion
 from nbtoolkit.core._rows import ChatRequest, estimate_tokens
-from nbtoolkit.core.store._cache import encode_body
+from nbtoolkit.core.store._cache import MessagesBody, encode_body
 from nbtoolkit.errors import APIError, ConfigError, NbToolkitError
 
 # Completion tokens assumed for a request that sets no max_tokens: what the budget and the
@@ -61,6 +61,7 @@ class Answer:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached_tokens: int | None = None
+    cache_write_tokens: int | None = None  # prompt tokens written to the provider's cache
 
 
 class Reask(NamedTuple):
@@ -128,21 +129,25 @@ class ChatEndpoint:
 
     def __init__(self, base_body: Mapping[str, Any]) -> None:
         self.base_body = plain_json(dict(base_body), what="request parameters")
+        # What every row without params of its own shares, worked out once.
+        self._encoder = MessagesBody(self.base_body)
+        self._completion = completion_budget(self.base_body)
+        self._capped = is_capped(self.base_body)
 
     def item(self, index: int, request: ChatRequest) -> Item:
-        body = {**self.base_body, **request.params, "messages": list(request.messages)}
-        payload = encode_body(body)
+        messages = list(request.messages)
+        if request.params:
+            body = {**self.base_body, **request.params, "messages": messages}
+            payload, completion = encode_body(body), completion_budget(body)
+            capped = is_capped(body)
+        else:
+            body = {**self.base_body, "messages": messages}
+            payload, completion = self._encoder.encode(messages), self._completion
+            capped = self._capped
         # From the encoded body, not message by message: the same four characters a token,
         # plus the JSON's framing (a slight overestimate, corrected by the reply's usage),
         # at a fraction of the cost on a fully cached re-run, where every row is an item.
-        return Item(
-            index,
-            body,
-            payload,
-            estimate_tokens(payload),
-            completion_budget(body),
-            capped=is_capped(body),
-        )
+        return Item(index, body, payload, estimate_tokens(payload), completion, capped=capped)
 
     def payload(self, items: Sequence[Item]) -> bytes:
         return items[0].payload
@@ -189,6 +194,12 @@ def usage_counts(usage: Mapping[str, Any]) -> tuple[int | None, int | None, int 
         _int_or_none(usage.get("completion_tokens")),
         _int_or_none(cached),
     )
+
+
+def cache_write_tokens(usage: Mapping[str, Any]) -> int:
+    """The prompt tokens a reply wrote to the provider's prompt cache (Anthropic's
+    ``cache_creation_input_tokens``, billed dearer than input); 0 where not said."""
+    return _int_or_none(usage.get("cache_creation_input_tokens")) or 0
 
 
 def reasoning_tokens(usage: Mapping[str, Any]) -> int:

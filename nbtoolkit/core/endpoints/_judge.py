@@ -39,6 +39,18 @@ ANSWER_FORMAT = {
     "type": "json_schema",
     "json_schema": {"name": "verdict", "strict": True, "schema": ANSWER_SCHEMA},
 }
+# Enough for {"answer": true} or {"score": 87.5}, where the request sets no limit of its own.
+SHORT_ANSWER_TOKENS = 16
+
+
+def short_answer(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``body`` with a short answer's ``max_tokens``, unless it sets a limit itself: OpenAI's
+    reasoning models refuse ``max_tokens`` beside ``max_completion_tokens`` (a 400 per row)."""
+    if {"max_tokens", "max_completion_tokens"} & body.keys():
+        return dict(body)
+    return {"max_tokens": SHORT_ANSWER_TOKENS, **body}
+
+
 INSTRUCTION = 'Answer with JSON only: {"answer": true} or {"answer": false}.'
 _WORDS = {"true": True, "yes": True, "false": False, "no": False}
 
@@ -54,7 +66,7 @@ class JudgeEndpoint(ChatEndpoint):
     """``/chat/completions`` asked for a boolean per row."""
 
     def __init__(self, base_body: Mapping[str, Any], *, confidence: bool) -> None:
-        body: dict[str, Any] = {"max_tokens": 16, **base_body, "response_format": ANSWER_FORMAT}
+        body: dict[str, Any] = {**short_answer(base_body), "response_format": ANSWER_FORMAT}
         if confidence:
             body |= {"logprobs": True, "top_logprobs": 5}
         super().__init__(body)
@@ -141,7 +153,7 @@ class ScoreEndpoint(ChatEndpoint):
     """``/chat/completions`` asked for a number per row (``{"score": 7.5}``), for ``top_k``."""
 
     def __init__(self, base_body: Mapping[str, Any]) -> None:
-        super().__init__({"max_tokens": 16, **base_body, "response_format": SCORE_FORMAT})
+        super().__init__({**short_answer(base_body), "response_format": SCORE_FORMAT})
 
     def parse(self, text: str, items: Sequence[Item]) -> Parsed:
         completion = parse_completion(text)

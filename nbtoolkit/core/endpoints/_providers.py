@@ -22,6 +22,7 @@ from nbtoolkit.core.endpoints._judge import (
     WordedEndpoint,
     read_score,
     read_verdict,
+    short_answer,
 )
 from nbtoolkit.core.endpoints._schema import StructuredSchema
 from nbtoolkit.core.endpoints._structured import Structured, StructuredEndpoint
@@ -35,9 +36,6 @@ __all__ = [
     "score_endpoint",
     "structured_endpoint",
 ]
-
-# Enough for {"answer": true} or {"score": 87.5}, where the request sets no max_tokens.
-_SHORT_ANSWER_TOKENS = 16
 
 
 def chat_endpoint(config: ChatConfig) -> Endpoint:
@@ -69,11 +67,14 @@ def score_endpoint(config: ChatConfig) -> Endpoint:
 
 
 def _short(config: ChatConfig) -> Endpoint:
-    """The provider's chat endpoint with a short answer's max_tokens unless one is set."""
-    params = config.params
-    if not {"max_tokens", "max_completion_tokens"} & params.keys():
-        params = {"max_tokens": _SHORT_ANSWER_TOKENS, **params}
-    return chat_endpoint(dataclasses.replace(config, params=params))
+    """The provider's chat endpoint with a short answer's max_tokens unless one is set.
+
+    Not on Gemini: its thinking models (2.5 and later) spend ``maxOutputTokens`` on thoughts
+    first, and a short cap leaves an empty answer (``finishReason: MAX_TOKENS``) on every row.
+    """
+    if config.provider == "gemini":
+        return chat_endpoint(config)
+    return chat_endpoint(dataclasses.replace(config, params=short_answer(config.params)))
 
 
 def structured_endpoint(

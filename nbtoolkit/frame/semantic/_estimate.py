@@ -17,7 +17,7 @@ import pandas as pd
 
 from nbtoolkit.config import ChatConfig
 from nbtoolkit.core import _estimate as core
-from nbtoolkit.core._costestimate import Span
+from nbtoolkit.core._costestimate import NO_MATHJAX, Span
 from nbtoolkit.core._pricing import PRICE_UNKNOWN
 from nbtoolkit.core.endpoints._base import Endpoint
 from nbtoolkit.frame._estimate import CostEstimate
@@ -62,7 +62,8 @@ class OperatorEstimate:
             high = "no bound" if cost.high is None else f"${cost.high:,.4f}"
             money = f"${cost.low:,.4f} / ${cost.expected:,.4f} / {high} (low / expected / high)"
         return (
-            f"{self.operator}: {self.requests:,} rows to send in {len(self.steps)} steps; {money}"
+            f"{self.operator}: {self.requests:,} rows to send in {len(self.steps)} "
+            f"step{'s' if len(self.steps) != 1 else ''}; {money}"
         )
 
     def to_frame(self) -> pd.DataFrame:
@@ -89,7 +90,8 @@ class OperatorEstimate:
         )
         notes = "".join(f"<li>{html.escape(note)}</li>" for note in self.notes)
         return (
-            f"<div><b>OperatorEstimate</b> {html.escape(self.headline())}{steps}"
+            f'<div class="{NO_MATHJAX}"><b>OperatorEstimate</b> '
+            f"{html.escape(self.headline())}{steps}"
             + (f"<ul>{notes}</ul>" if notes else "")
             + "</div>"
         )

@@ -3,6 +3,10 @@
 A mixin of the accessors: each method checks its options, builds the run's settings as the
 other methods do, and hands over to `_operators`. Run options (``model``, ``max_parallel``,
 ``cache``, ``max_cost``, ...) mean what they mean for ``complete``.
+
+Longer than the ~400 lines of the other modules: each method's signature is its option table
+(`frame._options.METHOD_OPTIONS`, checked by tests/test_options.py), written out so that Tab,
+``help()`` and the API reference show every option; the bodies are a few lines each.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 
 import pandas as pd
 
-from nbtoolkit.config import ChatConfig, RetryPolicy, Timeouts
+from nbtoolkit.config import ChatConfig, Provider, RetryPolicy, Timeouts
 from nbtoolkit.core._runner import run_sync
 from nbtoolkit.errors import ConfigError, RunInterrupted
 from nbtoolkit.frame._options import RunOptions
@@ -52,9 +56,15 @@ class SemanticMethods:
     def _prompts(self, column: str | None, template: str | None) -> pd.Series:
         raise NotImplementedError
 
+    def _owner(self) -> object:
+        raise NotImplementedError
+
     def _source(self) -> pd.DataFrame | pd.Series:
-        frame = self._frame()
-        return frame["value"] if self._as_series() else frame
+        """The caller's rows: its own Series (its name and dtype kept), or the frame."""
+        owner = self._owner()
+        if self._as_series() and isinstance(owner, pd.Series):
+            return owner
+        return self._frame()
 
     async def afilter(
         self,
@@ -70,6 +80,7 @@ class SemanticMethods:
         model: str | None = None,
         max_parallel: int | None = None,
         progress: bool | None = None,
+        provider: Provider | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -105,7 +116,7 @@ class SemanticMethods:
             agreement: the agreement required on the labelled rows the cheap model decides.
             sample_seed: which rows are sampled.
             model, max_parallel, ..., config: run options, as for ``complete``
-                (``cache``, ``max_cost``, ...).
+                (``provider``, ``cache``, ``max_cost``, ...).
             dry_run: send nothing; return an `OperatorEstimate`: each step's rows, tokens
                 and cost (low / expected / high) and their total.
             **params: request-body fields (``temperature``).
@@ -119,6 +130,7 @@ class SemanticMethods:
             model=model,
             max_parallel=max_parallel,
             progress=progress,
+            provider=provider,
             base_url=base_url,
             api_key=api_key,
             headers=headers,
@@ -159,6 +171,7 @@ class SemanticMethods:
         model: str | None = None,
         max_parallel: int | None = None,
         progress: bool | None = None,
+        provider: Provider | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -188,12 +201,13 @@ class SemanticMethods:
             template: the criterion over the row's columns: ``"How urgent is {ticket}?"``.
             column: instead of a template, a column with each row's text.
             output: the score column added to the rows (a frame only).
-            model, system, config, **params: as for ``filter``.
+            model, provider, system, config, **params: as for ``filter``.
         """
         settings = RunOptions(
             model=model,
             max_parallel=max_parallel,
             progress=progress,
+            provider=provider,
             base_url=base_url,
             api_key=api_key,
             headers=headers,
@@ -228,6 +242,7 @@ class SemanticMethods:
         model: str | None = None,
         max_parallel: int | None = None,
         progress: bool | None = None,
+        provider: Provider | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -259,7 +274,7 @@ class SemanticMethods:
             context_tokens: the model's context window; no request is larger.
             output: the name of the Series returned with ``by=``.
             max_tokens (in ``params``): the longest answer of a chunk (default 512).
-            model, system, config, **params: as for ``filter``.
+            model, provider, system, config, **params: as for ``filter``.
 
         Returns:
             The answer (a str, None if it failed) or, with ``by=``, a Series of answers
@@ -269,6 +284,7 @@ class SemanticMethods:
             model=model,
             max_parallel=max_parallel,
             progress=progress,
+            provider=provider,
             base_url=base_url,
             api_key=api_key,
             headers=headers,
@@ -328,6 +344,7 @@ class FrameSemanticMethods(SemanticMethods):
         model: str | None = None,
         max_parallel: int | None = None,
         progress: bool | None = None,
+        provider: Provider | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -365,6 +382,8 @@ class FrameSemanticMethods(SemanticMethods):
             suffixes: for column names both frames have, as ``pandas.merge``.
             model, system, cheap_model, sample, agreement, sample_seed, config, **params: as for
                 ``filter``.
+            provider: as for ``filter``; it also embeds the candidates, so not
+                ``"anthropic"`` (no embeddings API: a `ConfigError`).
 
         Returns:
             One row per matching pair: ``left_index``, ``right_index``, the left columns,
@@ -374,6 +393,7 @@ class FrameSemanticMethods(SemanticMethods):
             model=model,
             max_parallel=max_parallel,
             progress=progress,
+            provider=provider,
             base_url=base_url,
             api_key=api_key,
             headers=headers,

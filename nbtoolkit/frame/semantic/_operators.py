@@ -274,8 +274,12 @@ async def aggregate_rows(
     """One answer per group (or for the whole frame) by a hierarchical reduce."""
     if not isinstance(context_tokens, int) or context_tokens < 256:
         raise ConfigError(f"context_tokens must be an int >= 256; got {context_tokens!r}")
-    answer_tokens = settings.params.get("max_tokens") or DEFAULT_ANSWER_TOKENS
-    if "max_tokens" not in settings.params:
+    params = settings.params
+    answer_tokens = (
+        params.get("max_tokens") or params.get("max_completion_tokens") or DEFAULT_ANSWER_TOKENS
+    )
+    # Not beside max_completion_tokens: OpenAI's reasoning models refuse the pair.
+    if not {"max_tokens", "max_completion_tokens"} & params.keys():
         settings = dataclasses.replace(
             settings, params={**settings.params, "max_tokens": answer_tokens}
         )

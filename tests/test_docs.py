@@ -1,0 +1,63 @@
+"""The documentation: every Python example runs, and the site builds with no warning."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.docs_examples import examples
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_example_on_the_page_runs(page: Path) -> None:
+    """Each ```python block runs, in order, against the test server (or says why it is not)."""
+    blocks = examples(page.read_text())
+    if not blocks:
+        pytest.skip(f"{page.name} has no Python example")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.docs_examples", str(page)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "ran " in done.stdout
+
+
+def test_examples_not_run_say_why() -> None:
+    """An example left out of the run names its reason, and they are few."""
+    skipped = [(page.name, why) for page in PAGES for _, why in examples(page.read_text()) if why]
+    total = sum(len(examples(page.read_text())) for page in PAGES)
+    assert all(why.strip() for _, why in skipped)
+    assert len(skipped) <= max(2, total // 10), skipped
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(
+    importlib.util.find_spec("mkdocs") is None, reason="the docs extra is not installed"
+)
+def test_the_site_builds_without_warnings(tmp_path: Path) -> None:
+    """`mkdocs build --strict` (broken links, missing API docs) passes."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert (tmp_path / "site" / "reference" / "index.html").exists()
