@@ -22,6 +22,7 @@ function takes the accessor method's name and its arguments.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -262,8 +263,12 @@ async def _partition(part: Any, spec: PartitionSpec, number: int) -> Any:
         outcome = "finished"
         return output
     except RunAborted as exc:
+        # Already stopping: the keeper must not cancel this handler (a CancelledError out of
+        # a task reaches compute() as distributed's UnboundLocalError, not as RunAborted).
+        lease.on_abort = None
         # The first partition to see it stops the others, which then send nothing more.
-        await transport.call("abort", run=spec.run, message=str(exc))
+        with contextlib.suppress(asyncio.CancelledError):  # a cancel the keeper sent just now
+            await transport.call("abort", run=spec.run, message=str(exc))
         raise RunAborted(f"{exc} (seen in partition {number})") from None
     except asyncio.CancelledError:
         failure = _failure(keeper)
