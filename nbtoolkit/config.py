@@ -2,6 +2,9 @@
 
 A run's settings come from three layers, later ones winning: the defaults below, the
 process-wide config (`nbtoolkit.configure(...)`), and the keyword arguments of one call.
+
+Longer than ~400 lines because it is the one module that reads the environment: every
+provider's variables, Azure's URL forms and the redaction of what a repr shows live together.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ server: llama.cpp loads a model either for text or for embeddings)::
 Gemma 3 270M declares no pooling, so the embedding server is started with mean pooling:
 one 640-dimension vector per text, the mean of its token vectors, the same in a batch as
 alone. A text longer than the context (``n_ctx``, 2048 tokens) is refused by the server.
+
+Longer than ~400 lines: starting, supervising (the parent-death guard) and stopping the
+server process, and the model's chat template, are one lifecycle.
 """
 
 from __future__ import annotations

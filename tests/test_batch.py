@@ -468,7 +468,7 @@ def test_a_large_upload_gets_a_timeout_sized_for_the_file() -> None:
 
 def test_row_sources_and_batch_kinds_are_the_documented_ones() -> None:
     """A batch's rows say source "batch" and kinds from BATCH_KINDS, as RowResult, RowError
-    and the README's run report section document them."""
+    and the docs' run report section (docs/api.md) document them."""
     behaviour = BatchBehaviour(hold=True, in_progress=0.0, expire_after=0.3)
     with ChatServer(batch=behaviour).run_in_thread() as running:
         job = small(10).chat.submit_batch("q", **settings(running), batch=FAST)
@@ -476,8 +476,8 @@ def test_row_sources_and_batch_kinds_are_the_documented_ones() -> None:
     rows = nbtoolkit.last_run().rows  # type: ignore[union-attr]
     assert set(rows["source"].dropna()) == {"batch"} <= SOURCES
     assert set(rows["error_kind"].dropna()) == {"BatchExpired"} <= BATCH_KINDS
-    readme = (ROOT / "README.md").read_text()
-    report = readme[readme.index("### The run report") :]
+    api = (ROOT / "docs" / "api.md").read_text()
+    report = api[api.index("## The run report") :]
     report = report[: report.index("\n#")]
     assert all(f"`{source}`" in report for source in SOURCES)
     assert all(f"`{kind}`" in report for kind in BATCH_KINDS)

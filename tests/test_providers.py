@@ -149,12 +149,17 @@ async def test_ietf_ratelimit_fields(family: HeaderFamily) -> None:
 
 
 async def test_azure_remaining_counts_alone_teach_no_rate() -> None:
-    """Azure's headers (remaining counts only) set no pace: 429s and their Retry-After do."""
+    """Azure's headers (remaining counts only) set no pace: 429s and their Retry-After do,
+    and a rate the run learned says it came from the 429s, not from a header."""
     limit = RateLimit(40, 20, headers="azure")
     async with ChatServer(azure=True, rate_limit=limit) as server:
         run, results = await run_against(server, base_url=server.base_url, retry_attempts=30)
     assert all(r.ok for r in results)
-    assert run.governor.learned() == {}
+    learned = run.governor.learned()
+    assert set(learned) <= {"requests"}  # no token rate: remaining counts teach none
+    for limit_learned in learned.values():
+        assert limit_learned["headers"] == "none"
+        assert str(limit_learned["basis"]).startswith("429s")
     assert server.statuses["429"] > 0  # what paced the run
 
 

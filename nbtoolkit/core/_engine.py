@@ -93,11 +93,8 @@ if TYPE_CHECKING:  # imported by the first run: `import nbtoolkit` spares it
     import aiohttp
 
 # Requests looked up in the cache with one query: large enough to make a fully cached
-# re-run cheap, small enough not to hold the first requests back. While every row so far
-# was in the cache, nothing waits on a look-up but the next one, so the batch doubles (up
-# to _LOOKUP_MAX): fewer trips to the cache's thread on a re-run.
+# re-run cheap, small enough not to hold the first requests back.
 _LOOKUP_BATCH = 256
-_LOOKUP_MAX = 8192
 
 
 def governor_for(
@@ -372,7 +369,7 @@ class ChatRun:
     ) -> None:
         batch: list[Item] = []
         make_item, results = self.endpoint.item, self.results  # read once: once per row
-        per_lookup = first = max(_LOOKUP_BATCH, self.endpoint.max_items)
+        per_lookup = max(_LOOKUP_BATCH, self.endpoint.max_items)
         for index, request in enumerate(requests):
             results.append(None)
             if request is None:
@@ -387,8 +384,7 @@ class ChatRun:
                 continue
             batch.append(item)
             if len(batch) >= per_lookup:
-                all_cached = await self._dispatch(batch, queue)
-                per_lookup = min(2 * per_lookup, _LOOKUP_MAX) if all_cached else first
+                await self._dispatch(batch, queue)
                 batch = []
         await self._dispatch(batch, queue)
         if self._group:
@@ -396,11 +392,10 @@ class ChatRun:
         for _ in range(workers):
             await queue.put(None)
 
-    async def _dispatch(self, batch: list[Item], queue: asyncio.Queue[_Job | None]) -> bool:
-        """Answer what the cache knows, attach duplicates to their twin, queue the rest;
-        True when the cache answered every row."""
+    async def _dispatch(self, batch: list[Item], queue: asyncio.Queue[_Job | None]) -> None:
+        """Answer what the cache knows, attach duplicates to their twin, queue the rest."""
         if not batch:
-            return False
+            return
         dedupe = self.config.dedupe
         if self._cache.enabled or dedupe:
             key = self._keys.key
@@ -444,7 +439,6 @@ class ChatRun:
             self._group_tokens += item.prompt_tokens
         for job in jobs:
             await queue.put(job)
-        return len(hits) == len(batch)
 
     def _take_group(self) -> _Job:
         job = _Job(self._group)

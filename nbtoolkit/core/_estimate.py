@@ -18,6 +18,9 @@ the local prompt count against the server's.
 
 Completion lengths are long-tailed, so the range of their mean is taken both ways and the
 wider kept: a t-interval on the sample mean, and Cox's interval for a log-normal mean.
+
+Longer than ~400 lines: the survey, the pilot and the three ranges (prompt, completion,
+cost) read the same items; their data and reprs are apart, in `_costestimate`.
 """
 
 from __future__ import annotations

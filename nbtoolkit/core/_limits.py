@@ -35,6 +35,9 @@ says neither is read as OpenAI's per-minute figure.
 
 Why not aiolimiter: its buckets cannot be refunded (a request that used fewer tokens than
 it reserved gives them back here) or set to the count a server reports.
+
+Longer than ~400 lines: every rate-header family and the governor that acts on them are one
+place on purpose (the style guide: one place that parses rate headers, beside their user).
 """
 
 from __future__ import annotations

@@ -170,6 +170,43 @@ class DaskChatAccessor:
 
     embed.__signature__ = inspect.signature(_ChatAccessorBase.aembed)  # type: ignore[attr-defined]
 
+    def filter(self, *args: Any, **kwargs: Any) -> Any:
+        """Lazy ``filter``: each partition's rows the model answers yes to (or the mask).
+
+        Raises:
+            ConfigError: ``cheap_model=``: the cascade learns one threshold from a sample of
+                the whole frame, which no partition holds (while the graph is built).
+        """
+        if kwargs.get("cheap_model") is not None:
+            raise ConfigError(
+                "ddf.chat.filter(cheap_model=...) would learn a threshold per partition from "
+                "its own few rows. What to do: leave cheap_model out on Dask, or run the "
+                "cascade in pandas: ddf.compute().chat.filter(..., cheap_model=...)"
+            )
+        return lazy_method(self._obj, "filter", args, kwargs)
+
+    filter.__signature__ = inspect.signature(_ChatAccessorBase.afilter)  # type: ignore[attr-defined]
+
+    def top_k(self, *args: Any, **kwargs: Any) -> Any:
+        """Not on Dask: ranks the whole frame (a ConfigError that says what to do)."""
+        raise _whole_frame("top_k")
+
+    def aggregate(self, *args: Any, **kwargs: Any) -> Any:
+        """Not on Dask: reduces the whole frame (a ConfigError that says what to do)."""
+        raise _whole_frame("aggregate")
+
+    def join(self, *args: Any, **kwargs: Any) -> Any:
+        """Not on Dask: pairs rows across the whole frames (a ConfigError, what to do)."""
+        raise _whole_frame("join")
+
+
+def _whole_frame(method: str) -> ConfigError:
+    return ConfigError(
+        f"ddf.chat.{method} works on the whole frame, not partition by partition. What to "
+        f"do: narrow the rows on the cluster first (ddf.chat.filter, or plain Dask), then "
+        f"ddf.compute().chat.{method}(...) in pandas"
+    )
+
 
 def lazy_method(collection: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``collection.map_partitions`` of the pandas accessor's ``method``, with its meta;

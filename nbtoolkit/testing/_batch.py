@@ -16,6 +16,9 @@ up to date with the clock, so a stopped server leaves no task behind. Answers co
 the server's own responder; output lines are shuffled; chosen lines fail, the way the real
 API fails them (a 4xx body inside ``response`` with ``error`` null, or ``response`` null
 and an ``error``), into the error file.
+
+Longer than ~400 lines: the Batch API's whole life (files, batches, their states, output and
+error files) is one simulated service, kept in one place like the real one's reference.
 """
 
 from __future__ import annotations

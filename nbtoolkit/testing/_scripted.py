@@ -5,6 +5,9 @@ check the key, ask the `Limiter`, take the request's action (queued by `script`,
 `FaultRates` picks, else a reply), wait the latency, answer. A provider's server is a
 subclass that knows only its wire format: its routes, how a key travels, how an error, a
 429 and an answer look (`ChatServer` for OpenAI, `AnthropicServer`, `GeminiServer`).
+
+Longer than ~400 lines: the request life every provider's test server shares (key, limiter,
+scripted actions, faults, records) is one piece, so that no provider's server copies it.
 """
 
 from __future__ import annotations

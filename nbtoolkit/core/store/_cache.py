@@ -22,6 +22,9 @@ run), the journal is moved into ``responses`` in key order, in one transaction.
 
 Binary answers (float32 vectors, 1 KB and more each) are not rows of their own: they
 are appended to a file beside the database, see `nbtoolkit.core.store._vectors`.
+
+Longer than ~400 lines: the SQLite schema, its key function's inputs, its locking and its
+recovery from damaged files must change together.
 """
 
 from __future__ import annotations

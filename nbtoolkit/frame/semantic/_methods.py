@@ -24,6 +24,7 @@ from nbtoolkit.config import ChatConfig, Provider, RetryPolicy, Timeouts
 from nbtoolkit.core._runner import run_sync
 from nbtoolkit.errors import ConfigError, RunInterrupted
 from nbtoolkit.frame._options import RunOptions
+from nbtoolkit.frame._source import RowSource
 from nbtoolkit.frame.semantic._estimate import OperatorEstimate
 from nbtoolkit.frame.semantic._filter import Cascade
 from nbtoolkit.frame.semantic._operators import (
@@ -33,6 +34,7 @@ from nbtoolkit.frame.semantic._operators import (
     join_frames,
     top_rows,
 )
+from nbtoolkit.frame.semantic._stages import Stages
 
 
 def cascade_for(
@@ -44,20 +46,12 @@ def cascade_for(
     return Cascade(cheap_model=cheap_model, sample=sample, agreement=agreement, seed=seed)
 
 
-class SemanticMethods:
+class SemanticMethods(RowSource):
     """The operators, for ``df.chat`` and ``series.chat``."""
 
-    def _frame(self) -> pd.DataFrame:
-        raise NotImplementedError
-
-    def _as_series(self) -> bool:
-        raise NotImplementedError
-
-    def _prompts(self, column: str | None, template: str | None) -> pd.Series:
-        raise NotImplementedError
-
-    def _owner(self) -> object:
-        raise NotImplementedError
+    def _stages(self) -> Stages:
+        """A new operator's steps, run through this accessor's seams (hooks, report_to)."""
+        return Stages(hooks=self._hooks, report_to=self._report_to)
 
     def _source(self) -> pd.DataFrame | pd.Series:
         """The caller's rows: its own Series (its name and dtype kept), or the frame."""
@@ -158,6 +152,7 @@ class SemanticMethods:
             cascade=cascade,
             keep=keep,
             dry_run=dry_run,
+            stages=self._stages(),
         )
 
     async def atop_k(
@@ -227,7 +222,14 @@ class SemanticMethods:
         ).settings(params, method="top_k")
         prompts = self._prompts(column, template)
         return await top_rows(
-            self._source(), prompts, k, settings, system=system, output=output, dry_run=dry_run
+            self._source(),
+            prompts,
+            k,
+            settings,
+            system=system,
+            output=output,
+            dry_run=dry_run,
+            stages=self._stages(),
         )
 
     async def aaggregate(
@@ -319,6 +321,7 @@ class SemanticMethods:
             context_tokens=context_tokens,
             output=output,
             dry_run=dry_run,
+            stages=self._stages(),
         )
 
 
@@ -427,6 +430,7 @@ class FrameSemanticMethods(SemanticMethods):
             system=system,
             cascade=cascade_for(cheap_model, sample, agreement, sample_seed),
             dry_run=dry_run,
+            stages=self._stages(),
         )
 
 

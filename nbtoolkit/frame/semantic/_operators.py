@@ -55,8 +55,10 @@ async def filter_rows(
     cascade: Cascade | None,
     keep: Keep,
     dry_run: bool = False,
+    stages: Stages | None = None,
 ) -> pd.DataFrame | pd.Series | OperatorEstimate:
     """The rows whose question the model answers yes (or the yes/no mask)."""
+    stages = stages if stages is not None else Stages()
     if keep not in ("rows", "mask"):
         raise ConfigError(f'keep= must be "rows" or "mask"; got {keep!r}')
     if dry_run:
@@ -64,7 +66,6 @@ async def filter_rows(
             list(prompts), settings, system=system, cascade=cascade
         )
         return OperatorEstimate("filter", tuple(found), tuple(notes))
-    stages = Stages()
     index = frame.index
     decisions = await decide(list(prompts), settings, stages, system=system, cascade=cascade)
     mask = mask_of(decisions.results, index)
@@ -92,8 +93,10 @@ async def join_frames(
     system: str | None,
     cascade: Cascade | None,
     dry_run: bool = False,
+    stages: Stages | None = None,
 ) -> pd.DataFrame | OperatorEstimate:
     """The pairs the model says match, asked about only among embedding candidates."""
+    stages = stages if stages is not None else Stages()
     parsed = JoinTemplate.parse(template, left, right)
     if dry_run:
         return await _estimate_join(
@@ -108,7 +111,6 @@ async def join_frames(
             cascade,
         )
     check_candidates(candidates, max_pairs, len(left), len(right))
-    stages = Stages()
     notes: list[str] = []
     if candidates == "all":
         pairs = list(all_pairs(len(left), len(right)))
@@ -229,11 +231,12 @@ async def top_rows(
     system: str | None,
     output: str,
     dry_run: bool = False,
+    stages: Stages | None = None,
 ) -> pd.DataFrame | pd.Series | OperatorEstimate:
     """The ``k`` rows with the highest scores, best first, with their score."""
+    stages = stages if stages is not None else Stages()
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ConfigError(f"k must be an int >= 1; got {k!r}")
-    stages = Stages()
     resolved = settings.resolved()
     endpoint = score_endpoint(resolved)
     requests = [question(p, system or SCORE_SYSTEM) for p in prompts]
@@ -270,8 +273,10 @@ async def aggregate_rows(
     context_tokens: int,
     output: str,
     dry_run: bool = False,
+    stages: Stages | None = None,
 ) -> str | pd.Series | OperatorEstimate | None:
     """One answer per group (or for the whole frame) by a hierarchical reduce."""
+    stages = stages if stages is not None else Stages()
     if not isinstance(context_tokens, int) or context_tokens < 256:
         raise ConfigError(f"context_tokens must be an int >= 256; got {context_tokens!r}")
     params = settings.params
@@ -310,7 +315,6 @@ async def aggregate_rows(
             (("aggregate, level 1", level_one), ("aggregate, combining (at most)", combining)),
             ("combining is sized as if every answer used all of max_tokens: an upper bound",),
         )
-    stages = Stages()
     reduction = await reduce_groups(
         groups,
         instruction,

@@ -10,17 +10,25 @@ from typing import Any
 import pandas as pd
 
 from nbtoolkit.config import ChatConfig
+from nbtoolkit.core._engine import RunHooks
 from nbtoolkit.core._rows import ChatRequest, RowError, RowResult, RunStats
 from nbtoolkit.core.endpoints._base import Endpoint
 from nbtoolkit.errors import RunAborted, RunInterrupted
-from nbtoolkit.frame._report import RunReport, last_run, remember, rows_frame
+from nbtoolkit.frame._report import RunReport, remember, rows_frame
 from nbtoolkit.frame._run import Plan, run_plan
 
 
 @dataclasses.dataclass
 class Stages:
-    """The runs an operator made, in order, so its report can add them up."""
+    """The runs an operator made, in order, so its report can add them up.
 
+    ``hooks`` and ``report_to`` are the accessor's seams (`frame._source.RowSource`): on a
+    Dask partition every step runs under the cluster's governor, and no report reaches the
+    client's `last_run()`.
+    """
+
+    hooks: RunHooks | None = None
+    report_to: Callable[[RunReport], object] = remember
     reports: list[tuple[str, RunReport]] = dataclasses.field(default_factory=list)
 
     async def run(
@@ -45,14 +53,20 @@ class Stages:
             write=list,
             endpoint=endpoint,
         )
+        kept: list[RunReport] = []
+
+        def keep(report: RunReport) -> object:
+            kept.append(report)
+            return self.report_to(report)
+
         try:
-            rows: list[RowResult] = await run_plan(plan)
+            rows: list[RowResult] = await run_plan(plan, hooks=self.hooks, report_to=keep)
         except RunAborted as exc:
-            self._keep(name)
+            self._keep(name, kept)
             shown = partial() if partial is not None else None
             raise RunAborted(f"{name}: {exc}", partial=shown, cause=exc.cause) from exc
         except RunInterrupted as exc:
-            self._keep(name)
+            self._keep(name, kept)
             shown = partial() if partial is not None else None
             message = (
                 f"stopped during {name!r}: the answers it received are saved in the cache, so "
@@ -60,13 +74,11 @@ class Stages:
                 "nbtoolkit.last_run() is that step's report."
             )
             raise RunInterrupted(message, partial=shown) from exc
-        self._keep(name)
+        self._keep(name, kept)
         return rows
 
-    def _keep(self, name: str) -> None:
-        report = last_run()
-        if report is not None:
-            self.reports.append((name, report))
+    def _keep(self, name: str, kept: list[RunReport]) -> None:
+        self.reports.extend((name, report) for report in kept)
 
     def remember(
         self, output: Any, index: pd.Index, rows: Sequence[RowResult], notes: Iterable[str]
@@ -74,7 +86,8 @@ class Stages:
         """Makes the operator's report ``last_run()``: one row per input row, all stages' counts."""
         report = RunReport(output, rows_frame(rows, index), self.stats(), "finished")
         report = dataclasses.replace(report, notes=(*self.lines(), *notes))
-        return remember(report)
+        self.report_to(report)
+        return report
 
     def stats(self) -> RunStats:
         """Every stage's counts added up; the wall time from the first start to the last end."""
