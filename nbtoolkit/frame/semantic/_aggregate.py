@@ -12,6 +12,7 @@ A row too long for a chunk on its own is cut to fit, and the summary says how ma
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -146,6 +147,7 @@ def _next_level(
     pending: list[Group], owners: list[Group], results: Sequence[RowResult]
 ) -> list[Group]:
     answers: dict[int, list[str]] = {id(g): [] for g in pending}
+    chunks_of = Counter(id(owner) for owner in owners)
     for group, result in zip(owners, results, strict=True):
         if result.text is None:
             reason = result.error.message if result.error is not None else "no answer"
@@ -156,17 +158,12 @@ def _next_level(
     for group in pending:
         if group.error is not None:
             continue  # an answer over part of the rows would be silently wrong: none at all
-        texts = answers[id(group)]
-        if len(texts) == 1 and len(group.texts) >= 1 and _was_single_chunk(owners, group):
-            group.answer = texts[0]
+        if chunks_of[id(group)] == 1:  # one chunk, one answer: the group's
+            group.answer = answers[id(group)][0]
         else:
-            group.texts = texts
+            group.texts = answers[id(group)]
             still.append(group)
     return still
-
-
-def _was_single_chunk(owners: list[Group], group: Group) -> bool:
-    return sum(1 for owner in owners if owner is group) == 1
 
 
 def planned_prompts(

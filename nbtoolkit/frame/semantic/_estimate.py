@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import pandas as pd
@@ -104,13 +104,3 @@ async def estimate_step(
     made = await core.estimate_run(settings, requests, endpoint=endpoint, pilot=None)
     fields = {f.name: getattr(made, f.name) for f in dataclasses.fields(made)}
     return CostEstimate(**fields)
-
-
-def steps(*pairs: tuple[str, CostEstimate]) -> tuple[tuple[str, CostEstimate], ...]:
-    """The steps, in the order the operator would run them."""
-    return tuple(pairs)
-
-
-def indices(sequence: Sequence[Any], chosen: Iterable[int]) -> list[Any]:
-    """The items of ``sequence`` at ``chosen`` positions."""
-    return [sequence[i] for i in chosen]

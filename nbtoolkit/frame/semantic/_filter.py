@@ -31,7 +31,7 @@ from nbtoolkit.core.endpoints._providers import judge_endpoint
 from nbtoolkit.errors import ConfigError
 from nbtoolkit.frame._estimate import CostEstimate
 from nbtoolkit.frame.semantic._estimate import estimate_step
-from nbtoolkit.frame.semantic._stages import Stages, failed, question
+from nbtoolkit.frame.semantic._stages import Stages, question
 
 DEFAULT_SYSTEM = "You decide whether a statement holds for the record you are given."
 
@@ -239,8 +239,3 @@ def mask_of(results: Sequence[RowResult], index: pd.Index) -> pd.Series:
     """The answers as a nullable boolean Series (NA where a row has no answer)."""
     values = [r.value.answer if r.error is None and r.value is not None else pd.NA for r in results]
     return pd.Series(values, index=index, dtype="boolean")
-
-
-def row_outcomes(results: Sequence[RowResult]) -> list[RowResult]:
-    """Each row's result for the report (a row with no result says it was skipped)."""
-    return [r if r is not None else failed("skipped", "nothing to ask") for r in results]

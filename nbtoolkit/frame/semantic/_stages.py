@@ -38,13 +38,12 @@ class Stages:
         settings: ChatConfig,
         *,
         endpoint: Endpoint | None = None,
-        partial: Callable[[], Any] | None = None,
     ) -> list[RowResult]:
         """Runs ``requests`` through the engine; one result per request, in order.
 
         Raises:
-            RunAborted, RunInterrupted: as a run does, with ``partial`` (the operator's
-                output so far, from ``partial()``) instead of this stage's rows.
+            RunAborted, RunInterrupted: as a run does, naming the step; the answers it got
+                are in the cache (an operator's partial output is not one frame).
         """
         plan = Plan(
             frame=pd.DataFrame(index=pd.RangeIndex(len(requests))),
@@ -62,23 +61,17 @@ class Stages:
         try:
             rows: list[RowResult] = await run_plan(plan, hooks=self.hooks, report_to=keep)
         except RunAborted as exc:
-            self._keep(name, kept)
-            shown = partial() if partial is not None else None
-            raise RunAborted(f"{name}: {exc}", partial=shown, cause=exc.cause) from exc
+            raise RunAborted(f"{name}: {exc}", cause=exc.cause) from exc
         except RunInterrupted as exc:
-            self._keep(name, kept)
-            shown = partial() if partial is not None else None
             message = (
                 f"stopped during {name!r}: the answers it received are saved in the cache, so "
                 "running the cell again sends only the rest. "
                 "nbtoolkit.last_run() is that step's report."
             )
-            raise RunInterrupted(message, partial=shown) from exc
-        self._keep(name, kept)
+            raise RunInterrupted(message) from exc
+        finally:
+            self.reports.extend((name, report) for report in kept)
         return rows
-
-    def _keep(self, name: str, kept: list[RunReport]) -> None:
-        self.reports.extend((name, report) for report in kept)
 
     def remember(
         self, output: Any, index: pd.Index, rows: Sequence[RowResult], notes: Iterable[str]
