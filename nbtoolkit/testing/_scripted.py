@@ -74,6 +74,8 @@ class Exchange:
     outcome: str = "dropped"
     headers: dict[str, str] = field(default_factory=dict)  # added to whatever reply is sent
     inputs: list[str] | None = None  # an embeddings request's texts, each counted as answered
+    started: float = 0.0
+    settled: bool = False  # counted and recorded already
 
 
 class ScriptedServer:
@@ -311,34 +313,41 @@ class ScriptedServer:
 
     async def _serve(self, request: web.Request, kind: str) -> web.StreamResponse:
         """The handler behind every answering route: counts, records, then `_handle`."""
-        started = time.monotonic()
         self.request_count += 1
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-        ex = Exchange(kind=kind)
+        ex = Exchange(kind=kind, started=time.monotonic())
         try:
             return await self._handle(request, ex)
         finally:
             self.in_flight -= 1
-            self.statuses[ex.outcome] += 1
-            if ex.outcome == "ok" and ex.inputs is not None:
-                self.answered.update(ex.inputs)
-            elif ex.outcome == "ok":
-                self.answered[ex.prompt] += 1
-            if self._record:
-                record = RecordedRequest(
-                    body=ex.body,
-                    headers=dict(request.headers),
-                    prompt=ex.prompt,
-                    started=started,
-                    finished=time.monotonic(),
-                    status=ex.status,
-                    outcome=ex.outcome,
-                    attempt=ex.attempt,
-                    path=request.path,
-                    query=dict(request.query),
-                )
-                self.requests.append(record)
+            self._settle(request, ex)
+
+    def _settle(self, request: web.Request, ex: Exchange) -> None:
+        """Count and record the exchange, once. `_send` calls this before a reply's last byte
+        leaves, so a client that has read its reply always finds the request recorded."""
+        if ex.settled:
+            return
+        ex.settled = True
+        self.statuses[ex.outcome] += 1
+        if ex.outcome == "ok" and ex.inputs is not None:
+            self.answered.update(ex.inputs)
+        elif ex.outcome == "ok":
+            self.answered[ex.prompt] += 1
+        if self._record:
+            record = RecordedRequest(
+                body=ex.body,
+                headers=dict(request.headers),
+                prompt=ex.prompt,
+                started=ex.started,
+                finished=time.monotonic(),
+                status=ex.status,
+                outcome=ex.outcome,
+                attempt=ex.attempt,
+                path=request.path,
+                query=dict(request.query),
+            )
+            self.requests.append(record)
 
     async def _handle(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         raw = await request.read()
@@ -408,11 +417,13 @@ class ScriptedServer:
         # Written here, not by aiohttp after we return, so in_flight covers the write.
         try:
             await response.prepare(request)
-            await response.write_eof()
         except ConnectionError:
             return response
         ex.status = response.status
         ex.outcome = outcome or str(response.status)
+        self._settle(request, ex)
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
         return response
 
 
