@@ -524,3 +524,29 @@ async def test_without_rate_headers_429s_stay_rare_and_rows_right() -> None:
     assert all(server.answered[f"p{i}"] == 1 for i in range(500))
     assert server.statuses["429"] <= 0.08 * server.request_count
     assert str(learned_rate(run)["basis"]).startswith("429s")
+
+
+def settle_calm(governor: RateGovernor, ticket: Ticket) -> None:
+    governor.settle(ticket, reserved_tokens=1, used_tokens=1, limits=None, congested=False)
+
+
+async def test_the_spread_paces_the_opening_wave_then_stands_down() -> None:
+    """Replies that take 100 ms spread the opening wave (4 at once, then on a timer); once a
+    whole pool's worth of replies came back without a 429, admissions go at once again."""
+    clock = FakeClock()
+    governor = RateGovernor(max_parallel=16, probe_seconds=0, clock=clock)
+    first = await governor.admit(1)
+    clock.now += 0.1
+    settle_calm(governor, first)
+    wave = [await asyncio.wait_for(governor.admit(1), 1) for _ in range(4)]
+    await held_until_clock_moves(governor, clock, 0.01)  # the fifth waits for the spread
+    for ticket in wave:
+        settle_calm(governor, ticket)
+    for _ in range(16 - 1 - len(wave)):  # the rest of a pool's worth, each after 100 ms
+        clock.now += 1.0
+        ticket = await asyncio.wait_for(governor.admit(1), 1)
+        clock.now += 0.1
+        settle_calm(governor, ticket)
+    # The clock stands still: only an absent spread lets all of these through.
+    burst = [await asyncio.wait_for(governor.admit(1), 1) for _ in range(12)]
+    assert len(burst) == 12
