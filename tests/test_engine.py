@@ -354,3 +354,18 @@ async def test_after_answers_a_group_refused_whole_is_not_halved_to_single_rows(
     assert len(sizes) == 2 + 8 * 5
     assert all(r.ok for r in results[:128])
     assert {r.error.message for r in results[128:]} == {f"HTTP 400: {refusal.message}"}
+
+
+def test_a_cache_hit_is_the_result_the_dataclass_would_make() -> None:
+    """`cache_hit` sets the slots itself for speed: the result is the very one
+    RowResult(...) makes, equal, with the same hash, and every field there."""
+    from dataclasses import fields
+
+    from nbtoolkit.core._rows import RowResult, cache_hit
+
+    made = cache_hit("t", 1, 2, None, ["v"])
+    expected = RowResult("t", None, 0, 1, 2, None, "cache", ["v"], None)
+    assert [getattr(made, f.name) for f in fields(RowResult)] == [
+        getattr(expected, f.name) for f in fields(RowResult)
+    ]
+    assert made == expected

@@ -50,6 +50,7 @@ from nbtoolkit.core._breaker import (
 from nbtoolkit.core._budget import Budget, OutputCeiling
 from nbtoolkit.core._cachewriter import CacheWriter
 from nbtoolkit.core._client import Redactor, Reply, post_json
+from nbtoolkit.core._heap import older_objects_frozen
 from nbtoolkit.core._limits import RateGovernor, ServerLimits
 from nbtoolkit.core._pricing import Price, config_price
 from nbtoolkit.core._retry import (
@@ -59,7 +60,14 @@ from nbtoolkit.core._retry import (
     is_retryable,
     is_systemic,
 )
-from nbtoolkit.core._rows import SKIPPED, ProgressListener, RowError, RowResult, RunStats
+from nbtoolkit.core._rows import (
+    SKIPPED,
+    ProgressListener,
+    RowError,
+    RowResult,
+    RunStats,
+    cache_hit,
+)
 from nbtoolkit.core.endpoints._base import (
     Answer,
     Endpoint,
@@ -312,6 +320,10 @@ class ChatRun:
         if self._executed:
             raise RuntimeError("a ChatRun runs once; make a new ChatRun for another run")
         self._executed = True
+        with older_objects_frozen():  # see core/_heap.py: a third of a cached re-run's CPU
+            return await self._execute(requests)
+
+    async def _execute(self, requests: Iterable[Any]) -> list[RowResult]:
         self.stats.started = time.monotonic()
         workers = self.config.max_parallel
         queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=2 * workers)
@@ -941,15 +953,13 @@ class ChatRun:
 
     def _from_cache(self, answer: CachedAnswer) -> RowResult:
         # Token counts are what the answer cost when it was bought; this run paid nothing.
-        return RowResult(
-            answer.text if isinstance(answer.text, str) else None,
-            None,
-            0,
+        text = answer.text
+        return cache_hit(
+            text if type(text) is str else None,
             answer.prompt_tokens,
             answer.completion_tokens,
             answer.cached_tokens,
-            "cache",
-            self.endpoint.decode(answer.text),
+            self.endpoint.decode(text),
         )
 
     def _finish(self, index: int, result: RowResult) -> None:

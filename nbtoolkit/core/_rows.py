@@ -76,6 +76,56 @@ class RowResult:
 
 SKIPPED = RowResult(None, RowError("skipped", "no prompt: the value was missing or empty"))
 
+# The slots' own setters: what a frozen dataclass's __init__ reaches through
+# object.__setattr__, one lookup by name per field.
+(
+    _set_text,
+    _set_error,
+    _set_attempts,
+    _set_prompt,
+    _set_completion,
+    _set_cached,
+    _set_source,
+    _set_value,
+    _set_written,
+) = (
+    RowResult.__dict__[name].__set__
+    for name in (
+        "text",
+        "error",
+        "attempts",
+        "prompt_tokens",
+        "completion_tokens",
+        "cached_tokens",
+        "source",
+        "value",
+        "cache_write_tokens",
+    )
+)
+
+
+def cache_hit(
+    text: str | None,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    cached_tokens: int | None,
+    value: Any,
+) -> RowResult:
+    """``RowResult(text, None, 0, prompt_tokens, completion_tokens, cached_tokens, "cache",
+    value)`` in half the time: a re-run from the cache makes one per row, and the frozen
+    dataclass's own __init__ was a tenth of a 100,000-row re-run's CPU."""
+    result: RowResult = object.__new__(RowResult)
+    _set_text(result, text)
+    _set_error(result, None)
+    _set_attempts(result, 0)
+    _set_prompt(result, prompt_tokens)
+    _set_completion(result, completion_tokens)
+    _set_cached(result, cached_tokens)
+    _set_source(result, "cache")
+    _set_value(result, value)
+    _set_written(result, None)
+    return result
+
 
 class ProgressListener(Protocol):
     """What the engine tells a progress display. Called on the event loop's thread."""

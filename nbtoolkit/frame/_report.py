@@ -6,9 +6,10 @@ interrupted, so the reason a row failed is one line away without re-running anyt
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,9 @@ class RunReport:
     Attributes:
         output: the result (a DataFrame or Series); after an abort or interrupt, the partial
             result with None in rows that did not finish.
-        rows: one row per input row, same index and order, columns ``ROW_COLUMNS``.
+        rows: one row per input row, same index and order, columns ``ROW_COLUMNS`` (built
+            when first read: given as a function, a run that nobody asks about does not
+            build a 100,000-row frame).
         stats: requests sent, retries, statuses seen, wall time.
         outcome: "finished", "aborted" or "interrupted".
         notes: lines an operator adds to the summary (its stages, what decided the rows).
@@ -48,12 +51,16 @@ class RunReport:
     """
 
     output: Any
-    rows: pd.DataFrame
+    _rows: pd.DataFrame | Callable[[], pd.DataFrame]
     stats: RunStats
     outcome: str
     notes: tuple[str, ...] = ()
     price: Price | None = None
     estimate: CostEstimate | None = None
+
+    @functools.cached_property
+    def rows(self) -> pd.DataFrame:
+        return self._rows() if callable(self._rows) else self._rows
 
     @property
     def cost(self) -> float | None:

@@ -182,7 +182,7 @@ def _report(
     price = run.budget.unit_price
     report = RunReport(
         plan.write(rows),
-        rows_frame(rows, plan.frame.index, price),
+        functools.partial(rows_frame, rows, plan.frame.index, price),
         run.stats,
         outcome,
         price=price,

@@ -86,6 +86,9 @@ CACHE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, OSError)
 AnswerRow = tuple[bytes, str | bytes, int | None, int | None, int | None]
 
 
+_new_tuple = tuple.__new__
+
+
 class CachedAnswer(NamedTuple):
     """One answer as the cache holds it (a tuple: one per row of a 100,000-row re-run)."""
 
@@ -137,6 +140,11 @@ def _encode_text(value: Any) -> str:
 
 _string = json.encoder.encode_basestring  # what _ENCODER uses for str (ensure_ascii=False)
 _MARK = "\x00nbtoolkit messages\x00"  # stands for the messages while the base is encoded
+# A message's encoded ending for the usual roles, worked out once.
+_ROLE_ENDS = {
+    role: ',"role":' + _string(role) + "}"
+    for role in ("system", "developer", "user", "assistant", "tool")
+}
 
 
 class MessagesBody:
@@ -169,11 +177,11 @@ class MessagesBody:
             if type(message) is dict and len(message) == 2:
                 content, role = message.get("content"), message.get("role")
                 if type(content) is str and type(role) is str:
-                    text = _string(content)
-                    parts.append('{"content":' + text + ',"role":' + _string(role) + "}")
+                    end = _ROLE_ENDS.get(role) or ',"role":' + _string(role) + "}"
+                    parts.append('{"content":' + _string(content) + end)
                     continue
             parts.append(_encode_text(message))
-        return (self._head + "[" + ",".join(parts) + "]" + self._tail).encode()
+        return f"{self._head}[{','.join(parts)}]{self._tail}".encode()
 
 
 def cache_scope(url: str) -> str:
@@ -296,9 +304,10 @@ class ResponseCache:
                 sql += " UNION ALL"
                 sql += f" SELECT {_ANSWER} FROM journal WHERE key IN ({_marks(journaled)})"
                 chunk = [*chunk, *journaled]
-            # Unpacked by name, not with *: one tuple per row of a 100,000-row re-run.
-            for key, text, prompt, completion, cached in self._db.execute(sql, chunk).fetchall():
-                found[key] = CachedAnswer(text, prompt, completion, cached)
+            # tuple.__new__, not CachedAnswer(...): a NamedTuple's own __new__ is a Python
+            # function, called once per row of a 100,000-row re-run.
+            rows = self._db.execute(sql, chunk).fetchall()
+            found.update({row[0]: _new_tuple(CachedAnswer, row[1:]) for row in rows})
         if binary is not False:
             # A key is either text or binary: the vectors are looked up for the keys left.
             self._vectors.get([key for key in keys if key not in found], found, CachedAnswer)
