@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -23,6 +23,9 @@ class FreezeSeen:
 
     def row_done(self, result: RowResult) -> None:
         self.counts.append(gc.get_freeze_count())
+
+    def rows_done(self, results: Sequence[RowResult]) -> None:
+        self.counts += [gc.get_freeze_count()] * len(results)
 
     def row_retried(self) -> None:
         pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 
@@ -29,6 +30,9 @@ class Holds:
         self.waits: list[tuple[float, str]] = []
 
     def row_done(self, result: RowResult) -> None:
+        pass
+
+    def rows_done(self, results: Sequence[RowResult]) -> None:
         pass
 
     def row_retried(self) -> None:

@@ -164,6 +164,10 @@ class _Listeners:
         for listener in self._listeners:
             listener.row_done(result)
 
+    def rows_done(self, results: Sequence[RowResult]) -> None:
+        for listener in self._listeners:
+            listener.rows_done(results)
+
     def row_retried(self) -> None:
         for listener in self._listeners:
             listener.row_retried()
@@ -424,14 +428,12 @@ class ChatRun:
         max_items, max_tokens = self._max_items, self.endpoint.max_request_tokens
         # What `_finish` does, inlined: on a fully cached re-run it is most of the per-row work.
         results, from_cache = self.results, self._from_cache
-        row_done = self.listener.row_done if self.listener is not None else None
+        answered: list[RowResult] = []
         for item in batch:
             if item.key is not None:
                 if hits and (answer := hits.get(item.key)) is not None:
-                    self.stats.cache_hits += 1
                     result = results[item.index] = from_cache(answer)
-                    if row_done is not None:
-                        row_done(result)
+                    answered.append(result)
                     continue
                 if dedupe:
                     twins = pending.get(item.key)
@@ -449,6 +451,10 @@ class ChatRun:
                 jobs.append(self._take_group())
             self._group.append(item)
             self._group_tokens += item.prompt_tokens
+        if answered:
+            self.stats.cache_hits += len(answered)
+            if self.listener is not None:
+                self.listener.rows_done(answered)
         for job in jobs:
             await queue.put(job)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, get_args
 
@@ -131,6 +131,10 @@ class ProgressListener(Protocol):
     """What the engine tells a progress display. Called on the event loop's thread."""
 
     def row_done(self, result: RowResult) -> None: ...
+
+    def rows_done(self, results: Sequence[RowResult]) -> None:
+        """`row_done` for each of many rows finished at once (a batch answered from the
+        cache): one call, not one per row, on a re-run where this is most of the work."""
 
     def row_retried(self) -> None: ...
 

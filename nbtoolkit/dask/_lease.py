@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Protocol
 
 from nbtoolkit.core._limits import RateGovernor
@@ -307,6 +307,9 @@ class RowCounter:
 
     def row_done(self, result: RowResult) -> None:
         self._lease.rows_left -= 1
+
+    def rows_done(self, results: Sequence[RowResult]) -> None:
+        self._lease.rows_left -= len(results)
 
     def row_retried(self) -> None:
         """Nothing to count: a retried row is still to finish."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
 from types import TracebackType
 
 from tqdm.auto import tqdm
@@ -149,23 +150,29 @@ class ProgressBar:
         )
 
     def row_done(self, result: RowResult) -> None:
-        if self.cost is not None:
-            warned = self.cost.warned
-            self.cost.add(result)
-            if self.cost.warned and not warned and self._enabled:
+        self.rows_done((result,))
+
+    def rows_done(self, results: Sequence[RowResult]) -> None:
+        cost = self.cost
+        if cost is not None:
+            warned = cost.warned
+            for result in results:
+                cost.add(result)
+            if cost.warned and not warned and self._enabled:
                 self._bar.postfix = self._counts()  # the warning shows at once
-        if result.error is None:
-            self.ok += 1
-            self.tokens += (result.prompt_tokens or 0) + (result.completion_tokens or 0)
-        elif result.error.kind == "skipped":
-            self.skipped += 1
-        else:
-            self.failed += 1
+        for result in results:
+            if result.error is None:
+                self.ok += 1
+                self.tokens += (result.prompt_tokens or 0) + (result.completion_tokens or 0)
+            elif result.error.kind == "skipped":
+                self.skipped += 1
+            else:
+                self.failed += 1
         if not self._enabled:
             return
         # Hand rows to tqdm in small batches: its per-call bookkeeping would otherwise be the
         # biggest cost of a run answered from the cache. Still many updates a second.
-        self._unshown += 1
+        self._unshown += len(results)
         now = time.monotonic()
         if now - self._last_postfix >= _POSTFIX_INTERVAL:
             self._last_postfix = now
