@@ -14,10 +14,9 @@ The response cache's own CPU (``cache_cpu``) is timed inside it: every call the 
 to a `ResponseCache` is wrapped in `time.thread_time` (the cache works on a thread of its
 own; the process's clock would also count what the event loop's thread did meanwhile). The
 difference between the ``nbtoolkit`` and ``nbtoolkit_nocache`` clients measures the same
-cost, and more (the engine's
-side of it), but on a shared machine the run-to-run noise is as large as the cost itself; the
-timed figure is steady. The wrappers' own cost (about half a microsecond per answer) falls on
-the ``nbtoolkit`` client's CPU.
+cost, and more (the engine's side of it), but on a shared machine the run-to-run noise is as
+large as the cost itself; the timed figure is steady. The wrappers' own cost (about half a
+microsecond per answer) falls on the ``nbtoolkit`` client's CPU.
 """
 
 from __future__ import annotations
