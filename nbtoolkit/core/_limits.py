@@ -726,8 +726,8 @@ class RateGovernor:
 
         Once ``max_parallel`` replies in a row came back without a 429, the wave is over:
         replies now free workers one by one, which spreads them by itself, and a bucket
-        would only add a wait on a timer to most admissions (a quarter more CPU per request
-        on a fast server). A 429 arms it again for the next wave.
+        would only add waits on a timer to admissions that need none. A 429 arms it again
+        for the next wave.
         """
         if self._reply_time is None:
             self._reply_time = reply_time
