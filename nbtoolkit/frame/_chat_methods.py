@@ -112,28 +112,7 @@ class ChatMethods(RowSource):
             RunInterrupted: Ctrl-C or the stop button; ``.partial`` holds the rows that
                 finished.
         """
-        settings = RunOptions(
-            model=model,
-            max_parallel=max_parallel,
-            progress=progress,
-            provider=provider,
-            base_url=base_url,
-            api_key=api_key,
-            headers=headers,
-            query=query,
-            azure_endpoint=azure_endpoint,
-            api_version=api_version,
-            timeout=timeout,
-            retry=retry,
-            rpm=rpm,
-            tpm=tpm,
-            cache=cache,
-            dedupe=dedupe,
-            prices=prices,
-            max_cost=max_cost,
-            max_tokens_total=max_tokens_total,
-            config=config,
-        ).settings(params, method="complete")
+        settings = RunOptions.of(locals()).settings(params, method="complete")
         check_pilot(pilot, dry_run)
         prompts = self._prompts(column, template)
         plan = Plan(
@@ -209,24 +188,7 @@ class ChatMethods(RowSource):
             ConfigError: bad arguments, no cache, or a worst case over a budget; nothing is
                 uploaded.
         """
-        settings = RunOptions(
-            model=model,
-            progress=progress,
-            provider=provider,
-            base_url=base_url,
-            api_key=api_key,
-            headers=headers,
-            query=query,
-            azure_endpoint=azure_endpoint,
-            api_version=api_version,
-            timeout=timeout,
-            retry=retry,
-            cache=cache,
-            prices=prices,
-            max_cost=max_cost,
-            max_tokens_total=max_tokens_total,
-            config=config,
-        ).settings(params, method="submit_batch")
+        settings = RunOptions.of(locals()).settings(params, method="submit_batch")
         check_pilot(pilot, dry_run)
         prompts = self._prompts(column, template)
         if dry_run:

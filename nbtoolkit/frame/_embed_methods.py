@@ -96,28 +96,7 @@ class EmbedMethods(RowSource):
         from nbtoolkit.frame._vectors import embedding_writer
 
         check_pilot(pilot, dry_run)
-        settings = RunOptions(
-            model=model,
-            max_parallel=max_parallel,
-            progress=progress,
-            provider=provider,
-            base_url=base_url,
-            api_key=api_key,
-            headers=headers,
-            query=query,
-            azure_endpoint=azure_endpoint,
-            api_version=api_version,
-            timeout=timeout,
-            retry=retry,
-            rpm=rpm,
-            tpm=tpm,
-            cache=cache,
-            dedupe=dedupe,
-            prices=prices,
-            max_cost=max_cost,
-            max_tokens_total=max_tokens_total,
-            config=config,
-        ).settings({}, method="embed")
+        settings = RunOptions.of(locals()).settings({}, method="embed")
         body = body_fields(params, method="embed")
         if not isinstance(output, str) or not output:
             raise ConfigError(f"output must be a column name, got {output!r}")

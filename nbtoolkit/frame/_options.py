@@ -50,6 +50,18 @@ class RunOptions:
     max_tokens_total: int | None = None
     config: ChatConfig | None = None
 
+    @classmethod
+    def of(cls, arguments: Mapping[str, Any]) -> RunOptions:
+        """The run options among a method's arguments: ``RunOptions.of(locals())`` as the
+        method's first statement.
+
+        Each method takes its run options as keywords of these names (tests/test_options.py
+        checks every signature against `METHOD_OPTIONS`), so they are picked by name here,
+        not listed again in a dozen methods. A batch method has fewer of them; the rest keep
+        their defaults.
+        """
+        return cls(**{name: arguments[name] for name in RUN_OPTIONS if name in arguments})
+
     def settings(self, params: Mapping[str, Any], *, method: str) -> ChatConfig:
         """These options and ``params`` (checked) on top of ``config`` or the process-wide one.
 

@@ -105,28 +105,7 @@ class TypedMethods(RowSource):
         Example:
             >>> df.chat.extract("review", schema={"stars": int})  # doctest: +SKIP
         """
-        settings = RunOptions(
-            model=model,
-            max_parallel=max_parallel,
-            progress=progress,
-            provider=provider,
-            base_url=base_url,
-            api_key=api_key,
-            headers=headers,
-            query=query,
-            azure_endpoint=azure_endpoint,
-            api_version=api_version,
-            timeout=timeout,
-            retry=retry,
-            rpm=rpm,
-            tpm=tpm,
-            cache=cache,
-            dedupe=dedupe,
-            prices=prices,
-            max_cost=max_cost,
-            max_tokens_total=max_tokens_total,
-            config=config,
-        ).settings(params, method="extract")
+        settings = RunOptions.of(locals()).settings(params, method="extract")
         check_pilot(pilot, dry_run)
         checked = extraction_schema(schema)
         write = fields_writer(
@@ -208,28 +187,7 @@ class TypedMethods(RowSource):
                 already, a bad option (before anything is sent).
             RunAborted, RunInterrupted: as in `complete`.
         """
-        settings = RunOptions(
-            model=model,
-            max_parallel=max_parallel,
-            progress=progress,
-            provider=provider,
-            base_url=base_url,
-            api_key=api_key,
-            headers=headers,
-            query=query,
-            azure_endpoint=azure_endpoint,
-            api_version=api_version,
-            timeout=timeout,
-            retry=retry,
-            rpm=rpm,
-            tpm=tpm,
-            cache=cache,
-            dedupe=dedupe,
-            prices=prices,
-            max_cost=max_cost,
-            max_tokens_total=max_tokens_total,
-            config=config,
-        ).settings(params, method="classify")
+        settings = RunOptions.of(locals()).settings(params, method="classify")
         check_pilot(pilot, dry_run)
         checked = classification_schema(labels, multi_label=multi_label, output=output)
         write = fields_writer(

@@ -120,28 +120,7 @@ class SemanticMethods(RowSource):
             ``nbtoolkit.last_run()`` counts them, lists why in ``.errors`` and says how many
             rows each model decided.
         """
-        settings = RunOptions(
-            model=model,
-            max_parallel=max_parallel,
-            progress=progress,
-            provider=provider,
-            base_url=base_url,
-            api_key=api_key,
-            headers=headers,
-            query=query,
-            azure_endpoint=azure_endpoint,
-            api_version=api_version,
-            timeout=timeout,
-            retry=retry,
-            rpm=rpm,
-            tpm=tpm,
-            cache=cache,
-            dedupe=dedupe,
-            prices=prices,
-            max_cost=max_cost,
-            max_tokens_total=max_tokens_total,
-            config=config,
-        ).settings(params, method="filter")
+        settings = RunOptions.of(locals()).settings(params, method="filter")
         prompts = self._prompts(column, template)
         cascade = cascade_for(cheap_model, sample, agreement, sample_seed)
         return await filter_rows(
@@ -198,28 +177,7 @@ class SemanticMethods(RowSource):
             output: the score column added to the rows (a frame only).
             model, provider, system, config, **params: as for ``filter``.
         """
-        settings = RunOptions(
-            model=model,
-            max_parallel=max_parallel,
-            progress=progress,
-            provider=provider,
-            base_url=base_url,
-            api_key=api_key,
-            headers=headers,
-            query=query,
-            azure_endpoint=azure_endpoint,
-            api_version=api_version,
-            timeout=timeout,
-            retry=retry,
-            rpm=rpm,
-            tpm=tpm,
-            cache=cache,
-            dedupe=dedupe,
-            prices=prices,
-            max_cost=max_cost,
-            max_tokens_total=max_tokens_total,
-            config=config,
-        ).settings(params, method="top_k")
+        settings = RunOptions.of(locals()).settings(params, method="top_k")
         prompts = self._prompts(column, template)
         return await top_rows(
             self._source(),
@@ -282,28 +240,7 @@ class SemanticMethods(RowSource):
             The answer (a str, None if it failed) or, with ``by=``, a Series of answers
             indexed by group.
         """
-        settings = RunOptions(
-            model=model,
-            max_parallel=max_parallel,
-            progress=progress,
-            provider=provider,
-            base_url=base_url,
-            api_key=api_key,
-            headers=headers,
-            query=query,
-            azure_endpoint=azure_endpoint,
-            api_version=api_version,
-            timeout=timeout,
-            retry=retry,
-            rpm=rpm,
-            tpm=tpm,
-            cache=cache,
-            dedupe=dedupe,
-            prices=prices,
-            max_cost=max_cost,
-            max_tokens_total=max_tokens_total,
-            config=config,
-        ).settings(params, method="aggregate")
+        settings = RunOptions.of(locals()).settings(params, method="aggregate")
         frame = self._frame()
         if column is not None:
             texts = self._prompts(column, None)
@@ -392,28 +329,7 @@ class FrameSemanticMethods(SemanticMethods):
             One row per matching pair: ``left_index``, ``right_index``, the left columns,
             the right columns and the pair's ``similarity``.
         """
-        settings = RunOptions(
-            model=model,
-            max_parallel=max_parallel,
-            progress=progress,
-            provider=provider,
-            base_url=base_url,
-            api_key=api_key,
-            headers=headers,
-            query=query,
-            azure_endpoint=azure_endpoint,
-            api_version=api_version,
-            timeout=timeout,
-            retry=retry,
-            rpm=rpm,
-            tpm=tpm,
-            cache=cache,
-            dedupe=dedupe,
-            prices=prices,
-            max_cost=max_cost,
-            max_tokens_total=max_tokens_total,
-            config=config,
-        ).settings(params, method="join")
+        settings = RunOptions.of(locals()).settings(params, method="join")
         if not isinstance(right, pd.DataFrame):
             raise ConfigError(f"join's right must be a DataFrame; got {type(right).__name__}")
         return await join_frames(
