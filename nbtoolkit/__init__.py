@@ -58,13 +58,13 @@ except KeyboardInterrupt:
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from nbtoolkit.dask._accessor import last_dask_run
+    from nbtoolkit.dask._report import last_dask_run
 
 
 def __getattr__(name: str) -> Any:
     """`last_dask_run`, imported on first use: the Dask side loads only when it is needed."""
     if name == "last_dask_run":
-        from nbtoolkit.dask._accessor import last_dask_run
+        from nbtoolkit.dask._report import last_dask_run
 
         return last_dask_run
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
