@@ -91,6 +91,7 @@ class Kernel:
         self.cells: dict[str, CellRun] = {}
         self.orphans: list[dict[str, Any]] = []  # iopub msgs with no parent we sent
         self._by_parent: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.replies: dict[str, dict[str, Any]] = {}  # other shell replies, by request
 
     def execute(self, code: str, *, stop_on_error: bool = True) -> str:
         """Send ``code`` without waiting; return the request's msg_id."""
@@ -107,6 +108,12 @@ class Kernel:
     def run(self, code: str, timeout: float = 30.0) -> CellRun:
         """Execute ``code`` and wait for it."""
         return self.wait(self.execute(code), timeout)
+
+    def complete(self, code: str, timeout: float = 30.0) -> dict[str, Any]:
+        """What Tab offers at the end of ``code``: the kernel's complete_reply content."""
+        msg_id: str = self.client.complete(code, len(code))
+        self.pump_until(lambda: msg_id in self.replies, timeout, f"completions of {code!r}")
+        return self.replies.pop(msg_id)
 
     def pump_until(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
         """Route incoming messages until ``condition()`` holds; AssertionError after ``timeout``."""
@@ -142,6 +149,8 @@ class Kernel:
         if cell is not None and msg["header"]["msg_type"] == "execute_reply":
             cell.reply = msg["content"]
             cell.replied_at = time.monotonic()
+        elif cell is None:
+            self.replies[msg["parent_header"].get("msg_id", "")] = msg["content"]
 
     def _on_iopub(self, msg: dict[str, Any]) -> None:
         cell = self.cells.get(msg["parent_header"].get("msg_id", ""))

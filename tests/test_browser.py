@@ -3,7 +3,8 @@
 Starts JupyterLab on 127.0.0.1 (a free port, a token, a temporary root and settings), opens a
 notebook in Debian's Chromium through playwright (``executable_path``: nothing is downloaded),
 runs a cell against a `ChatServer` on a thread, watches the progress widget move and finish,
-then presses the toolbar's stop button during a longer run and reads what the cell shows.
+presses Tab after ``short["q"].chat.``, then presses the toolbar's stop button during a
+longer run and reads what the cell shows.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ CELLS = [
     'print("answered", out["response"].notna().sum())',
     f'long = pd.DataFrame({{"q": [f"long {{i}}" for i in range({LONG_ROWS})]}})\n'
     'out2 = long.chat.complete("q", model="test-model", max_parallel=4)',
+    'short["q"].chat.',  # never run: Tab at its end (see _tab_offers)
 ]
 WAIT_MS = 30_000  # generous: a loaded CI machine starts JupyterLab and a kernel slowly
 
@@ -164,6 +166,32 @@ def _progress(cell: Any) -> tuple[int, int] | None:
     return None
 
 
+def _tab_offers(page: Any, index: int) -> list[str]:
+    """Press Tab at the end of cell ``index``; the names the completer lists, then close it."""
+    cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
+    cell.locator(".cm-content").click()
+    page.keyboard.press("Control+End")
+    names = page.locator(".jp-Completer .jp-Completer-item .jp-Completer-match")
+    # JupyterLab drops a kernel's completions that take over a second (its provider
+    # timeout), and a kernel's first completion loads Jedi, which can take longer: then the
+    # popup does not open and, as a user would, we press Tab again.
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while True:
+        page.keyboard.press("Tab")
+        try:
+            names.first.wait_for(timeout=3_000)
+            break
+        except sync_api.TimeoutError:
+            assert time.monotonic() < deadline, "Tab never opened the completer"
+            page.keyboard.press("Escape")
+            cell.locator(".cm-content").click()
+            page.keyboard.press("Control+End")
+    offered: list[str] = names.all_inner_texts()
+    page.keyboard.press("Escape")
+    assert cell.locator(".cm-content").inner_text().strip() == 'short["q"].chat.'
+    return offered
+
+
 @pytest.mark.timeout(180)
 def test_bar_moves_and_stop_button_shows_one_line(server: ChatServer, tmp_path: Path) -> None:
     """In JupyterLab the bar moves and finishes; the stop button shows one RunInterrupted line."""
@@ -207,6 +235,10 @@ def test_bar_moves_and_stop_button_shows_one_line(server: ChatServer, tmp_path: 
             assert moving, f"the bar jumped straight to the end: {sorted(seen)}"
             short.locator(".jp-OutputArea-output", has_text=f"answered {SHORT_ROWS}").wait_for()
             page.screenshot(path=str(shots / "1-finished.png"))
+
+            # Tab after an item of the frame (Jedi alone offered nothing there).
+            offered = _tab_offers(page, 3)
+            assert {"complete", "embed", "extract", "classify"} <= set(offered), offered
 
             long = _run_cell(page, 2)
             deadline = time.monotonic() + WAIT_MS / 1000

@@ -455,3 +455,26 @@ def test_stop_button_during_a_dry_runs_pilot_shows_one_line_and_keeps_its_answer
     # those in flight are asked again; every answer that arrived is not.
     twice = [prompt for prompt, n in server.answered.items() if n > 1]
     assert len(twice) <= PARALLEL and max(server.answered.values()) <= 2, twice
+
+
+@pytest.mark.timeout(120)
+def test_tab_after_an_item_offers_the_accessor_methods(kernel: Kernel) -> None:
+    """Tab after ``df["q"].chat.`` lists the methods (Jedi, IPython's default, works from
+    pandas' source and cannot see an accessor added at run time), once each, in a kernel."""
+    cases = {
+        'df["q"].chat.': {"complete", "embed", "extract", "classify", "filter", "acomplete"},
+        'out = df["q"].chat.com': {"complete"},
+        "df.chat.": {"complete", "join", "top_k"},
+        "df.q.chat.ext": {"extract"},
+    }
+    for code, expected in cases.items():
+        reply = kernel.complete(code)
+        assert reply["status"] == "ok", reply
+        matches = reply["matches"]
+        assert expected <= set(matches), (code, matches)
+        assert len(matches) == len(set(matches)), (code, matches)  # Jedi's and ours, merged
+        assert reply["cursor_end"] == len(code)
+        typed = code.rsplit(".", 1)[1]
+        assert reply["cursor_start"] == len(code) - len(typed), (code, reply)
+    # Not nbtoolkit's accessor, or not a frame: nothing offered, nothing raised.
+    assert kernel.complete('{"a": 1}["a"].chat.')["matches"] == []

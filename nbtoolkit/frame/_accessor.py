@@ -20,6 +20,7 @@ import pandas as pd
 
 from nbtoolkit.core._engine import RunHooks
 from nbtoolkit.frame._chat_methods import ChatMethods
+from nbtoolkit.frame._completion import register_tab_completion
 from nbtoolkit.frame._embed_methods import EmbedMethods
 from nbtoolkit.frame._report import RunReport
 from nbtoolkit.frame._typed_methods import TypedMethods
@@ -99,3 +100,7 @@ class SeriesChatAccessor(_ChatAccessorBase):
 
     def _default_column(self) -> str | None:
         return "value"
+
+
+# Tab after df["review"].chat. in IPython and Jupyter (see frame/_completion.py).
+register_tab_completion()
