@@ -223,3 +223,17 @@ def test_a_run_stopped_by_its_budget_is_not_compared_with_the_estimate(
     assert run.estimate is estimate and run.estimate_error is None
     assert f"not compared: {unsent:,} rows were not sent" in run.summary()
     assert "the range" not in run.summary()
+
+
+def test_the_pilot_shows_a_bar_of_its_own_rows(
+    sized: ChatServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pilot sends real requests (seconds each against a slow model): it shows a bar of
+    its rows, as a run does; none with progress=False."""
+    df = reviews(60)
+    df.chat.complete("review", dry_run=True, pilot=12, **settings(sized, progress=True))
+    err = capsys.readouterr().err
+    assert "pilot" in err and "12/12" in err, err
+    df.head(30).chat.complete("review", dry_run=True, pilot=6, **settings(sized, progress=False))
+    assert "pilot" not in capsys.readouterr().err
+    assert sized.request_count == 18

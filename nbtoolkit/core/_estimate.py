@@ -25,11 +25,13 @@ cost) read the same items; their data and reprs are apart, in `_costestimate`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +40,7 @@ from nbtoolkit.core._cachewriter import CacheWriter
 from nbtoolkit.core._costestimate import CostEstimate, Pilot, Span
 from nbtoolkit.core._engine import ChatRun, request_keys
 from nbtoolkit.core._pricing import config_price, provider_of
-from nbtoolkit.core._rows import RowResult
+from nbtoolkit.core._rows import ProgressListener, RowResult
 from nbtoolkit.core._tokens import TokenCounter, token_counter
 from nbtoolkit.core.endpoints._base import (
     DEFAULT_COMPLETION_TOKENS,
@@ -76,6 +78,7 @@ async def estimate_run(
     pilot: int | float | None = None,
     seed: int = 0,
     batch: bool = False,
+    pilot_progress: Callable[[int], AbstractContextManager[ProgressListener]] | None = None,
 ) -> CostEstimate:
     """Estimate what running ``requests`` would cost; with ``pilot``, send that many first.
 
@@ -86,6 +89,8 @@ async def estimate_run(
         pilot: rows to send now, an int, or a fraction (0-1) of the rows to send; None: none.
         seed: picks the pilot's rows.
         batch: price the run as a Batch API job (at the batch discount).
+        pilot_progress: makes the pilot's listener (a progress bar) from its row count;
+            closed when the pilot ends. None: the pilot runs unseen.
 
     Returns:
         The `CostEstimate`. Without a pilot no request is sent.
@@ -110,8 +115,13 @@ async def estimate_run(
     latency: float | None = None
     learned: Mapping[str, Mapping[str, Any]] = {}
     if chosen:
-        run = ChatRun(dataclasses.replace(config, progress=False), endpoint=endpoint)
-        pilot_results = await run.execute([survey.requests[i] for i in chosen])
+        # A pilot of slow requests takes as long as a wave of the run: the bar shows it going.
+        shown = pilot_progress(len(chosen)) if pilot_progress else contextlib.nullcontext()
+        with shown as listener:
+            run = ChatRun(
+                dataclasses.replace(config, progress=False), endpoint=endpoint, listener=listener
+            )
+            pilot_results = await run.execute([survey.requests[i] for i in chosen])
         stats = run.stats
         pilot_report = Pilot(
             rows=len(chosen),

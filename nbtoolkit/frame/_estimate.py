@@ -24,6 +24,7 @@ from nbtoolkit.core._estimate import estimate_run
 from nbtoolkit.core._pricing import PRICE_UNKNOWN
 from nbtoolkit.core.endpoints._base import Endpoint
 from nbtoolkit.errors import ConfigError
+from nbtoolkit.frame._progress import ProgressBar
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
@@ -92,7 +93,13 @@ async def dry_run(
     """
     try:
         made = await estimate_run(
-            config, requests, endpoint=endpoint, pilot=pilot, seed=0, batch=batch
+            config,
+            requests,
+            endpoint=endpoint,
+            pilot=pilot,
+            seed=0,
+            batch=batch,
+            pilot_progress=lambda rows: ProgressBar(rows, enabled=config.progress, desc="pilot"),
         )
     except (KeyboardInterrupt, asyncio.CancelledError) as exc:
         # The pilot is a run with no report of its own: this note is what the stop button
