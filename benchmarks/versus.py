@@ -1,6 +1,7 @@
 """Two versions of nbtoolkit, the same hour, interleaved: ``python -m benchmarks.versus``.
 
-``python -m benchmarks.versus SCENARIO REPEAT LABEL=TREE:CLIENT[,CLIENT] ...``, for example::
+``python -m benchmarks.versus SCENARIO REPEAT [--rows N] LABEL=TREE:CLIENT[,CLIENT] ...``
+(``--rows``: the scenario with N rows instead of its own), for example::
 
     git worktree add --detach ../old 9f5dfa0
     python -m benchmarks.versus cached_rerun 3 old=../old:nbtoolkit_cached \\
@@ -19,6 +20,7 @@ measure a version from before the restructure into subpackages; this can).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import statistics
 import sys
@@ -42,9 +44,13 @@ def main() -> None:
     if len(sys.argv) < 4 or sys.argv[1] not in SCENARIOS:
         raise SystemExit(__doc__)
     scenario, repeat = SCENARIOS[sys.argv[1]], int(sys.argv[2])
+    arguments = sys.argv[3:]
+    if arguments[:1] == ["--rows"]:
+        scenario = dataclasses.replace(scenario, rows=int(arguments[1]))
+        arguments = arguments[2:]
     work = Path(tempfile.mkdtemp(prefix="nbtoolkit-versus-"))
     plan: list[tuple[str, str, Path]] = []
-    for argument in sys.argv[3:]:
+    for argument in arguments:
         label, _, rest = argument.partition("=")
         tree, _, clients = rest.rpartition(":")
         source = _copy(Path(tree).resolve(), work / label)
