@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from tenacity import AsyncRetrying, retry_if_exception
 
 from nbtoolkit.config import ChatConfig, Timeouts
-from nbtoolkit.core._client import Redactor, send
+from nbtoolkit.core._client import Redactor, client_timeout, send
 from nbtoolkit.core._retry import GiveUp, RetryAfterOrBackoff, is_retryable
 from nbtoolkit.errors import MalformedResponse, RateLimitError
 
@@ -34,18 +34,6 @@ T = TypeVar("T")
 # The slowest upload we allow for, in bytes per second: a 200 MB file gets 200 s on top of
 # the request timeout. A chat request's 120 s would cut a large file off half-way, forever.
 UPLOAD_BYTES_PER_SECOND = 1_000_000
-
-
-def client_timeout(timeouts: Timeouts, *, total: float | None) -> aiohttp.ClientTimeout:
-    """The run's timeouts as aiohttp takes them, with ``total`` in place of the run's."""
-    import aiohttp
-
-    return aiohttp.ClientTimeout(
-        total=total,
-        sock_connect=timeouts.connect,
-        sock_read=timeouts.read,
-        ceil_threshold=float("inf"),  # as the engine's: a timeout fires when it says
-    )
 
 
 def upload_timeout(timeouts: Timeouts, size: int) -> aiohttp.ClientTimeout:

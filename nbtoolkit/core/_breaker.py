@@ -12,6 +12,8 @@ port or a host that is down shows itself at once.
 
 `RefusalWatch`: the same 400 for the first few requests, none answered (see its docstring);
 a 400 for what a row holds (`row_specific`: too long, filtered) is always that row's own.
+
+`abort_message`: what a stopped run says, with what to do about the failure that stopped it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,18 @@ import time
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-from nbtoolkit.errors import APIError, BadRequestError, RequestTimeout, TransportError
+from nbtoolkit.core._retry import google_quotas
+from nbtoolkit.errors import (
+    APIError,
+    AuthError,
+    BadRequestError,
+    IgnoredParameter,
+    NbToolkitError,
+    NotFoundError,
+    RequestTimeout,
+    SchemaRefused,
+    TransportError,
+)
 
 # Long enough that a burst of resets from one restart of a proxy does not stop the run,
 # short enough that a dead server costs seconds, not the hours of every row's retries.
@@ -269,3 +282,46 @@ def _server_words(error: APIError) -> str:
         return words if isinstance(words, str) else str(error)
     except (ValueError, KeyError, TypeError):
         return str(error)
+
+
+def abort_message(error: NbToolkitError, fields: Iterable[str] = ()) -> str:
+    """RunAborted's message: what stopped the run, and what to do (``fields``: the request
+    body's, for a refusal that names one without saying it is a parameter)."""
+    if isinstance(error, AuthError):
+        advice = (
+            "check the API key (api_key=, or the provider's variable: OPENAI_API_KEY, "
+            "ANTHROPIC_API_KEY, GOOGLE_API_KEY or GEMINI_API_KEY) and that it may use this model"
+        )
+    elif isinstance(error, NotFoundError):
+        advice = "check base_url (it usually ends in /v1) and the model name"
+    elif isinstance(error, TransportError):
+        advice = "check base_url and that the server is running"
+    elif isinstance(error, SchemaRefused):
+        advice = (
+            f"remove {error.keyword!r} from the schema (or the pydantic constraint behind it)"
+            if error.keyword
+            else "simplify the schema to what the provider's structured output takes"
+        ) + ", or pass structured='prompt' to send the schema in a message instead"
+    elif isinstance(error, IgnoredParameter):
+        advice = (
+            "this model does not shorten its vectors; leave dimensions= out, or use a model "
+            "that takes it (text-embedding-3-*)"
+        )
+    elif isinstance(error, BadRequestError):
+        parameter = refused_parameter(error, fields)
+        named = f" (parameter: {parameter!r})" if parameter else ""
+        return (
+            f"run stopped, every row would fail the same way: the server refused the first "
+            f"{REFUSALS_TO_STOP} requests with the same words and answered none: {error}"
+            f"{named}. What to do: the request itself is refused, not a row: check "
+            f"{repr(parameter) if parameter else 'the parameters'} (leave it out, or use a "
+            "model that takes it), the model name, and any params= or extra body fields."
+        )
+    elif isinstance(error, APIError) and any("PerDay" in q for q in google_quotas(error.body)):
+        advice = (
+            "the daily quota is spent (Gemini's reset at midnight Pacific time); run the rest "
+            "tomorrow (answers so far are cached), or use a key on a paid tier"
+        )
+    else:
+        advice = "the account is out of quota or credit; add credit or use another key"
+    return f"run stopped, every row would fail the same way: {error}. What to do: {advice}."

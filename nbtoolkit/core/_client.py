@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
+from nbtoolkit.config import Timeouts
 from nbtoolkit.core._limits import ServerLimits
 from nbtoolkit.core._retry import (
     anthropic_out_of_credit,
@@ -306,6 +307,20 @@ def _server_message(text: str) -> str:
         return str(message)[:500]
     except (ValueError, KeyError, TypeError):
         return text[:500] or "(empty body)"
+
+
+def client_timeout(timeouts: Timeouts, *, total: float | None) -> aiohttp.ClientTimeout:
+    """The run's timeouts as aiohttp takes them, with ``total`` in place of the run's."""
+    import aiohttp
+
+    return aiohttp.ClientTimeout(
+        total=total,
+        sock_connect=timeouts.connect,
+        sock_read=timeouts.read,
+        # aiohttp rounds timeouts of 5 s and more up to whole seconds (cheaper timers);
+        # a 5 s timeout that fires at 5.9 s only delays the retry. Keep them exact.
+        ceil_threshold=float("inf"),
+    )
 
 
 def _describe(timeout: aiohttp.ClientTimeout) -> str:

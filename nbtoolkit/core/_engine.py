@@ -11,16 +11,18 @@ The path of one row::
        │                    └── same request in flight? ──► waits for it, shares its answer
        ▼
     group (endpoint.max_items rows) ─► queue (2 x max_parallel) ─► worker
-       ─► budget ─► governor ─► client ─► breaker ─► endpoint.parse ─► cache
+       ─► `Sender`: budget ─► governor ─► client ─► breaker ─► endpoint.parse, retries
+       ─► result, cache
 
 A 400 goes through the refusal watch (`RefusalWatch`): until something is answered, the
 same refusal for three rows or groups stops the run, and a refused group is held rather
 than halved until a row sent alone decides. After an answer a refused group is halved until
 its bad input stands alone.
 
-Longer than the project's other modules: it is the one path every endpoint's rows take,
-and its parts that stand alone already live beside it (`_breaker`, `_budget`, `_limits`,
-`_retry`, `_cachewriter`, `_client`).
+Longer than the project's other modules: it is the one path every endpoint's rows take
+(look-up, twins, groups, refused groups, re-asks), and its parts that stand alone already
+live beside it (`_sender` for one request and its retries, `_breaker`, `_budget`,
+`_limits`, `_retry`, `_cachewriter`, `_client`).
 
 Memory stays proportional to ``max_parallel``: the producer pulls requests from the
 iterable only as the queue drains. Only the results list grows with the row count.
@@ -32,34 +34,18 @@ import asyncio
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
-
 from nbtoolkit.config import ChatConfig
-from nbtoolkit.core._breaker import (
-    REFUSALS_TO_STOP,
-    CircuitBreaker,
-    RefusalWatch,
-    Verdict,
-    refusal_of,
-    refused_parameter,
-)
+from nbtoolkit.core._breaker import RefusalWatch, Verdict, abort_message, refusal_of
 from nbtoolkit.core._budget import Budget, OutputCeiling
 from nbtoolkit.core._cachewriter import CacheWriter
-from nbtoolkit.core._client import Redactor, Reply, post_json
 from nbtoolkit.core._heap import older_objects_frozen
-from nbtoolkit.core._limits import RateGovernor, ServerLimits
+from nbtoolkit.core._limits import RateGovernor
 from nbtoolkit.core._pricing import Price, config_price
-from nbtoolkit.core._retry import (
-    GiveUp,
-    RetryAfterOrBackoff,
-    google_quotas,
-    is_retryable,
-    is_systemic,
-)
+from nbtoolkit.core._retry import is_systemic
 from nbtoolkit.core._rows import (
     SKIPPED,
     ProgressListener,
@@ -68,32 +54,16 @@ from nbtoolkit.core._rows import (
     RunStats,
     cache_hit,
 )
-from nbtoolkit.core.endpoints._base import (
-    Answer,
-    Endpoint,
-    Item,
-    Outcome,
-    Parsed,
-    Reask,
-    cache_write_tokens,
-    reasoning_tokens,
-    usage_counts,
-)
+from nbtoolkit.core._sender import Attempts, Job, OverBudget, Sender, Systemic
+from nbtoolkit.core.endpoints._base import Answer, Endpoint, Item, Outcome, Reask
 from nbtoolkit.core.endpoints._providers import chat_endpoint
 from nbtoolkit.core.store._cache import CachedAnswer, RequestKeys
 from nbtoolkit.errors import (
     APIError,
-    AuthError,
     BadRequestError,
     ConfigError,
-    IgnoredParameter,
     NbToolkitError,
-    NotFoundError,
-    RateLimitError,
-    RequestTimeout,
     RunAborted,
-    SchemaRefused,
-    TransportError,
     UnsendableRow,
 )
 
@@ -177,45 +147,6 @@ class _Listeners:
             listener.row_waiting(seconds, reason)
 
 
-@dataclass(slots=True)
-class _Job:
-    """One request on its way: its rows (one for chat, many for embeddings)."""
-
-    items: list[Item]
-
-    def worst_case(self) -> tuple[float, float]:
-        """Estimated prompt tokens, and the completion tokens the request may use at most."""
-        return (
-            sum(item.prompt_tokens for item in self.items),
-            sum(item.completion_tokens for item in self.items),
-        )
-
-
-class _Attempts(Exception):
-    """A request's last error after tenacity gave up, with how many attempts it took."""
-
-    def __init__(self, error: Exception, attempts: int) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.attempts = attempts
-
-
-class _OverBudget(Exception):
-    """A request that would pass max_cost / max_tokens_total; its rows are not sent."""
-
-    def __init__(self, *, uncapped: bool = False) -> None:
-        super().__init__()
-        self.uncapped = uncapped  # it set no max_tokens: it reserved the output ceiling
-
-
-class _Systemic(Exception):
-    """Raised out of a worker to stop the whole task group on a run-wide failure."""
-
-    def __init__(self, error: NbToolkitError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
 def request_keys(config: ChatConfig, endpoint: Endpoint) -> RequestKeys:
     """The one key function for answers, live or from a batch: a row's cache key.
 
@@ -273,33 +204,27 @@ class ChatRun:
         # What a request without max_tokens may cost at most (a documented limit, or the
         # assumption the run's summary states).
         self.ceiling = OutputCeiling.for_model(config.model)
-        self._ceiling_used = False
         self.governor = hooks.governor or governor_for(
             config, on_wait=listener.row_waiting if listener is not None else None
         )
-        self.breaker = CircuitBreaker(threshold=config.max_parallel)
         self._refusals = RefusalWatch()
         # Refused groups held while nothing is answered yet, with their refusal.
-        self._parked: list[tuple[list[Item], _Attempts]] = []
+        self._parked: list[tuple[list[Item], Attempts]] = []
         self._refused_fields: list[str] = []  # a stopping refusal's request body fields
-        import aiohttp  # at the first run, not at `import nbtoolkit` (a third of its cost)
-
-        self._timeout = aiohttp.ClientTimeout(
-            total=config.timeouts.total,
-            sock_connect=config.timeouts.connect,
-            sock_read=config.timeouts.read,
-            # aiohttp rounds timeouts of 5 s and more up to whole seconds (cheaper timers);
-            # a 5 s timeout that fires at 5.9 s only delays the retry. Keep them exact.
-            ceil_threshold=float("inf"),
+        # What one request goes through, from the budget to the parsed reply.
+        self.sender = Sender(
+            config,
+            self.endpoint,
+            stats=self.stats,
+            budget=self.budget,
+            ceiling=self.ceiling,
+            governor=self.governor,
+            listener=self.listener,
+            on_answered=self._refusals.answered,
         )
         # Whether the endpoint's answers are bytes (vectors) or text: a cache look-up reads
         # only that kind's table.
         self._binary = self.endpoint.binary_answers
-        self._url = config.url(self.endpoint.path)
-        self._headers = config.request_headers()
-        # Every text about a request that reaches a row, the report or an exception goes
-        # through it: a gateway may echo the key in any body, a 200's included.
-        self._redact = Redactor(self._url, self._headers)
         self._cache = CacheWriter()
         self._keys = request_keys(config, self.endpoint)
         # Cache key -> rows waiting for the same request, which is queued or in flight.
@@ -330,7 +255,7 @@ class ChatRun:
     async def _execute(self, requests: Iterable[Any]) -> list[RowResult]:
         self.stats.started = time.monotonic()
         workers = self.config.max_parallel
-        queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=2 * workers)
+        queue: asyncio.Queue[Job | None] = asyncio.Queue(maxsize=2 * workers)
         # Opened on the cache's own thread: opening may wait seconds on another process.
         self._cache = await CacheWriter.open(self.config.cache_path, model=self.config.model)
         # Pool sized to the workers: no request ever waits for a connection slot, so the
@@ -350,7 +275,7 @@ class ChatRun:
                 for _ in range(workers):
                     group.create_task(self._work(session, queue))
         except BaseExceptionGroup as group_error:
-            systemic = [e for e in group_error.exceptions if isinstance(e, _Systemic)]
+            systemic = [e for e in group_error.exceptions if isinstance(e, Systemic)]
             if not systemic:
                 self._mark_unfinished("not_run", f"the run failed: {group_error!r}")
                 raise
@@ -366,7 +291,7 @@ class ChatRun:
             self.stats.cost = self.budget.cost if self.budget.unit_price is not None else None
             self.stats.cache_saved = _cache_saved(self.budget.unit_price, self.stats.cached_tokens)
             self.stats.limits = self.governor.learned()
-            if self._ceiling_used:
+            if self.sender.ceiling_used:
                 self.stats.budget_note = self.ceiling.describe()
             await self._cache.aclose()  # commits what is still waiting for the timer
         if stopped_by is not None:
@@ -374,14 +299,14 @@ class ChatRun:
             # being handled drags the group along as its context, and IPython then shows
             # the whole chain instead of the one line RunAborted renders.
             raise RunAborted(
-                _abort_message(stopped_by, self._refused_fields),
+                abort_message(stopped_by, self._refused_fields),
                 partial=self.results,
                 cause=stopped_by,
             ) from stopped_by
         return [result if result is not None else SKIPPED for result in self.results]
 
     async def _produce(
-        self, requests: Iterable[Any], queue: asyncio.Queue[_Job | None], workers: int
+        self, requests: Iterable[Any], queue: asyncio.Queue[Job | None], workers: int
     ) -> None:
         batch: list[Item] = []
         make_item, results = self.endpoint.item, self.results  # read once: once per row
@@ -408,7 +333,7 @@ class ChatRun:
         for _ in range(workers):
             await queue.put(None)
 
-    async def _dispatch(self, batch: list[Item], queue: asyncio.Queue[_Job | None]) -> None:
+    async def _dispatch(self, batch: list[Item], queue: asyncio.Queue[Job | None]) -> None:
         """Answer what the cache knows, attach duplicates to their twin, queue the rest."""
         if not batch:
             return
@@ -423,7 +348,7 @@ class ChatRun:
         # Queued after the loop, not in it: a put that waits lets workers settle rows and
         # drop them from _pending, and a later twin, missed by the lookup above, would be
         # sent again. (Attributes read once: this loop runs for every row of the run.)
-        jobs: list[_Job] = []
+        jobs: list[Job] = []
         pending = self._pending
         max_items, max_tokens = self._max_items, self.endpoint.max_request_tokens
         # What `_finish` does, inlined: on a fully cached re-run it is most of the per-row work.
@@ -442,7 +367,7 @@ class ChatRun:
                         continue
                     pending[item.key] = []
             if max_items == 1:
-                jobs.append(_Job([item]))
+                jobs.append(Job([item]))
                 continue
             if self._group and (
                 len(self._group) >= max_items
@@ -458,14 +383,12 @@ class ChatRun:
         for job in jobs:
             await queue.put(job)
 
-    def _take_group(self) -> _Job:
-        job = _Job(self._group)
+    def _take_group(self) -> Job:
+        job = Job(self._group)
         self._group, self._group_tokens = [], 0.0
         return job
 
-    async def _work(
-        self, session: aiohttp.ClientSession, queue: asyncio.Queue[_Job | None]
-    ) -> None:
+    async def _work(self, session: aiohttp.ClientSession, queue: asyncio.Queue[Job | None]) -> None:
         while (job := await queue.get()) is not None:
             await self._refusals.wait_decided()
             indexes = [item.index for item in job.items]
@@ -495,11 +418,11 @@ class ChatRun:
         if len(items) > 1 and self.budget.limited:
             # A group larger than what is left goes as the rows that fit, then the rest.
             fits = await self.budget.fitting(
-                [(item.prompt_tokens, self._budget_completion(_Job([item]))) for item in items]
+                [(item.prompt_tokens, self.sender.owed([item])) for item in items]
             )
             if fits == 0:
                 for item in items:
-                    self._settle_row(item, self._failed(_OverBudget(), 1))
+                    self._settle_row(item, self._failed(OverBudget(), 1))
                 return False
             if fits < len(items):
                 first = await self._run_job(session, items[:fits])
@@ -508,12 +431,12 @@ class ChatRun:
         failed = await self._attempt(session, items)
         return True if failed is None else await self._failed_job(session, items, failed)
 
-    async def _attempt(self, session: aiohttp.ClientSession, items: list[Item]) -> _Attempts | None:
+    async def _attempt(self, session: aiohttp.ClientSession, items: list[Item]) -> Attempts | None:
         """Send one request for ``items`` (retried as the policy says): None when it was
         answered, its rows finished; else the failure, its rows still open."""
         try:
-            parsed, attempts = await self._send(session, _Job(items))
-        except _Attempts as failed:
+            parsed, attempts = await self.sender.send(session, Job(items))
+        except Attempts as failed:
             return failed
         answers: list[tuple[Item, Answer]] = []
         others: list[tuple[Item, Outcome]] = []
@@ -529,7 +452,7 @@ class ChatRun:
         return None
 
     async def _failed_job(
-        self, session: aiohttp.ClientSession, items: list[Item], failed: _Attempts
+        self, session: aiohttp.ClientSession, items: list[Item], failed: Attempts
     ) -> bool:
         """Finish the rows of a request that failed: a 400 goes to `_refused`; any other
         error is each row's outcome."""
@@ -543,7 +466,7 @@ class ChatRun:
         self,
         session: aiohttp.ClientSession,
         items: list[Item],
-        failed: _Attempts,
+        failed: Attempts,
         *,
         parked: bool = False,
     ) -> bool:
@@ -649,12 +572,12 @@ class ChatRun:
         return ok
 
     async def _finish_attempt(
-        self, session: aiohttp.ClientSession, items: list[Item], failed: _Attempts | None
+        self, session: aiohttp.ClientSession, items: list[Item], failed: Attempts | None
     ) -> bool:
         """The rows of an attempt: answered already (None), or their failure handled."""
         return True if failed is None else await self._failed_job(session, items, failed)
 
-    def _stop_refused(self, items: list[Item], failed: _Attempts) -> None:
+    def _stop_refused(self, items: list[Item], failed: Attempts) -> None:
         """The run stops on a refusal: the refused rows (held ones too) say why, then raise."""
         try:  # the fields of the refused body, for the message to name the one refused
             body = json.loads(self.endpoint.payload(items[:1]))
@@ -667,7 +590,7 @@ class ChatRun:
                 error = _row_error(held_failure.error, attempts)
                 self._settle_row(item, RowResult(None, error, attempts))
         self._parked.clear()
-        raise _Systemic(failed.error)  # type: ignore[arg-type]
+        raise Systemic(failed.error)  # type: ignore[arg-type]
 
     async def _settle_outcome(
         self, session: aiohttp.ClientSession, item: Item, outcome: Any, attempts: int
@@ -683,8 +606,8 @@ class ChatRun:
                 outcome = self._from_cache(cached)
                 break
             try:
-                parsed, more = await self._send(session, _Job([item]))
-            except _Attempts as failed:
+                parsed, more = await self.sender.send(session, Job([item]))
+            except Attempts as failed:
                 self._settle_row(first, self._failed(failed.error, attempts + failed.attempts))
                 return
             attempts += more
@@ -696,7 +619,7 @@ class ChatRun:
                 self._cache.save_many([(item.key, outcome)])  # the re-ask, under its own key
             self._settle_answer(first, outcome, attempts)
         else:  # a refusal or a bad answer: its message quotes the reply
-            error = _row_error(self._redact.error(outcome), attempts)
+            error = _row_error(self.sender.redact.error(outcome), attempts)
             self._settle_row(first, RowResult(None, error, attempts))
 
     def _settle_answer(self, item: Item, answer: Answer, attempts: int) -> None:
@@ -736,68 +659,9 @@ class ChatRun:
                 self.stats.duplicates += 1
                 self._finish(twin, _shared(result))
 
-    async def _send(self, session: aiohttp.ClientSession, job: _Job) -> tuple[Parsed, int]:
-        """Send one request, retried as the policy says; raises _Attempts when it gives up."""
-        try:
-            return await self._send_once(session, job), 1
-        except _Systemic:
-            raise
-        except Exception as error:
-            first_error = self._explained(error, job)
-            if first_error is None:  # the endpoint asks differently now: at once, no retry
-                return await self._send(session, job)
-            if not is_retryable(first_error) or GiveUp(self.config.retry).first(first_error):
-                raise _Attempts(first_error, 1) from first_error
-            return await self._retry(session, job, first_error)
-
-    async def _retry(
-        self, session: aiohttp.ClientSession, job: _Job, first_error: Exception
-    ) -> tuple[Parsed, int]:
-        """Attempts 2 and on, run by tenacity. The first attempt went outside it, because
-        tenacity's bookkeeping costs more CPU than a whole request to a fast server; tenacity
-        is handed the first failure as its own attempt 1, so its stop and wait rules see
-        exactly what happened."""
-        policy = self.config.retry
-        replay: list[Exception] = [first_error]
-
-        async def attempt() -> Parsed:
-            if replay:
-                raise replay.pop()
-            try:
-                return await self._send_once(session, job)
-            except APIError as exc:
-                explained = self._explained(exc, job)
-                if explained is exc:
-                    raise
-                if explained is not None:
-                    raise explained from exc
-            return await self._send_once(session, job)
-
-        retrying = AsyncRetrying(
-            stop=GiveUp(policy),
-            wait=RetryAfterOrBackoff(policy),
-            retry=retry_if_exception(is_retryable),
-            before_sleep=self._on_retry,
-            reraise=True,
-        )
-        try:
-            parsed: Parsed = await retrying(attempt)
-        except _Systemic:
-            raise
-        except Exception as exc:
-            raise _Attempts(exc, retrying.statistics.get("attempt_number", 1)) from exc
-        return parsed, int(retrying.statistics.get("attempt_number", 1))
-
-    def _explained(self, error: Exception, job: _Job) -> Exception | None:
-        """The endpoint's reading of an error reply (`Endpoint.on_error_reply`): None when
-        it now sends the request another way (send again at once, not as a retry)."""
-        if isinstance(error, APIError):
-            return self.endpoint.on_error_reply(error, job.items)
-        return error
-
     def _failed(self, exc: Exception, attempts: int) -> RowResult:
         """The result of a row whose attempt number ``attempts`` failed with ``exc``."""
-        if isinstance(exc, _OverBudget):  # that attempt was never sent
+        if isinstance(exc, OverBudget):  # that attempt was never sent
             sent = attempts - 1
             reason = self.budget.reason()
             if exc.uncapped:
@@ -808,154 +672,8 @@ class ChatRun:
                 )
             return RowResult(None, RowError("over_budget", reason, None, sent), sent)
         if isinstance(exc, NbToolkitError) and is_systemic(exc):
-            raise _Systemic(exc) from exc
+            raise Systemic(exc) from exc
         return RowResult(None, _row_error(exc, attempts), attempts)
-
-    async def _send_once(self, session: aiohttp.ClientSession, job: _Job) -> Parsed:
-        """One attempt: within budget, admitted by the governor, reported back to both."""
-        prompt_tokens, completion_tokens = job.worst_case()
-        # The governor paces on the estimate; the budget holds the worst case, which for a
-        # request without max_tokens is the model's output ceiling.
-        owed = self._budget_completion(job) if self.budget.limited else completion_tokens
-        if self.budget.limited and not await self.budget.reserve(prompt_tokens, owed):
-            raise _OverBudget(uncapped=any(not item.capped for item in job.items))
-        reserved = prompt_tokens + completion_tokens
-        try:
-            ticket = await self.governor.admit(reserved)
-        except BaseException:
-            if self.budget.limited:
-                self.budget.release(prompt_tokens, owed)
-            raise
-        self.stats.requests_sent += 1
-        limits: ServerLimits | None = None
-        body = ""
-        used: float | None = None
-        congested = throttled = False
-        pause: float | None = None
-        try:
-            reply: Reply = await post_json(
-                session,
-                self._url,
-                self.endpoint.payload(job.items),
-                headers=self._headers,
-                timeout=self._timeout,
-                redact=self._redact,
-            )
-            limits = reply.limits
-            self.breaker.reached()
-            body = reply.text
-            parsed = self.endpoint.parse(body, job.items)
-        except RateLimitError as exc:
-            self.breaker.reached()
-            self.stats.statuses["429"] += 1
-            limits, congested, throttled = exc.limits, True, True
-            pause = self._shared_pause(exc)
-            raise
-        except RequestTimeout:
-            self.stats.statuses["RequestTimeout"] += 1
-            congested = True
-            # The provider may have answered, and billed, after we stopped waiting.
-            self._charge_unknown(prompt_tokens, owed)
-            raise
-        except TransportError as exc:
-            self.stats.statuses[type(exc).__name__] += 1
-            if self.breaker.failed(exc):
-                raise _Systemic(TransportError(self.breaker.describe())) from exc
-            raise
-        except APIError as exc:
-            self.breaker.reached()
-            self.stats.statuses[str(exc.status)] += 1
-            limits = exc.limits
-            raise
-        except Exception as exc:  # a 2xx that is not what the endpoint expects
-            self.stats.statuses[type(exc).__name__] += 1
-            used = self._spend(None, job, prompt_tokens, owed)
-            # Its message quotes the body, which a gateway may have filled with our headers.
-            raise self._scrubbed(exc, body, job.items) from None
-        else:
-            self.stats.statuses["200"] += 1
-            self._refusals.answered()
-            used = self._spend(parsed.usage, job, prompt_tokens, owed)
-            return parsed
-        finally:
-            if self.budget.limited:
-                self.budget.release(prompt_tokens, owed)
-            self.governor.settle(
-                ticket,
-                reserved_tokens=reserved,
-                used_tokens=used,
-                limits=limits,
-                congested=congested,
-                pause=pause,
-                throttled=throttled,
-            )
-
-    def _scrubbed(self, error: Exception, body: str, items: list[Item]) -> Exception:
-        """The error a 2xx body that is not an answer raises, with the request's secrets
-        scrubbed from the body before the parser quotes (and cuts) it: scrubbed after the
-        cut, a key cut in half would escape."""
-        clean = self._redact(body)
-        if clean != body:
-            try:
-                self.endpoint.parse(clean, items)
-            except Exception as again:  # the same failure, told from the scrubbed body
-                error = again
-        self._redact.error(error)
-        return error
-
-    def _budget_completion(self, job: _Job) -> float:
-        """The completion tokens the budget holds for a request: each row's max_tokens, or
-        the model's output ceiling for a row without one (an estimate cannot bound a reply)."""
-        owed = 0.0
-        for item in job.items:
-            owed += self.ceiling.worst(item.completion_tokens, capped=item.capped)
-            self._ceiling_used = self._ceiling_used or not item.capped
-        return owed
-
-    def _charge_unknown(self, prompt_tokens: float, completion_tokens: float) -> None:
-        """Charge a request whose usage is unknown its worst case: a budget stays hard."""
-        self.budget.spend(round(prompt_tokens), round(completion_tokens))
-        self.stats.charged_unconfirmed += round(prompt_tokens + completion_tokens)
-
-    def _spend(
-        self,
-        usage: Mapping[str, Any] | None,
-        job: _Job,
-        prompt_reserved: float,
-        completion_reserved: float,
-    ) -> float | None:
-        """Count a reply's billed tokens; returns their total, None when it said nothing.
-
-        A reply that reports no usage was still billed: the budget charges it what was
-        reserved for it (its worst case), never zero, so a budget stays a hard limit.
-        """
-        prompt, completion, cached = usage_counts(usage or {})
-        if prompt is None and completion is None:
-            self._charge_unknown(prompt_reserved, completion_reserved)
-            return None
-        prompt, completion = prompt or 0, completion or 0
-        if len(job.items) == 1 and not job.items[0].capped:
-            self.ceiling.observe(completion)  # a reply longer than the ceiling raises it
-        self.stats.prompt_tokens += prompt
-        self.stats.completion_tokens += completion
-        self.stats.cached_tokens += cached or 0
-        self.stats.reasoning_tokens += reasoning_tokens(usage or {})
-        self.budget.spend(prompt, completion, cached or 0, cache_write_tokens(usage or {}))
-        return float(prompt + completion)
-
-    def _shared_pause(self, exc: RateLimitError) -> float | None:
-        """How long a 429 pauses every worker: the server's word, unless past our ceiling."""
-        wait = exc.retry_after
-        if wait is None and exc.limits is not None:
-            wait = exc.limits.reset_requests
-        if wait is None or wait > self.config.retry.retry_after_max:
-            return None  # no word from the server (AIMD and backoff handle it), or too long
-        return wait
-
-    def _on_retry(self, retry_state: RetryCallState) -> None:
-        self.stats.retries += 1
-        if self.listener is not None:
-            self.listener.row_retried()
 
     def _from_cache(self, answer: CachedAnswer) -> RowResult:
         # Token counts are what the answer cost when it was bought; this run paid nothing.
@@ -991,7 +709,7 @@ def _cache_saved(price: Price | None, cached_tokens: int) -> float | None:
     return price.cost(cached_tokens, 0) - price.cost(cached_tokens, 0, cached_tokens)
 
 
-def _refused_alike(failure: _Attempts | None, error: BadRequestError) -> bool:
+def _refused_alike(failure: Attempts | None, error: BadRequestError) -> bool:
     """A request refused with a 400 in ``error``'s own words."""
     return (
         failure is not None
@@ -1014,46 +732,3 @@ def results_in_order(results: Sequence[RowResult | None]) -> list[RowResult]:
     """The results of a run that may have been cut short, with unfinished rows as not_run."""
     not_run = RowResult(None, RowError("not_run", "the run stopped before this row was sent"))
     return [r if r is not None else not_run for r in results]
-
-
-def _abort_message(error: NbToolkitError, fields: Iterable[str] = ()) -> str:
-    """RunAborted's message: what stopped the run, and what to do (``fields``: the request
-    body's, for a refusal that names one without saying it is a parameter)."""
-    if isinstance(error, AuthError):
-        advice = (
-            "check the API key (api_key=, or the provider's variable: OPENAI_API_KEY, "
-            "ANTHROPIC_API_KEY, GOOGLE_API_KEY or GEMINI_API_KEY) and that it may use this model"
-        )
-    elif isinstance(error, NotFoundError):
-        advice = "check base_url (it usually ends in /v1) and the model name"
-    elif isinstance(error, TransportError):
-        advice = "check base_url and that the server is running"
-    elif isinstance(error, SchemaRefused):
-        advice = (
-            f"remove {error.keyword!r} from the schema (or the pydantic constraint behind it)"
-            if error.keyword
-            else "simplify the schema to what the provider's structured output takes"
-        ) + ", or pass structured='prompt' to send the schema in a message instead"
-    elif isinstance(error, IgnoredParameter):
-        advice = (
-            "this model does not shorten its vectors; leave dimensions= out, or use a model "
-            "that takes it (text-embedding-3-*)"
-        )
-    elif isinstance(error, BadRequestError):
-        parameter = refused_parameter(error, fields)
-        named = f" (parameter: {parameter!r})" if parameter else ""
-        return (
-            f"run stopped, every row would fail the same way: the server refused the first "
-            f"{REFUSALS_TO_STOP} requests with the same words and answered none: {error}"
-            f"{named}. What to do: the request itself is refused, not a row: check "
-            f"{repr(parameter) if parameter else 'the parameters'} (leave it out, or use a "
-            "model that takes it), the model name, and any params= or extra body fields."
-        )
-    elif isinstance(error, APIError) and any("PerDay" in q for q in google_quotas(error.body)):
-        advice = (
-            "the daily quota is spent (Gemini's reset at midnight Pacific time); run the rest "
-            "tomorrow (answers so far are cached), or use a key on a paid tier"
-        )
-    else:
-        advice = "the account is out of quota or credit; add credit or use another key"
-    return f"run stopped, every row would fail the same way: {error}. What to do: {advice}."
