@@ -21,18 +21,19 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
-import json
 import os
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from benchmarks.harness import server
 
 ROWS, PARALLEL, COMMIT_EVERY = 5000, 64, 0.020
 VARIANTS = ("floor", "floor+hop", "floor+sqlite")
@@ -104,24 +105,13 @@ def _timed(call: Callable[[], None]) -> float:
 def main() -> None:
     """Start the server, run every variant REPEAT times, interleaved, and print the table."""
     repeat = int(sys.argv[1]) if len(sys.argv) > 1 else 9
-    server = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.serve", json.dumps({"latency": 0.0})],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        url = server.stdout.readline().strip() + "/chat/completions"
-        if not url.startswith("http://127.0.0.1:"):
-            raise SystemExit(f"benchmarks only talk to 127.0.0.1, not {url}")
-        cpu: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    cpu: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    # The harness's server process: it checks the address is 127.0.0.1 and stops it on exit.
+    with server({"latency": 0.0}, sys.stderr, Path.cwd()) as running:
+        url = running.url + "/chat/completions"
         for _ in range(repeat):
             for variant in VARIANTS:
                 cpu[variant].append(_timed(lambda v=variant: asyncio.run(run(url, v))))
-    finally:
-        server.terminate()
-        server.wait()
     # Noise on a shared machine only ever adds CPU: the least of many runs is the steadier
     # figure, so both ratios are printed.
     floor, floor_least = statistics.median(cpu["floor"]), min(cpu["floor"])
