@@ -192,7 +192,11 @@ def test_notebook_first_cell_names_the_install_it_runs_with(path: Path) -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_is_committed_without_outputs(path: Path) -> None:
-    """A committed notebook has no outputs or execution counts (they would go stale)."""
+    """A committed notebook has no outputs or execution counts (they would go stale), and
+    every cell has its id (nbformat adds a missing one on read, with a warning that it
+    will become an error, so the file itself is read)."""
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    assert [cell.get("id") for cell in cells if not cell.get("id")] == []
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     for cell in nb.cells:
