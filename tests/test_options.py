@@ -106,6 +106,19 @@ def test_each_method_signature_is_its_table(method: str) -> None:
         assert parameters["params"].kind is inspect.Parameter.VAR_KEYWORD
 
 
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+def test_each_sync_method_has_its_async_twins_docstring(method: str) -> None:
+    """help(df.chat.complete) reads as help(df.chat.acomplete): both forms are named in it.
+
+    It once dropped "``await``-able; " from the text, which left complete's docstring
+    saying "``acomplete`` is cancelling the awaiting task cancels every request".
+    """
+    sync, twin = getattr(ChatAccessor, method), getattr(ChatAccessor, f"a{method}")
+    assert sync.__name__ == method
+    assert sync.__doc__
+    assert sync.__doc__ == twin.__doc__
+
+
 @pytest.mark.parametrize("on_series", [False, True], ids=["frame", "series"])
 @pytest.mark.parametrize(("method", "option"), foreign_options())
 def test_another_methods_option_is_refused_before_any_request(

@@ -68,8 +68,8 @@ def blocking(coroutine_method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[
                 raise RunInterrupted(note) from exc
             raise RunInterrupted(_interrupted_message(report), partial=report.output) from exc
 
+    # The docstring stays the twin's (functools.wraps): it names both forms.
     method.__name__ = method.__qualname__ = coroutine_method.__name__.removeprefix("a")
-    method.__doc__ = (coroutine_method.__doc__ or "").replace("``await``-able; ", "")
     return method
 
 
