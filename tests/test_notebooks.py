@@ -196,7 +196,7 @@ def test_notebook_is_committed_without_outputs(path: Path) -> None:
     every cell has its id (nbformat adds a missing one on read, with a warning that it
     will become an error, so the file itself is read)."""
     cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
-    assert [cell.get("id") for cell in cells if not cell.get("id")] == []
+    assert [number for number, cell in enumerate(cells) if not cell.get("id")] == []
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     for cell in nb.cells:
