@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import importlib.util
+import inspect
 import os
 import re
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from nbtoolkit.frame._accessor import ChatAccessor
 from tests.docs_examples import examples
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +47,32 @@ def test_examples_not_run_say_why() -> None:
     total = sum(len(examples(page.read_text())) for page in PAGES)
     assert all(why.strip() for _, why in skipped)
     assert len(skipped) <= max(2, total // 10), skipped
+
+
+# A signature written out in a page: `df.chat.complete(column=None, *, ..., **params)`.
+_WRITTEN_SIGNATURE = re.compile(r"`(?:df\.chat\.)?(a?(?:complete|submit_batch))\((.*?)\)`", re.S)
+
+
+def test_signatures_written_in_the_pages_are_the_methods_own() -> None:
+    """A page that writes out a method's whole signature names every parameter, in order.
+
+    The API page's ``complete(...)`` had lost six (provider, azure_endpoint, api_version,
+    batch, dry_run, pilot) as the method grew.
+    """
+    checked = []
+    for page in PAGES:
+        for method, inside in _WRITTEN_SIGNATURE.findall(page.read_text()):
+            items = [item.strip() for item in inside.split(",")]
+            if items[-1] != "**params" or not all(
+                re.fullmatch(r"\*{0,2}\w*(=.*)?", item) for item in items
+            ):
+                continue  # a call with arguments, or a signature shortened with "..."
+            written = [item.split("=")[0].lstrip("*") for item in items if item != "*"]
+            real = [name for name in inspect.signature(getattr(ChatAccessor, method)).parameters]
+            assert written == real[1:], f"{page.name}: {method}"
+            checked.append((page.name, method))
+    assert ("api.md", "complete") in checked
+    assert ("batch.md", "submit_batch") in checked
 
 
 @pytest.mark.timeout(300)
