@@ -49,6 +49,25 @@ def test_examples_not_run_say_why() -> None:
     assert len(skipped) <= max(2, total // 10), skipped
 
 
+def test_the_home_page_is_the_readme_top() -> None:
+    """The site's home page is the README's opening, its links made relative to docs/.
+
+    It was a copy that drifted: it still gave the suite's size and time of days before.
+    """
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    opening = readme.split("\n## Documentation")[0].replace("](docs/", "](").rstrip()
+    home = (ROOT / "docs" / "index.md").read_text(encoding="utf-8")
+    assert home.startswith(opening + "\n"), "docs/index.md no longer starts as README.md does"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_line_of_text_starts_as_a_heading_by_accident(page: Path) -> None:
+    """A wrapped line that starts with "#20" is a heading to MkDocs' Markdown (though not to
+    GitHub's): the home page showed "20, when it imported Dask" in large type."""
+    prose = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.S | re.M)
+    assert re.findall(r"^#+[^#\s].*$", prose, flags=re.M) == []
+
+
 # A signature written out in a page: `df.chat.complete(column=None, *, ..., **params)`.
 _WRITTEN_SIGNATURE = re.compile(r"`(?:df\.chat\.)?(a?(?:complete|submit_batch))\((.*?)\)`", re.S)
 
