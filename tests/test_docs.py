@@ -24,7 +24,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_example_on_the_page_runs(page: Path) -> None:
     """Each ```python block runs, in order, against the test server (or says why it is not)."""
-    blocks = examples(page.read_text())
+    blocks = examples(page.read_text(encoding="utf-8"))
     if not blocks:
         pytest.skip(f"{page.name} has no Python example")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -43,8 +43,13 @@ def test_every_example_on_the_page_runs(page: Path) -> None:
 
 def test_examples_not_run_say_why() -> None:
     """An example left out of the run names its reason, and they are few."""
-    skipped = [(page.name, why) for page in PAGES for _, why in examples(page.read_text()) if why]
-    total = sum(len(examples(page.read_text())) for page in PAGES)
+    skipped = [
+        (page.name, why)
+        for page in PAGES
+        for _, why in examples(page.read_text(encoding="utf-8"))
+        if why
+    ]
+    total = sum(len(examples(page.read_text(encoding="utf-8"))) for page in PAGES)
     assert all(why.strip() for _, why in skipped)
     assert len(skipped) <= max(2, total // 10), skipped
 
@@ -80,7 +85,7 @@ def test_signatures_written_in_the_pages_are_the_methods_own() -> None:
     """
     checked = []
     for page in PAGES:
-        for method, inside in _WRITTEN_SIGNATURE.findall(page.read_text()):
+        for method, inside in _WRITTEN_SIGNATURE.findall(page.read_text(encoding="utf-8")):
             items = [item.strip() for item in inside.split(",")]
             if items[-1] != "**params" or not all(
                 re.fullmatch(r"\*{0,2}\w*(=.*)?", item) for item in items
